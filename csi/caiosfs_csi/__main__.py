@@ -1,0 +1,146 @@
+"""Command line of the caiosfs CSI node plugin.
+
+    python -m caiosfs_csi [--endpoint unix:///csi/csi.sock] [--node-id NODE] [--supervise] ...
+
+Every flag also reads an environment variable (shown in --help), which is how the DaemonSet
+configures it. Stopping the plugin never unmounts anything: the FUSE daemons keep serving the
+pods, and the next plugin instance picks them up from the state directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from caiosfs_csi import DEFAULT_DRIVER_NAME, __version__
+
+log = logging.getLogger("caiosfs_csi")
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (flags default to environment variables)."""
+    p = argparse.ArgumentParser(prog="caiosfs-csi", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--endpoint", default=_env("CSI_ENDPOINT", "unix:///csi/csi.sock"),
+                   help="CSI socket, unix:///path (env CSI_ENDPOINT)")
+    p.add_argument("--node-id", default=_env("CSI_NODE_ID", _env("KUBE_NODE_NAME",
+                                                                   socket.gethostname())),
+                   help="node id reported by NodeGetInfo (env CSI_NODE_ID, KUBE_NODE_NAME)")
+    p.add_argument("--driver-name", default=_env("CSI_DRIVER_NAME", DEFAULT_DRIVER_NAME),
+                   help="CSI driver name (env CSI_DRIVER_NAME)")
+    p.add_argument("--state-dir", default=_env("CAIOSFS_CSI_STATE_DIR", "/run/caiosfs-csi"),
+                   help="where published targets and their credentials are recorded; keep it "
+                        "on a host tmpfs (env CAIOSFS_CSI_STATE_DIR)")
+    p.add_argument("--cache-root", default=_env("CAIOSFS_CSI_CACHE_ROOT"),
+                   help="parent of per-volume cache dirs, e.g. an NVMe hostPath "
+                        "(env CAIOSFS_CSI_CACHE_ROOT; empty: caiosfs default)")
+    p.add_argument("--caiosfs-bin", default=_env("CAIOSFS_BIN") or None,
+                   help="caiosfs executable (env CAIOSFS_BIN; default: search)")
+    p.add_argument("--mount-timeout", type=float,
+                   default=float(_env("CAIOSFS_CSI_MOUNT_TIMEOUT", "300")),
+                   help="seconds `caiosfs mount` may take (warm=blocking gets at least "
+                        "--warm-timeout)")
+    p.add_argument("--warm-timeout", type=float,
+                   default=float(_env("CAIOSFS_CSI_WARM_TIMEOUT", "3600")))
+    p.add_argument("--umount-timeout", type=float,
+                   default=float(_env("CAIOSFS_CSI_UMOUNT_TIMEOUT", "90")),
+                   help="drain time handed to `caiosfs umount --timeout`")
+    p.add_argument("--log-level", default=_env("CAIOSFS_CSI_LOG_LEVEL", "INFO"))
+    p.add_argument("--supervise", action="store_true",
+                   default=_env("CAIOSFS_CSI_SUPERVISE") in ("1", "true", "yes"),
+                   help="run the server as a child and restart it if it dies, so that a crash "
+                        "of the server does not end the container (and with it the mounts)")
+    p.add_argument("--version", action="version", version=f"caiosfs-csi {__version__}")
+    return p.parse_args(argv)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the gRPC server until SIGTERM/SIGINT."""
+    from caiosfs_csi.mounter import Mounter
+    from caiosfs_csi.server import PluginConfig, build_server
+
+    mounter = Mounter(args.caiosfs_bin, mount_timeout=args.mount_timeout,
+                      blocking_warm_timeout=args.warm_timeout,
+                      umount_timeout=args.umount_timeout)
+    config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id,
+                          state_dir=args.state_dir, driver_name=args.driver_name,
+                          cache_root=args.cache_root)
+    server, service = build_server(config, mounter)
+    service.reconcile()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    log.info("caiosfs-csi %s serving %s as %s on node %s (caiosfs: %s)", __version__,
+             args.endpoint, args.driver_name, args.node_id, mounter.caiosfs_bin)
+    stop.wait()
+    log.info("stopping; FUSE mounts are left running")
+    server.stop(grace=10).wait()
+    return 0
+
+
+def supervise(argv: list[str]) -> int:
+    """Restart the server child whenever it exits, reaping every orphan meanwhile.
+
+    As PID 1 of the plugin container this process also adopts the daemonized caiosfs
+    processes and must reap them when they exit, or they would linger as zombies.
+    """
+    child_argv = [sys.executable, "-m", "caiosfs_csi", *[a for a in argv if a != "--supervise"]]
+    env = dict(os.environ, CAIOSFS_CSI_SUPERVISE="")
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def on_term(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    backoff = 1.0
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen(child_argv, env=env)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                pid, status = child.pid, 0
+            except InterruptedError:
+                continue
+            if pid == child.pid:
+                child.returncode = os.waitstatus_to_exitcode(status)
+                break
+        if stopping:
+            return 0
+        # Back off on a crash loop, reset after a healthy run.
+        backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+        log.error("server exited with %s; restarting in %.0fs", child.returncode, backoff)
+        time.sleep(backoff)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m caiosfs_csi` and the `caiosfs-csi` script."""
+    raw = sys.argv[1:] if argv is None else argv
+    args = parse_args(raw)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.supervise:
+        return supervise(raw)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The node plugin's logic: NodePublishVolume / NodeUnpublishVolume, without gRPC.
+
+Rules from the CSI spec (v1.10.0, "NodePublishVolume"), and how they are met:
+
+* Idempotent publish: a target already mounted by us with the same arguments (all request
+  fields except secrets, compared by fingerprint) returns OK; a repeated call with new secrets
+  only replaces the credentials file, which is how rotated secrets reach a live mount when the
+  CSIDriver sets `requiresRepublish: true`.
+* Same target, different arguments: ALREADY_EXISTS. Anything not made by caiosfs mounted at
+  the target: ALREADY_EXISTS too; the plugin never mounts over it.
+* Missing or malformed fields: INVALID_ARGUMENT, before anything is touched.
+* A second call for a target while one is in flight: ABORTED (the CO retries with back-off).
+* Unpublish drains dirty data (`caiosfs umount`), removes the target and forgets it; a target
+  that is not mounted or does not exist is OK. A dead FUSE mount (daemon gone, ENOTCONN) is
+  detached lazily: its un-uploaded writes are still journaled in its cache directory and are
+  replayed by the next mount of the same volume on this node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from caiosfs_csi.credentials import credentials_ini
+from caiosfs_csi.mounter import MountError, Mounter, MountState, MountTimeout
+from caiosfs_csi.options import MountSpec, OptionError, build_mount_spec
+from caiosfs_csi.state import Publication, StateStore
+from caiosfs_csi.stubs import load
+
+csi_pb2, _ = load()
+log = logging.getLogger(__name__)
+
+_AccessMode = csi_pb2.VolumeCapability.AccessMode
+READER_ONLY_MODES = {_AccessMode.SINGLE_NODE_READER_ONLY, _AccessMode.MULTI_NODE_READER_ONLY}
+ACCEPTED_FS_TYPES = {"", "caiosfs", "fuse.caiosfs", "fuse"}
+
+
+class CsiError(Exception):
+    """An RPC failure with the gRPC status code the spec asks for."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(msg: str) -> CsiError:
+    return CsiError(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+class InFlight:
+    """Names of targets with an operation in progress; a second caller is told ABORTED."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        """Hold `key` for the duration of the block, or raise CsiError(ABORTED)."""
+        with self._lock:
+            if key in self._busy:
+                raise CsiError(
+                    grpc.StatusCode.ABORTED, f"an operation on {key} is already in progress"
+                )
+            self._busy.add(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy.discard(key)
+
+
+@dataclass
+class NodeConfig:
+    """Settings of one node plugin instance."""
+
+    node_id: str
+    state_dir: str
+    cache_root: str = ""  # where per-volume cache dirs go (an NVMe hostPath); "" = caiosfs default
+    default_allow_other: bool = True
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:60] or "volume"
+
+
+class NodeService:
+    """NodePublishVolume / NodeUnpublishVolume over a Mounter and a StateStore."""
+
+    def __init__(self, config: NodeConfig, mounter: Mounter) -> None:
+        self.config = config
+        self.mounter = mounter
+        self.store = StateStore(config.state_dir)
+        self.inflight = InFlight()
+        # Serialises cache-directory allocation, so two concurrent publishes of one volume to
+        # two targets never pick the same directory.
+        self._alloc_lock = threading.Lock()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_target(target: str) -> str:
+        if not target:
+            raise _invalid("target_path is required")
+        if not os.path.isabs(target):
+            raise _invalid("target_path must be an absolute path")
+        return os.path.normpath(target)
+
+    def _mount_spec(self, req) -> tuple[MountSpec, int]:
+        if not req.HasField("volume_capability"):
+            raise _invalid("volume_capability is required")
+        cap = req.volume_capability
+        if cap.HasField("block"):
+            raise _invalid("block access is not supported: caiosfs volumes are filesystems")
+        if not cap.HasField("mount"):
+            raise _invalid("volume_capability.access_type must be mount")
+        mode = cap.access_mode.mode
+        if mode == _AccessMode.UNKNOWN:
+            raise _invalid("volume_capability.access_mode is required")
+        if cap.mount.fs_type not in ACCEPTED_FS_TYPES:
+            raise _invalid(f"fs_type {cap.mount.fs_type!r} is not caiosfs")
+        try:
+            spec = build_mount_spec(
+                req.volume_context,
+                cap.mount.mount_flags,
+                readonly=req.readonly or mode in READER_ONLY_MODES,
+                volume_mount_group=cap.mount.volume_mount_group,
+                default_allow_other=self.config.default_allow_other,
+            )
+        except OptionError as e:
+            raise _invalid(str(e)) from None
+        return spec, mode
+
+    @staticmethod
+    def _fingerprint(volume_id: str, spec: MountSpec, mode: int) -> str:
+        # Everything in the request except secrets decides the mount, and all of it is
+        # reflected in (volume_id, source, options, access mode).
+        doc = {"volume_id": volume_id, "source": spec.source, "options": spec.option_list(),
+               "access_mode": int(mode)}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def _allocate_cache_dir(self, target: str, spec: MountSpec) -> str:
+        """Pick the cache directory for a new mount of `spec` at `target`.
+
+        The directory is named after the data (endpoint, bucket, prefix), not the volume id:
+        a pod that restarts, or an ephemeral volume with a fresh id each time, finds the blocks
+        it fetched before. A directory already used by another target on this node gets a
+        numbered sibling instead, because two daemons must not share one cache.
+        """
+        if not self.config.cache_root:
+            return ""
+        ident = json.dumps([spec.options.get("endpoint", ""), spec.bucket, spec.prefix])
+        base = os.path.join(
+            self.config.cache_root,
+            f"{_safe_name(spec.bucket)}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}",
+        )
+        in_use = {p.cache_dir for p in self.store.all() if p.target_path != target}
+        candidate, n = base, 0
+        while candidate in in_use:
+            n += 1
+            candidate = f"{base}-{n}"
+        return candidate
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    def publish(self, req) -> None:
+        """NodePublishVolume. Raises CsiError with the spec's status code on failure."""
+        if not req.volume_id:
+            raise _invalid("volume_id is required")
+        target = self._check_target(req.target_path)
+        spec, mode = self._mount_spec(req)
+        try:
+            creds = credentials_ini(req.secrets)
+        except OptionError as e:
+            raise _invalid(str(e)) from None
+        fingerprint = self._fingerprint(req.volume_id, spec, mode)
+
+        with self.inflight.hold(target):
+            state = self.mounter.state(target)
+            record = self.store.load(target)
+            if state is MountState.MOUNTED:
+                if record is not None and record.fingerprint == fingerprint:
+                    if creds is not None and self.store.read_creds(target) != creds:
+                        self.store.write_creds(target, creds)
+                        log.info("credentials for %s replaced (rotated secret)", target)
+                    return
+                raise CsiError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"{target} is already published with different arguments"
+                    if record is not None
+                    else f"{target} is already mounted, not by this plugin",
+                )
+            if state is MountState.FOREIGN:
+                raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"{target} has a non-caiosfs filesystem mounted on it")
+            if state is MountState.DEAD:
+                log.warning("%s is a dead FUSE mount (daemon gone); detaching it", target)
+                self._force_unmount(target)
+            self._mount_new(req.volume_id, target, spec, fingerprint, creds, record)
+
+    def _mount_new(self, volume_id: str, target: str, spec: MountSpec, fingerprint: str,
+                   creds: str | None, old: Publication | None) -> None:
+        created_dir = False
+        if not os.path.isdir(target):
+            if os.path.lexists(target):
+                raise _invalid(f"{target} exists and is not a directory")
+            os.makedirs(target, exist_ok=True)
+            created_dir = True
+        elif old is not None:
+            created_dir = old.created_dir
+        with self._alloc_lock:
+            cache_dir = self._allocate_cache_dir(target, spec)
+            record = Publication(
+                target_path=target, volume_id=volume_id, fingerprint=fingerprint,
+                source=spec.source, options=spec.option_list(), cache_dir=cache_dir,
+                creds_file="", created_dir=created_dir,
+            )
+            # Saved before mounting: a plugin that crashes mid-mount and restarts still knows
+            # the target is its own.
+            self.store.save(record)
+        options = spec.option_list()
+        if cache_dir:
+            os.makedirs(cache_dir, exist_ok=True)
+            options.append(f"cache_dir={cache_dir}")
+        if creds is not None:
+            record.creds_file = str(self.store.write_creds(target, creds))
+            self.store.save(record)
+            options.append(f"credentials_file={record.creds_file}")
+        try:
+            self.mounter.mount(spec.source, target, options, strip_credential_env=creds is not None)
+        except MountError as e:
+            self.store.delete(target)
+            if created_dir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(target)
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(e, MountTimeout)
+                    else grpc.StatusCode.INTERNAL)
+            raise CsiError(code, f"caiosfs mount {spec.source} failed: {e}") from None
+        log.info("published %s at %s (volume %s, cache %s)", spec.source, target, volume_id,
+                 cache_dir or "default")
+
+    def _force_unmount(self, target: str) -> None:
+        try:
+            self.mounter.force_unmount(target)
+        except MountError as e:
+            raise CsiError(grpc.StatusCode.INTERNAL, f"{target}: {e}") from None
+
+    def unpublish(self, req) -> None:
+        """NodeUnpublishVolume. Raises CsiError with the spec's status code on failure."""
+        if not req.volume_id:
+            raise _invalid("volume_id is required")
+        target = self._check_target(req.target_path)
+        with self.inflight.hold(target):
+            state = self.mounter.state(target)
+            if state is MountState.DEAD:
+                log.warning("%s is a dead FUSE mount (daemon gone); detaching it", target)
+                self._force_unmount(target)
+            elif state is MountState.MOUNTED:
+                try:
+                    self.mounter.unmount(target)
+                except MountError as e:
+                    # The daemon may have died during the drain: then detach; otherwise keep the
+                    # mount (and its unsaved data) and let the CO retry.
+                    if self.mounter.state(target) is MountState.DEAD:
+                        self._force_unmount(target)
+                    elif self.mounter.state(target) is not MountState.NOT_MOUNTED:
+                        raise CsiError(
+                            grpc.StatusCode.INTERNAL,
+                            f"caiosfs umount {target} failed, data not yet durable is kept "
+                            f"and the unmount will be retried: {e}",
+                        ) from None
+            elif state is MountState.FOREIGN:
+                # Not ours to drain; a plain unmount is all the CO can expect from us.
+                log.warning("%s has a non-caiosfs mount; unmounting it plainly", target)
+                self._force_unmount(target)
+            self._remove_target(target)
+            self.store.delete(target)
+            log.info("unpublished %s (volume %s)", target, req.volume_id)
+
+    @staticmethod
+    def _remove_target(target: str) -> None:
+        try:
+            if os.path.isdir(target) and not os.path.islink(target):
+                os.rmdir(target)
+            else:
+                os.unlink(target)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise CsiError(grpc.StatusCode.INTERNAL,
+                           f"cannot remove {target} after unmounting: {e.strerror}") from None
+
+    def reconcile(self) -> None:
+        """At start-up, report what a previous run of the plugin left behind."""
+        for pub in self.store.all():
+            try:
+                state = self.mounter.state(pub.target_path)
+            except OSError as e:
+                log.warning("cannot inspect %s: %s", pub.target_path, e)
+                continue
+            log.info("known target %s (%s): %s", pub.target_path, pub.source, state.value)
