@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import grpc
 
 from caiosfs_csi.credentials import credentials_ini
-from caiosfs_csi.mounter import MountError, Mounter, MountState, MountTimeout
+from caiosfs_csi.mounter import Mounter, MountError, MountState, MountTimeout
 from caiosfs_csi.options import MountSpec, OptionError, build_mount_spec
 from caiosfs_csi.state import Publication, StateStore
 from caiosfs_csi.stubs import load

@@ -54,9 +54,8 @@ def generate(out_root: Path | None = None) -> list[Path]:
     `out_root` defaults to the directory holding this package. Files are written to a temporary
     directory first and renamed into place, so a concurrent importer never sees half a file.
     """
-    from grpc_tools import protoc
-
     import grpc_tools
+    from grpc_tools import protoc
 
     proto = proto_path()
     out_root = Path(out_root) if out_root is not None else _PKG_DIR.parent

@@ -22,11 +22,10 @@ REPO = CSI_DIR.parent
 if str(CSI_DIR) not in sys.path:
     sys.path.insert(0, str(CSI_DIR))
 
-import grpc  # noqa: E402
-
-from caiosfs_csi.mounter import Mounter  # noqa: E402
-from caiosfs_csi.server import PluginConfig, build_server  # noqa: E402
-from caiosfs_csi.stubs import load  # noqa: E402
+import grpc
+from caiosfs_csi.mounter import Mounter
+from caiosfs_csi.server import PluginConfig, build_server
+from caiosfs_csi.stubs import load
 
 csi_pb2, csi_pb2_grpc = load()
 FAKE = Path(__file__).resolve().parent / "fake_caiosfs.py"

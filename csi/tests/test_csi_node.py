@@ -9,6 +9,8 @@ import threading
 
 import grpc
 import pytest
+from caiosfs_csi import DEFAULT_DRIVER_NAME, __version__
+from caiosfs_csi.mounter import Mounter
 from csi_testlib import (
     Plugin,
     csi_pb2,
@@ -18,9 +20,6 @@ from csi_testlib import (
     start_plugin,
     stop_plugin,
 )
-
-from caiosfs_csi import DEFAULT_DRIVER_NAME, __version__
-from caiosfs_csi.mounter import Mounter
 
 SECRETS = {"accessKeyId": "AKIDEXAMPLE123", "secretAccessKey": "s3cr3t-Very-Private/Value"}
 

@@ -53,12 +53,13 @@ class Proc:
         fake.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_FUSE}" "$@"\n')
         fake.chmod(0o755)
         env = dict(os.environ, PYTHONPATH=str(CSI_DIR), FAKE_CAIOSFS_DIR=str(self.tmp))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "caiosfs_csi", "--endpoint", f"unix://{self.sock}",
-             "--state-dir", str(self.tmp / "state"), "--caiosfs-bin", str(fake),
-             "--node-id", "n1", *self.extra],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "plugin.log", "ab"),
-        )
+        with open(self.tmp / "plugin.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "caiosfs_csi", "--endpoint", f"unix://{self.sock}",
+                 "--state-dir", str(self.tmp / "state"), "--caiosfs-bin", str(fake),
+                 "--node-id", "n1", *self.extra],
+                env=env, stdout=subprocess.DEVNULL, stderr=log,
+            )
         self.connect()
 
     def connect(self) -> None:
@@ -144,7 +145,7 @@ def test_supervisor_restarts_server_and_keeps_mounts(proc: Proc, tmp_path: Path)
     target = _target(tmp_path)
     proc.node.NodePublishVolume(publish_request(target))
     children = subprocess.run(["pgrep", "-P", str(proc.proc.pid)], capture_output=True,
-                              text=True).stdout.split()
+                              text=True, check=False).stdout.split()
     assert len(children) == 1, children
     os.kill(int(children[0]), signal.SIGKILL)  # the gRPC server dies, the container would not
     time.sleep(1.5)  # the supervisor backs off 1-2 s before restarting

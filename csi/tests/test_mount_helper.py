@@ -45,7 +45,7 @@ def run_helper(helper: Path, args: list[str], caiosfs: Path | None, shell: str =
     if caiosfs is not None:
         e["CAIOSFS_BIN"] = str(caiosfs)
     cmd = [shell, "sh", str(helper), *args] if shell == "busybox" else [shell, str(helper), *args]
-    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=30)
+    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=30, check=False)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -112,7 +112,8 @@ def test_usage_errors_and_missing_binary(tmp_path: Path) -> None:
 def test_finds_caiosfs_next_to_itself(tmp_path: Path, recorder) -> None:
     exe, out = recorder
     helper = tmp_path / "mount.caiosfs"
-    shutil.copy(MOUNT_HELPER, helper)  # exe is tmp_path/caiosfs: same directory
+    shutil.copy(MOUNT_HELPER, helper)
+    assert exe.parent == helper.parent
     r = run_helper(helper, ["s3://b", "/m"], None)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text()) == ["mount", "s3://b", "/m"]
@@ -159,7 +160,7 @@ def _system_ok() -> str | None:
     except ImportError:
         return "needs pyfuse3 and trio"
     r = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
-                       capture_output=True, timeout=10)
+                       capture_output=True, timeout=10, check=False)
     if r.returncode != 0:
         return "cannot create a mount namespace"
     return None
@@ -193,7 +194,8 @@ def _run_in_namespace(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, CAIOSFS_BIN=str(exe), FAKE_CAIOSFS_DIR=str(calls))
     try:
         return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(script)],
-                              env=env, capture_output=True, text=True, timeout=60)
+                              env=env, capture_output=True, text=True, timeout=60,
+                              check=False)
     finally:
         # A daemon left behind by a failed run would keep its namespace alive.
         pids = calls / "daemons"
