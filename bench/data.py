@@ -1,0 +1,79 @@
+"""Deterministic, fast, incompressible test content.
+
+A run seeds several GiB and writes several more; generating that with a cryptographic PRNG
+would cost more time than some of the measurements. Instead each seed expands once into a
+16 MiB random base, and MiB ``i`` of a stream is a window of that base at an ``i``-dependent
+byte offset, stamped with ``(seed, i)`` in its first 16 bytes. So every MiB of every stream is
+distinct (a read from the wrong offset changes the hash), and making a chunk costs one slice.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zlib
+from functools import lru_cache
+from typing import Any
+
+import xxhash
+
+MiB = 1 << 20
+_BASE = 16 * MiB
+
+
+@lru_cache(maxsize=4)
+def _base(seed: str) -> bytes:
+    return random.Random(f"caiosfs-bench:{seed}").randbytes(_BASE + MiB)
+
+
+def chunk(seed: str, index: int, n: int = MiB) -> bytes:
+    """MiB number ``index`` of stream ``seed``, cut to ``n`` bytes (n <= 1 MiB)."""
+    base = _base(seed)
+    # An odd multiplier spreads windows over the base; a prime keeps them from lining up.
+    off = (index * 1_000_003) % _BASE
+    stamp = struct.pack("<QQ", zlib.crc32(seed.encode()), index)
+    return (stamp + base[off + len(stamp) : off + MiB])[:n]
+
+
+def make_bytes(seed: str, size: int) -> bytes:
+    """The first ``size`` bytes of stream ``seed`` as one buffer (for small objects)."""
+    return b"".join(chunk(seed, i // MiB, min(MiB, size - i)) for i in range(0, size, MiB))
+
+
+def digest(seed: str, size: int) -> str:
+    """xxh3-64 hex digest of ``make_bytes(seed, size)`` without building it."""
+    h = xxhash.xxh3_64()
+    for i in range(0, size, MiB):
+        h.update(chunk(seed, i // MiB, min(MiB, size - i)))
+    return h.hexdigest()
+
+
+class Stream(io.RawIOBase):
+    """A read-only file object of ``size`` bytes of stream ``seed``, hashing what it yields.
+
+    boto3's managed upload reads from it, so multi-GiB objects never sit in memory whole.
+    """
+
+    def __init__(self, seed: str, size: int) -> None:
+        self.seed = seed
+        self.size = size
+        self.pos = 0
+        self.hasher = xxhash.xxh3_64()
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.pos >= self.size:
+            return 0
+        if not self._buf:
+            idx = self.pos // MiB
+            self._buf = memoryview(chunk(self.seed, idx, min(MiB, self.size - idx * MiB)))
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self.hasher.update(self._buf[:n])
+        self._buf = self._buf[n:]
+        self.pos += n
+        return n

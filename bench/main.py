@@ -1,0 +1,378 @@
+"""``bench/run``: caiosfs vs rclone vs s3fs vs raw boto3 on a loopback SeaweedFS.
+
+The run: start the server, seed the data, then for every repetition, every workload, every
+system (in an order that rotates, so drift over the run hits all systems alike) do one
+measurement; a failure is recorded for that (workload, system) and the run goes on. At the end
+write JSON + Markdown + PNG to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench import procs, report
+from bench.procs import BenchError
+from bench.scale import MiB, make_scale
+from bench.store import BUCKET, PREFIX, Store
+from bench.systems import Caiosfs, Env, FsSystem, Rclone, S3fs, base_env
+from bench.workloads import WORKLOADS, Ctx, Workload
+
+ALL_SYSTEMS = ("caiosfs", "rclone", "s3fs", "boto3")
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    names = [w.name for w in WORKLOADS]
+    ap = argparse.ArgumentParser(
+        prog="bench/run",
+        description="Benchmark caiosfs against rclone mount, s3fs and raw boto3 on a SeaweedFS "
+        "S3 server on 127.0.0.1. Results go to bench/results/.",
+        epilog="workloads: " + ", ".join(names),
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small data, one repetition: a few minutes; checks every system runs",
+    )
+    ap.add_argument(
+        "--size-scale",
+        type=float,
+        default=None,
+        help="multiply every data size (and most counts) by this factor",
+    )
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    ap.add_argument("--only", default="", help="comma-separated workloads (default: all)")
+    ap.add_argument("--skip", default="", help="comma-separated workloads to leave out")
+    ap.add_argument(
+        "--systems",
+        default=",".join(ALL_SYSTEMS),
+        help="comma-separated systems (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--wan",
+        default="",
+        help="simulate a remote store: FIRST_BYTE_DELAY,BANDWIDTH_PER_CONNECTION, "
+        "e.g. 20ms,100MB/s (a loopback proxy in front of the server, for all systems)",
+    )
+    ap.add_argument("--endpoint", help="use this S3 server on 127.0.0.1 instead of starting one")
+    ap.add_argument("--access-key", help="with --endpoint")
+    ap.add_argument("--secret-key", help="with --endpoint")
+    ap.add_argument(
+        "--caiosfs",
+        default=str(procs.REPO / ".venv" / "bin" / "caiosfs"),
+        help="the caiosfs executable (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="where mounts, caches and the server's data go (default: a new temp "
+        "dir under /var/tmp, removed at the end)",
+    )
+    ap.add_argument("--keep-workdir", action="store_true", help="do not delete the workdir")
+    ap.add_argument(
+        "--out",
+        default=str(procs.REPO / "bench" / "results"),
+        help="output directory (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--boto3-concurrency",
+        type=int,
+        default=8,
+        help="raw boto3: parallel requests (default %(default)s)",
+    )
+    ap.add_argument(
+        "--boto3-chunk-mib",
+        type=int,
+        default=16,
+        help="raw boto3: ranged GET size in MiB (default %(default)s)",
+    )
+    ap.add_argument(
+        "--boto3-part-mib",
+        type=int,
+        default=64,
+        help="raw boto3: multipart part size in MiB (default %(default)s)",
+    )
+    ap.add_argument(
+        "--peer-read-ahead-kb",
+        type=int,
+        default=1024,
+        help="kernel read_ahead_kb set on the rclone and s3fs mounts (caiosfs sets "
+        "its own); 0 leaves the kernel default (default %(default)s)",
+    )
+    ap.add_argument(
+        "--cache-size-gib",
+        type=int,
+        default=20,
+        help="local cache limit given to every system (default %(default)s)",
+    )
+    ap.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 if any (workload, system) failed, not only if a system "
+        "produced no numbers at all",
+    )
+    args = ap.parse_args(argv)
+    for opt in ("only", "skip"):
+        bad = [n for n in _split(getattr(args, opt)) if n not in names]
+        if bad:
+            ap.error(f"--{opt}: unknown workload(s) {', '.join(bad)}; known: {', '.join(names)}")
+    bad = [s for s in _split(args.systems) if s not in ALL_SYSTEMS]
+    if bad:
+        ap.error(f"--systems: unknown {', '.join(bad)}")
+    if args.endpoint and not (args.access_key and args.secret_key):
+        ap.error("--endpoint needs --access-key and --secret-key")
+    return args
+
+
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        mem_kib = 0
+    return (
+        f"{os.cpu_count()} cores ({model}), {mem_kib / (1 << 20):.0f} GiB RAM, "
+        f"Linux {platform.release()}"
+    )
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        return (r.stdout or r.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return "?"
+
+
+def start_wan_proxy(spec: str, target: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start bench.wanproxy in front of the server; return the process and its URL."""
+    from urllib.parse import urlparse
+
+    u = urlparse(target)
+    port_file = workdir / "wanproxy.port"
+    with open(workdir / "wanproxy.log", "wb") as logf:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.wanproxy",
+                "--target",
+                f"{u.hostname}:{u.port}",
+                "--spec",
+                spec,
+                "--port-file",
+                str(port_file),
+            ],
+            cwd=procs.REPO,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    if not procs.wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 15):
+        proc.kill()
+        raise SystemExit("bench: the WAN proxy did not start; see " + str(workdir / "wanproxy.log"))
+    return proc, f"http://127.0.0.1:{port_file.read_text().strip()}"
+
+
+def run(args: argparse.Namespace) -> int:
+    scale = make_scale(args.quick, args.size_scale, args.reps)
+    only = _split(args.only)
+    skip = set(_split(args.skip))
+    workloads: list[Workload] = [
+        w for w in WORKLOADS if (not only or w.name in only) and w.name not in skip
+    ]
+    wanted = _split(args.systems)
+    if os.geteuid() != 0:
+        log("warning: not root: page cache cannot be dropped, FUSE mounts may fail")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="caiosfs-bench-", dir="/var/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log(f"workdir {workdir}; scale {scale}")
+
+    store = Store(workdir, args.endpoint, args.access_key, args.secret_key)
+    wan_proc = None
+    systems: list[FsSystem] = []
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    res = report.Results(workloads, wanted)
+    meta: dict[str, Any] = {
+        "date": date,
+        "machine": machine(),
+        "command": "bench/run " + shlex.join(sys.argv[1:]),
+        "scale": scale.to_json(),
+        "wan": args.wan,
+        "drop_caches": procs.can_drop_caches(),
+    }
+    try:
+        store.start()
+        log(f"store: {store.endpoint}")
+        ds = store.seed(scale, log)
+        endpoint = store.endpoint
+        if args.wan:
+            wan_proc, endpoint = start_wan_proxy(args.wan, store.endpoint, workdir)
+            log(f"WAN proxy {args.wan} at {endpoint}")
+        meta["store"] = (
+            f"SeaweedFS ({_version([str(Path(sys.executable).parent / 'weed'), 'version'])})"
+            if store.server is not None
+            else f"external {store.endpoint}"
+        )
+        env = Env(
+            endpoint,
+            store.access_key,
+            store.secret_key,
+            workdir,
+            args.peer_read_ahead_kb,
+            args.cache_size_gib,
+        )
+        for name in wanted:
+            if name == "caiosfs":
+                systems.append(Caiosfs(env, Path(args.caiosfs)))
+            elif name == "rclone":
+                systems.append(Rclone(env))
+            elif name == "s3fs":
+                systems.append(S3fs(env))
+        meta["versions"] = {s.name: s.version() for s in systems if not s.unavailable()}
+        meta["versions"]["fio"] = _version(["fio", "--version"])
+        meta["versions"]["python"] = platform.python_version()
+        meta["configs"] = {s.name: s.describe() for s in systems}
+        if "boto3" in wanted:
+            meta["configs"]["boto3"] = (
+                f"{args.boto3_concurrency} parallel requests, ranged GETs of "
+                f"{args.boto3_chunk_mib} MiB, multipart parts of {args.boto3_part_mib} MiB"
+            )
+        meta["configs"]["source"] = f"s3://{BUCKET}/{PREFIX}"
+
+        worker_env = base_env()
+        worker_env.update(store.credentials_env())
+        worker_env["BENCH_ENDPOINT"] = endpoint
+        ctx = Ctx(
+            scale=scale,
+            ds=ds,
+            store=store,
+            workdir=workdir,
+            worker_env=worker_env,
+            verify_all=args.quick,
+            b3_conc=args.boto3_concurrency,
+            b3_chunk=args.boto3_chunk_mib * MiB,
+            b3_part=args.boto3_part_mib * MiB,
+            log=log,
+        )
+
+        unavailable = {s.name: s.unavailable() for s in systems}
+        for name, why in unavailable.items():
+            if why:
+                log(f"{name}: unavailable: {why}")
+        by_name: dict[str, FsSystem | None] = {s.name: s for s in systems}
+        if "boto3" in wanted:
+            by_name["boto3"] = None
+        order = [n for n in ALL_SYSTEMS if n in by_name]
+        for rep in range(scale.reps):
+            ctx.rep = rep
+            for wi, w in enumerate(workloads):
+                applicable = [n for n in order if w.applies(n)]
+                if not applicable:
+                    continue
+                k = (rep + wi) % len(applicable)
+                for name in applicable[k:] + applicable[:k]:
+                    why = unavailable.get(name)
+                    if why:
+                        if rep == 0:
+                            res.fail(w.name, name, f"unavailable: {why}")
+                        continue
+                    measure(ctx, res, w, name, by_name[name])
+            log(f"repetition {rep + 1}/{scale.reps} done")
+    except KeyboardInterrupt:
+        log("interrupted: writing what we have")
+        meta["interrupted"] = True
+    finally:
+        for s in systems:
+            procs.force_unmount(s.mnt)
+        if wan_proc is not None:
+            wan_proc.terminate()
+            try:
+                wan_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                wan_proc.kill()
+        store.stop()
+
+    out = Path(args.out)
+    names = [f"run-{stamp}" + ("-quick" if args.quick else "")]
+    names.append("quick" if args.quick else "latest")
+    if args.only or args.skip or args.size_scale or args.wan or args.endpoint or args.reps:
+        # A partial or unusual run must not overwrite the published full results.
+        names = names[:1]
+    meta["elapsed_s"] = round(time.monotonic() - T0, 1)
+    written = report.write_all(res, meta, out, names)
+    print(report.markdown(res, meta))
+    log("wrote " + ", ".join(str(p) for p in written))
+    if not args.keep_workdir and args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    status = 0
+    silent = res.systems_without_numbers()
+    if silent:
+        log(f"FAIL: no numbers at all from: {', '.join(silent)}")
+        status = 1
+    missing = res.missing()
+    if missing:
+        log("no numbers for: " + ", ".join(f"{s}/{w}" for w, s in missing))
+        if args.strict:
+            status = 1
+    if meta.get("interrupted"):
+        status = 130
+    return status
+
+
+def measure(ctx: Ctx, res: report.Results, w: Workload, name: str, s: FsSystem | None) -> None:
+    """One measurement of one system; any failure is recorded, never raised."""
+    t = time.monotonic()
+    try:
+        out = w.boto3(ctx) if s is None else w.fs(ctx, s)  # type: ignore[misc]
+    except BenchError as e:
+        res.fail(w.name, name, str(e))
+        log(f"r{ctx.rep} {w.name:14s} {name:8s} FAILED ({time.monotonic() - t:.0f} s): {e}")
+        return
+    except Exception as e:  # noqa: BLE001 - a bug in one adapter must not end the run
+        res.fail(w.name, name, f"{type(e).__name__}: {e}")
+        log(f"r{ctx.rep} {w.name:14s} {name:8s} ERROR: {traceback.format_exc()}")
+        return
+    res.add(w.name, name, out)
+    figures = ", ".join(
+        f"{x.metric} {x.rate:,.1f} {x.unit} ({x.seconds:.2f} s)" for x in out.samples
+    )
+    rss = f", rss {out.rss_mib:.0f} MiB" if out.rss_mib is not None else ""
+    log(f"r{ctx.rep} {w.name:14s} {name:8s} {figures}{rss}")
+    for n in out.notes:
+        log(f"    note: {n}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Process plumbing for the benchmark: bounded child runs, cache drops, unmounts, RSS sampling.
+
+Everything here is bounded in time: a FUSE daemon that hangs must cost one failed measurement,
+never the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class BenchError(RuntimeError):
+    """A measurement failed; the message is what the report shows."""
+
+
+@dataclass
+class Completed:
+    """The outcome of `run_bounded`: exit status, output and wall time around the child."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def _tail(text: str, n: int = 600) -> str:
+    text = text.strip()
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+def run_bounded(
+    argv: list[str],
+    timeout: float,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    check: bool = True,
+    on_timeout: Any = None,
+    stdout_to_devnull: bool = False,
+) -> Completed:
+    """Run a child with a hard time limit; raise BenchError on timeout or (with check) failure.
+
+    The child gets its own session so that on timeout its whole group can be killed. A child
+    stuck in a FUSE request may not die from SIGKILL until the request is answered, so the
+    caller passes ``on_timeout`` (typically: abort the FUSE connection) which runs before we
+    wait for the corpse.
+    """
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL if stdout_to_devnull else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _killpg(proc.pid)
+        if on_timeout is not None:
+            try:
+                on_timeout()
+            except Exception as e:  # noqa: BLE001 - best effort; the timeout is the real error
+                print(f"bench: cleanup after timeout failed: {e}", file=sys.stderr)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out, err = "", "(child did not die)"
+        raise BenchError(
+            f"timed out after {timeout:.0f} s: {' '.join(argv[:4])}... {_tail(err or '')}"
+        ) from None
+    seconds = time.monotonic() - t0
+    res = Completed(proc.returncode, out or "", err or "", seconds)
+    if check and proc.returncode != 0:
+        raise BenchError(
+            f"{Path(argv[0]).name} exited {proc.returncode}: {_tail(res.stderr or res.stdout)}"
+        )
+    return res
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_worker(
+    op: str,
+    args: dict[str, Any],
+    timeout: float,
+    *,
+    env: dict[str, str] | None = None,
+    on_timeout: Any = None,
+) -> dict[str, Any]:
+    """Run ``python -m bench.worker OP`` with JSON args on stdin-less argv; return its JSON."""
+    argv = [sys.executable, "-m", "bench.worker", op, json.dumps(args)]
+    res = run_bounded(argv, timeout, env=env, cwd=REPO, on_timeout=on_timeout, check=False)
+    if res.returncode != 0:
+        raise BenchError(f"{op}: {_tail(res.stderr or res.stdout)}")
+    try:
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"{op}: worker printed no result: {_tail(res.stdout + res.stderr)}")
+    if "error" in out:
+        raise BenchError(f"{op}: {out['error']}")
+    return out
+
+
+# ---- page cache ----------------------------------------------------------------------------
+
+
+def can_drop_caches() -> bool:
+    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_caches() -> bool:
+    """Write back dirty pages and drop the page cache, dentries and inodes; False if not root.
+
+    We call sync() first because drop_caches only drops clean pages. No FUSE mount is live
+    when this runs for a cold measurement (we mount afterwards), so sync cannot block on one.
+    """
+    if not can_drop_caches():
+        return False
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    return True
+
+
+# ---- mounts ----------------------------------------------------------------------------------
+
+
+def mount_entry(mountpoint: Path) -> dict[str, str] | None:
+    """The /proc/self/mountinfo entry of a mountpoint (keys: id, dev, fstype, source)."""
+    target = str(mountpoint.resolve()) if mountpoint.exists() else str(mountpoint)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        parts = left.split()
+        if len(parts) < 5:
+            continue
+        # mountinfo escapes spaces as \040; our paths have none, so a plain compare is enough.
+        if parts[4] == target:
+            r = right.split()
+            # The last entry for a path is the one on top (mounts can stack).
+            found = {
+                "id": parts[0],
+                "dev": parts[2],
+                "fstype": r[0] if r else "",
+                "source": r[1] if len(r) > 1 else "",
+            }
+    return found
+
+
+def is_fuse_mounted(mountpoint: Path) -> bool:
+    e = mount_entry(mountpoint)
+    return e is not None and e["fstype"].startswith("fuse")
+
+
+def abort_fuse(mountpoint: Path) -> None:
+    """Abort the FUSE connection of a mount: every pending and future request fails at once.
+
+    This is what frees a process stuck in a request to a hung daemon.
+    """
+    e = mount_entry(mountpoint)
+    if e is None or not e["fstype"].startswith("fuse"):
+        return
+    major, minor = e["dev"].split(":")
+    if major != "0":
+        return
+    abort = Path(f"/sys/fs/fuse/connections/{minor}/abort")
+    try:
+        abort.write_text("1")
+    except OSError:
+        pass
+
+
+def force_unmount(mountpoint: Path) -> None:
+    """Get rid of a mount whatever state its daemon is in (abort, then lazy unmount)."""
+    if mount_entry(mountpoint) is None:
+        return
+    abort_fuse(mountpoint)
+    for argv in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        try:
+            subprocess.run(argv, capture_output=True, timeout=20, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if mount_entry(mountpoint) is None:
+            return
+
+
+def wait_for(pred: Any, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``pred()`` until true or ``timeout`` seconds passed; return the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# ---- processes and memory -------------------------------------------------------------------
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid, from /proc/PID/task/*/children (no full /proc scan)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except OSError:
+            continue
+        out.extend(int(x) for x in text.split())
+    return out
+
+
+def process_tree(pid: int, limit: int = 256) -> list[int]:
+    """pid and all its descendants (bounded, in case of a fork storm)."""
+    seen = [pid]
+    i = 0
+    while i < len(seen) and len(seen) < limit:
+        seen.extend(c for c in children(seen[i]) if c not in seen)
+        i += 1
+    return seen
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM), 0 if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def find_pids_by_arg(needle: str, must_contain: str) -> list[int]:
+    """Processes whose argv has an argument equal to needle and any argument containing
+    must_contain (e.g. the mountpoint and "caiosfs"); ourselves excluded."""
+    me = os.getpid()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        argv = cmdline(int(name))
+        if needle in argv and any(must_contain in a for a in argv[:3]):
+            out.append(int(name))
+    return sorted(out)
+
+
+class RssSampler:
+    """Samples the summed VmRSS of a few process trees in a background thread.
+
+    ``peak_mib`` is the larger of the highest sampled sum and the kernel's own per-process high
+    water mark (VmHWM, read at ``stop``), so a spike between two samples is not missed for the
+    main process.
+    """
+
+    def __init__(self, pids: list[int], interval: float = 0.1) -> None:
+        self.roots = list(pids)
+        self.interval = interval
+        self.peak_kib = 0
+        self.hwm_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def start(self) -> RssSampler:
+        if self.roots:
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        total = 0
+        for root in self.roots:
+            for pid in process_tree(root):
+                total += status_kib(pid, "VmRSS")
+                self.hwm_kib = max(self.hwm_kib, status_kib(pid, "VmHWM"))
+        self.peak_kib = max(self.peak_kib, total)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> float | None:
+        """Stop sampling; return the peak in MiB (None if there was nothing to watch)."""
+        if not self.roots:
+            return None
+        self._sample()
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        return max(self.peak_kib, self.hwm_kib) / 1024
