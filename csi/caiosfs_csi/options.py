@@ -15,18 +15,22 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-# Every -o option `caiosfs mount` understands (the CLI contract).
+# Every -o option `caiosfs mount` understands (`caiosfs mount --help`, caiosfs/config.py).
 CAIOSFS_OPTIONS = frozenset(
     {
-        "endpoint", "region", "path_style", "credentials_file", "aws_profile", "cache_dir",
-        "cache_size", "ro", "rw", "uid", "gid", "file_mode", "dir_mode", "allow_other",
-        "profile", "fsync", "dirty_limit", "metrics", "warm", "entry_ttl", "list_ttl",
-        "negative_ttl", "read_ahead_kb",
+        "endpoint", "region", "path_style", "credentials_file", "aws_profile", "profile",
+        "cache_dir", "cache_size", "dirty_limit", "memory_limit", "block_size", "max_request",
+        "readahead_max", "part_size", "read_ahead_kb", "parallel", "ro", "rw", "uid", "gid",
+        "file_mode", "dir_mode", "allow_other", "entry_ttl", "list_ttl", "negative_ttl",
+        "metadata", "fsync", "upload_delay", "read_timeout", "metrics", "warm", "debug",
+        "log_file",
     }
 )
 
 # Options the plugin sets itself; a pod author may not (see module docstring).
-PLUGIN_OWNED_OPTIONS = frozenset({"credentials_file", "cache_dir", "metrics", "aws_profile"})
+PLUGIN_OWNED_OPTIONS = frozenset(
+    {"credentials_file", "aws_profile", "cache_dir", "log_file", "metrics"}
+)
 
 # mount(8)/kubelet generic options that mean nothing to caiosfs. FUSE mounts are always
 # nosuid,nodev, and atime is not tracked in the object store, so these are dropped, not mapped.
@@ -41,7 +45,8 @@ GENERIC_OPTIONS = frozenset(
 )
 GENERIC_PREFIXES = ("x-", "comment=", "context=", "fscontext=", "defcontext=", "rootcontext=")
 
-PROFILES = ("dataset", "devbox", "checkpoint")
+PROFILES = ("default", "dataset", "devbox", "checkpoint")
+METADATA_MODES = ("head", "list")
 WARM_MODES = ("background", "blocking")
 FSYNC_MODES = ("store", "local")
 
@@ -63,6 +68,15 @@ _VALUE_RULES: dict[str, tuple[re.Pattern[str] | tuple[str, ...], str]] = {
     "region": (_REGION, "a region name"),
     "cache_size": (_SIZE, "a size such as 20G"),
     "dirty_limit": (_SIZE, "a size such as 4G"),
+    "memory_limit": (_SIZE, "a size such as 256M"),
+    "block_size": (_SIZE, "a size such as 8M"),
+    "max_request": (_SIZE, "a size such as 16M"),
+    "readahead_max": (_SIZE, "a size such as 128M"),
+    "part_size": (_SIZE, "a size such as 64M"),
+    "parallel": (_UINT, "a number of requests"),
+    "metadata": (METADATA_MODES, "one of " + ", ".join(METADATA_MODES)),
+    "upload_delay": (_SECONDS, "seconds"),
+    "read_timeout": (_SECONDS, "seconds"),
     "uid": (_UINT, "a numeric uid"),
     "gid": (_UINT, "a numeric gid"),
     "file_mode": (_MODE, "an octal mode such as 0644"),
@@ -76,7 +90,7 @@ _VALUE_RULES: dict[str, tuple[re.Pattern[str] | tuple[str, ...], str]] = {
     "read_ahead_kb": (_UINT, "a number of KiB"),
     "metrics": (_HOSTPORT, "HOST:PORT"),
 }
-_FLAG_OPTIONS = frozenset({"ro", "rw", "path_style", "allow_other"})
+_FLAG_OPTIONS = frozenset({"ro", "rw", "path_style", "allow_other", "debug"})
 
 
 class OptionError(ValueError):
@@ -97,6 +111,15 @@ _ATTR_TO_OPTION = {
     "warm": "warm",
     "fsync": "fsync",
     "dirtylimit": "dirty_limit",
+    "memorylimit": "memory_limit",
+    "blocksize": "block_size",
+    "maxrequest": "max_request",
+    "readaheadmax": "readahead_max",
+    "partsize": "part_size",
+    "parallel": "parallel",
+    "metadata": "metadata",
+    "uploaddelay": "upload_delay",
+    "readtimeout": "read_timeout",
     "uid": "uid",
     "gid": "gid",
     "filemode": "file_mode",
@@ -106,12 +129,12 @@ _ATTR_TO_OPTION = {
     "negativettl": "negative_ttl",
     "readaheadkb": "read_ahead_kb",
 }
-_BOOL_ATTRS = {"readonly", "pathstyle", "allowother"}
-_OTHER_ATTRS = {"bucket", "bucketname", "prefix", "mountoptions"}
 KNOWN_ATTRIBUTES = sorted(
     ["bucket", "prefix", "endpoint", "region", "pathStyle", "profile", "cacheSize", "readOnly",
-     "warm", "fsync", "dirtyLimit", "uid", "gid", "fileMode", "dirMode", "entryTTL", "listTTL",
-     "negativeTTL", "readAheadKb", "allowOther", "mountOptions"]
+     "warm", "fsync", "dirtyLimit", "memoryLimit", "blockSize", "maxRequest", "readaheadMax",
+     "partSize", "parallel", "metadata", "uploadDelay", "readTimeout", "uid", "gid", "fileMode",
+     "dirMode", "entryTTL", "listTTL", "negativeTTL", "readAheadKb", "allowOther", "debug",
+     "mountOptions"]
 )
 
 
@@ -240,6 +263,9 @@ def build_mount_spec(
                 options["path_style"] = None
         elif nk == "allowother":
             allow_other = parse_bool(value, key)
+        elif nk == "debug":
+            if parse_bool(value, key):
+                options["debug"] = None
         elif nk in _ATTR_TO_OPTION:
             if value:
                 options[_ATTR_TO_OPTION[nk]] = value

@@ -1,7 +1,9 @@
 """Helpers and fixtures for the CSI tests: an in-process plugin on a unix socket, a fake caiosfs.
 
-This module has a unique name (not `conftest`) so that tests can import its helpers without
-clashing with the project's tests/conftest.py; csi/tests/conftest.py re-exports the fixtures.
+There is deliberately no csi/tests/conftest.py: the project's tests/conftest.py is imported by
+its tests as the top-level module `conftest`, and a second conftest.py without a package
+would replace it in sys.modules when both directories are collected in one run. Test modules
+import helpers from here, and get the fixtures with `pytest_plugins = ("csi_testlib",)`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ REPO = CSI_DIR.parent
 if str(CSI_DIR) not in sys.path:
     sys.path.insert(0, str(CSI_DIR))
 
-import grpc
+grpc = pytest.importorskip("grpc", reason="the CSI plugin needs the `csi` extra (grpcio)")
+
+from caiosfs_csi import DEFAULT_DRIVER_NAME, __version__  # noqa: F401  (re-exported for tests)
 from caiosfs_csi.mounter import Mounter
 from caiosfs_csi.server import PluginConfig, build_server
 from caiosfs_csi.stubs import load

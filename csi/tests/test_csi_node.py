@@ -9,10 +9,15 @@ import threading
 
 import grpc
 import pytest
-from caiosfs_csi import DEFAULT_DRIVER_NAME, __version__
-from caiosfs_csi.mounter import Mounter
+
+# csi_testlib is also a pytest plugin (below): let pytest rewrite its asserts on first import.
+pytest.register_assert_rewrite("csi_testlib")
+
 from csi_testlib import (
+    DEFAULT_DRIVER_NAME,
+    Mounter,
     Plugin,
+    __version__,
     csi_pb2,
     make_mounter,
     mount_cap,
@@ -20,6 +25,9 @@ from csi_testlib import (
     start_plugin,
     stop_plugin,
 )
+
+# Registers the `plugin` and `fake_caiosfs` fixtures (see csi_testlib on why not conftest.py).
+pytest_plugins = ("csi_testlib",)
 
 SECRETS = {"accessKeyId": "AKIDEXAMPLE123", "secretAccessKey": "s3cr3t-Very-Private/Value"}
 

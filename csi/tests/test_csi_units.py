@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 
 import pytest
+from csi_testlib import CSI_DIR, csi_pb2
+
+assert CSI_DIR  # importing csi_testlib put csi/ on sys.path: caiosfs_csi is importable now
+
 from caiosfs_csi.credentials import credentials_ini
 from caiosfs_csi.mounter import MountEntry, is_caiosfs, parse_mountinfo
 from caiosfs_csi.options import OptionError, build_mount_spec, split_flags
 from caiosfs_csi.redact import STRIPPED, redact, redacted
 from caiosfs_csi.server import socket_path
 from caiosfs_csi.state import Publication, StateStore
-from csi_testlib import csi_pb2
 
 
 def test_spec_source_and_sorted_options() -> None:

@@ -1,0 +1,110 @@
+"""The deploy manifests and examples parse, agree with the plugin, and use only valid attributes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+CSI = Path(__file__).resolve().parents[1]
+if str(CSI) not in sys.path:
+    sys.path.insert(0, str(CSI))
+
+from caiosfs_csi import DEFAULT_DRIVER_NAME
+from caiosfs_csi.credentials import credentials_ini
+from caiosfs_csi.options import build_mount_spec
+
+yaml = pytest.importorskip("yaml", reason="manifest checks need pyyaml")
+
+FILES = sorted([*CSI.glob("deploy/*.yaml"), *CSI.glob("examples/*.yaml")])
+
+
+def docs(path: Path) -> list[dict]:
+    # The devbox example is rendered with envsubst; substitute like it would.
+    text = path.read_text().replace("${USER}", "alice")
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+ALL = {p.name: docs(p) for p in FILES}
+
+
+def of_kind(kind: str) -> list[dict]:
+    return [d for ds in ALL.values() for d in ds if d.get("kind") == kind]
+
+
+def csi_volumes() -> list[tuple[dict, list[str], bool]]:
+    """(csi source, mount options, read-only) of every PV and inline volume."""
+    out = []
+    for pv in of_kind("PersistentVolume"):
+        out.append((pv["spec"]["csi"], pv["spec"].get("mountOptions", []), False))
+    for kind in ("Pod", "Deployment", "Job"):
+        for d in of_kind(kind):
+            spec = d["spec"] if kind == "Pod" else d["spec"]["template"]["spec"]
+            for v in spec.get("volumes", []):
+                if "csi" in v:
+                    out.append((v["csi"], [], bool(v["csi"].get("readOnly"))))
+    return out
+
+
+def test_every_file_parses_and_has_kinds() -> None:
+    assert len(FILES) >= 8
+    for name, ds in ALL.items():
+        if name == "kustomization.yaml":
+            continue
+        assert ds and all("apiVersion" in d and "kind" in d for d in ds), name
+
+
+def test_csidriver() -> None:
+    (drv,) = of_kind("CSIDriver")
+    assert drv["metadata"]["name"] == DEFAULT_DRIVER_NAME
+    spec = drv["spec"]
+    assert spec["attachRequired"] is False and spec["podInfoOnMount"] is True
+    assert set(spec["volumeLifecycleModes"]) == {"Persistent", "Ephemeral"}
+
+
+def test_daemonset() -> None:
+    (ds,) = of_kind("DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"caiosfs-csi", "node-driver-registrar", "liveness-probe"}
+    plugin = containers["caiosfs-csi"]
+    assert plugin["securityContext"]["privileged"] is True
+    mounts = {m["mountPath"]: m for m in plugin["volumeMounts"]}
+    assert mounts["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
+    assert "limits" not in plugin.get("resources", {})  # the FUSE daemons share this cgroup
+    env = {e["name"]: e for e in plugin["env"]}
+    assert env["CSI_ENDPOINT"]["value"] == "unix:///csi/csi.sock"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cache"]["hostPath"]["path"].startswith("/mnt/nvme")
+    reg = " ".join(containers["node-driver-registrar"]["args"])
+    assert f"/var/lib/kubelet/plugins/{DEFAULT_DRIVER_NAME}/csi.sock" in reg
+    assert volumes["socket-dir"]["hostPath"]["path"] == \
+        f"/var/lib/kubelet/plugins/{DEFAULT_DRIVER_NAME}"
+    probe_port = containers["liveness-probe"]["args"]
+    assert "--health-port=9808" in probe_port
+
+
+def test_kustomization_resources_exist() -> None:
+    (k,) = ALL["kustomization.yaml"]
+    for res in k["resources"]:
+        assert (CSI / "deploy" / res).is_file()
+
+
+def test_every_volume_is_accepted_by_the_plugin() -> None:
+    vols = csi_volumes()
+    assert len(vols) >= 5
+    handles = []
+    for src, mount_options, ro in vols:
+        assert src["driver"] == DEFAULT_DRIVER_NAME
+        assert "nodePublishSecretRef" in src
+        spec = build_mount_spec(src["volumeAttributes"], mount_options, readonly=ro)
+        assert spec.bucket
+        if "volumeHandle" in src:
+            handles.append(src["volumeHandle"])
+    assert len(handles) == len(set(handles))  # kubelet needs unique volume handles
+
+
+def test_example_secret_is_accepted() -> None:
+    for secret in of_kind("Secret"):
+        assert credentials_ini(secret["stringData"])
