@@ -1,0 +1,369 @@
+"""The NVMe block cache: block files on local disk, indexed in LMDB, checked with xxh3.
+
+An object version (bucket, key, ETag) is split into blocks of ``block_size``; each block is
+one sparse file. Inside a block, data is fetched and checksummed per *chunk* (1 MiB), so a
+random 4 KiB read fetches one chunk, and verifying a read costs one chunk's hash.
+
+Threading: :class:`ChunkWriter` runs in a worker thread (it writes what a GET streams in);
+everything else runs on the trio loop (short preads and short LMDB transactions).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import xxhash
+
+from .errors import UserError
+from .index import BlockEntry, Index, now
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def lock_cache_dir(cache_dir: Path) -> int:
+    """Create cache_dir (0700) and hold its lock for the life of the process.
+
+    One mount (or `caiosfs warm`) per cache directory: a second one is refused with a clear
+    error rather than sharing a journal it does not own.
+    """
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(cache_dir, 0o700)
+        fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise UserError(f"cache_dir {cache_dir} is not usable: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise UserError(f"cache_dir {cache_dir} is in use by another caiosfs process "
+                        f"({holder or 'unknown'}); give each mount its own cache_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    try:
+        probe = cache_dir / ".probe"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        os.close(fd)
+        raise UserError(f"cache_dir {cache_dir} is not writable: {exc.strerror}") from None
+    return fd
+
+
+class ChunkWriter:
+    """Receives a GET's pieces (in a worker thread) and writes whole chunks to block files.
+
+    ``done`` collects (chunk number, xxh3) for the loop to commit to the index.
+    """
+
+    def __init__(self, cache: BlockCache, ident: bytes, obj_size: int) -> None:
+        self.cache, self.ident, self.obj_size = cache, ident, obj_size
+        self.buf = bytearray()
+        self.buf_start = -1
+        self.done: list[tuple[int, int]] = []
+
+    def __call__(self, offset: int, data: bytes) -> None:
+        cs = self.cache.chunk_size
+        if self.buf_start < 0 or offset != self.buf_start + len(self.buf):
+            # A retry restarts the range: drop the partial chunk (whole chunks are kept).
+            self.buf = bytearray()
+            self.buf_start = offset
+            if offset % cs:
+                raise ValueError("GET pieces must start on a chunk boundary")
+        self.buf += data
+        while len(self.buf) >= cs or (self.buf and self.buf_start + len(self.buf)
+                                      >= self.obj_size):
+            n = min(cs, len(self.buf))
+            self._write_chunk(self.buf_start // cs, bytes(self.buf[:n]))
+            del self.buf[:n]
+            self.buf_start += n
+
+    def _write_chunk(self, chunk: int, data: bytes) -> None:
+        c = self.cache
+        blockno, idx = divmod(chunk, c.chunks_per_block)
+        path = c.block_path(self.ident, blockno)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, data, idx * c.chunk_size)
+        finally:
+            os.close(fd)
+        self.done.append((chunk, xxhash.xxh3_64_intdigest(data)))
+
+
+class BlockCache:
+    def __init__(self, cache_dir: Path, index: Index, metrics: Metrics, cache_size: int,
+                 block_size: int, chunk_size: int = 1 << 20,
+                 verified_budget: int = 32 << 20) -> None:
+        self.dir = cache_dir
+        self.blocks_dir = cache_dir / "blocks"
+        self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
+        self.index = index
+        self.metrics = metrics
+        self.cache_size = cache_size
+        self.block_size = block_size
+        self.chunk_size = chunk_size
+        self.chunks_per_block = block_size // chunk_size
+        assert self.chunks_per_block <= 64, "bitmap is 64 bits"
+        # Chunks verified since they were read from disk: (ident, chunk) -> bytes.
+        self._verified: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
+        self._verified_bytes = 0
+        self._verified_budget = verified_budget
+        self._atimes: dict[tuple[bytes, int], float] = {}
+        self.used = sum(e.nbytes for _, _, e in index.iter_blocks())
+        metrics.cache_bytes.set(self.used)
+        metrics.cache_limit_bytes.set(cache_size)
+
+    def block_path(self, ident: bytes, blockno: int) -> Path:
+        h = xxhash.xxh3_128_hexdigest(ident)
+        return self.blocks_dir / h[:2] / f"{h}.{blockno}"
+
+    def chunk_len(self, chunk: int, obj_size: int) -> int:
+        return max(0, min(self.chunk_size, obj_size - chunk * self.chunk_size))
+
+    # lookups (loop) ----------------------------------------------------------------------
+    def missing(self, ident: bytes, first: int, last: int) -> list[int]:
+        """Chunks in [first, last] that are not on disk."""
+        out = []
+        cpb = self.chunks_per_block
+        entry, cur_block = None, -1
+        for chunk in range(first, last + 1):
+            blockno, idx = divmod(chunk, cpb)
+            if blockno != cur_block:
+                entry, cur_block = self.index.get_block(ident, blockno), blockno
+            if entry is None or not entry.present >> idx & 1:
+                out.append(chunk)
+        return out
+
+    def read(self, ident: bytes, offset: int, size: int, obj_size: int) -> bytes | None:
+        """Bytes [offset, offset+size) if every chunk is cached and verifies, else None."""
+        end = min(offset + size, obj_size)
+        if end <= offset:
+            return b""
+        cs = self.chunk_size
+        parts = []
+        for chunk in range(offset // cs, (end - 1) // cs + 1):
+            data = self._chunk(ident, chunk, obj_size)
+            if data is None:
+                return None
+            lo = max(offset - chunk * cs, 0)
+            hi = min(end - chunk * cs, len(data))
+            parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
+        self.metrics.cache_hit_bytes.inc(end - offset)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _chunk(self, ident: bytes, chunk: int, obj_size: int) -> bytes | None:
+        k = (ident, chunk)
+        data = self._verified.get(k)
+        if data is not None:
+            self._verified.move_to_end(k)
+            return data
+        blockno, idx = divmod(chunk, self.chunks_per_block)
+        entry = self.index.get_block(ident, blockno)
+        if entry is None or not entry.present >> idx & 1:
+            return None
+        want = self.chunk_len(chunk, obj_size)
+        try:
+            fd = os.open(self.block_path(ident, blockno), os.O_RDONLY)
+            try:
+                data = os.pread(fd, want, idx * self.chunk_size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cache block unreadable (%s), refetching", exc.strerror)
+            data = b""
+        if len(data) != want or xxhash.xxh3_64_intdigest(data) != entry.sums[idx]:
+            self.metrics.cache_checksum_failures.inc()
+            log.warning("cache chunk failed its checksum, dropping it and refetching")
+            self._drop_chunk(ident, blockno, idx, entry, want)
+            return None
+        self.metrics.cache_hit_chunks.inc()
+        self._atimes[(ident, blockno)] = now()
+        self._verified[k] = data
+        self._verified_bytes += len(data)
+        while self._verified_bytes > self._verified_budget:
+            _, old = self._verified.popitem(last=False)
+            self._verified_bytes -= len(old)
+        return data
+
+    def _drop_chunk(self, ident: bytes, blockno: int, idx: int, entry: BlockEntry,
+                    nbytes: int) -> None:
+        entry.present &= ~(1 << idx)
+        entry.sums[idx] = 0
+        entry.nbytes = max(0, entry.nbytes - nbytes)
+        self.used = max(0, self.used - nbytes)
+        self.index.put_block(ident, blockno, entry)
+        self.metrics.cache_bytes.set(self.used)
+
+    # fills (thread writes, loop commits) -------------------------------------------------
+    def writer(self, ident: bytes, obj_size: int) -> ChunkWriter:
+        return ChunkWriter(self, ident, obj_size)
+
+    def commit(self, ident: bytes, obj_size: int, chunks: list[tuple[int, int]]) -> None:
+        """Record fetched chunks in the index (one transaction)."""
+        if not chunks:
+            return
+        cpb = self.chunks_per_block
+        updates: dict[tuple[bytes, int], BlockEntry | None] = {}
+        t = now()
+        for chunk, csum in chunks:
+            blockno, idx = divmod(chunk, cpb)
+            entry = updates.get((ident, blockno))
+            if entry is None:
+                entry = self.index.get_block(ident, blockno) or BlockEntry(t, 0, 0, [0] * cpb)
+                updates[(ident, blockno)] = entry
+            n = self.chunk_len(chunk, obj_size)
+            if not entry.present >> idx & 1:
+                entry.nbytes += n
+                self.used += n
+            entry.present |= 1 << idx
+            entry.sums[idx] = csum
+            entry.atime = t
+            self.metrics.cache_miss_chunks.inc()
+        self.index.update_blocks(updates)
+        self.metrics.cache_bytes.set(self.used)
+
+    # invalidation and eviction -----------------------------------------------------------
+    def invalidate(self, ident: bytes) -> None:
+        """Forget every block of one object version (its ETag changed)."""
+        blocks = self.index.blocks_of(ident)
+        if not blocks:
+            return
+        updates: dict[tuple[bytes, int], BlockEntry | None] = {}
+        for b in blocks:
+            e = self.index.get_block(ident, b)
+            if e:
+                self.used -= e.nbytes
+            updates[(ident, b)] = None
+            self._unlink(self.block_path(ident, b))
+        self.index.update_blocks(updates)
+        for k in [k for k in self._verified if k[0] == ident]:
+            self._verified_bytes -= len(self._verified.pop(k))
+        self.metrics.cache_bytes.set(self.used)
+
+    def flush_atimes(self) -> None:
+        """Write batched access times (reads do not write to LMDB one by one)."""
+        if not self._atimes:
+            return
+        updates: dict[tuple[bytes, int], BlockEntry | None] = {}
+        for (ident, blockno), t in self._atimes.items():
+            e = self.index.get_block(ident, blockno)
+            if e is not None:
+                e.atime = max(e.atime, t)
+                updates[(ident, blockno)] = e
+        self._atimes.clear()
+        self.index.update_blocks(updates)
+
+    def over_limit(self) -> bool:
+        return self.used > self.cache_size
+
+    def evict(self, target: int | None = None, protect: set[bytes] | None = None) -> int:
+        """Evict least recently used blocks until ``used <= target``; returns bytes freed.
+
+        Runs a full index scan, so it is called in batches (down to 90% of the limit).
+        """
+        if target is None:
+            target = int(self.cache_size * 0.9)
+        if self.used <= target:
+            return 0
+        self.flush_atimes()
+        entries = sorted(self.index.iter_blocks(), key=lambda t: t[2].atime)
+        freed = 0
+        updates: dict[tuple[bytes, int], BlockEntry | None] = {}
+        for ident, blockno, e in entries:
+            if self.used - freed <= target:
+                break
+            if protect and ident in protect:
+                continue
+            updates[(ident, blockno)] = None
+            self._unlink(self.block_path(ident, blockno))
+            freed += e.nbytes
+            self.metrics.cache_evicted_blocks.inc()
+            for idx in range(self.chunks_per_block):
+                v = self._verified.pop((ident, blockno * self.chunks_per_block + idx), None)
+                if v is not None:
+                    self._verified_bytes -= len(v)
+        self.index.update_blocks(updates)
+        self.used -= freed
+        self.metrics.cache_evicted_bytes.inc(freed)
+        self.metrics.cache_bytes.set(self.used)
+        return freed
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def free_disk(self) -> int:
+        return shutil.disk_usage(self.dir).free
+
+
+def fsck(cache_dir: Path, repair: bool, chunk_size: int = 1 << 20) -> dict[str, int]:
+    """Check every indexed chunk against its block file; with ``repair`` drop bad entries
+    and delete block files the index does not know."""
+    index = Index(cache_dir / "index.lmdb")
+    metrics = Metrics()
+    stats = {"blocks": 0, "chunks_ok": 0, "chunks_bad": 0, "orphan_files": 0,
+             "journal_entries": 0, "journal_missing_data": 0}
+    try:
+        entries = list(index.iter_blocks())
+        cpb = max((len(e.sums) for _, _, e in entries), default=8)
+        cache = BlockCache(cache_dir, index, metrics, 1 << 62, cpb * chunk_size, chunk_size)
+        known: set[Path] = set()
+        updates: dict[tuple[bytes, int], BlockEntry | None] = {}
+        for ident, blockno, e in entries:
+            stats["blocks"] += 1
+            path = cache.block_path(ident, blockno)
+            known.add(path)
+            changed = False
+            for idx in range(len(e.sums)):
+                if not e.present >> idx & 1:
+                    continue
+                try:
+                    with open(path, "rb") as fh:
+                        fh.seek(idx * chunk_size)
+                        data = fh.read(chunk_size)
+                except OSError:
+                    data = b""
+                # A block file ends where its last chunk ends, so a short read is exactly
+                # the object's short last chunk.
+                ok = bool(data) and xxhash.xxh3_64_intdigest(data) == e.sums[idx]
+                if ok:
+                    stats["chunks_ok"] += 1
+                else:
+                    stats["chunks_bad"] += 1
+                    e.present &= ~(1 << idx)
+                    e.sums[idx] = 0
+                    changed = True
+            if changed:
+                e.nbytes = sum(chunk_size for i in range(len(e.sums)) if e.present >> i & 1)
+                updates[(ident, blockno)] = e if e.present else None
+        for path in cache.blocks_dir.glob("*/*"):
+            if path not in known:
+                stats["orphan_files"] += 1
+                if repair:
+                    path.unlink()
+        if repair and updates:
+            index.update_blocks(updates)
+        for fid, j in index.all_journal().items():
+            stats["journal_entries"] += 1
+            if not j.get("deleted") and not (cache_dir / "dirty" / str(fid)).exists():
+                stats["journal_missing_data"] += 1
+    except OSError as exc:
+        raise UserError(f"fsck of {cache_dir} failed: {exc.strerror or errno.errorcode}") from None
+    finally:
+        index.close()
+    return stats

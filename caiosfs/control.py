@@ -1,0 +1,140 @@
+"""The control channel of a running mount: a unix socket speaking line-delimited JSON.
+
+Requests: ``{"cmd": "status"}``, ``{"cmd": "flush"}`` (progress lines, then a final reply).
+Each mount registers ``<runtime dir>/<id>.json`` (pid, source, mountpoint, cache_dir, socket)
+so ``caiosfs status`` can find every mount without a metrics port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import trio
+import xxhash
+
+Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]],
+                   Awaitable[dict[str, Any]]]
+
+
+def runtime_dir() -> Path:
+    base = Path("/run/caiosfs") if os.geteuid() == 0 else Path(
+        os.environ.get("XDG_RUNTIME_DIR", f"/tmp/caiosfs-{os.getuid()}"))
+    if base.name != "caiosfs":
+        base = base / "caiosfs"
+    return base
+
+
+def mount_id(mountpoint: str | Path) -> str:
+    # abspath, not realpath: resolving would stat the mount itself (and wait on us).
+    return xxhash.xxh64_hexdigest(os.path.abspath(mountpoint).encode())
+
+
+def socket_path(mountpoint: str | Path) -> Path:
+    return runtime_dir() / f"{mount_id(mountpoint)}.sock"
+
+
+def register(mountpoint: str, info: dict[str, Any]) -> Path:
+    d = runtime_dir()
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    p = d / f"{mount_id(mountpoint)}.json"
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(p)
+    return p
+
+
+def unregister(mountpoint: str) -> None:
+    for suffix in (".json", ".sock"):
+        (runtime_dir() / f"{mount_id(mountpoint)}{suffix}").unlink(missing_ok=True)
+
+
+def registered() -> list[dict[str, Any]]:
+    out = []
+    d = runtime_dir()
+    if d.is_dir():
+        for p in sorted(d.glob("*.json")):
+            try:
+                info = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if _alive(info.get("pid", 0)):
+                out.append(info)
+            else:
+                p.unlink(missing_ok=True)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+async def serve(path: Path, handle: Handler) -> None:
+    """Serve requests until cancelled (runs in the filesystem's nursery)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+
+    async def one(stream: trio.SocketStream) -> None:
+        async with stream:
+            buf = b""
+            while b"\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            req = json.loads(buf.split(b"\n", 1)[0])
+
+            async def progress(msg: dict[str, Any]) -> None:
+                await stream.send_all(json.dumps({"progress": msg}).encode() + b"\n")
+            try:
+                reply = await handle(req, progress)
+            except Exception as exc:  # reported to the client, the mount keeps serving
+                reply = {"error": str(exc)}
+            try:
+                await stream.send_all(json.dumps({"result": reply}).encode() + b"\n")
+            except trio.BrokenResourceError:
+                pass
+    await trio.serve_listeners(one, [listener])
+
+
+def request(mountpoint: str | Path, req: dict[str, Any], timeout: float | None = None
+            ) -> Iterator[dict[str, Any]]:
+    """Send one request to a mount; yields progress messages, then the final result."""
+    path = socket_path(mountpoint)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        s.close()
+        raise ConnectionError(f"{mountpoint} is not a running caiosfs mount") from None
+    with s:
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionError("the mount closed the control connection")
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if "result" in msg:
+                    yield {"result": msg["result"]}
+                    return
+                yield msg

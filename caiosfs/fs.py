@@ -1,0 +1,579 @@
+"""The pyfuse3 adapter: thin handlers that translate between FUSE and the filesystem parts.
+
+Each handler only parses its arguments, calls into :mod:`.namespace`, :mod:`.reader` or
+:mod:`.writeback`, and builds the reply. :func:`handler` is the one place that turns errors
+into errno, counts and logs them; only ``pyfuse3.FUSEError`` leaves a handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from .attrs import Attrs
+from .cache import BlockCache
+from .config import MountConfig
+from .errors import FsError, StoreError
+from .index import Index, ident_of
+from .metrics import Metrics
+from .namespace import Entry, Listing, Namespace, Node
+from .reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
+from .store import ObjectStore
+from .store.client import StoreClient
+from .writeback import DirtyFile, WriteBack
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+MAX_TTL = 365 * 86400.0
+RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
+RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
+
+
+def handler(fn: F) -> F:
+    op = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Filesystem, *args: Any) -> Any:
+        m = self.metrics
+        m.fuse_ops.labels(op).inc()
+        t0 = time.monotonic()
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError as exc:
+            m.fuse_errors.labels(op, errno.errorcode.get(exc.errno, "?")).inc()
+            raise
+        except FsError as exc:
+            err = exc.errno
+        except StoreError as exc:
+            err = exc.errno
+            log.warning("%s: store error %s", op, exc)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            log.warning("%s: %s", op, exc.strerror)
+        except Exception:
+            log.exception("%s failed unexpectedly", op)
+            err = errno.EIO
+        finally:
+            m.fuse_latency.labels(op).observe(time.monotonic() - t0)
+        m.fuse_errors.labels(op, errno.errorcode.get(err, "?")).inc()
+        raise pyfuse3.FUSEError(err)
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    entries: list[tuple[str, Node]] | None = None
+
+
+@dataclass
+class Handle:
+    node: Node
+    writable: bool
+    obj: ObjRef | None  # the store version read by this handle (None: local file)
+    ra: Readahead
+    dirty: DirtyFile | None = None
+
+
+def _name(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FsError(errno.EINVAL, "object keys must be UTF-8") from None
+
+
+class Filesystem(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self, cfg: MountConfig, store: ObjectStore, index: Index,
+                 metrics: Metrics | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.index = index
+        self.client = StoreClient(store, self.metrics, cfg.parallel, cfg.read_timeout)
+        self.cache = BlockCache(cfg.cache_dir, index, self.metrics, cfg.cache_size,
+                                cfg.block_size, cfg.chunk_size)
+        self.budget = MemoryBudget(cfg.memory_limit, self.metrics)
+        self.fetcher = Fetcher(self.client, self.cache, self.metrics, self.budget,
+                               cfg.max_request)
+        self.reader = Reader(self.cache, self.fetcher, self.metrics, cfg.readahead_max)
+        self.wb = WriteBack(self.client, index, self.metrics, cfg.cache_dir, cfg.source.prefix,
+                            part_size=cfg.part_size, dirty_limit=cfg.dirty_limit,
+                            upload_delay=cfg.upload_delay, fsync_local=cfg.fsync == "local",
+                            on_uploaded=self._uploaded)
+        self.ns = Namespace(cfg, self.client, index, self.metrics, self.wb)
+        self.handles: dict[int, Handle] = {}
+        self.dir_handles: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self.ttl = min(cfg.entry_ttl, MAX_TTL)
+
+    # lifecycle ---------------------------------------------------------------------------
+    async def start(self, nursery: trio.Nursery) -> int:
+        """Start background work in the caller's nursery; replay the journal."""
+        self.fetcher.nursery = nursery
+        await nursery.start(self.wb.run)
+        nursery.start_soon(self._housekeeping)
+        for oid, op in self.index.all_ops().items():
+            if op.get("op") == "rename_dir":
+                log.info("resuming rename of %s to %s", op["src"], op["dst"])
+                await self._move_prefix(op["src"], op["dst"], oid)
+        return await self.wb.replay()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await trio.sleep(2)
+            self.cache.flush_atimes()
+
+    def _uploaded(self, f: DirtyFile, etag: str) -> None:
+        if not etag:  # went to a conflict sibling: forget our view of the path
+            self.ns.listings.pop(self.ns.parent_of(f.path), None)
+            return
+        e = Entry(False, f.attrs.size, etag, f.attrs.mtime, f.attrs.to_meta())
+        self.index.put_meta(ident_of(self.cfg.source.bucket, f.key, etag), e.meta or {})
+        self.ns.set_entry(f.path, e)
+
+    def _check_rw(self) -> None:
+        if self.cfg.ro:
+            raise FsError(errno.EROFS)
+
+    def _entry(self, n: Node) -> pyfuse3.EntryAttributes:
+        a = self.ns.overlay(n)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = n.ino
+        e.generation = 0
+        e.entry_timeout = self.ttl
+        e.attr_timeout = self.ttl
+        e.st_mode = a.mode
+        e.st_nlink = 2 if n.is_dir else 1
+        e.st_uid, e.st_gid = a.uid, a.gid
+        e.st_size = 0 if n.is_dir else a.size
+        e.st_blksize = 1 << 20
+        e.st_blocks = (e.st_size + 511) // 512
+        ns = int(a.mtime * 1e9)
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
+        return e
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    # lookups and attributes --------------------------------------------------------------
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        parent = self.ns.node(parent_inode)
+        sname = _name(name)
+        if sname == ".":
+            n = parent
+        elif sname == "..":
+            n = self.ns.node(self.ns.by_path.get(self.ns.parent_of(parent.path), 1))
+        else:
+            n = await self.ns.lookup(parent, sname)
+        n.lookups += 1
+        return self._entry(n)
+
+    @handler
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        n = self.ns.node(inode)
+        if not n.is_dir and n.path not in self.wb.files and n.entry.etag:
+            try:
+                await self.ns.revalidate(n)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        return self._entry(n)
+
+    @handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        self._check_rw()
+        n = self.ns.node(inode)
+        a = self.ns.overlay(n)
+        new = Attrs(a.mode, a.uid, a.gid, a.mtime, a.size)
+        if fields.update_mode:
+            new.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            new.uid = attr.st_uid
+        if fields.update_gid:
+            new.gid = attr.st_gid
+        if fields.update_mtime:
+            new.mtime = attr.st_mtime_ns / 1e9
+        if n.is_dir:
+            if n.path:  # the root has no marker of its own
+                await self.client.put_file(self.ns.dir_key(n.path), None, 0, new.to_meta(),
+                                           patient=False)
+            n.attrs = new
+            n.entry.meta = new.to_meta()
+            return self._entry(n)
+        f = self.wb.files.get(n.path)
+        if fields.update_size:
+            if f is None:
+                f = await self._dirty_copy(n, keep_content=attr.st_size > 0)
+            await self.wb.truncate(f, attr.st_size)
+        if f is not None:
+            f.attrs.mode, f.attrs.uid, f.attrs.gid = new.mode, new.uid, new.gid
+            if fields.update_mtime:
+                f.attrs.mtime = new.mtime
+            f.gen += 1
+            if f.writers == 0:
+                self.wb.schedule(f, self.cfg.upload_delay)
+            self.wb._journal(f)
+        else:
+            # Metadata only: a server-side copy onto itself, no data moves.
+            if not n.entry.etag:
+                raise FsError(errno.ENOENT)
+            etag = await self.client.copy(self.ns.key(n.path), self.ns.key(n.path),
+                                          new.to_meta(), n.entry.size, patient=False)
+            e = Entry(False, n.entry.size, etag, new.mtime, new.to_meta())
+            self.ns.set_entry(n.path, e)
+            n.entry, n.attrs = e, new
+            n.attrs.size = e.size
+        return self._entry(n)
+
+    @handler
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        n = self.ns.node(inode)
+        if not stat.S_ISLNK(self.ns.overlay(n).mode):
+            raise FsError(errno.EINVAL)
+        f = self.wb.files.get(n.path)
+        if f is not None:
+            return os.pread(f.fd, f.size, 0)
+        obj = ObjRef(self.cfg.source.bucket, self.ns.key(n.path), n.entry.etag, n.entry.size)
+        return await self.reader.read(obj, self.reader.new_readahead(), 0, obj.size)
+
+    @handler
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.ns.forget(ino, count)
+
+    @handler
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        # An object store has no fixed size: report 1 PiB, with what is free locally
+        # for dirty data folded in as 'available'.
+        total = (1 << 50) // 4096
+        s.f_blocks = total
+        s.f_bfree = s.f_bavail = total - (self.wb.dirty_bytes() // 4096)
+        s.f_files = s.f_ffree = s.f_favail = 1 << 32
+        s.f_namemax = 255
+        return s
+
+    # directories -------------------------------------------------------------------------
+    @handler
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        n = self.ns.node(inode)
+        if not n.is_dir:
+            raise FsError(errno.ENOTDIR)
+        fh = self._new_fh()
+        self.dir_handles[fh] = DirHandle(n)
+        return fh
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self.dir_handles[fh]
+        if start_id == 0 or d.entries is None:
+            d.entries = await self.ns.readdir(d.node)
+        entries = d.entries
+        for i in range(start_id, len(entries)):
+            name, n = entries[i]
+            if not pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"),
+                                         self._entry(n), i + 1):
+                return
+            n.lookups += 1
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        self._check_rw()
+        parent = self.ns.node(parent_inode)
+        path = self.ns.join(parent.path, _name(name))
+        await self._must_not_exist(parent, _name(name))
+        attrs = Attrs(stat.S_IFDIR | (mode & 0o7777 & ~ctx.umask), ctx.uid, ctx.gid, time.time())
+        await self.client.put_file(self.ns.dir_key(path), None, 0, attrs.to_meta(),
+                                   patient=False)
+        e = Entry(True, mtime=attrs.mtime, meta=attrs.to_meta(), marker=True)
+        self.ns.set_entry(path, e)
+        self.ns.listings[path] = Listing({}, time.monotonic())
+        n = self.ns._node_for(path, e)
+        n.lookups += 1
+        return self._entry(n)
+
+    async def _must_not_exist(self, parent: Node, name: str) -> None:
+        try:
+            await self.ns.lookup(parent, name)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise
+        raise FsError(errno.EEXIST)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_rw()
+        parent = self.ns.node(parent_inode)
+        n = await self.ns.lookup(parent, _name(name))
+        if not n.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if self.wb.under(n.path) or await self.ns.list_dir(n.path, force=True):
+            raise FsError(errno.ENOTEMPTY)
+        await self.client.delete(self.ns.dir_key(n.path), patient=False)
+        self.ns.drop_path(n.path)
+
+    # files -------------------------------------------------------------------------------
+    @handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_rw()
+        parent = self.ns.node(parent_inode)
+        sname = _name(name)
+        path = self.ns.join(parent.path, sname)
+        base = None
+        try:
+            existing = await self.ns.lookup(parent, sname)
+            if existing.is_dir:
+                raise FsError(errno.EISDIR)
+            base = existing.entry.etag or None
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        attrs = Attrs(stat.S_IFREG | (mode & 0o7777 & ~ctx.umask), ctx.uid, ctx.gid,
+                      time.time())
+        f = await self.wb.create(path, attrs, base_etag=base)
+        n = self.ns._node_for(path, Entry(False, 0, base or "", attrs.mtime, attrs.to_meta()))
+        self.ns.negative.pop(path, None)
+        self._add_to_listing(path, f)
+        n.lookups += 1
+        fh = self._new_fh()
+        self.handles[fh] = Handle(n, True, None, self.reader.new_readahead(), f)
+        self.wb.opened(f, True)
+        return pyfuse3.FileInfo(fh=fh), self._entry(n)
+
+    def _add_to_listing(self, path: str, f: DirtyFile) -> None:
+        self.ns.set_entry(path, Entry(False, f.size, f.base_etag or "", f.attrs.mtime,
+                                      f.attrs.to_meta()))
+
+    async def _dirty_copy(self, n: Node, keep_content: bool) -> DirtyFile:
+        """Turn a clean store file into a local dirty file (content fetched if kept)."""
+        await self.ns.revalidate(n)
+        obj = ObjRef(self.cfg.source.bucket, self.ns.key(n.path), n.entry.etag, n.entry.size)
+
+        async def fill(fd: int) -> None:
+            ra = self.reader.new_readahead()
+            off = 0
+            while off < obj.size:
+                data = await self.reader.read(obj, ra, off, 4 << 20)
+                await trio.to_thread.run_sync(os.pwrite, fd, data, off)
+                off += len(data)
+        attrs = Attrs(n.attrs.mode, n.attrs.uid, n.attrs.gid, n.attrs.mtime, n.entry.size)
+        return await self.wb.open_existing(n.path, n.entry.etag, attrs,
+                                           fill if keep_content else None)
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        n = self.ns.node(inode)
+        if n.is_dir:
+            raise FsError(errno.EISDIR)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable or flags & os.O_TRUNC:
+            self._check_rw()
+        f = self.wb.files.get(n.path)
+        if f is not None and f.deleted:
+            f = None
+        if f is None and (writable or flags & os.O_TRUNC):
+            f = await self._dirty_copy(n, keep_content=not flags & os.O_TRUNC)
+        elif f is not None and flags & os.O_TRUNC:
+            await self.wb.truncate(f, 0)
+        keep = True
+        obj = None
+        if f is None:
+            old = n.entry.etag
+            await self.ns.revalidate(n)
+            if n.opened_etag is not None and n.opened_etag != n.entry.etag:
+                keep = False
+                self.cache.invalidate(ident_of(self.cfg.source.bucket, self.ns.key(n.path),
+                                               n.opened_etag))
+            elif old != n.entry.etag:
+                keep = False
+            n.opened_etag = n.entry.etag
+            obj = ObjRef(self.cfg.source.bucket, self.ns.key(n.path), n.entry.etag,
+                         n.entry.size)
+        fh = self._new_fh()
+        self.handles[fh] = Handle(n, writable, obj, self.reader.new_readahead(), f)
+        if f is not None:
+            self.wb.opened(f, writable)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles[fh]
+        f = h.dirty
+        if f is None:
+            f = self.wb.files.get(h.node.path)
+            if f is not None and (f.deleted or h.obj is not None):
+                f = None
+        if f is not None:
+            return os.pread(f.fd, size, off)
+        assert h.obj is not None
+        return await self.reader.read(h.obj, h.ra, off, size)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.handles[fh]
+        if h.dirty is None:
+            raise FsError(errno.EBADF)
+        return await self.wb.write(h.dirty, off, buf)
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        return None  # close does not wait for the upload (DESIGN: fsync does)
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.handles[fh]
+        if h.dirty is not None:
+            await self.wb.fsync(h.dirty)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh)
+        if h.dirty is not None:
+            self.wb.released(h.dirty, h.writable)
+
+    # names -------------------------------------------------------------------------------
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_rw()
+        parent = self.ns.node(parent_inode)
+        n = await self.ns.lookup(parent, _name(name))
+        if n.is_dir:
+            raise FsError(errno.EISDIR)
+        f = await self.wb.unlink(n.path)
+        store_etag = n.entry.etag or (f.base_etag if f else None)
+        if store_etag:
+            await self.client.delete(self.ns.key(n.path), patient=False)
+        self.ns.set_entry(n.path, None)
+        self.ns.by_path.pop(n.path, None)
+
+    @handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        self._check_rw()
+        parent = self.ns.node(parent_inode)
+        sname = _name(name)
+        await self._must_not_exist(parent, sname)
+        path = self.ns.join(parent.path, sname)
+        attrs = Attrs(stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, time.time())
+        f = await self.wb.create(path, attrs)
+        await self.wb.write(f, 0, target)
+        self.wb.schedule(f, self.cfg.upload_delay)
+        self._add_to_listing(path, f)
+        n = self.ns._node_for(path, Entry(False, len(target), "", attrs.mtime, attrs.to_meta()))
+        n.lookups += 1
+        return self._entry(n)
+
+    @handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+                   ) -> pyfuse3.EntryAttributes:
+        raise FsError(errno.ENOTSUP, "hard links are not supported on object storage")
+
+    @handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self._check_rw()
+        if flags & RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        old_parent = self.ns.node(parent_inode_old)
+        new_parent = self.ns.node(parent_inode_new)
+        src_name, dst_name = _name(name_old), _name(name_new)
+        n = await self.ns.lookup(old_parent, src_name)
+        src = n.path
+        dst = self.ns.join(new_parent.path, dst_name)
+        if src == dst:
+            return
+        try:
+            target: Node | None = await self.ns.lookup(new_parent, dst_name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            target = None
+        if target is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if target.is_dir and not n.is_dir:
+                raise FsError(errno.EISDIR)
+            if n.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if target.is_dir and (self.wb.under(dst) or await self.ns.list_dir(dst, force=True)):
+                raise FsError(errno.ENOTEMPTY)
+        if n.is_dir:
+            if dst.startswith(src + "/"):
+                raise FsError(errno.EINVAL)
+            if target is not None:
+                await self.client.delete(self.ns.dir_key(dst), patient=False)
+            await self._rename_dir(src, dst)
+        else:
+            await self._rename_file(n, src, dst, target)
+        self.ns.set_entry(src, None)
+        self.ns.move(src, dst)
+        moved = self.ns.nodes.get(self.ns.by_path.get(dst, 0))
+        if moved is not None:
+            self.ns.set_entry(dst, moved.entry)
+
+    async def _rename_file(self, n: Node, src: str, dst: str, target: Node | None) -> None:
+        dst_etag = target.entry.etag if target is not None and target.entry.etag else None
+        src_in_store = bool(n.entry.etag)
+        f = self.wb.files.get(src)
+        if f is not None and not f.deleted:
+            src_in_store = src_in_store or bool(f.base_etag)
+            await self.wb.rename(src, dst, dst_etag)
+        else:
+            etag = await self.client.copy(self.ns.key(src), self.ns.key(dst), None,
+                                          n.entry.size, patient=False)
+            await self.wb.unlink(dst)
+            n.entry = Entry(False, n.entry.size, etag, n.entry.mtime, n.entry.meta)
+        if src_in_store:
+            await self.client.delete(self.ns.key(src), patient=False)
+
+    async def _rename_dir(self, src: str, dst: str) -> None:
+        oid = self.index.next_id()
+        src_key, dst_key = self.ns.dir_key(src), self.ns.dir_key(dst)
+        self.index.put_op(oid, {"op": "rename_dir", "src": src_key, "dst": dst_key})
+        for f in self.wb.under(src):
+            await self.wb.rename(f.path, dst + f.path[len(src):], None)
+        await self._move_prefix(src_key, dst_key, oid)
+
+    async def _move_prefix(self, src_key: str, dst_key: str, oid: int) -> None:
+        """Copy every object under src_key to dst_key, then delete it. Idempotent, so a
+        crash in the middle is resumed at the next mount from the journal's ops entry."""
+        while True:
+            page = await self.client.list(src_key, None, None, 1000)
+            if not page.objects:
+                break
+            limiter = trio.CapacityLimiter(16)
+
+            async def move(o: Any) -> None:
+                async with limiter:
+                    await self.client.copy(o.key, dst_key + o.key[len(src_key):], None, o.size)
+                    await self.client.delete(o.key)
+            async with trio.open_nursery() as nursery:
+                for o in page.objects:
+                    nursery.start_soon(move, o)
+        self.index.del_op(oid)

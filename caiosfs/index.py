@@ -1,0 +1,180 @@
+"""The LMDB index of the cache directory — every sub-database and value layout, in one place.
+
+Environment: ``<cache_dir>/index.lmdb`` (one per cache directory; the directory is held by
+one mount at a time, see :mod:`caiosfs.cache` ``lock_cache_dir``).
+
+Sub-databases
+-------------
+``blocks``  key   = ident ``\\0`` block number (8 bytes, big-endian), where ident is
+                    ``bucket\\0key\\0etag`` (UTF-8): cached data is keyed by ETag, so a new
+                    version of an object can never be served from an old version's blocks.
+            value = ``BLOCK`` struct: last access (float, epoch s), bytes present (u64),
+                    present-chunk bitmap (u64, bit i = chunk i of the block is on disk),
+                    then one xxh3_64 (u64) per chunk of the block (0 where absent).
+            The bytes live in ``blocks/<aa>/<hash(ident)>.<blockno>`` (a sparse file).
+``journal`` key   = dirty-file id (u64, big-endian).
+            value = JSON: {"key", "base_etag", "size", "mode", "uid", "gid", "mtime",
+                    "upload_id", "deleted", "created"} — a file with local changes whose
+                    data is ``dirty/<id>``; deleted when the upload has completed.
+``ops``     key   = operation id (u64, big-endian).
+            value = JSON: {"op": "rename_dir", "src": prefix, "dst": prefix} — multi-object
+                    operations in progress, replayed (resumed) at mount.
+``meta``    key   = ident.  value = JSON of the object's x-amz-meta-* (so remounts need no
+                    HEAD for attributes already seen).
+``state``   key   = name.  value = bytes (``next_id``: u64 counter for journal/ops ids).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+_HDR = struct.Struct(">dQQ")
+BLOCK_KEY_SUFFIX = struct.Struct(">Q")
+
+
+def ident_of(bucket: str, key: str, etag: str) -> bytes:
+    return f"{bucket}\0{key}\0{etag}".encode("utf-8", "surrogateescape")
+
+
+def block_key(ident: bytes, blockno: int) -> bytes:
+    return ident + b"\0" + BLOCK_KEY_SUFFIX.pack(blockno)
+
+
+def split_block_key(k: bytes) -> tuple[bytes, int]:
+    return k[:-9], BLOCK_KEY_SUFFIX.unpack(k[-8:])[0]
+
+
+@dataclass
+class BlockEntry:
+    atime: float
+    nbytes: int
+    present: int  # bitmap
+    sums: list[int] = field(default_factory=list)
+
+    def pack(self) -> bytes:
+        return _HDR.pack(self.atime, self.nbytes, self.present) + struct.pack(
+            f">{len(self.sums)}Q", *self.sums)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> BlockEntry:
+        atime, nbytes, present = _HDR.unpack_from(raw)
+        n = (len(raw) - _HDR.size) // 8
+        return cls(atime, nbytes, present, list(struct.unpack_from(f">{n}Q", raw, _HDR.size)))
+
+
+class Index:
+    def __init__(self, path: Path, map_size: int = 64 << 30) -> None:
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True,
+                             # data blocks are verified by checksum, and the journal is
+                             # written with explicit syncs (see sync()).
+                             sync=True, metasync=True, lock=True, max_readers=256)
+        self.blocks = self.env.open_db(b"blocks")
+        self.journal = self.env.open_db(b"journal")
+        self.ops = self.env.open_db(b"ops")
+        self.meta = self.env.open_db(b"meta")
+        self.state = self.env.open_db(b"state")
+
+    def close(self) -> None:
+        self.env.close()
+
+    # blocks ----------------------------------------------------------------------------
+    def get_block(self, ident: bytes, blockno: int) -> BlockEntry | None:
+        with self.env.begin(db=self.blocks) as txn:
+            raw = txn.get(block_key(ident, blockno))
+        return BlockEntry.unpack(raw) if raw else None
+
+    def put_block(self, ident: bytes, blockno: int, entry: BlockEntry) -> None:
+        with self.env.begin(db=self.blocks, write=True) as txn:
+            txn.put(block_key(ident, blockno), entry.pack())
+
+    def update_blocks(self, updates: dict[tuple[bytes, int], BlockEntry | None]) -> None:
+        with self.env.begin(write=True) as txn:
+            for (ident, blockno), entry in updates.items():
+                k = block_key(ident, blockno)
+                if entry is None:
+                    txn.delete(k, db=self.blocks)
+                else:
+                    txn.put(k, entry.pack(), db=self.blocks)
+
+    def iter_blocks(self) -> Iterator[tuple[bytes, int, BlockEntry]]:
+        with self.env.begin(db=self.blocks) as txn:
+            for k, v in txn.cursor():
+                ident, blockno = split_block_key(bytes(k))
+                yield ident, blockno, BlockEntry.unpack(bytes(v))
+
+    def blocks_of(self, ident: bytes) -> list[int]:
+        out = []
+        prefix = ident + b"\0"
+        with self.env.begin(db=self.blocks) as txn:
+            cur = txn.cursor()
+            if cur.set_range(prefix):
+                for k in cur.iternext(values=False):
+                    k = bytes(k)
+                    if not k.startswith(prefix) or len(k) != len(prefix) + 8:
+                        break
+                    out.append(split_block_key(k)[1])
+        return out
+
+    # ids ---------------------------------------------------------------------------------
+    def next_id(self) -> int:
+        with self.env.begin(db=self.state, write=True) as txn:
+            raw = txn.get(b"next_id")
+            n = struct.unpack(">Q", raw)[0] + 1 if raw else 1
+            txn.put(b"next_id", struct.pack(">Q", n))
+        return n
+
+    # journal / ops -----------------------------------------------------------------------
+    def _put_json(self, db: Any, ident: int, value: dict[str, Any]) -> None:
+        with self.env.begin(db=db, write=True) as txn:
+            txn.put(struct.pack(">Q", ident), json.dumps(value).encode())
+
+    def _all_json(self, db: Any) -> dict[int, dict[str, Any]]:
+        with self.env.begin(db=db) as txn:
+            return {struct.unpack(">Q", k)[0]: json.loads(bytes(v)) for k, v in txn.cursor()}
+
+    def _del(self, db: Any, ident: int) -> None:
+        with self.env.begin(db=db, write=True) as txn:
+            txn.delete(struct.pack(">Q", ident))
+
+    def put_journal(self, fid: int, value: dict[str, Any]) -> None:
+        self._put_json(self.journal, fid, value)
+
+    def del_journal(self, fid: int) -> None:
+        self._del(self.journal, fid)
+
+    def all_journal(self) -> dict[int, dict[str, Any]]:
+        return self._all_json(self.journal)
+
+    def put_op(self, oid: int, value: dict[str, Any]) -> None:
+        self._put_json(self.ops, oid, value)
+
+    def del_op(self, oid: int) -> None:
+        self._del(self.ops, oid)
+
+    def all_ops(self) -> dict[int, dict[str, Any]]:
+        return self._all_json(self.ops)
+
+    # meta --------------------------------------------------------------------------------
+    def get_meta(self, ident: bytes) -> dict[str, str] | None:
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(ident)
+        return json.loads(bytes(raw)) if raw else None
+
+    def put_meta(self, ident: bytes, meta: dict[str, str]) -> None:
+        with self.env.begin(db=self.meta, write=True) as txn:
+            txn.put(ident, json.dumps(meta).encode())
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+
+def now() -> float:
+    return time.time()

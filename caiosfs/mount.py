@@ -1,0 +1,340 @@
+"""Running a mount: checks, daemonizing, the trio main loop, signals and draining.
+
+``mount()`` validates everything it can before forking, then the daemon reports "ready"
+or one error line back through a pipe, so ``caiosfs mount`` exits only once the mount is
+live (or has failed) — which is what fstab, systemd and the CSI plugin need.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__, control
+from .cache import lock_cache_dir
+from .config import MountConfig
+from .errors import StoreError, UserError
+from .index import Index
+from .metrics import Metrics
+
+log = logging.getLogger("caiosfs")
+DRAIN_LIMIT = 600.0  # seconds a SIGTERM/unmount keeps uploading before leaving the rest
+# in the journal (it is uploaded at the next mount; nothing is dropped)
+
+
+def check_mountpoint(path: str) -> str:
+    p = os.path.abspath(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UserError(f"mountpoint {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UserError(f"mountpoint {path} is a dead FUSE mount (transport endpoint not "
+                            f"connected): run 'caiosfs umount {path}' first") from None
+        raise UserError(f"mountpoint {path}: {exc.strerror}") from None
+    import stat as _stat
+    if not _stat.S_ISDIR(st.st_mode):
+        raise UserError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(p):
+        raise UserError(f"mountpoint {path} is already mounted")
+    return p
+
+
+def describe_store_error(cfg: MountConfig, exc: StoreError) -> str:
+    b = cfg.source.bucket
+    if exc.code in ("NoSuchBucket", "404", "NotFound"):
+        return f"bucket {b!r} does not exist at {cfg.endpoint}"
+    if exc.code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return f"access to bucket {b!r} at {cfg.endpoint} denied: check the credentials"
+    if exc.code == "NoCredentials":
+        return "no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or credentials_file="
+    if exc.code in ("ConnectionError", "Timeout"):
+        return f"cannot reach the endpoint {cfg.endpoint} ({exc})"
+    return f"cannot open bucket {b!r} at {cfg.endpoint}: {exc}"
+
+
+def setup_logging(cfg: MountConfig, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    path = cfg.log_file or str(cfg.cache_dir / "caiosfs.log")
+    try:
+        fh = logging.handlers.RotatingFileHandler(path, maxBytes=20 << 20, backupCount=3)
+        os.chmod(path, 0o600)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    except OSError:
+        pass
+    if foreground:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def is_mounted(mountpoint: str) -> bool:
+    """Whether mountpoint is a mount, from mountinfo: the daemon must never stat its own
+    mountpoint (the kernel would wait for the daemon to answer)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    mp = mountpoint.replace(" ", "\\040")
+    return any(line.split()[4] == mp for line in lines)
+
+
+def set_read_ahead(mountpoint: str, kb: int) -> None:
+    """Raise the kernel readahead of the mount (read from mountinfo: stat'ing our own mount
+    here would wait on ourselves)."""
+    try:
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            parts = line.split()
+            if parts[4] == mountpoint:
+                dev = parts[2]
+                Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(str(kb))
+    except OSError as exc:
+        log.info("could not set read_ahead_kb (%s); kernel default stays", exc.strerror)
+
+
+def build_store(cfg: MountConfig) -> Any:
+    from .store.s3 import S3Store
+    return S3Store(cfg.source.bucket, cfg.endpoint, cfg.region, cfg.path_style,
+                   cfg.credentials_file, cfg.aws_profile, max_connections=cfg.parallel * 2 + 8)
+
+
+def mount(cfg: MountConfig, mountpoint: str, foreground: bool) -> int:
+    mp = check_mountpoint(mountpoint)
+    if foreground:
+        return run(cfg, mp, foreground=True, report=lambda m: print(m, file=sys.stderr))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        wfile = os.fdopen(w, "w", buffering=1)
+
+        def report(msg: str) -> None:
+            try:
+                wfile.write(msg + "\n")
+            except OSError:
+                pass
+        code = 1
+        try:
+            code = run(cfg, mp, foreground=False, report=report)
+        except UserError as exc:
+            report(f"error: {exc}")
+        except BaseException as exc:  # noqa: BLE001 - the parent prints one line
+            report(f"error: mount failed: {exc.__class__.__name__}: {exc}")
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as rfile:
+        for line in rfile:
+            line = line.rstrip("\n")
+            if line == "ready":
+                return 0
+            if line.startswith("error: "):
+                print(f"caiosfs: {line[7:]}", file=sys.stderr)
+                _reap(pid)
+                return 1
+            print(f"caiosfs: {line}", file=sys.stderr)  # progress (e.g. warm=blocking)
+    _reap(pid)
+    print(f"caiosfs: the mount daemon exited before the mount was ready; see "
+          f"{cfg.log_file or cfg.cache_dir / 'caiosfs.log'}", file=sys.stderr)
+    return 1
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], None]) -> int:
+    """Everything the daemon does. Errors before 'ready' are reported as one line."""
+    import pyfuse3
+
+    from .fs import Filesystem
+    lockfd = lock_cache_dir(cfg.cache_dir)
+    setup_logging(cfg, foreground)
+    index = Index(cfg.cache_dir / "index.lmdb")
+    store = build_store(cfg)
+    try:
+        store.check_bucket()
+    except StoreError as exc:
+        raise UserError(describe_store_error(cfg, exc)) from None
+    metrics = Metrics()
+    fs = Filesystem(cfg, store, index, metrics)
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={cfg.source}", "subtype=caiosfs", "default_permissions", "noatime"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    if cfg.ro:
+        options.add("ro")
+    try:
+        pyfuse3.init(fs, mp, options)
+    except RuntimeError as exc:
+        raise UserError(f"cannot mount on {mp}: {exc}") from None
+    log.info("caiosfs %s mounted %s on %s (cache %s)", __version__, cfg.source, mp,
+             cfg.cache_dir)
+    try:
+        trio.run(_main, fs, cfg, mp, report)
+    except BaseException:
+        log.exception("the mount loop failed")
+        raise
+    finally:
+        pyfuse3.close(unmount=is_mounted(mp))
+        control.unregister(mp)
+        index.close()
+        os.close(lockfd)
+    return 0
+
+
+async def _main(fs: Any, cfg: MountConfig, mp: str, report: Callable[[str], None]) -> None:
+    import pyfuse3
+    sock = control.socket_path(mp)
+    async with trio.open_nursery() as nursery:
+        n = await fs.start(nursery)
+        if n:
+            log.info("journal replay: %d file(s) with local changes will be uploaded", n)
+        nursery.start_soon(control.serve, sock, lambda req, prog: _control(fs, cfg, mp, req,
+                                                                            prog))
+        nursery.start_soon(_signals, fs, nursery)
+        if cfg.metrics:
+            _start_metrics(cfg.metrics, fs.metrics)
+        control.register(mp, {"pid": os.getpid(), "source": str(cfg.source), "mountpoint": mp,
+                              "cache_dir": str(cfg.cache_dir), "socket": str(sock),
+                              "metrics": cfg.metrics, "endpoint": cfg.endpoint})
+        nursery.start_soon(trio.to_thread.run_sync, set_read_ahead, mp, cfg.read_ahead_kb)
+        if cfg.warm:
+            from .warm import warm_in_mount
+            if cfg.warm == "blocking":
+                await warm_in_mount(fs, report)
+            else:
+                nursery.start_soon(warm_in_mount, fs, None)
+        report("ready")
+        await pyfuse3.main()
+        # The kernel unmounted us (fusermount -u / umount) or a signal asked us to stop:
+        # upload everything before leaving.
+        await drain(fs)
+        nursery.cancel_scope.cancel()
+
+
+async def drain(fs: Any, limit: float = DRAIN_LIMIT) -> bool:
+    start = time.monotonic()
+    last = 0.0
+
+    async def progress(p: dict[str, Any]) -> None:
+        nonlocal last
+        if time.monotonic() - last > 5:
+            last = time.monotonic()
+            log.info("draining: %d file(s), %d bytes left to upload", p["files"], p["bytes"])
+    with trio.move_on_after(limit):
+        await fs.wb.flush_all(progress)
+        log.info("drained in %.1fs", time.monotonic() - start)
+        return True
+    left = fs.wb.dirty_bytes()
+    log.error("drain stopped after %.0fs with %d bytes not uploaded; they stay in the "
+              "journal and are uploaded at the next mount of this cache_dir", limit, left)
+    return False
+
+
+async def _signals(fs: Any, nursery: trio.Nursery) -> None:
+    import pyfuse3
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            if sig == signal.SIGHUP:
+                continue
+            log.info("signal %s: draining, then unmounting", signal.Signals(sig).name)
+            await drain(fs)
+            pyfuse3.terminate()
+            return
+
+
+async def _control(fs: Any, cfg: MountConfig, mp: str, req: dict[str, Any],
+                   progress: Any) -> dict[str, Any]:
+    cmd = req.get("cmd")
+    if cmd == "status":
+        snap = fs.metrics.snapshot()
+        snap.update(source=str(cfg.source), mountpoint=mp, pid=os.getpid(),
+                    cache_dir=str(cfg.cache_dir), endpoint=cfg.endpoint, profile=cfg.profile)
+        return snap
+    if cmd == "flush":
+        await fs.wb.flush_all(progress)
+        return {"ok": True}
+    if cmd == "warm":
+        from .warm import warm_in_mount
+        return await warm_in_mount(fs, None, progress_async=progress)
+    raise ValueError(f"unknown control command {cmd!r}")
+
+
+def _start_metrics(spec: str, metrics: Metrics) -> None:
+    from prometheus_client import start_http_server
+    host, _, port = spec.rpartition(":")
+    try:
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=metrics.registry)
+    except (OSError, ValueError) as exc:
+        log.error("metrics endpoint %s not started: %s", spec, exc)
+
+
+def unmount(mountpoint: str, timeout: float, flush: bool = True,
+            progress: Callable[[str], None] | None = None) -> None:
+    """Drain a mount, unmount it, and wait for its daemon to exit."""
+    mp = os.path.abspath(mountpoint)
+    info = next((i for i in control.registered() if i.get("mountpoint") == mp), None)
+    try:
+        os.stat(mp)
+        dead = False
+    except OSError as exc:
+        dead = exc.errno == errno.ENOTCONN
+        if not dead:
+            raise UserError(f"{mountpoint}: {exc.strerror}") from None
+    if dead:
+        _fusermount(mp, lazy=True)
+        return
+    if not os.path.ismount(mp):
+        raise UserError(f"{mountpoint} is not mounted")
+    if flush and info is not None:
+        deadline = time.monotonic() + timeout
+        try:
+            for msg in control.request(mp, {"cmd": "flush"}, timeout=timeout):
+                if "progress" in msg and progress:
+                    p = msg["progress"]
+                    progress(f"uploading: {p['files']} file(s), {p['bytes'] / 2**20:.1f} MiB "
+                             "left")
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+        except (TimeoutError, OSError):
+            raise UserError(f"{mountpoint}: dirty data not uploaded within {timeout:.0f}s; "
+                            "not unmounted (data is safe in the cache journal)") from None
+    _fusermount(mp, lazy=False)
+    if info is not None:
+        end = time.monotonic() + timeout
+        while control._alive(info["pid"]) and time.monotonic() < end:
+            time.sleep(0.05)
+
+
+def _fusermount(mp: str, lazy: bool) -> None:
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mp]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        msg = msg.replace("fusermount3: ", "")
+        raise UserError(f"cannot unmount {mp}: {msg}")

@@ -1,0 +1,361 @@
+"""The namespace: inodes, directory listings and attributes, derived from ListObjectsV2.
+
+A file ``P`` is object ``PREFIX/P``; a directory is a common prefix or a ``dir/`` marker.
+Listings are cached for ``list_ttl``; misses for ``negative_ttl``. Attributes come from the
+listing (size, ETag, Last-Modified) plus the object's ``x-amz-meta-*``, which is read by
+parallel HEADs right after a listing (``metadata=head``) and remembered by ETag in LMDB.
+Local changes not yet uploaded (:mod:`.writeback`) are overlaid on what the store says.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .attrs import Attrs, from_meta
+from .config import MountConfig
+from .errors import FsError, StoreError
+from .index import Index, ident_of
+from .metrics import Metrics
+from .store import ObjectInfo
+from .store.client import StoreClient
+from .writeback import WriteBack
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+MAX_NAME = 255
+HEAD_PARALLEL = 32
+
+
+def valid_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and \
+        len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME and "\0" not in name
+
+
+@dataclass
+class Entry:
+    """What the store says about one name."""
+
+    is_dir: bool
+    size: int = 0
+    etag: str = ""
+    mtime: float = 0.0
+    meta: dict[str, str] | None = None
+    marker: bool = False  # a directory with its own `dir/` marker object
+
+
+@dataclass
+class Listing:
+    entries: dict[str, Entry]
+    at: float
+
+
+@dataclass
+class Node:
+    ino: int
+    path: str
+    entry: Entry
+    attrs: Attrs
+    validated: float = field(default_factory=time.monotonic)
+    lookups: int = 0
+    opened_etag: str | None = None  # ETag at the last open (page-cache reuse)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.entry.is_dir
+
+
+class Namespace:
+    def __init__(self, cfg: MountConfig, store: StoreClient, index: Index, metrics: Metrics,
+                 wb: WriteBack) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.index = index
+        self.metrics = metrics
+        self.wb = wb
+        self.prefix = cfg.source.prefix
+        self.bucket = cfg.source.bucket
+        self.nodes: dict[int, Node] = {}
+        self.by_path: dict[str, int] = {}
+        self._next_ino = ROOT_INO + 1
+        self.listings: dict[str, Listing] = {}
+        self.negative: dict[str, float] = {}
+        self._heads: dict[str, trio.Event] = {}
+        self._clash_logged: set[str] = set()
+        root = Entry(True, mtime=time.time())
+        self.nodes[ROOT_INO] = Node(ROOT_INO, "", root, self._attrs(root))
+        self.by_path[""] = ROOT_INO
+        self.nodes[ROOT_INO].lookups = 1
+
+    # paths and keys ----------------------------------------------------------------------
+    def key(self, path: str) -> str:
+        return self.prefix + path
+
+    def dir_key(self, path: str) -> str:
+        return self.prefix + path + "/" if path else self.prefix
+
+    @staticmethod
+    def join(parent: str, name: str) -> str:
+        return f"{parent}/{name}" if parent else name
+
+    @staticmethod
+    def parent_of(path: str) -> str:
+        return path.rpartition("/")[0]
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT, f"stale inode {ino}") from None
+
+    def _attrs(self, e: Entry) -> Attrs:
+        c = self.cfg
+        return from_meta(e.meta, is_dir=e.is_dir, default_mode=c.dir_mode if e.is_dir
+                         else c.file_mode, uid=c.uid, gid=c.gid, mtime=e.mtime,
+                         size=0 if e.is_dir else e.size)
+
+    def _node_for(self, path: str, e: Entry) -> Node:
+        ino = self.by_path.get(path)
+        attrs = self._attrs(e)
+        if ino is not None and ino in self.nodes:
+            n = self.nodes[ino]
+            if n.is_dir == e.is_dir:
+                n.entry, n.attrs, n.validated = e, attrs, time.monotonic()
+                return n
+            self.by_path.pop(path, None)  # type changed: a new inode
+        ino = self._next_ino
+        self._next_ino += 1
+        n = Node(ino, path, e, attrs)
+        self.nodes[ino] = n
+        self.by_path[path] = ino
+        return n
+
+    def overlay(self, n: Node) -> Attrs:
+        """The node's attributes with local, not-yet-uploaded changes applied."""
+        f = self.wb.files.get(n.path)
+        if f is not None and not f.deleted and not n.is_dir:
+            return f.attrs
+        return n.attrs
+
+    def forget(self, ino: int, count: int) -> None:
+        n = self.nodes.get(ino)
+        if n is None or ino == ROOT_INO:
+            return
+        n.lookups -= count
+        if n.lookups <= 0:
+            del self.nodes[ino]
+            if self.by_path.get(n.path) == ino:
+                del self.by_path[n.path]
+
+    # listing -----------------------------------------------------------------------------
+    async def list_dir(self, path: str, force: bool = False) -> dict[str, Entry]:
+        """Entries of a directory as the store has them (cached for list_ttl)."""
+        cached = self.listings.get(path)
+        if cached and not force and time.monotonic() - cached.at < self.cfg.list_ttl:
+            return cached.entries
+        pre = self.dir_key(path)
+        entries: dict[str, Entry] = {}
+        token = None
+        while True:
+            page = await self.store.list(pre, "/", token)
+            for o in page.objects:
+                name = o.key[len(pre):]
+                if name == "":
+                    continue  # the directory's own marker
+                if not valid_name(name):
+                    self._skip(o.key)
+                    continue
+                entries[name] = Entry(False, o.size, o.etag, o.mtime)
+            for p in page.prefixes:
+                name = p[len(pre):-1]
+                if not valid_name(name):
+                    self._skip(p)
+                    continue
+                if name in entries and not entries[name].is_dir:
+                    self._clash(p)
+                entries[name] = Entry(True, mtime=time.time())
+            token = page.next_token
+            if not token:
+                break
+        self._load_meta(entries, pre)
+        self.listings[path] = Listing(entries, time.monotonic())
+        if self.cfg.metadata == "head":
+            await self._head_all(pre, entries)
+        return entries
+
+    def _skip(self, key: str) -> None:
+        self.metrics.skipped_keys.inc()
+        log.debug("skipping key that cannot be a path: %r", key)
+
+    def _clash(self, key: str) -> None:
+        if key not in self._clash_logged:
+            self._clash_logged.add(key)
+            log.warning("%r is both a file and a directory in the store; showing the "
+                        "directory", key.rstrip("/"))
+
+    def _load_meta(self, entries: dict[str, Entry], pre: str) -> None:
+        for name, e in entries.items():
+            if not e.is_dir and e.meta is None:
+                e.meta = self.index.get_meta(ident_of(self.bucket, pre + name, e.etag))
+
+    async def _head_all(self, pre: str, entries: dict[str, Entry]) -> None:
+        todo = [(name, e) for name, e in entries.items() if not e.is_dir and e.meta is None]
+        if not todo:
+            return
+        limiter = trio.CapacityLimiter(HEAD_PARALLEL)
+
+        async def one(name: str, e: Entry) -> None:
+            async with limiter:
+                try:
+                    info = await self.store.head(pre + name)
+                except StoreError:
+                    return  # deleted meanwhile, or unreadable: defaults apply
+                if info.etag == e.etag:
+                    e.meta = info.metadata or {}
+                    self.index.put_meta(ident_of(self.bucket, pre + name, e.etag), e.meta)
+        async with trio.open_nursery() as n:
+            for name, e in todo:
+                n.start_soon(one, name, e)
+
+    async def readdir(self, dnode: Node) -> list[tuple[str, Node]]:
+        entries = dict(await self.list_dir(dnode.path))
+        for name, f in self.wb.children(dnode.path).items():
+            if name not in entries or not entries[name].is_dir:
+                entries[name] = Entry(False, f.size, "", f.attrs.mtime, f.attrs.to_meta())
+        out = []
+        for name in sorted(entries):
+            out.append((name, self._node_for(self.join(dnode.path, name), entries[name])))
+        return out
+
+    # lookup ------------------------------------------------------------------------------
+    async def lookup(self, parent: Node, name: str) -> Node:
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not valid_name(name):
+            raise FsError(errno.ENAMETOOLONG if len(name.encode()) > MAX_NAME else errno.ENOENT)
+        path = self.join(parent.path, name)
+        f = self.wb.files.get(path)
+        if f is not None and not f.deleted:
+            e = Entry(False, f.size, f.base_etag or "", f.attrs.mtime, f.attrs.to_meta())
+            return self._node_for(path, e)
+        if self.wb.under(path):  # only local files below it so far
+            return self._node_for(path, Entry(True, mtime=time.time()))
+        e = await self._stat(parent.path, name)
+        if e is None:
+            raise FsError(errno.ENOENT)
+        return self._node_for(path, e)
+
+    async def _stat(self, parent_path: str, name: str) -> Entry | None:
+        path = self.join(parent_path, name)
+        now = time.monotonic()
+        listing = self.listings.get(parent_path)
+        if listing and now - listing.at < self.cfg.list_ttl:
+            return listing.entries.get(name)
+        neg = self.negative.get(path)
+        if neg is not None and now - neg < self.cfg.negative_ttl:
+            return None
+        e = await self.probe(path)
+        if e is None:
+            self.negative[path] = now
+            if len(self.negative) > 100_000:
+                self.negative.clear()
+        else:
+            self.negative.pop(path, None)
+        return e
+
+    async def probe(self, path: str) -> Entry | None:
+        """Ask the store about one path: HEAD the object and list one key under ``path/``."""
+        key = self.key(path)
+        result: dict[str, object] = {}
+
+        async def head() -> None:
+            try:
+                result["head"] = await self.store.head(key)
+            except StoreError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+
+        async def lst() -> None:
+            page = await self.store.list(key + "/", None, None, 1)
+            result["dir"] = bool(page.objects or page.prefixes)
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(head)
+                n.start_soon(lst)
+        except* StoreError as eg:
+            raise eg.exceptions[0] from None
+        if result.get("dir"):
+            if "head" in result:
+                self._clash(key + "/")
+            return Entry(True, mtime=time.time())
+        info = result.get("head")
+        if isinstance(info, ObjectInfo):
+            e = Entry(False, info.size, info.etag, info.mtime, info.metadata or {})
+            self.index.put_meta(ident_of(self.bucket, key, info.etag), e.meta or {})
+            return e
+        return None
+
+    async def revalidate(self, n: Node) -> Node:
+        """Close-to-open: refresh a file's ETag/size if its TTL has expired."""
+        if time.monotonic() - n.validated < self.cfg.entry_ttl or n.path in self.wb.files:
+            return n
+        e = await self.probe(n.path)
+        if e is None:
+            raise FsError(errno.ENOENT, f"{n.path} no longer exists in the store")
+        if e.is_dir != n.is_dir:
+            raise FsError(errno.ESTALE)
+        n.entry, n.attrs, n.validated = e, self._attrs(e), time.monotonic()
+        parent = self.listings.get(self.parent_of(n.path))
+        if parent is not None and n.path.rpartition("/")[2] in parent.entries:
+            parent.entries[n.path.rpartition("/")[2]] = e
+        return n
+
+    # local changes -----------------------------------------------------------------------
+    def set_entry(self, path: str, e: Entry | None) -> None:
+        """Record a change we made in the cached listing of its parent."""
+        parent = self.listings.get(self.parent_of(path))
+        name = path.rpartition("/")[2]
+        if parent is not None:
+            if e is None:
+                parent.entries.pop(name, None)
+            else:
+                parent.entries[name] = e
+        if e is None:
+            self.negative[path] = time.monotonic()
+        else:
+            self.negative.pop(path, None)
+        ino = self.by_path.get(path)
+        if ino is not None and ino in self.nodes and e is not None:
+            n = self.nodes[ino]
+            if n.is_dir == e.is_dir:
+                n.entry, n.attrs, n.validated = e, self._attrs(e), time.monotonic()
+
+    def drop_path(self, path: str) -> None:
+        self.set_entry(path, None)
+        self.by_path.pop(path, None)
+        self.listings.pop(path, None)
+
+    def move(self, src: str, dst: str) -> None:
+        """Re-point inodes of ``src`` (and everything below it) to ``dst``."""
+        self.by_path.pop(dst, None)
+        for p in [p for p in self.by_path if p == src or p.startswith(src + "/")]:
+            ino = self.by_path.pop(p)
+            newp = dst + p[len(src):]
+            self.by_path[newp] = ino
+            if ino in self.nodes:
+                self.nodes[ino].path = newp
+        for p in [p for p in self.listings if p == src or p.startswith(src + "/")]:
+            del self.listings[p]
+
+    def meta_attrs_entry(self, path: str, attrs: Attrs, etag: str, is_dir: bool) -> Entry:
+        return Entry(is_dir, attrs.size, etag, attrs.mtime, attrs.to_meta())
+
+    def file_type(self, n: Node) -> int:
+        return stat.S_IFMT(self.overlay(n).mode)

@@ -1,0 +1,236 @@
+"""Reads: where the readahead window is decided, and how cache misses are fetched.
+
+- :class:`Readahead` (per open handle) detects sequential access and grows a window by
+  doubling up to a cap; random access keeps it at zero so only touched chunks are fetched.
+- :class:`Fetcher` (one per mount) turns missing chunks into ranged GETs of up to
+  ``max_request`` bytes, deduplicates chunks already in flight, and charges every request to
+  the global :class:`MemoryBudget` so memory never grows with file size or open files.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from .cache import BlockCache
+from .errors import FsError, PreconditionFailed, StoreError
+from .index import ident_of
+from .metrics import Metrics
+from .store.client import StoreClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ObjRef:
+    """One version of one object: what cached data is keyed by."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+
+    @property
+    def ident(self) -> bytes:
+        return ident_of(self.bucket, self.key, self.etag)
+
+
+class MemoryBudget:
+    """A byte-counting semaphore shared by every read of the mount."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.used = 0
+        self.metrics = metrics
+        self._waiters: list[tuple[int, trio.Event]] = []
+
+    async def acquire(self, n: int) -> None:
+        n = min(n, self.limit)
+        while self.used + n > self.limit:
+            ev = trio.Event()
+            self._waiters.append((n, ev))
+            await ev.wait()
+        self.used += n
+        self.metrics.memory_in_use.set(self.used)
+
+    def release(self, n: int) -> None:
+        n = min(n, self.limit)
+        self.used -= n
+        self.metrics.memory_in_use.set(self.used)
+        waiters, self._waiters = self._waiters, []
+        for _, ev in waiters:
+            ev.set()  # each re-checks; cheap at this scale
+
+
+@dataclass
+class Readahead:
+    """Sequential detection and window growth for one open handle."""
+
+    initial: int
+    maximum: int
+    window: int = 0
+    next_offset: int = 0
+    fetched_until: int = 0  # end of what this handle already asked the fetcher for
+    # Small jumps still count as sequential (the kernel reorders and splits requests).
+    slack: int = 1 << 20
+
+    def observe(self, offset: int, size: int) -> bool:
+        sequential = self.next_offset - self.slack <= offset <= self.next_offset + self.slack
+        if offset == 0 and self.next_offset == 0:
+            sequential = True
+        if sequential:
+            self.window = min(self.maximum, max(self.initial, self.window * 2))
+        else:
+            self.window = 0
+            self.fetched_until = 0
+        self.next_offset = offset + size
+        return sequential
+
+
+@dataclass
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Fetcher:
+    def __init__(self, store: StoreClient, cache: BlockCache, metrics: Metrics,
+                 budget: MemoryBudget, max_request: int) -> None:
+        self.store = store
+        self.cache = cache
+        self.metrics = metrics
+        self.budget = budget
+        self.max_chunks = max(1, max_request // cache.chunk_size)
+        self._inflight: dict[tuple[bytes, int], _Flight] = {}
+        self.nursery: trio.Nursery | None = None  # set by the filesystem's run()
+
+    def _plan(self, obj: ObjRef, first: int, last: int) -> tuple[list[tuple[int, int]],
+                                                                 list[_Flight]]:
+        """Split the missing chunks of [first, last] into requests; return new requests
+        and the flights (new and already running) that cover the range."""
+        ident = obj.ident
+        waits: list[_Flight] = []
+        todo: list[int] = []
+        for chunk in self.cache.missing(ident, first, last):
+            f = self._inflight.get((ident, chunk))
+            if f is not None:
+                if f not in waits:
+                    waits.append(f)
+            else:
+                todo.append(chunk)
+        runs: list[tuple[int, int]] = []
+        for chunk in todo:
+            if runs and runs[-1][1] == chunk - 1 and chunk - runs[-1][0] < self.max_chunks:
+                runs[-1] = (runs[-1][0], chunk)
+            else:
+                runs.append((chunk, chunk))
+        return runs, waits
+
+    def _launch(self, obj: ObjRef, runs: list[tuple[int, int]]) -> list[_Flight]:
+        assert self.nursery is not None
+        flights = []
+        for a, b in runs:
+            f = _Flight()
+            for c in range(a, b + 1):
+                self._inflight[(obj.ident, c)] = f
+            self.nursery.start_soon(self._fetch, obj, a, b, f)
+            flights.append(f)
+        return flights
+
+    async def ensure(self, obj: ObjRef, first: int, last: int) -> None:
+        """Make chunks [first, last] local (fetching what is missing) and wait for them."""
+        runs, waits = self._plan(obj, first, last)
+        waits += self._launch(obj, runs)
+        for f in waits:
+            await f.done.wait()
+            if f.error is not None:
+                raise f.error
+
+    def prefetch(self, obj: ObjRef, first: int, last: int) -> None:
+        runs, _ = self._plan(obj, first, last)
+        self._launch(obj, runs)
+
+    async def _fetch(self, obj: ObjRef, a: int, b: int, flight: _Flight) -> None:
+        cs = self.cache.chunk_size
+        start = a * cs
+        length = min((b + 1) * cs, obj.size) - start
+        ident = obj.ident
+        await self.budget.acquire(length)
+        try:
+            self.metrics.readahead_window.observe(length)
+            writer = self.cache.writer(ident, obj.size)
+            try:
+                await self.store.get_range(obj.key, start, length, obj.etag, writer)
+            finally:
+                # Whole chunks that arrived before a failure are still good.
+                self.cache.commit(ident, obj.size, writer.done)
+            self.metrics.cache_miss_bytes.inc(length)
+            if self.cache.over_limit():
+                self.cache.evict(protect={ident})
+        except PreconditionFailed as exc:
+            flight.error = FsError(errno.ESTALE, f"{obj.key} changed in the store while "
+                                   "reading")
+            flight.error.__cause__ = exc
+        except StoreError as exc:
+            flight.error = exc
+        except OSError as exc:
+            log.error("cache write failed for %s: %s", obj.key, exc.strerror)
+            flight.error = FsError(exc.errno or errno.EIO, f"cache write failed: {exc.strerror}")
+        except BaseException as exc:  # never leave waiters hanging
+            flight.error = FsError(errno.EIO, f"fetch failed: {exc!r}")
+            raise
+        finally:
+            self.budget.release(length)
+            for c in range(a, b + 1):
+                if self._inflight.get((ident, c)) is flight:
+                    del self._inflight[(ident, c)]
+            flight.done.set()
+
+
+class Reader:
+    """Serves reads of clean (store-backed) files through the block cache."""
+
+    def __init__(self, cache: BlockCache, fetcher: Fetcher, metrics: Metrics,
+                 readahead_max: int, initial_window: int = 8 << 20) -> None:
+        self.cache = cache
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.readahead_max = readahead_max
+        self.initial_window = min(initial_window, readahead_max)
+
+    def new_readahead(self) -> Readahead:
+        return Readahead(self.initial_window, self.readahead_max)
+
+    async def read(self, obj: ObjRef, ra: Readahead, offset: int, size: int) -> bytes:
+        if offset >= obj.size or size <= 0:
+            return b""
+        size = min(size, obj.size - offset)
+        end = offset + size
+        cs = self.cache.chunk_size
+        seq = ra.observe(offset, size)
+        for attempt in range(3):
+            data = self.cache.read(obj.ident, offset, size, obj.size)
+            if data is not None:
+                break
+            last = (end - 1) // cs
+            await self.fetcher.ensure(obj, offset // cs, last)
+        else:
+            raise FsError(errno.EIO, f"{obj.key}: cached data kept failing verification")
+        if seq and ra.window:
+            self._readahead(obj, ra, end)
+        return data
+
+    def _readahead(self, obj: ObjRef, ra: Readahead, end: int) -> None:
+        target = min(obj.size, end + ra.window)
+        # Top up only when half the window has been consumed: fewer, larger requests.
+        if ra.fetched_until >= target - ra.window // 2 and ra.fetched_until > end:
+            return
+        start = max(end, ra.fetched_until)
+        if start >= target:
+            return
+        cs = self.cache.chunk_size
+        self.fetcher.prefetch(obj, start // cs, (target - 1) // cs)
+        ra.fetched_until = target

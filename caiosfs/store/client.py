@@ -1,0 +1,142 @@
+"""StoreClient: the async face of an ObjectStore.
+
+Runs each blocking call in a worker thread under a CapacityLimiter (the trio loop never
+blocks), retries with exponential backoff and full jitter, and counts every request.
+
+Two kinds of patience (DESIGN.md "Object store access"):
+- ``deadline``: reads give up after ``read_timeout`` seconds in total (then EIO);
+- ``deadline=None``: dirty data is retried forever — a store that fails for minutes delays
+  the upload, never loses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from ..errors import StoreError
+from ..metrics import Metrics
+from . import ListPage, MultipartUpload, ObjectInfo, ObjectStore, PartSource, Sink
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 10.0
+
+
+class StoreClient:
+    def __init__(self, store: ObjectStore, metrics: Metrics, parallel: int = 16,
+                 read_timeout: float = 60.0) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.read_timeout = read_timeout
+        # Reads and metadata share one limiter; uploads have their own so a big write-back
+        # cannot starve `ls` and reads (and vice versa).
+        self.read_limiter = trio.CapacityLimiter(parallel)
+        self.meta_limiter = trio.CapacityLimiter(max(8, parallel))
+        self.write_limiter = trio.CapacityLimiter(max(4, parallel // 2))
+        self.stopping = False
+
+    async def _run(self, op: str, fn: Callable[..., T], *args: Any,
+                   limiter: trio.CapacityLimiter, deadline: float | None,
+                   nbytes_out: int = 0) -> T:
+        attempt = 0
+        start = time.monotonic()
+        while True:
+            t0 = time.monotonic()
+            try:
+                result = await trio.to_thread.run_sync(fn, *args, limiter=limiter,
+                                                       abandon_on_cancel=True)
+            except StoreError as exc:
+                self.metrics.s3_requests.labels(op, exc.code).inc()
+                self.metrics.s3_latency.labels(op).observe(time.monotonic() - t0)
+                if not exc.retryable:
+                    raise
+                attempt += 1
+                delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
+                elapsed = time.monotonic() - start
+                if deadline is not None and elapsed + delay > deadline:
+                    log.warning("%s gave up after %d attempts in %.1fs: %s", op, attempt,
+                                elapsed, exc)
+                    raise
+                if attempt in (1, 5) or attempt % 20 == 0:
+                    log.warning("%s failed (%s), retrying (attempt %d)", op, exc, attempt)
+                self.metrics.s3_retries.labels(op).inc()
+                await trio.sleep(delay)
+                continue
+            self.metrics.s3_requests.labels(op, "ok").inc()
+            self.metrics.s3_latency.labels(op).observe(time.monotonic() - t0)
+            if nbytes_out:
+                self.metrics.s3_bytes_out.inc(nbytes_out)
+            return result
+
+    # Metadata ------------------------------------------------------------------------
+    async def check_bucket(self) -> None:
+        await self._run("head_bucket", self.store.check_bucket, limiter=self.meta_limiter,
+                        deadline=0)
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self._run("head", self.store.head, key, limiter=self.meta_limiter,
+                               deadline=self.read_timeout)
+
+    async def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
+                   max_keys: int = 1000) -> ListPage:
+        return await self._run("list", self.store.list, prefix, delimiter, token, max_keys,
+                               limiter=self.meta_limiter, deadline=self.read_timeout)
+
+    # Data ----------------------------------------------------------------------------
+    async def get_range(self, key: str, start: int, length: int, etag: str | None,
+                        sink: Sink) -> None:
+        def counted(off: int, data: bytes) -> None:
+            self.metrics.s3_bytes_in.inc(len(data))
+            sink(off, data)
+        await self._run("get", self.store.get_range, key, start, length, etag, counted,
+                        limiter=self.read_limiter, deadline=self.read_timeout)
+
+    async def put_file(self, key: str, path: str | None, size: int, metadata: dict[str, str],
+                       if_match: str | None = None, if_none_match: bool = False,
+                       patient: bool = True) -> str:
+        return await self._run("put", self.store.put_file, key, path, size, metadata, if_match,
+                               if_none_match, limiter=self.write_limiter,
+                               deadline=None if patient else self.read_timeout,
+                               nbytes_out=size)
+
+    async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
+        return await self._run("create_multipart", self.store.create_multipart, key, metadata,
+                               limiter=self.write_limiter, deadline=None)
+
+    async def upload_part(self, key: str, upload_id: str, part: PartSource) -> str:
+        return await self._run("upload_part", self.store.upload_part, key, upload_id, part,
+                               limiter=self.write_limiter, deadline=None,
+                               nbytes_out=0 if part.copy_key else part.length)
+
+    async def complete_multipart(self, key: str, upload_id: str, etags: list[str],
+                                 if_match: str | None = None,
+                                 if_none_match: bool = False) -> str:
+        return await self._run("complete_multipart", self.store.complete_multipart, key,
+                               upload_id, etags, if_match, if_none_match,
+                               limiter=self.write_limiter, deadline=None)
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        await self._run("abort_multipart", self.store.abort_multipart, key, upload_id,
+                        limiter=self.write_limiter, deadline=self.read_timeout)
+
+    async def list_multipart(self, prefix: str) -> list[MultipartUpload]:
+        return await self._run("list_multipart", self.store.list_multipart, prefix,
+                               limiter=self.meta_limiter, deadline=self.read_timeout)
+
+    async def copy(self, src: str, dst: str, metadata: dict[str, str] | None, size: int,
+                   patient: bool = True) -> str:
+        return await self._run("copy", self.store.copy, src, dst, metadata, size,
+                               limiter=self.write_limiter,
+                               deadline=None if patient else self.read_timeout)
+
+    async def delete(self, key: str, patient: bool = True) -> None:
+        await self._run("delete", self.store.delete, key, limiter=self.write_limiter,
+                        deadline=None if patient else self.read_timeout)

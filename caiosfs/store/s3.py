@@ -1,0 +1,353 @@
+"""The boto3 implementation of :class:`ObjectStore`.
+
+Retries are *not* done here (botocore's own retries are off): :mod:`.client` owns the retry
+policy, because reads and dirty-data uploads need different patience.
+"""
+
+from __future__ import annotations
+
+import configparser
+import io
+import os
+import threading
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import boto3
+import botocore.exceptions as bexc
+from botocore.config import Config
+from botocore.credentials import CredentialProvider, Credentials
+
+from ..errors import PreconditionFailed, StoreError, UserError, is_retryable
+from . import ListPage, MultipartUpload, ObjectInfo, PartSource, Sink
+
+READ_PIECE = 1 << 20
+MAX_COPY = 5 << 30  # CopyObject limit; larger objects are copied part by part
+
+
+class FileSlice(io.RawIOBase):
+    """A read-only, seekable window [offset, offset+length) of a local file.
+
+    Lets botocore hash and send a multipart part straight from the cache file, so a 64 MiB
+    part never sits in memory whole.
+    """
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._start, self._len, self._pos = offset, length, 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._len}[whence]
+        self._pos = max(0, min(self._len, base + pos))
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._len - self._pos
+        n = left if n is None or n < 0 else min(n, left)
+        if n <= 0:
+            return b""
+        data = os.pread(self._fd, n, self._start + self._pos)
+        if len(data) != n:
+            raise OSError(f"local file shrank while uploading ({len(data)} of {n} bytes)")
+        self._pos += n
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def read_credentials_file(path: str, section: str) -> tuple[str, str, str | None]:
+    """(access key, secret key, session token) from an AWS shared-credentials INI file."""
+    parser = configparser.ConfigParser()
+    try:
+        with open(path) as fh:
+            parser.read_file(fh)
+    except (OSError, configparser.Error) as exc:
+        raise UserError(f"cannot read credentials_file {path}: {exc.__class__.__name__}") from None
+    if section not in parser:
+        raise UserError(f"credentials_file {path} has no [{section}] section")
+    sec = parser[section]
+    key, secret = sec.get("aws_access_key_id"), sec.get("aws_secret_access_key")
+    if not key or not secret:
+        raise UserError(f"credentials_file {path} [{section}] lacks aws_access_key_id or "
+                        "aws_secret_access_key")
+    return key.strip(), secret.strip(), (sec.get("aws_session_token") or None)
+
+
+class _FileCredentials(Credentials):
+    """Credentials re-read whenever the file changes (a rotated Kubernetes secret)."""
+
+    def __init__(self, path: str, section: str) -> None:
+        self._path, self._section, self._sig = path, section, None
+        self._lock = threading.Lock()
+        key, secret, token = read_credentials_file(path, section)
+        super().__init__(key, secret, token, method="caiosfs-file")
+        self._sig = self._signature()
+
+    def _signature(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino)
+
+    def get_frozen_credentials(self) -> Any:
+        sig = self._signature()
+        if sig is not None and sig != self._sig:
+            with self._lock:
+                try:
+                    self.access_key, self.secret_key, self.token = read_credentials_file(
+                        self._path, self._section)
+                    self._sig = sig
+                except UserError:
+                    pass  # half-written during rotation: keep the old keys, retry next request
+        return super().get_frozen_credentials()
+
+
+class _FileProvider(CredentialProvider):
+    METHOD = CANONICAL_NAME = "caiosfs-file"
+
+    def __init__(self, path: str, section: str) -> None:
+        self._path, self._section = path, section
+
+    def load(self) -> Credentials:
+        return _FileCredentials(self._path, self._section)
+
+
+def _etag(value: str) -> str:
+    """ETags compared as given by listings: quoted (some servers omit the quotes in copy
+    results)."""
+    return '"' + value.strip('"') + '"' if value else ""
+
+
+def _mtime(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, str):
+        return parsedate_to_datetime(value).timestamp()
+    return value.timestamp()
+
+
+def translate(exc: BaseException) -> StoreError:
+    """botocore/urllib3 exception -> StoreError (message free of secrets)."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, bexc.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code") or "Unknown")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return PreconditionFailed(str(err.get("Message", "")))
+        return StoreError(code, str(err.get("Message", "")), status,
+                          retryable=is_retryable(code, status))
+    if isinstance(exc, (bexc.ConnectTimeoutError, bexc.ReadTimeoutError)):
+        return StoreError("Timeout", type(exc).__name__, retryable=True)
+    if isinstance(exc, bexc.NoCredentialsError):
+        return StoreError("NoCredentials", "no credentials found (set AWS_ACCESS_KEY_ID/"
+                          "AWS_SECRET_ACCESS_KEY or credentials_file=)", retryable=False)
+    if isinstance(exc, (bexc.EndpointConnectionError, bexc.ConnectionError,
+                        bexc.HTTPClientError, bexc.ResponseStreamingError, ConnectionError,
+                        TimeoutError)):
+        return StoreError("ConnectionError", type(exc).__name__, retryable=True)
+    if isinstance(exc, bexc.BotoCoreError):
+        return StoreError("ClientError", type(exc).__name__, retryable=False)
+    return StoreError("ConnectionError", type(exc).__name__, retryable=True)
+
+
+class S3Store:
+    """ObjectStore over boto3: one client per mount, shared by the worker threads."""
+
+    def __init__(self, bucket: str, endpoint: str, region: str, path_style: bool,
+                 credentials_file: str | None = None, aws_profile: str | None = None,
+                 max_connections: int = 32, read_timeout: float = 30.0) -> None:
+        self.bucket = bucket
+        section = aws_profile or os.environ.get("AWS_PROFILE") or "default"
+        bsession = boto3.session.Session()
+        if credentials_file:
+            resolver = bsession._session.get_component("credential_provider")
+            resolver.insert_before("env", _FileProvider(credentials_file, section))
+        elif aws_profile:
+            bsession = boto3.session.Session(profile_name=aws_profile)
+        cfg = Config(
+            region_name=region,
+            signature_version="s3v4",
+            s3={"addressing_style": "path" if path_style else "virtual"},
+            retries={"mode": "standard", "total_max_attempts": 1},
+            connect_timeout=5,
+            read_timeout=read_timeout,
+            max_pool_connections=max_connections,
+            tcp_keepalive=True,
+            user_agent_extra="caiosfs/0.1",
+            # S3-compatible stores often reject the newer default CRC trailers.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        try:
+            self._c = bsession.client("s3", endpoint_url=endpoint, config=cfg)
+        except bexc.ProfileNotFound:
+            raise UserError(f"AWS profile {aws_profile!r} not found") from None
+
+    def _call(self, fn: Any, **kw: Any) -> Any:
+        try:
+            return fn(**kw)
+        except Exception as exc:  # translated; the original stays as __cause__
+            raise translate(exc) from exc
+
+    def check_bucket(self) -> None:
+        self._call(self._c.head_bucket, Bucket=self.bucket)
+
+    def head(self, key: str) -> ObjectInfo:
+        r = self._call(self._c.head_object, Bucket=self.bucket, Key=key)
+        return ObjectInfo(key, r["ContentLength"], _etag(r["ETag"]), _mtime(r.get("LastModified")),
+                          {k.lower(): v for k, v in r.get("Metadata", {}).items()})
+
+    def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
+             max_keys: int = 1000) -> ListPage:
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        if delimiter:
+            kw["Delimiter"] = delimiter
+        if token:
+            kw["ContinuationToken"] = token
+        r = self._call(self._c.list_objects_v2, **kw)
+        page = ListPage(
+            [ObjectInfo(o["Key"], o["Size"], _etag(o.get("ETag", "")), _mtime(o.get("LastModified")))
+             for o in r.get("Contents", [])],
+            [p["Prefix"] for p in r.get("CommonPrefixes", [])],
+            r.get("NextContinuationToken") if r.get("IsTruncated") else None,
+        )
+        return page
+
+    def get_range(self, key: str, start: int, length: int, etag: str | None,
+                  sink: Sink) -> None:
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
+                              "Range": f"bytes={start}-{start + length - 1}"}
+        if etag:
+            kw["IfMatch"] = etag
+        r = self._call(self._c.get_object, **kw)
+        body = r["Body"]
+        got = 0
+        try:
+            while got < length:
+                piece = body.read(min(READ_PIECE, length - got))
+                if not piece:
+                    break
+                sink(start + got, piece)
+                got += len(piece)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise translate(exc) from exc
+        finally:
+            body.close()
+        if got != length:
+            raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
+
+    def put_file(self, key: str, path: str | None, size: int, metadata: dict[str, str],
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata,
+                              "ContentLength": size}
+        if if_match:
+            kw["IfMatch"] = if_match
+        if if_none_match:
+            kw["IfNoneMatch"] = "*"
+        if path is None or size == 0:
+            kw["Body"] = b""
+            return _etag(self._call(self._c.put_object, **kw)["ETag"])
+        with FileSlice(path, 0, size) as body:
+            kw["Body"] = body
+            return _etag(self._call(self._c.put_object, **kw)["ETag"])
+
+    def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
+        return self._call(self._c.create_multipart_upload, Bucket=self.bucket, Key=key,
+                          Metadata=metadata)["UploadId"]
+
+    def upload_part(self, key: str, upload_id: str, part: PartSource) -> str:
+        if part.copy_key is not None:
+            src: dict[str, Any] = {"Bucket": self.bucket, "Key": part.copy_key}
+            kw: dict[str, Any] = {}
+            if part.copy_etag:
+                kw["CopySourceIfMatch"] = part.copy_etag
+            r = self._call(self._c.upload_part_copy, Bucket=self.bucket, Key=key,
+                           UploadId=upload_id, PartNumber=part.number, CopySource=src,
+                           CopySourceRange=f"bytes={part.offset}-{part.offset + part.length - 1}",
+                           **kw)
+            return r["CopyPartResult"]["ETag"]
+        assert part.path is not None
+        with FileSlice(part.path, part.offset, part.length) as body:
+            return self._call(self._c.upload_part, Bucket=self.bucket, Key=key,
+                              UploadId=upload_id, PartNumber=part.number, Body=body,
+                              ContentLength=part.length)["ETag"]
+
+    def complete_multipart(self, key: str, upload_id: str, etags: list[str],
+                           if_match: str | None = None, if_none_match: bool = False) -> str:
+        kw: dict[str, Any] = {}
+        if if_match:
+            kw["IfMatch"] = if_match
+        if if_none_match:
+            kw["IfNoneMatch"] = "*"
+        parts = [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]
+        r = self._call(self._c.complete_multipart_upload, Bucket=self.bucket, Key=key,
+                       UploadId=upload_id, MultipartUpload={"Parts": parts}, **kw)
+        return _etag(r["ETag"])
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        self._call(self._c.abort_multipart_upload, Bucket=self.bucket, Key=key,
+                   UploadId=upload_id)
+
+    def list_multipart(self, prefix: str) -> list[MultipartUpload]:
+        out: list[MultipartUpload] = []
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            r = self._call(self._c.list_multipart_uploads, **kw)
+            out += [MultipartUpload(u["Key"], u["UploadId"], _mtime(u.get("Initiated")))
+                    for u in r.get("Uploads", [])]
+            if not r.get("IsTruncated"):
+                return out
+            kw["KeyMarker"] = r.get("NextKeyMarker")
+            kw["UploadIdMarker"] = r.get("NextUploadIdMarker")
+
+    def copy(self, src: str, dst: str, metadata: dict[str, str] | None, size: int) -> str:
+        source = {"Bucket": self.bucket, "Key": src}
+        if size <= MAX_COPY:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Key": dst, "CopySource": source}
+            if metadata is not None:
+                kw.update(Metadata=metadata, MetadataDirective="REPLACE")
+            return _etag(self._call(self._c.copy_object, **kw)["CopyObjectResult"]["ETag"])
+        if metadata is None:
+            metadata = self.head(src).metadata or {}
+        part = 1 << 30
+        upload_id = self.create_multipart(dst, metadata)
+        try:
+            etags = [self.upload_part(dst, upload_id, PartSource(
+                i + 1, offset=off, length=min(part, size - off), copy_key=src))
+                for i, off in enumerate(range(0, size, part))]
+            return self.complete_multipart(dst, upload_id, etags)
+        except BaseException:
+            try:
+                self.abort_multipart(dst, upload_id)
+            except StoreError:
+                pass
+            raise
+
+    def delete(self, key: str) -> None:
+        self._call(self._c.delete_object, Bucket=self.bucket, Key=key)

@@ -1,0 +1,614 @@
+"""Write-back: dirty files on local disk, journaled in LMDB, uploaded in the background.
+
+A file with local changes is a :class:`DirtyFile`: its whole content lives in
+``<cache_dir>/dirty/<id>`` and a journal entry in LMDB names the object it belongs to.
+``write()`` is a ``pwrite`` to that file, so once it returns the data survives a killed
+daemon (the kernel owns the page cache); ``fsync=local`` adds an ``fsync``.
+
+Uploads start ``upload_delay`` seconds after the last writer closes. Large files are sent
+as multipart uploads whose full parts are sent *while* the file is still being written
+sequentially; a later write to a part already sent marks it for re-upload. Writes are
+conditional (If-Match the version we started from, If-None-Match for new files): if someone
+else changed the object meanwhile, our data goes to a ``.conflict-`` sibling and both
+versions survive. Uploads retry forever; dirty data is never dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .attrs import Attrs
+from .errors import FsError, PreconditionFailed, StoreError
+from .index import Index
+from .metrics import Metrics
+from .store import PartSource
+from .store.client import StoreClient
+
+log = logging.getLogger(__name__)
+
+MAX_PARTS = 10_000
+MIN_PART = 5 << 20
+
+
+def part_size_for(size: int, base: int) -> int:
+    """Part size for a file of ``size`` bytes: ``base``, doubled until it fits 10,000 parts."""
+    ps = max(base, MIN_PART)
+    while size > ps * MAX_PARTS:
+        ps *= 2
+    return ps
+
+
+@dataclass
+class _Stream:
+    """A multipart upload in progress; parts may be sent before the file is closed."""
+
+    upload_id: str
+    part_size: int
+    etags: dict[int, tuple[str, int]] = field(default_factory=dict)  # part no -> (etag, len)
+    sending: set[int] = field(default_factory=set)
+    part_gen: dict[int, int] = field(default_factory=dict)  # bumps on each write to a part
+
+
+@dataclass
+class DirtyFile:
+    fid: int
+    path: str  # relative to the mount root
+    key: str  # full object key
+    base_etag: str | None  # the store version our content started from (None: new)
+    attrs: Attrs
+    data_path: Path
+    fd: int
+    gen: int = 1  # bumps on every change; an upload makes `uploaded_gen` catch up
+    uploaded_gen: int = 0
+    writers: int = 0
+    handles: int = 0
+    uploading: bool = False
+    deleted: bool = False
+    stream: _Stream | None = None
+    stream_off: bool = False
+    last_write_end: int = 0
+    dirty_since: float = field(default_factory=time.time)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def clean(self) -> bool:
+        return self.uploaded_gen >= self.gen
+
+    @property
+    def size(self) -> int:
+        return self.attrs.size
+
+
+class WriteBack:
+    def __init__(self, store: StoreClient, index: Index, metrics: Metrics, cache_dir: Path,
+                 prefix: str, *, part_size: int, dirty_limit: int, upload_delay: float,
+                 fsync_local: bool, on_uploaded: Callable[[DirtyFile, str], None]) -> None:
+        self.store = store
+        self.index = index
+        self.metrics = metrics
+        self.dir = cache_dir / "dirty"
+        self.dir.mkdir(exist_ok=True, mode=0o700)
+        self.prefix = prefix
+        self.part_size = part_size
+        self.dirty_limit = dirty_limit
+        self.upload_delay = upload_delay
+        self.fsync_local = fsync_local
+        self.on_uploaded = on_uploaded
+        self.files: dict[str, DirtyFile] = {}
+        self._due: dict[int, float] = {}  # fid -> when to upload
+        self._kick = trio.Event()
+        self._progress = trio.Event()  # set whenever an upload finishes
+        self.nursery: trio.Nursery | None = None
+        self.file_limiter = trio.CapacityLimiter(8)
+        self.errors = 0
+
+    # bookkeeping -------------------------------------------------------------------------
+    def key_of(self, path: str) -> str:
+        return self.prefix + path
+
+    def dirty_bytes(self) -> int:
+        return sum(f.size for f in self.files.values() if not f.clean and not f.deleted)
+
+    def _update_gauges(self) -> None:
+        dirty = [f for f in self.files.values() if not f.clean and not f.deleted]
+        self.metrics.dirty_bytes.set(sum(f.size for f in dirty))
+        self.metrics.dirty_files.set(len(dirty))
+        self.metrics.uploads_queued.set(len(self._due))
+        oldest = min((f.dirty_since for f in dirty), default=None)
+        self.metrics.oldest_dirty_seconds.set(time.time() - oldest if oldest else 0)
+
+    def _journal(self, f: DirtyFile) -> None:
+        self.index.put_journal(f.fid, {
+            "path": f.path, "key": f.key, "base_etag": f.base_etag, "mode": f.attrs.mode,
+            "uid": f.attrs.uid, "gid": f.attrs.gid, "mtime": f.attrs.mtime,
+            "upload_id": f.stream.upload_id if f.stream else None, "deleted": f.deleted,
+        })
+
+    def children(self, dir_path: str) -> dict[str, DirtyFile]:
+        """Local files directly inside ``dir_path`` ('' is the root)."""
+        pre = dir_path + "/" if dir_path else ""
+        out = {}
+        for p, f in self.files.items():
+            if p.startswith(pre) and "/" not in p[len(pre):] and not f.deleted:
+                out[p[len(pre):]] = f
+        return out
+
+    def under(self, dir_path: str) -> list[DirtyFile]:
+        pre = dir_path + "/"
+        return [f for p, f in self.files.items() if p.startswith(pre) and not f.deleted]
+
+    # creating and opening ----------------------------------------------------------------
+    def _new(self, path: str, base_etag: str | None, attrs: Attrs) -> DirtyFile:
+        fid = self.index.next_id()
+        data_path = self.dir / str(fid)
+        try:
+            fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"cannot create cache file: {exc.strerror}")
+        f = DirtyFile(fid, path, self.key_of(path), base_etag, attrs, data_path, fd)
+        self.files[path] = f
+        return f
+
+    async def create(self, path: str, attrs: Attrs, base_etag: str | None = None) -> DirtyFile:
+        old = self.files.get(path)
+        if old is not None:
+            await self._retire(old)
+        f = self._new(path, base_etag, attrs)
+        self._journal(f)
+        self._update_gauges()
+        return f
+
+    async def open_existing(self, path: str, base_etag: str, attrs: Attrs,
+                            fill: Callable[[int], Awaitable[None]] | None) -> DirtyFile:
+        """A dirty copy of a store object. ``fill(fd)`` (run in a thread) writes the current
+        content into the new local file; None means the caller truncates it anyway."""
+        f = self._new(path, base_etag, attrs)
+        try:
+            if fill is not None and attrs.size:
+                await fill(f.fd)
+            else:
+                os.ftruncate(f.fd, 0)
+                f.attrs.size = 0
+        except BaseException:
+            os.close(f.fd)
+            f.data_path.unlink(missing_ok=True)
+            del self.files[path]
+            raise
+        f.uploaded_gen = f.gen if fill is not None else 0
+        self._journal(f)
+        self._update_gauges()
+        return f
+
+    # writing -----------------------------------------------------------------------------
+    async def write(self, f: DirtyFile, offset: int, data: bytes) -> int:
+        if self.dirty_limit and self.dirty_bytes() > self.dirty_limit:
+            await self._wait_for_room(f)
+        try:
+            n = os.pwrite(f.fd, data, offset)
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"cache disk: {exc.strerror}") from None
+        end = offset + n
+        self._touch(f, offset, end)
+        f.attrs.size = max(f.attrs.size, end)
+        self._maybe_stream(f, offset, end)
+        f.last_write_end = end
+        return n
+
+    async def _wait_for_room(self, f: DirtyFile) -> None:
+        # Back-pressure: start uploads of files nobody is writing to, and wait.
+        with trio.move_on_after(600):
+            while self.dirty_bytes() > self.dirty_limit:
+                for other in self.files.values():
+                    if not other.clean and not other.uploading and other.writers == 0:
+                        self._due[other.fid] = 0
+                if f.stream is None and f.size >= self.part_size:
+                    self._due.setdefault(f.fid, time.monotonic() + 3600)
+                self._kick.set()
+                self._progress = trio.Event()
+                with trio.move_on_after(1):
+                    await self._progress.wait()
+                # A single file larger than the limit streams its parts: let it proceed.
+                if all(o is f or o.clean for o in self.files.values()):
+                    return
+
+    def _touch(self, f: DirtyFile, start: int, end: int) -> None:
+        if f.clean:
+            f.dirty_since = time.time()
+        f.gen += 1
+        f.attrs.mtime = time.time()
+        if f.stream is not None:
+            ps = f.stream.part_size
+            for p in range(start // ps + 1, (max(end, start + 1) - 1) // ps + 2):
+                f.stream.part_gen[p] = f.stream.part_gen.get(p, 0) + 1
+                f.stream.etags.pop(p, None)
+
+    async def truncate(self, f: DirtyFile, size: int) -> None:
+        try:
+            os.ftruncate(f.fd, size)
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"cache disk: {exc.strerror}") from None
+        self._touch(f, min(size, f.attrs.size), max(size, f.attrs.size) + 1)
+        f.attrs.size = size
+
+    def _maybe_stream(self, f: DirtyFile, start: int, end: int) -> None:
+        """Send full parts of a file being written sequentially, while it is written."""
+        if f.stream_off or self.nursery is None:
+            return
+        if start != f.last_write_end and f.stream is None:
+            return  # not sequential: upload at close
+        ps = part_size_for(end, self.part_size)
+        if f.stream is None:
+            if end < 2 * ps:
+                return
+            f.stream = _Stream("", ps)
+            self.nursery.start_soon(self._start_stream, f)
+            return
+        if f.stream.upload_id == "" or ps != f.stream.part_size:
+            return
+        full = end // ps  # parts 1..full are complete if the writer moved past them
+        for p in range(1, full + 1):
+            if p not in f.stream.etags and p not in f.stream.sending and (p * ps) <= start:
+                f.stream.sending.add(p)
+                self.nursery.start_soon(self._send_part, f, f.stream, p, ps)
+
+    async def _start_stream(self, f: DirtyFile) -> None:
+        st = f.stream
+        assert st is not None
+        try:
+            st.upload_id = await self.store.create_multipart(f.key, f.attrs.to_meta())
+        except StoreError as exc:
+            log.warning("could not start a streaming upload of %s: %s", f.path, exc)
+            f.stream, f.stream_off = None, True
+            return
+        if f.stream is not st:  # retired meanwhile
+            await self._abort(f.key, st.upload_id)
+            return
+        self._journal(f)
+        self._maybe_stream(f, f.last_write_end, f.last_write_end)
+
+    async def _send_part(self, f: DirtyFile, st: _Stream, p: int, length: int) -> None:
+        gen = st.part_gen.get(p, 0)
+        try:
+            etag = await self.store.upload_part(f.key, st.upload_id, PartSource(
+                p, str(f.data_path), (p - 1) * st.part_size, length))
+        except StoreError as exc:
+            log.warning("part %d of %s failed: %s (it will be sent at close)", p, f.path, exc)
+            return
+        finally:
+            st.sending.discard(p)
+        if st.part_gen.get(p, 0) == gen and f.stream is st:
+            st.etags[p] = (etag, length)
+        self._progress.set()
+
+    # closing and syncing -----------------------------------------------------------------
+    def opened(self, f: DirtyFile, writable: bool) -> None:
+        f.handles += 1
+        if writable:
+            f.writers += 1
+            self._due.pop(f.fid, None)
+
+    def released(self, f: DirtyFile, writable: bool) -> None:
+        f.handles -= 1
+        if writable:
+            f.writers -= 1
+        if f.deleted and f.handles == 0:
+            self._forget(f)
+            return
+        if f.writers == 0 and not f.clean:
+            self.schedule(f, self.upload_delay)
+        elif f.clean and f.handles == 0:
+            self._release_clean(f)
+
+    def schedule(self, f: DirtyFile, delay: float) -> None:
+        # 0 means "now, even while a writer has it open" (fsync, flush, back-pressure).
+        due = time.monotonic() + delay if delay > 0 else 0.0
+        self._due[f.fid] = min(self._due.get(f.fid, due), due)
+        self._kick.set()
+        self._update_gauges()
+
+    async def fsync(self, f: DirtyFile) -> None:
+        if self.fsync_local:
+            await trio.to_thread.run_sync(os.fsync, f.fd)
+            return
+        await self.wait_durable(f)
+
+    async def wait_durable(self, f: DirtyFile) -> None:
+        want = f.gen
+        while f.uploaded_gen < want and not f.deleted and self.files.get(f.path) is f:
+            ev = f.changed
+            self.schedule(f, 0)
+            await ev.wait()
+
+    async def flush_all(self, progress: Callable[[dict], Awaitable[None]] | None = None
+                        ) -> None:
+        """Upload everything dirty now and wait until it is durable."""
+        while True:
+            pending = [f for f in self.files.values() if not f.clean and not f.deleted]
+            if not pending:
+                return
+            for f in pending:
+                self.schedule(f, 0)
+            if progress:
+                await progress({"files": len(pending), "bytes": sum(f.size for f in pending)})
+            self._progress = trio.Event()
+            with trio.move_on_after(1):
+                await self._progress.wait()
+
+    # uploading ---------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """The upload scheduler; lives in the filesystem's nursery."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            while True:
+                now = time.monotonic()
+                for fid, due in list(self._due.items()):
+                    f = self._by_fid(fid)
+                    if f is None or f.deleted:
+                        self._due.pop(fid, None)
+                        continue
+                    if due <= now and not f.uploading and (f.writers == 0 or due == 0):
+                        del self._due[fid]
+                        f.uploading = True
+                        nursery.start_soon(self._upload, f)
+                self._update_gauges()
+                self._kick = trio.Event()
+                wait = min((d for d in self._due.values()), default=now + 5) - now
+                with trio.move_on_after(max(0.02, min(wait, 5))):
+                    await self._kick.wait()
+
+    def _by_fid(self, fid: int) -> DirtyFile | None:
+        for f in self.files.values():
+            if f.fid == fid:
+                return f
+        return None
+
+    async def _upload(self, f: DirtyFile) -> None:
+        try:
+            async with self.file_limiter:
+                self.metrics.uploads_in_flight.inc()
+                try:
+                    await self._upload_once(f)
+                finally:
+                    self.metrics.uploads_in_flight.dec()
+        except StoreError as exc:
+            # Not retryable as such (e.g. AccessDenied): keep the data, try again later.
+            self.errors += 1
+            self.metrics.uploads_failed.inc()
+            log.error("upload of %s failed: %s; data kept locally, retrying in 30s", f.path, exc)
+            self.schedule(f, 30)
+        except OSError as exc:
+            self.errors += 1
+            self.metrics.uploads_failed.inc()
+            log.error("upload of %s failed reading the cache: %s", f.path, exc.strerror)
+            self.schedule(f, 30)
+        finally:
+            f.uploading = False
+            self._progress.set()
+            self._notify(f)
+            self._update_gauges()
+
+    @staticmethod
+    def _notify(f: DirtyFile) -> None:
+        # Waiters hold the event they saw; a fresh one is installed for the next round.
+        ev, f.changed = f.changed, trio.Event()
+        ev.set()
+
+    @staticmethod
+    async def _wait_upload(f: DirtyFile) -> None:
+        while f.uploading:
+            await f.changed.wait()
+
+    async def _upload_once(self, f: DirtyFile) -> None:
+        gen = f.gen
+        size = os.fstat(f.fd).st_size
+        f.attrs.size = size
+        meta = f.attrs.to_meta()
+        cond = {"if_match": f.base_etag, "if_none_match": f.base_etag is None}
+        try:
+            if size < 2 * MIN_PART or (size < self.part_size and f.stream is None):
+                if f.stream is not None:
+                    await self._abort(f.key, f.stream.upload_id)
+                    f.stream = None
+                etag = await self.store.put_file(f.key, str(f.data_path), size, meta, **cond)
+            else:
+                etag = await self._multipart(f, size, meta, cond)
+        except PreconditionFailed:
+            await self._conflict(f, size, meta)
+            return
+        if f.deleted or self.files.get(f.path) is not f:
+            return  # unlinked or renamed away during the upload: handled by that operation
+        f.base_etag = etag
+        f.uploaded_gen = gen
+        f.stream = None
+        self.metrics.uploads_done.inc()
+        if f.clean:
+            self.index.del_journal(f.fid)
+            self.on_uploaded(f, etag)
+            if f.handles == 0:
+                self._release_clean(f)
+        else:
+            self._journal(f)
+            if f.writers == 0:
+                self.schedule(f, self.upload_delay)
+
+    async def _multipart(self, f: DirtyFile, size: int, meta: dict[str, str],
+                         cond: dict) -> str:
+        ps = part_size_for(size, self.part_size)
+        st = f.stream
+        if st is None or not st.upload_id or st.part_size != ps:
+            if st is not None and st.upload_id:
+                await self._abort(f.key, st.upload_id)
+            st = f.stream = _Stream(await self.store.create_multipart(f.key, meta), ps)
+            self._journal(f)
+        nparts = (size + ps - 1) // ps
+        # Wait for parts already being sent, then send what is missing in parallel.
+        while st.sending:
+            self._progress = trio.Event()
+            with trio.move_on_after(0.5):
+                await self._progress.wait()
+        todo = []
+        for p in range(1, nparts + 1):
+            length = min(ps, size - (p - 1) * ps)
+            have = st.etags.get(p)
+            if have is None or have[1] != length:
+                todo.append((p, length))
+        async with trio.open_nursery() as n:
+            for p, length in todo:
+                n.start_soon(self._send_part_patient, f, st, p, length)
+        etags = [st.etags[p][0] for p in range(1, nparts + 1)]
+        try:
+            return await self.store.complete_multipart(f.key, st.upload_id, etags, **cond)
+        except PreconditionFailed:
+            await self._abort(f.key, st.upload_id)
+            f.stream = None
+            raise
+
+    async def _send_part_patient(self, f: DirtyFile, st: _Stream, p: int, length: int) -> None:
+        etag = await self.store.upload_part(f.key, st.upload_id, PartSource(
+            p, str(f.data_path), (p - 1) * st.part_size, length))
+        st.etags[p] = (etag, length)
+        self._progress.set()
+
+    async def _conflict(self, f: DirtyFile, size: int, meta: dict[str, str]) -> str:
+        """The object changed in the store since our version: keep both."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        side = f"{f.key}.conflict-{stamp}-{f.fid}"
+        self.metrics.conflicts.inc()
+        log.warning("conflict: %s changed in the store while it had local changes; the store's "
+                    "version stays, ours is saved as %s", f.key, side)
+        if size >= 2 * MIN_PART and size >= self.part_size:
+            ps = part_size_for(size, self.part_size)
+            uid = await self.store.create_multipart(side, meta)
+            etags = []
+            for i, off in enumerate(range(0, size, ps)):
+                etags.append(await self.store.upload_part(side, uid, PartSource(
+                    i + 1, str(f.data_path), off, min(ps, size - off))))
+            await self.store.complete_multipart(side, uid, etags)
+        else:
+            await self.store.put_file(side, str(f.data_path), size, meta)
+        # Our data is safe in the sibling; the path shows the store's version again.
+        f.deleted = True
+        self.index.del_journal(f.fid)
+        self.on_uploaded(f, "")
+        if f.handles == 0:
+            self._forget(f)
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            await self.store.abort_multipart(key, upload_id)
+        except StoreError as exc:
+            if exc.code != "NoSuchUpload":
+                log.warning("could not abort multipart upload of %s: %s", key, exc)
+
+    # retiring ----------------------------------------------------------------------------
+    def _release_clean(self, f: DirtyFile) -> None:
+        """Uploaded and closed: the local copy is no longer needed."""
+        if self.files.get(f.path) is f:
+            del self.files[f.path]
+        self._close(f)
+
+    def _forget(self, f: DirtyFile) -> None:
+        if self.files.get(f.path) is f:
+            del self.files[f.path]
+        self.index.del_journal(f.fid)
+        self._due.pop(f.fid, None)
+        self._close(f)
+        self._update_gauges()
+
+    def _close(self, f: DirtyFile) -> None:
+        try:
+            os.close(f.fd)
+        except OSError:
+            pass
+        f.data_path.unlink(missing_ok=True)
+
+    async def _retire(self, f: DirtyFile) -> None:
+        """Drop a dirty file whose path is being replaced or deleted."""
+        f.deleted = True
+        self._journal(f)
+        await self._wait_upload(f)  # its upload must not land after what replaces it
+        if f.stream is not None and f.stream.upload_id:
+            await self._abort(f.key, f.stream.upload_id)
+            f.stream = None
+        if self.files.get(f.path) is f:
+            del self.files[f.path]
+        self._update_gauges()
+        if f.handles == 0:
+            self._forget(f)
+        else:
+            self.index.del_journal(f.fid)
+
+    async def unlink(self, path: str) -> DirtyFile | None:
+        f = self.files.get(path)
+        if f is not None:
+            await self._retire(f)
+        return f
+
+    async def rename(self, src: str, dst: str, dst_etag: str | None) -> bool:
+        """Move a dirty file to a new path; True if there was one. The old object (if any)
+        is deleted by the caller."""
+        f = self.files.get(src)
+        if f is None:
+            return False
+        await self._wait_upload(f)
+        old = self.files.get(dst)
+        if old is not None:
+            await self._retire(old)
+        if f.stream is not None and f.stream.upload_id:
+            await self._abort(f.key, f.stream.upload_id)
+        f.stream = None
+        del self.files[src]
+        f.path, f.key, f.base_etag = dst, self.key_of(dst), dst_etag
+        f.uploaded_gen = 0  # the new key has none of it yet
+        f.gen += 1
+        self.files[dst] = f
+        self._journal(f)
+        if f.writers == 0:
+            self.schedule(f, self.upload_delay)
+        return True
+
+    # crash recovery ----------------------------------------------------------------------
+    async def replay(self) -> int:
+        """Resume what a previous run left: every journaled file is uploaded again."""
+        n = 0
+        for fid, j in self.index.all_journal().items():
+            data_path = self.dir / str(fid)
+            if j.get("upload_id"):
+                await self._abort(j["key"], j["upload_id"])
+            if j.get("deleted") or not data_path.exists() or not j["key"].startswith(
+                    self.prefix):
+                if j.get("deleted") or not data_path.exists():
+                    self.index.del_journal(fid)
+                    data_path.unlink(missing_ok=True)
+                continue
+            fd = os.open(data_path, os.O_RDWR)
+            size = os.fstat(fd).st_size
+            attrs = Attrs(j["mode"], j["uid"], j["gid"], j["mtime"], size)
+            path = j.get("path") or j["key"][len(self.prefix):]
+            f = DirtyFile(fid, path, j["key"], j["base_etag"], attrs, data_path, fd)
+            self.files[path] = f
+            self._journal(f)
+            self.schedule(f, 0)
+            n += 1
+        # Multipart uploads of journaled keys that the journal no longer names are orphans.
+        keys = {f.key for f in self.files.values()}
+        try:
+            for up in await self.store.list_multipart(self.prefix):
+                if up.key in keys and all(f.stream is None or f.stream.upload_id != up.upload_id
+                                          for f in self.files.values()):
+                    await self._abort(up.key, up.upload_id)
+        except StoreError as exc:
+            log.warning("could not list multipart uploads: %s", exc)
+        self._update_gauges()
+        return n
+
