@@ -121,3 +121,15 @@ def creds_file(seaweed: SeaweedServer, tmp_path: Path) -> Path:
             f"aws_secret_access_key = {seaweed.secret_key}\n"
         )
     return path
+
+
+@pytest.fixture
+def mounter(seaweed: SeaweedServer, s3_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    """Factory that mounts caiosfs for real (CLI subprocess); everything is unmounted after."""
+    from mounting import Mounter
+    env = {**os.environ, **s3_env}
+    m = Mounter(seaweed, env, tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()

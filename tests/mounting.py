@@ -1,0 +1,109 @@
+"""Mounting caiosfs for real in tests: the CLI in a subprocess, as a user would run it.
+
+``mounter`` (a fixture in conftest) returns a factory; every mount it makes is unmounted
+(or, if that fails, lazily detached and its daemon killed) when the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CAIOSFS = [sys.executable, "-m", "caiosfs.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(CAIOSFS + list(args), env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"caiosfs {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+    return r
+
+
+def mountinfo_has(path: str) -> bool:
+    return any(line.split()[4] == path for line in
+               Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+class Mount:
+    def __init__(self, path: Path, cache_dir: Path, source: str, options: str,
+                 env: dict[str, str]) -> None:
+        self.path, self.cache_dir, self.source, self.options, self.env = (
+            path, cache_dir, source, options, env)
+
+    def mount(self) -> None:
+        run_cli("mount", self.source, str(self.path), "-o", self.options, env=self.env,
+                check=True)
+        assert mountinfo_has(str(self.path))
+
+    @property
+    def pid(self) -> int:
+        info = json.loads(run_cli("status", str(self.path), "--json", check=True).stdout)
+        return int(info["pid"])
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(run_cli("status", str(self.path), "--json", check=True).stdout)
+
+    def flush(self, timeout: float = 120) -> None:
+        run_cli("flush", str(self.path), "-q", timeout=timeout, check=True)
+
+    def umount(self, timeout: float = 120) -> None:
+        run_cli("umount", str(self.path), "-q", timeout=timeout, check=True)
+        assert not mountinfo_has(str(self.path))
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash), and detach the dead mount."""
+        pid = self.pid
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+
+    def cleanup(self) -> None:
+        if not mountinfo_has(str(self.path)):
+            return
+        r = run_cli("umount", str(self.path), "-q", "--timeout", "60", timeout=90)
+        if r.returncode != 0 and mountinfo_has(str(self.path)):
+            try:
+                self.kill()
+            except Exception:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)],
+                               capture_output=True)
+
+
+class Mounter:
+    def __init__(self, seaweed: Any, env: dict[str, str], tmp: Path) -> None:
+        self.seaweed, self.env, self.tmp = seaweed, env, tmp
+        self.mounts: list[Mount] = []
+        self.n = 0
+
+    def __call__(self, bucket: str, prefix: str = "", options: str = "",
+                 cache_dir: Path | None = None, mount: bool = True) -> Mount:
+        self.n += 1
+        mp = self.tmp / f"mnt{self.n}"
+        mp.mkdir(exist_ok=True)
+        cache = cache_dir or self.tmp / f"cache{self.n}"
+        opts = f"endpoint={self.seaweed.endpoint},path_style,cache_dir={cache}"
+        if options:
+            opts += "," + options
+        src = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        m = Mount(mp, cache, src, opts, self.env)
+        self.mounts.append(m)
+        if mount:
+            m.mount()
+        return m
+
+    def cleanup(self) -> None:
+        for m in self.mounts:
+            m.cleanup()
