@@ -186,14 +186,7 @@ class Filesystem(pyfuse3.Operations):
 
     @handler
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        n = self.ns.node(inode)
-        if not n.is_dir and n.path not in self.wb.files and n.entry.etag:
-            try:
-                await self.ns.revalidate(n)
-            except FsError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-        return self._entry(n)
+        return self._entry(self.ns.node(inode))
 
     @handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -401,25 +394,17 @@ class Filesystem(pyfuse3.Operations):
             f = await self._dirty_copy(n, keep_content=not flags & os.O_TRUNC)
         elif f is not None and flags & os.O_TRUNC:
             await self.wb.truncate(f, 0)
-        keep = True
         obj = None
         if f is None:
-            old = n.entry.etag
-            await self.ns.revalidate(n)
-            if n.opened_etag is not None and n.opened_etag != n.entry.etag:
-                keep = False
-                self.cache.invalidate(ident_of(self.cfg.source.bucket, self.ns.key(n.path),
-                                               n.opened_etag))
-            elif old != n.entry.etag:
-                keep = False
-            n.opened_etag = n.entry.etag
+            # No revalidation here: the lookup before open did it (entry_ttl), and a new
+            # store version is a new inode, so this inode's page cache is always valid.
             obj = ObjRef(self.cfg.source.bucket, self.ns.key(n.path), n.entry.etag,
                          n.entry.size)
         fh = self._new_fh()
         self.handles[fh] = Handle(n, writable, obj, self.reader.new_readahead(), f)
         if f is not None:
             self.wb.opened(f, writable)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -64,7 +64,6 @@ class Node:
     attrs: Attrs
     validated: float = field(default_factory=time.monotonic)
     lookups: int = 0
-    opened_etag: str | None = None  # ETag at the last open (page-cache reuse)
 
     @property
     def is_dir(self) -> bool:
@@ -120,15 +119,24 @@ class Namespace:
                          else c.file_mode, uid=c.uid, gid=c.gid, mtime=e.mtime,
                          size=0 if e.is_dir else e.size)
 
-    def _node_for(self, path: str, e: Entry) -> Node:
+    def _node_for(self, path: str, e: Entry, from_store: bool = True) -> Node:
+        """The inode for ``path`` as ``e`` describes it.
+
+        A new version of a file in the store (another ETag, no local changes) gets a *new*
+        inode: the kernel keeps size and page cache per inode (and trusts its own size with
+        the writeback cache), so a new inode is how a new version becomes visible, while
+        handles still open on the old one keep reading the old version.
+        """
         ino = self.by_path.get(path)
         attrs = self._attrs(e)
         if ino is not None and ino in self.nodes:
             n = self.nodes[ino]
-            if n.is_dir == e.is_dir:
+            new_version = (from_store and not e.is_dir and bool(n.entry.etag) and bool(e.etag)
+                           and n.entry.etag != e.etag and path not in self.wb.files)
+            if n.is_dir == e.is_dir and not new_version:
                 n.entry, n.attrs, n.validated = e, attrs, time.monotonic()
                 return n
-            self.by_path.pop(path, None)  # type changed: a new inode
+            self.by_path.pop(path, None)  # type or version changed: a new inode
         ino = self._next_ino
         self._next_ino += 1
         n = Node(ino, path, e, attrs)
@@ -228,9 +236,11 @@ class Namespace:
         for name, f in self.wb.children(dnode.path).items():
             if name not in entries or not entries[name].is_dir:
                 entries[name] = Entry(False, f.size, "", f.attrs.mtime, f.attrs.to_meta())
+        local = self.wb.children(dnode.path)
         out = []
         for name in sorted(entries):
-            out.append((name, self._node_for(self.join(dnode.path, name), entries[name])))
+            out.append((name, self._node_for(self.join(dnode.path, name), entries[name],
+                                             from_store=name not in local)))
         return out
 
     # lookup ------------------------------------------------------------------------------
@@ -243,7 +253,7 @@ class Namespace:
         f = self.wb.files.get(path)
         if f is not None and not f.deleted:
             e = Entry(False, f.size, f.base_etag or "", f.attrs.mtime, f.attrs.to_meta())
-            return self._node_for(path, e)
+            return self._node_for(path, e, from_store=False)
         if self.wb.under(path):  # only local files below it so far
             return self._node_for(path, Entry(True, mtime=time.time()))
         e = await self._stat(parent.path, name)
