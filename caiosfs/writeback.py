@@ -446,9 +446,12 @@ class WriteBack:
         ps = part_size_for(size, self.part_size)
         st = f.stream
         if st is None or not st.upload_id or st.part_size != ps:
-            if st is not None and st.upload_id:
-                await self._abort(f.key, st.upload_id)
-            st = f.stream = _Stream(await self.store.create_multipart(f.key, meta), ps)
+            new_id = await self.store.create_multipart(f.key, meta)
+            # Read f.stream only now: a streaming upload may have started meanwhile.
+            old = f.stream
+            if old is not None and old.upload_id:
+                await self._abort(f.key, old.upload_id)
+            st = f.stream = _Stream(new_id, ps)
             self._journal(f)
         nparts = (size + ps - 1) // ps
         # Wait for parts already being sent, then send what is missing in parallel.

@@ -1,0 +1,368 @@
+"""Unit tests without FUSE: config, error mapping, cache, readahead, fetcher, write-back,
+retries — all against the in-memory store."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from conftest import data, xxh
+
+from caiosfs.attrs import Attrs, from_meta
+from caiosfs.cache import BlockCache, fsck, lock_cache_dir
+from caiosfs.config import build_config, parse_size, parse_source
+from caiosfs.errors import FsError, PreconditionFailed, StoreError, UserError, s3_errno
+from caiosfs.index import Index
+from caiosfs.metrics import Metrics
+from caiosfs.reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
+from caiosfs.store.client import StoreClient
+from caiosfs.store.memory import MemoryStore
+from caiosfs.writeback import WriteBack, part_size_for
+
+MiB = 1 << 20
+
+
+# config ------------------------------------------------------------------------------
+def test_source_and_options() -> None:
+    assert parse_source("s3://bkt/a/b/").prefix == "a/b/"
+    assert parse_source("s3://bkt").prefix == ""
+    for bad in ("bkt/x", "s3://", "s3://UPPER/x", "s3://bkt/a//b", "s3://bkt/../x"):
+        with pytest.raises(UserError):
+            parse_source(bad)
+    cfg = build_config("s3://bkt/p", "endpoint=caios,cache_size=2G,profile=dataset,ro")
+    assert cfg.endpoint == "https://cwobject.com" and cfg.cache_size == 2 << 30
+    assert cfg.entry_ttl == float("inf") and cfg.metadata == "list" and cfg.ro
+    assert build_config("s3://b1b", "endpoint=lota").endpoint == "http://cwlota.com"
+    assert not build_config("s3://b1b", "endpoint=caios").path_style
+    # explicit options beat the profile
+    assert build_config("s3://b1b", "profile=dataset,entry_ttl=3").entry_ttl == 3
+    for bad in ("nope=1", "cache_size=x", "profile=fast", "fsync=maybe", "ro,rw",
+                "endpoint=ftp://x", "part_size=1M", "aws_secret_access_key=s", "cache_dir"):
+        with pytest.raises(UserError):
+            build_config("s3://b1b", bad)
+    assert parse_size("1.5G") == 3 << 29 and parse_size("64M") == 64 * MiB
+
+
+def test_error_table() -> None:
+    assert s3_errno("NoSuchKey") == errno.ENOENT
+    assert s3_errno("AccessDenied") == errno.EACCES
+    assert s3_errno("WeirdNewCode") == errno.EIO
+    assert s3_errno("x", 404) == errno.ENOENT
+    assert StoreError("SlowDown", retryable=True).errno == errno.EAGAIN
+
+
+def test_attrs_roundtrip_and_bad_metadata() -> None:
+    a = Attrs(0o100640, 5, 6, 1234.0, 10)
+    b = from_meta(a.to_meta(), is_dir=False, default_mode=0o644, uid=0, gid=0, mtime=0, size=10)
+    assert (b.mode, b.uid, b.gid, int(b.mtime)) == (0o100640, 5, 6, 1234)
+    junk = from_meta({"mode": "banana", "uid": "-"}, is_dir=False, default_mode=0o600, uid=7,
+                     gid=8, mtime=99.0)
+    assert (junk.mode, junk.uid, junk.gid, junk.mtime) == (0o100600, 7, 8, 99.0)
+    # a directory mode on a file object is ignored
+    assert from_meta({"mode": str(0o40755)}, is_dir=False, default_mode=0o644, uid=0, gid=0,
+                     mtime=0).mode == 0o100644
+
+
+# cache -------------------------------------------------------------------------------
+def _cache(tmp: Path, size: int = 1 << 30, block: int = 4 * MiB) -> BlockCache:
+    tmp.mkdir(exist_ok=True)
+    return BlockCache(tmp, Index(tmp / "index.lmdb"), Metrics(), size, block)
+
+
+def _fill(cache: BlockCache, ident: bytes, body: bytes, start: int, length: int) -> None:
+    w = cache.writer(ident, len(body))
+    for off in range(start, start + length, 300_000):
+        w(off, body[off:min(off + 300_000, start + length)])
+    cache.commit(ident, len(body), w.done)
+
+
+def test_cache_roundtrip_corruption_and_eviction(tmp_path: Path) -> None:
+    c = _cache(tmp_path / "c", size=10 * MiB)
+    body = data(9 * MiB + 5, "c")
+    ident = b"b\0k\0etag1"
+    assert c.read(ident, 0, 10, len(body)) is None
+    _fill(c, ident, body, 0, len(body))
+    assert c.read(ident, 123, 5 * MiB, len(body)) == body[123:123 + 5 * MiB]
+    assert c.used == len(body)
+    # corrupt chunk 5 on disk: the read must not return wrong bytes
+    c.index.close()
+    c2 = _cache(tmp_path / "c", size=10 * MiB)  # fresh: nothing verified in memory
+    path = c2.block_path(ident, 1)
+    with open(path, "r+b") as fh:
+        fh.seek(MiB + 10)
+        fh.write(b"\xff\xfe")
+    assert c2.read(ident, 5 * MiB, MiB, len(body)) is None
+    assert c2.metrics.value("caiosfs_cache_checksum_failures_total") == 1
+    assert c2.missing(ident, 0, 9) == [5]
+    # eviction keeps the cache under its limit and drops the oldest object first
+    other = b"b\0k2\0e"
+    body2 = data(4 * MiB, "o")
+    time.sleep(0.01)
+    _fill(c2, other, body2, 0, len(body2))
+    assert c2.over_limit()
+    c2.evict()
+    assert c2.used <= 9 * MiB
+    assert c2.read(other, 0, 10, len(body2)) == body2[:10]
+    c2.index.close()
+
+
+def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
+    c = _cache(tmp_path / "f")
+    body = data(3 * MiB, "f")
+    ident = b"b\0k\0e"
+    _fill(c, ident, body, 0, len(body))
+    with open(c.block_path(ident, 0), "r+b") as fh:
+        fh.write(b"XX")
+    (c.blocks_dir / "zz").mkdir()
+    (c.blocks_dir / "zz" / "orphan.0").write_bytes(b"x")
+    c.index.close()
+    s = fsck(tmp_path / "f", repair=True)
+    assert s["chunks_bad"] == 1 and s["chunks_ok"] == 2 and s["orphan_files"] == 1
+    s = fsck(tmp_path / "f", repair=False)
+    assert s["chunks_bad"] == 0 and s["orphan_files"] == 0
+
+
+def test_cache_dir_lock_refuses_second_user(tmp_path: Path) -> None:
+    fd = lock_cache_dir(tmp_path / "l")
+    assert (tmp_path / "l").stat().st_mode & 0o777 == 0o700
+    with pytest.raises(UserError, match="in use"):
+        lock_cache_dir(tmp_path / "l")
+    os.close(fd)
+    os.close(lock_cache_dir(tmp_path / "l"))
+
+
+# readahead and fetching ---------------------------------------------------------------
+def test_readahead_window_doubles_and_resets() -> None:
+    ra = Readahead(initial=1 * MiB, maximum=8 * MiB)
+    windows = []
+    off = 0
+    for _ in range(6):
+        assert ra.observe(off, 128 * 1024)
+        windows.append(ra.window)
+        off += 128 * 1024
+    assert windows == [MiB, 2 * MiB, 4 * MiB, 8 * MiB, 8 * MiB, 8 * MiB]
+    assert not ra.observe(500 * MiB, 4096)
+    assert ra.window == 0
+
+
+def _reader(tmp: Path, store: MemoryStore, memory: int = 64 * MiB
+            ) -> tuple[Reader, Fetcher, MemoryBudget]:
+    m = Metrics()
+    cache = _cache(tmp)
+    client = StoreClient(store, m, parallel=4, read_timeout=5)
+    budget = MemoryBudget(memory, m)
+    fetcher = Fetcher(client, cache, m, budget, max_request=16 * MiB)
+    return Reader(cache, fetcher, m, readahead_max=64 * MiB), fetcher, budget
+
+
+async def test_sequential_read_through_reader(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    body = data(40 * MiB + 77, "seq")
+    etag = store.put_bytes("k", body)
+    reader, fetcher, budget = _reader(tmp_path / "r", store)
+    obj = ObjRef("b", "k", etag, len(body))
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        ra = reader.new_readahead()
+        out = bytearray()
+        while len(out) < len(body):
+            out += await reader.read(obj, ra, len(out), 128 * 1024)
+        n.cancel_scope.cancel()
+    assert xxh(out) == xxh(body)
+    # requests were large (readahead), not one per 128 KiB read
+    assert store.calls["get"] <= 10
+    assert budget.used == 0
+
+
+async def test_random_reads_fetch_only_what_they_touch(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    body = data(64 * MiB, "rnd")
+    etag = store.put_bytes("k", body)
+    reader, fetcher, _ = _reader(tmp_path / "r", store)
+    obj = ObjRef("b", "k", etag, len(body))
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        ra = reader.new_readahead()
+        for off in (50 * MiB + 3, 7 * MiB, 33 * MiB + 999_999):
+            assert await reader.read(obj, ra, off, 4096) == body[off:off + 4096]
+        n.cancel_scope.cancel()
+    assert reader.metrics.value("caiosfs_s3_bytes_in_total") <= 4 * MiB
+
+
+async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    peak = 0
+    reader, fetcher, budget = _reader(tmp_path / "r", store, memory=32 * MiB)
+    orig = store.get_range
+
+    def spy(*a: object) -> None:
+        nonlocal peak
+        peak = max(peak, budget.used)
+        orig(*a)  # type: ignore[arg-type]
+    store.get_range = spy  # type: ignore[method-assign]
+    objs = []
+    for i in range(6):
+        body = data(24 * MiB, f"m{i}")
+        objs.append((ObjRef("b", f"k{i}", store.put_bytes(f"k{i}", body), len(body)), body))
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+
+        async def readall(obj: ObjRef, body: bytes) -> None:
+            ra = reader.new_readahead()
+            got = bytearray()
+            while len(got) < obj.size:
+                got += await reader.read(obj, ra, len(got), MiB)
+            assert xxh(got) == xxh(body)
+        async with trio.open_nursery() as inner:
+            for obj, body in objs:
+                inner.start_soon(readall, obj, body)
+        n.cancel_scope.cancel()
+    assert 0 < peak <= 32 * MiB
+
+
+async def test_changed_object_is_never_served_stale(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    old = store.put_bytes("k", b"A" * MiB)
+    reader, fetcher, _ = _reader(tmp_path / "r", store)
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        assert await reader.read(ObjRef("b", "k", old, MiB), reader.new_readahead(), 0,
+                                 10) == b"A" * 10
+        new = store.put_bytes("k", b"B" * MiB)
+        assert await reader.read(ObjRef("b", "k", new, MiB), reader.new_readahead(), 0,
+                                 10) == b"B" * 10
+        n.cancel_scope.cancel()
+    # reading the old version, now gone from the store, fails: it never returns B
+    reader2, fetcher2, _ = _reader(tmp_path / "r2", store)
+    async with trio.open_nursery() as n:
+        fetcher2.nursery = n
+        with pytest.raises(FsError) as ei:
+            await reader2.read(ObjRef("b", "k", old, MiB), reader2.new_readahead(), 0, 10)
+        assert ei.value.errno == errno.ESTALE
+        n.cancel_scope.cancel()
+
+
+# retries -------------------------------------------------------------------------------
+async def test_reads_retry_then_give_up_in_bounded_time() -> None:
+    store = MemoryStore("b")
+    store.put_bytes("k", b"x" * 10)
+    client = StoreClient(store, Metrics(), read_timeout=5)
+    store.inject("head", StoreError("SlowDown", retryable=True, status=503), times=3)
+    assert (await client.head("k")).size == 10
+    assert client.metrics.value("caiosfs_s3_retries_total", op="head") == 3
+    store.inject("head", StoreError("InternalError", retryable=True, status=500), times=10_000)
+    t0 = trio.current_time()
+    with pytest.raises(StoreError):
+        await client.head("k")
+    assert trio.current_time() - t0 <= 5
+    store._faults.clear()
+    store.inject("head", StoreError("AccessDenied", status=403), times=1)
+    with pytest.raises(StoreError) as ei:
+        await client.head("k")
+    assert ei.value.errno == errno.EACCES
+
+
+# write-back ----------------------------------------------------------------------------
+def _wb(tmp: Path, store: MemoryStore, **kw: object) -> WriteBack:
+    tmp.mkdir(exist_ok=True)
+    m = Metrics()
+    args: dict = dict(part_size=5 * MiB, dirty_limit=1 << 30, upload_delay=0.05,
+                      fsync_local=False, on_uploaded=lambda f, e: None)
+    args.update(kw)
+    return WriteBack(StoreClient(store, m, read_timeout=5), Index(tmp / "index.lmdb"), m, tmp,
+                     "pre/", **args)
+
+
+async def test_writeback_uploads_small_and_multipart(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store)
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        small = await wb.create("a.txt", Attrs(0o100600, 1, 2, 1000.0))
+        wb.opened(small, True)
+        await wb.write(small, 0, b"hello")
+        wb.released(small, True)
+        big = await wb.create("d/big.bin", Attrs(0o100644, 0, 0, 1000.0))
+        wb.opened(big, True)
+        body = data(23 * MiB + 11, "big")
+        for off in range(0, len(body), MiB):
+            await wb.write(big, off, body[off:off + MiB])
+        await wb.fsync(big)  # durable in the store before returning
+        assert store.objects["pre/d/big.bin"].data == body
+        wb.released(big, True)
+        await wb.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/a.txt"].data == b"hello"
+    assert store.objects["pre/a.txt"].metadata["mode"] == str(0o100600)
+    assert store.calls["upload_part"] >= 5 and not store.uploads
+    assert wb.index.all_journal() == {}
+
+
+async def test_writeback_keeps_both_versions_on_conflict(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    base = store.put_bytes("pre/c.txt", b"original")
+    wb = _wb(tmp_path / "w", store)
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await wb.create("c.txt", Attrs(0o100644, 0, 0, 1.0), base_etag=base)
+        wb.opened(f, True)
+        await wb.write(f, 0, b"ours")
+        store.put_bytes("pre/c.txt", b"theirs")  # someone else writes meanwhile
+        wb.released(f, True)
+        await wb.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/c.txt"].data == b"theirs"
+    sides = [k for k in store.objects if k.startswith("pre/c.txt.conflict-")]
+    assert len(sides) == 1 and store.objects[sides[0]].data == b"ours"
+    assert wb.metrics.value("caiosfs_conflicts_total") == 1
+
+
+async def test_uploads_survive_a_failing_store(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store)
+    store.inject("put", StoreError("ServiceUnavailable", status=503, retryable=True), times=8)
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await wb.create("x", Attrs(0o100644, 0, 0, 1.0))
+        wb.opened(f, True)
+        await wb.write(f, 0, b"precious")
+        wb.released(f, True)
+        with trio.fail_after(60):
+            await wb.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/x"].data == b"precious"
+
+
+async def test_journal_replay_uploads_after_crash(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store, upload_delay=3600)
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await wb.create("r.bin", Attrs(0o100644, 0, 0, 1.0))
+        wb.opened(f, True)
+        await wb.write(f, 0, b"journaled" * 1000)
+        n.cancel_scope.cancel()  # "crash": never released, never uploaded
+    wb.index.close()
+    assert "pre/r.bin" not in store.objects
+    wb2 = _wb(tmp_path / "w", store)
+    async with trio.open_nursery() as n:
+        await n.start(wb2.run)
+        assert await wb2.replay() == 1
+        await wb2.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/r.bin"].data == b"journaled" * 1000
+
+
+def test_part_size_grows_for_huge_files() -> None:
+    assert part_size_for(10 << 30, 64 * MiB) == 64 * MiB
+    ps = part_size_for(1 << 40, 64 * MiB)
+    assert (1 << 40) / ps <= 10_000
+
+
+def test_precondition_failed_is_not_retryable() -> None:
+    assert not PreconditionFailed("x").retryable
