@@ -300,6 +300,9 @@ def test_mount_survives_plugin_restart(store: Any, bucket: str, secrets: dict,
         node.NodePublishVolume(req)  # the restarted plugin recognises its mount
         assert _mounts_under(workdir) == [target]
         _unpublish(node, target)
+    except grpc.RpcError as e:
+        log = (workdir / "plugin.log").read_text()[-3000:]
+        raise AssertionError(f"{e.code()}: {e.details()}\nplugin log:\n{log}") from None
     finally:
         ch.close()
         proc.kill()
