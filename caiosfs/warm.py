@@ -1,0 +1,220 @@
+"""Pre-warming: fill the block cache with a whole prefix before a job needs it.
+
+Objects are fetched with the same Fetcher the mount uses (parallel ranged GETs of up to
+``max_request``, within the memory budget); chunks already cached and valid are skipped, so
+a warm that was interrupted resumes where it stopped. ``--shard I/N`` takes the objects
+whose key hashes to I modulo N, so N nodes warm one prefix together without coordinating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+import xxhash
+
+from . import control
+from .errors import StoreError, UserError
+from .reader import ObjRef
+from .store import ObjectInfo
+
+OBJECTS_IN_PARALLEL = 8
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"bad --shard {text!r}: expected I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"bad --shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def in_shard(key: str, shard: tuple[int, int]) -> bool:
+    return xxhash.xxh64_intdigest(key.encode()) % shard[1] == shard[0]
+
+
+class Progress:
+    """Bytes, rate and ETA on stderr: one updating line on a terminal, else every 5 s."""
+
+    def __init__(self, total: int, nobjects: int, quiet: bool = False) -> None:
+        self.total, self.nobjects, self.quiet = total, nobjects, quiet
+        self.done = 0
+        self.objects_done = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def line(self) -> str:
+        el = max(time.monotonic() - self.start, 1e-6)
+        rate = self.done / el
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100 * self.done / self.total if self.total else 100.0
+        eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"
+        return (f"warm: {self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB ({pct:.0f}%), "
+                f"{self.objects_done}/{self.nobjects} objects, {rate / 2**20:,.0f} MiB/s, "
+                f"ETA {eta_s}")
+
+    def update(self, nbytes: int, objects: int = 0) -> None:
+        self.done += nbytes
+        self.objects_done += objects
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if self.tty and now - self._last > 0.2:
+            print("\r" + self.line(), end="", file=sys.stderr, flush=True)
+            self._last = now
+        elif not self.tty and now - self._last > 5:
+            print(self.line(), file=sys.stderr, flush=True)
+            self._last = now
+
+    def finish(self) -> None:
+        if not self.quiet:
+            print(("\r" if self.tty else "") + self.line(), file=sys.stderr, flush=True)
+
+
+async def list_objects(client: Any, prefix: str, shard: tuple[int, int]) -> list[ObjectInfo]:
+    out: list[ObjectInfo] = []
+    token = None
+    while True:
+        page = await client.list(prefix, None, token)
+        out += [o for o in page.objects if not o.key.endswith("/") and in_shard(o.key, shard)]
+        token = page.next_token
+        if not token:
+            return out
+
+
+async def warm_objects(fetcher: Any, cache: Any, bucket: str, objects: list[ObjectInfo],
+                       progress: Progress,
+                       tick: Callable[[], Awaitable[None]] | None = None) -> dict[str, int]:
+    """Make every object local. Returns counts; one failing object does not stop the rest."""
+    cs = cache.chunk_size
+    stats = {"objects": len(objects), "bytes": sum(o.size for o in objects), "fetched": 0,
+             "failed": 0}
+    limiter = trio.CapacityLimiter(OBJECTS_IN_PARALLEL)
+
+    async def one(o: ObjectInfo) -> None:
+        async with limiter:
+            if o.size == 0:
+                progress.update(0, 1)
+                return
+            obj = ObjRef(bucket, o.key, o.etag, o.size)
+            last = (o.size - 1) // cs
+            missing = len(cache.missing(obj.ident, 0, last))
+            try:
+                # In slices, so progress moves and the budget is shared fairly.
+                step = max(1, fetcher.max_chunks * 4)
+                for a in range(0, last + 1, step):
+                    b = min(last, a + step - 1)
+                    await fetcher.ensure(obj, a, b)
+                    progress.update(min(o.size, (b + 1) * cs) - a * cs)
+                progress.update(0, 1)
+                stats["fetched"] += missing * cs
+            except (StoreError, OSError) as exc:
+                stats["failed"] += 1
+                print(f"\ncaiosfs: warm: {o.key}: {exc}", file=sys.stderr)
+            if tick is not None:
+                await tick()
+
+    async with trio.open_nursery() as n:
+        for o in objects:
+            n.start_soon(one, o)
+    stats["fetched"] = min(stats["fetched"], stats["bytes"])
+    return stats
+
+
+async def warm_in_mount(fs: Any, report: Callable[[str], None] | None,
+                        progress_async: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+                        shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Warm the whole mounted prefix using the mount's own cache (warm= option, control)."""
+    objects = await list_objects(fs.client, fs.cfg.source.prefix, shard)
+    prog = Progress(sum(o.size for o in objects), len(objects), quiet=True)
+    last = 0.0
+
+    async def tick() -> None:
+        nonlocal last
+        if time.monotonic() - last > 2:
+            last = time.monotonic()
+            if report is not None:
+                report(prog.line())
+            if progress_async is not None:
+                await progress_async({"line": prog.line(), "done": prog.done,
+                                      "total": prog.total})
+    stats = await warm_objects(fs.fetcher, fs.cache, fs.cfg.source.bucket, objects, prog, tick)
+    if report is not None:
+        report(prog.line())
+    return stats
+
+
+def warm_command(a: argparse.Namespace) -> int:
+    from .config import build_config
+    opts = ",".join(a.o or [])
+    opts = (opts + "," if opts else "") + f"cache_dir={a.cache_dir}"
+    cfg = build_config(a.source, opts)
+    shard = parse_shard(a.shard)
+    # A mount that owns this cache directory does the work itself.
+    for m in control.registered():
+        if os.path.abspath(m.get("cache_dir", "")) == str(cfg.cache_dir):
+            if not m["source"].startswith(str(cfg.source).rstrip("/")):
+                raise UserError(f"{cfg.cache_dir} is used by the mount of {m['source']}")
+            for msg in control.request(m["mountpoint"], {"cmd": "warm"}):
+                if "progress" in msg and not a.quiet:
+                    print(msg["progress"].get("line", ""), file=sys.stderr)
+                elif "result" in msg:
+                    res = msg["result"]
+                    if "error" in res:
+                        raise UserError(res["error"])
+                    return 1 if res.get("failed") else 0
+            return 1
+    return trio.run(_warm_standalone, cfg, shard, a.quiet)
+
+
+async def _warm_standalone(cfg: Any, shard: tuple[int, int], quiet: bool) -> int:
+    from .cache import BlockCache, lock_cache_dir
+    from .index import Index
+    from .metrics import Metrics
+    from .mount import build_store, describe_store_error
+    from .reader import Fetcher, MemoryBudget
+    from .store.client import StoreClient
+    lockfd = lock_cache_dir(cfg.cache_dir)
+    index = Index(cfg.cache_dir / "index.lmdb")
+    try:
+        store = build_store(cfg)
+        metrics = Metrics()
+        client = StoreClient(store, metrics, cfg.parallel, cfg.read_timeout)
+        try:
+            await client.check_bucket()
+            objects = await list_objects(client, cfg.source.prefix, shard)
+        except StoreError as exc:
+            raise UserError(describe_store_error(cfg, exc)) from None
+        cache = BlockCache(cfg.cache_dir, index, metrics, cfg.cache_size, cfg.block_size,
+                           cfg.chunk_size)
+        total = sum(o.size for o in objects)
+        if total > cfg.cache_size:
+            print(f"caiosfs: warning: the shard holds {total / 2**30:.1f} GiB but cache_size is "
+                  f"{cfg.cache_size / 2**30:.1f} GiB; older blocks will be evicted",
+                  file=sys.stderr)
+        fetcher = Fetcher(client, cache, metrics, MemoryBudget(cfg.memory_limit, metrics),
+                          cfg.max_request)
+        prog = Progress(total, len(objects), quiet)
+        async with trio.open_nursery() as n:
+            fetcher.nursery = n
+            stats = await warm_objects(fetcher, cache, cfg.source.bucket, objects, prog)
+            n.cancel_scope.cancel()
+        cache.flush_atimes()
+        prog.finish()
+        if not quiet:
+            print(f"caiosfs: warm done: {stats['objects']} objects, "
+                  f"{stats['bytes'] / 2**20:,.1f} MiB in the cache, "
+                  f"{metrics.value('caiosfs_s3_bytes_in_total') / 2**20:,.1f} MiB downloaded, "
+                  f"{stats['failed']} failed", file=sys.stderr)
+        return 1 if stats["failed"] else 0
+    finally:
+        index.close()
+        os.close(lockfd)
