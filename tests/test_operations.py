@@ -124,3 +124,15 @@ def test_warm_blocking_mount_is_ready_with_data(s3: Any, bucket: str, mounter: A
     gets = st["s3_get_requests"]
     assert xxh((m.path / "big.bin").read_bytes()) == xxh(body)
     assert m.status()["s3_get_requests"] == gets
+
+
+def test_grafana_dashboard_uses_only_real_metrics() -> None:
+    import re
+
+    from caiosfs.metrics import Metrics
+    dash = json.loads((Path(__file__).parent.parent / "docs/grafana-dashboard.json").read_text())
+    families = [mf.name for mf in Metrics().registry.collect()]
+    known = {f + suffix for f in families for suffix in ("", "_total", "_bucket")}
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"caiosfs_[a-z0-9_]+", e)}
+    assert len(used) > 15 and used <= known, used - known
