@@ -109,7 +109,7 @@ def supervise(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    backoff = 1.0
+    backoff = 0.5
     while True:
         started = time.monotonic()
         child = subprocess.Popen(child_argv, env=env)
@@ -126,9 +126,11 @@ def supervise(argv: list[str]) -> int:
         if stopping:
             return 0
         # Back off on a crash loop, reset after a healthy run.
-        backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
-        log.error("server exited with %s; restarting in %.0fs", child.returncode, backoff)
+        if time.monotonic() - started > 60:
+            backoff = 0.5
+        log.error("server exited with %s; restarting in %.1fs", child.returncode, backoff)
         time.sleep(backoff)
+        backoff = min(backoff * 2, 30.0)
 
 
 def main(argv: list[str] | None = None) -> int:

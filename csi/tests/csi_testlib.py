@@ -13,6 +13,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,22 @@ def start_plugin(plugin: Plugin, mounter: Mounter) -> Plugin:
     plugin.server, plugin.service, plugin.channel, plugin.mounter = server, service, channel, mounter
     plugin.identity = csi_pb2_grpc.IdentityStub(channel)
     plugin.node = csi_pb2_grpc.NodeStub(channel)
+    wait_serving(plugin.identity)
     return plugin
+
+
+def wait_serving(identity, timeout: float = 30.0) -> None:
+    """Call Probe until the server answers: a channel can report READY while a server that
+    is going away still resets the first stream, and a CO retries such calls the same way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            identity.Probe(csi_pb2.ProbeRequest(), timeout=5)
+            return
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def stop_plugin(plugin: Plugin) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from csi_testlib import CSI_DIR, csi_pb2, csi_pb2_grpc, publish_request
+from csi_testlib import CSI_DIR, csi_pb2, csi_pb2_grpc, publish_request, wait_serving
 
 FAKE_FUSE = Path(__file__).resolve().parent / "fake_caiosfs_fuse.py"
 
@@ -69,6 +69,7 @@ class Proc:
         grpc.channel_ready_future(self.channel).result(timeout=30)
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
+        wait_serving(self.identity)
 
     def daemons(self) -> list[int]:
         path = self.tmp / "daemons"
@@ -148,8 +149,10 @@ def test_supervisor_restarts_server_and_keeps_mounts(proc: Proc, tmp_path: Path)
                               text=True, check=False).stdout.split()
     assert len(children) == 1, children
     os.kill(int(children[0]), signal.SIGKILL)  # the gRPC server dies, the container would not
-    time.sleep(1.5)  # the supervisor backs off 1-2 s before restarting
-    proc.connect()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{children[0]}") and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the supervisor has reaped it
+    proc.connect()  # waits until the restarted server answers
     assert proc.identity.Probe(csi_pb2.ProbeRequest()).ready.value
     assert "fake caiosfs" in _hello(target)
     proc.node.NodePublishVolume(publish_request(target))

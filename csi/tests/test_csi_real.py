@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from csi_testlib import CSI_DIR, csi_pb2, csi_pb2_grpc, mount_cap, publish_request
+from csi_testlib import CSI_DIR, csi_pb2, csi_pb2_grpc, mount_cap, publish_request, wait_serving
 
 assert CSI_DIR  # csi_testlib put csi/ on sys.path
 
@@ -284,6 +284,7 @@ def test_mount_survives_plugin_restart(store: Any, bucket: str, secrets: dict,
                 env=env, stdout=subprocess.DEVNULL, stderr=log)
         ch = grpc.insecure_channel(endpoint)
         grpc.channel_ready_future(ch).result(timeout=30)
+        wait_serving(csi_pb2_grpc.IdentityStub(ch))
         return proc, ch, csi_pb2_grpc.NodeStub(ch)
 
     target = _target(workdir)
