@@ -19,9 +19,10 @@ from .cache import BlockCache
 from .errors import FsError, PreconditionFailed, StoreError
 from .index import ident_of
 from .metrics import Metrics
-from .store.client import StoreClient
+from .store.client import GaveUp, StoreClient
 
 log = logging.getLogger(__name__)
+FAILURE_MEMORY = 0.5  # seconds a chunk whose fetch gave up fails at once (see Fetcher)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Readahead:
     window: int = 0
     next_offset: int = 0
     fetched_until: int = 0  # end of what this handle already asked the fetcher for
+    advised_until: int = 0  # end of the cached range the kernel was asked to read ahead
     # Small jumps still count as sequential (the kernel reorders and splits requests).
     slack: int = 1 << 20
 
@@ -86,6 +88,7 @@ class Readahead:
         else:
             self.window = 0
             self.fetched_until = 0
+            self.advised_until = 0
         self.next_offset = offset + size
         return sequential
 
@@ -105,6 +108,10 @@ class Fetcher:
         self.budget = budget
         self.max_chunks = max(1, max_request // cache.chunk_size)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
+        # Chunks whose fetch just failed: (ident, chunk) -> (monotonic time, error). When an
+        # async readahead fails, the kernel at once retries the page with a synchronous read;
+        # without this memory that read would wait out a whole second read_timeout.
+        self._failed: dict[tuple[bytes, int], tuple[float, BaseException]] = {}
         self.nursery: trio.Nursery | None = None  # set by the filesystem's run()
 
     def _plan(self, obj: ObjRef, first: int, last: int) -> tuple[list[tuple[int, int]],
@@ -142,6 +149,15 @@ class Fetcher:
 
     async def ensure(self, obj: ObjRef, first: int, last: int) -> None:
         """Make chunks [first, last] local (fetching what is missing) and wait for them."""
+        if self._failed:
+            now = trio.current_time()
+            for k, (t, _) in list(self._failed.items()):
+                if now - t > FAILURE_MEMORY:
+                    del self._failed[k]
+            for c in range(first, last + 1):
+                hit = self._failed.get((obj.ident, c))
+                if hit is not None:
+                    raise hit[1]
         runs, waits = self._plan(obj, first, last)
         waits += self._launch(obj, runs)
         for f in waits:
@@ -176,6 +192,10 @@ class Fetcher:
             flight.error.__cause__ = exc
         except StoreError as exc:
             flight.error = exc
+            if isinstance(exc, GaveUp) and len(self._failed) < 100_000:
+                t = trio.current_time()
+                for c in range(a, b + 1):
+                    self._failed[(ident, c)] = (t, exc)
         except OSError as exc:
             log.error("cache write failed for %s: %s", obj.key, exc.strerror)
             flight.error = FsError(exc.errno or errno.EIO, f"cache write failed: {exc.strerror}")
@@ -221,6 +241,12 @@ class Reader:
             raise FsError(errno.EIO, f"{obj.key}: cached data kept failing verification")
         if seq and ra.window:
             self._readahead(obj, ra, end)
+            if ra.advised_until < end + ra.window // 2:
+                # Cached blocks ahead of us: let the kernel read them from the local disk
+                # in the background, so cache hits do not wait on one disk read at a time.
+                until = min(obj.size, end + ra.window)
+                self.cache.advise(obj.ident, max(end, ra.advised_until), until)
+                ra.advised_until = until
         return data
 
     def _readahead(self, obj: ObjRef, ra: Readahead, end: int) -> None:

@@ -11,6 +11,7 @@ Two kinds of patience (DESIGN.md "Object store access"):
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import time
@@ -28,6 +29,25 @@ T = TypeVar("T")
 
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 10.0
+
+
+class GaveUp(StoreError):
+    """A request with bounded patience (reads, metadata) that kept failing, or hung, until
+    its deadline. It is EIO for the caller whatever the last error was: the last error's own
+    errno would mislead — EAGAIN (SlowDown) makes buffered readers take a read() as "no data
+    yet" (Python's read_bytes() returns None), ETIMEDOUT is not a read(2) error."""
+
+    def __init__(self, op: str, attempts: int, elapsed: float,
+                 last: StoreError | None) -> None:
+        code = last.code if last is not None else "Timeout"
+        why = str(last) if last is not None else "no answer"
+        super().__init__(code, f"{op} gave up after {attempts} attempt(s) in {elapsed:.1f}s "
+                         f"({why})", last.status if last is not None else None,
+                         retryable=False)
+
+    @property
+    def errno(self) -> int:
+        return errno.EIO
 
 
 class StoreClient:
@@ -48,23 +68,47 @@ class StoreClient:
                    nbytes_out: int = 0) -> T:
         attempt = 0
         start = time.monotonic()
+        last: StoreError | None = None
         while True:
             t0 = time.monotonic()
             try:
-                result = await trio.to_thread.run_sync(fn, *args, limiter=limiter,
-                                                       abandon_on_cancel=True)
+                if not deadline:  # None: patient; 0: one attempt, bounded by the socket
+                    result = await trio.to_thread.run_sync(fn, *args, limiter=limiter,
+                                                           abandon_on_cancel=True)
+                else:
+                    # The deadline bounds each attempt too: a store that accepts the
+                    # connection and never answers would otherwise hold the caller for
+                    # botocore's socket timeout. The abandoned thread ends on its own
+                    # (socket timeout); whole chunks it still delivers are harmless.
+                    with trio.move_on_after(max(0.0, start + deadline - t0)) as scope:
+                        result = await trio.to_thread.run_sync(fn, *args, limiter=limiter,
+                                                               abandon_on_cancel=True)
+                    if scope.cancelled_caught:
+                        self.metrics.s3_requests.labels(op, "Timeout").inc()
+                        elapsed = time.monotonic() - start
+                        log.warning("%s gave up after %d attempts in %.1fs: no answer", op,
+                                    attempt + 1, elapsed)
+                        raise GaveUp(op, attempt + 1, elapsed, last)
+            except GaveUp:
+                raise
             except StoreError as exc:
                 self.metrics.s3_requests.labels(op, exc.code).inc()
                 self.metrics.s3_latency.labels(op).observe(time.monotonic() - t0)
                 if not exc.retryable:
                     raise
                 attempt += 1
+                last = exc
                 delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
                 elapsed = time.monotonic() - start
                 if deadline is not None and elapsed + delay > deadline:
+                    if deadline <= 0:
+                        raise
+                    # Use what is left of the deadline for one or two more tries.
+                    delay = (deadline - elapsed) / 2
+                if deadline is not None and deadline - elapsed < 0.05:
                     log.warning("%s gave up after %d attempts in %.1fs: %s", op, attempt,
                                 elapsed, exc)
-                    raise
+                    raise GaveUp(op, attempt, elapsed, exc) from exc
                 if attempt in (1, 5) or attempt % 20 == 0:
                     log.warning("%s failed (%s), retrying (attempt %d)", op, exc, attempt)
                 self.metrics.s3_retries.labels(op).inc()
