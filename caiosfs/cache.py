@@ -206,6 +206,23 @@ class BlockCache:
         self.index.put_block(ident, blockno, entry)
         self.metrics.cache_bytes.set(self.used)
 
+    def advise(self, ident: bytes, start: int, end: int) -> None:
+        """Ask the kernel to read cached blocks of [start, end) into the page cache."""
+        bs = self.block_size
+        for blockno in range(start // bs, (max(end, start + 1) - 1) // bs + 1):
+            try:
+                fd = os.open(self.block_path(ident, blockno), os.O_RDONLY)
+            except OSError:
+                continue  # not cached (yet): the fetcher handles it
+            try:
+                lo = max(start - blockno * bs, 0)
+                os.posix_fadvise(fd, lo, min(end - blockno * bs, bs) - lo,
+                                 os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
     # fills (thread writes, loop commits) -------------------------------------------------
     def writer(self, ident: bytes, obj_size: int) -> ChunkWriter:
         return ChunkWriter(self, ident, obj_size)

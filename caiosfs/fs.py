@@ -117,18 +117,28 @@ class Filesystem(pyfuse3.Operations):
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self.ttl = min(cfg.entry_ttl, MAX_TTL)
+        self.initialized = trio.Event()
 
     # lifecycle ---------------------------------------------------------------------------
+    def init(self) -> None:
+        """Called by pyfuse3 once the kernel's INIT arrived (settings made earlier, such as
+        the mount's readahead, are clamped by the INIT exchange)."""
+        self.initialized.set()
+
     async def start(self, nursery: trio.Nursery) -> int:
         """Start background work in the caller's nursery; replay the journal."""
         self.fetcher.nursery = nursery
         await nursery.start(self.wb.run)
         nursery.start_soon(self._housekeeping)
-        for oid, op in self.index.all_ops().items():
-            if op.get("op") == "rename_dir":
-                log.info("resuming rename of %s to %s", op["src"], op["dst"])
-                await self._move_prefix(op["src"], op["dst"], oid)
-        return await self.wb.replay()
+        ops = {oid: op for oid, op in self.index.all_ops().items()
+               if op.get("op") == "rename_dir"}
+        for op in ops.values():  # local files the crash left under the old name move too
+            await self.wb.rekey_journal(op["src"], op["dst"])
+        n = await self.wb.replay()
+        for oid, op in ops.items():
+            log.info("resuming rename of %s to %s", op["src"], op["dst"])
+            await self._move_prefix(op["src"], op["dst"], oid)
+        return n
 
     async def _housekeeping(self) -> None:
         while True:
@@ -147,8 +157,28 @@ class Filesystem(pyfuse3.Operations):
         if self.cfg.ro:
             raise FsError(errno.EROFS)
 
+    def _dirty_of(self, n: Node, fh: int | None = None) -> DirtyFile | None:
+        """The local file behind a node: by path while the node still owns its path; once it
+        was unlinked or replaced by a rename while open, through a handle open on it."""
+        if n.is_dir:
+            return None
+        h = self.handles.get(fh) if fh is not None else None
+        if h is not None and h.node is n and h.dirty is not None:
+            return h.dirty
+        if self.ns.attached(n):
+            f = self.wb.files.get(n.path)
+            return f if f is not None and not f.deleted else None
+        for h in self.handles.values():
+            if h.node is n and h.dirty is not None:
+                return h.dirty
+        return None
+
+    def _attrs_of(self, n: Node) -> Attrs:
+        f = self._dirty_of(n)
+        return f.attrs if f is not None else n.attrs
+
     def _entry(self, n: Node) -> pyfuse3.EntryAttributes:
-        a = self.ns.overlay(n)
+        a = self._attrs_of(n)
         e = pyfuse3.EntryAttributes()
         e.st_ino = n.ino
         e.generation = 0
@@ -194,7 +224,8 @@ class Filesystem(pyfuse3.Operations):
                       ) -> pyfuse3.EntryAttributes:
         self._check_rw()
         n = self.ns.node(inode)
-        a = self.ns.overlay(n)
+        f = self._dirty_of(n, fh)
+        a = f.attrs if f is not None else n.attrs
         new = Attrs(a.mode, a.uid, a.gid, a.mtime, a.size)
         if fields.update_mode:
             new.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode)
@@ -204,6 +235,21 @@ class Filesystem(pyfuse3.Operations):
             new.gid = attr.st_gid
         if fields.update_mtime:
             new.mtime = attr.st_mtime_ns / 1e9
+        # The kernel (writeback cache) flushes its own mtime/ctime after writes, renames and
+        # fsyncs. What is stored is mode/uid/gid and mtime in whole seconds: when none of that
+        # changes there is nothing to write (a clean object would otherwise be copied onto
+        # itself, a dirty one uploaded again).
+        changed = new.to_meta() != a.to_meta()
+        if not fields.update_size and not changed:
+            a.mtime = new.mtime
+            return self._entry(n)
+        if not self.ns.attached(n):
+            # Unlinked (or replaced by a rename) while open: the name is gone, so only the
+            # open file's own attributes change; nothing is written to the store.
+            if fields.update_size and f is not None:
+                await self.wb.truncate(f, attr.st_size)
+            a.mode, a.uid, a.gid, a.mtime = new.mode, new.uid, new.gid, new.mtime
+            return self._entry(n)
         if n.is_dir:
             if n.path:  # the root has no marker of its own
                 await self.client.put_file(self.ns.dir_key(n.path), None, 0, new.to_meta(),
@@ -211,7 +257,6 @@ class Filesystem(pyfuse3.Operations):
             n.attrs = new
             n.entry.meta = new.to_meta()
             return self._entry(n)
-        f = self.wb.files.get(n.path)
         if fields.update_size:
             if f is None:
                 f = await self._dirty_copy(n, keep_content=attr.st_size > 0)
@@ -239,9 +284,9 @@ class Filesystem(pyfuse3.Operations):
     @handler
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         n = self.ns.node(inode)
-        if not stat.S_ISLNK(self.ns.overlay(n).mode):
+        if not stat.S_ISLNK(self._attrs_of(n).mode):
             raise FsError(errno.EINVAL)
-        f = self.wb.files.get(n.path)
+        f = self._dirty_of(n)
         if f is not None:
             return os.pread(f.fd, f.size, 0)
         obj = ObjRef(self.cfg.source.bucket, self.ns.key(n.path), n.entry.etag, n.entry.size)
@@ -553,10 +598,30 @@ class Filesystem(pyfuse3.Operations):
             if not page.objects:
                 break
             limiter = trio.CapacityLimiter(16)
+            local = {f.key for f in self.wb.files.values() if not f.deleted}
 
             async def move(o: Any) -> None:
+                dst = dst_key + o.key[len(src_key):]
                 async with limiter:
-                    await self.client.copy(o.key, dst_key + o.key[len(src_key):], None, o.size)
+                    if dst in local:
+                        pass  # a local file took this name: it uploads its whole content
+                    elif o.key.endswith("/"):
+                        # A directory marker: re-created by a PUT (SeaweedFS, for one, refuses
+                        # CopyObject of a key ending in '/').
+                        try:
+                            meta = (await self.client.head(o.key)).metadata or {}
+                        except StoreError as exc:
+                            if exc.errno != errno.ENOENT:
+                                raise
+                            meta = {}
+                        await self.client.put_file(dst, None, 0, meta)
+                    else:
+                        try:
+                            await self.client.copy(o.key, dst, None, o.size)
+                        except StoreError as exc:
+                            if exc.errno != errno.ENOENT:
+                                raise
+                            return  # deleted meanwhile: nothing to move
                     await self.client.delete(o.key)
             async with trio.open_nursery() as nursery:
                 for o in page.objects:

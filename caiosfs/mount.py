@@ -222,7 +222,7 @@ async def _main(fs: Any, cfg: MountConfig, mp: str, report: Callable[[str], None
         control.register(mp, {"pid": os.getpid(), "source": str(cfg.source), "mountpoint": mp,
                               "cache_dir": str(cfg.cache_dir), "socket": str(sock),
                               "metrics": cfg.metrics, "endpoint": cfg.endpoint})
-        nursery.start_soon(trio.to_thread.run_sync, set_read_ahead, mp, cfg.read_ahead_kb)
+        nursery.start_soon(_read_ahead_after_init, fs, mp, cfg.read_ahead_kb)
         if cfg.warm:
             from .warm import warm_in_mount
             if cfg.warm == "blocking":
@@ -235,6 +235,13 @@ async def _main(fs: Any, cfg: MountConfig, mp: str, report: Callable[[str], None
         # upload everything before leaving.
         await drain(fs)
         nursery.cancel_scope.cancel()
+
+
+async def _read_ahead_after_init(fs: Any, mp: str, kb: int) -> None:
+    # The kernel applies the INIT reply's max_readahead after our init() returns.
+    await fs.initialized.wait()
+    await trio.sleep(0.1)
+    await trio.to_thread.run_sync(set_read_ahead, mp, kb)
 
 
 async def drain(fs: Any, limit: float = DRAIN_LIMIT) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -220,6 +221,7 @@ class Reader:
         self.metrics = metrics
         self.readahead_max = readahead_max
         self.initial_window = min(initial_window, readahead_max)
+        self.advise_limiter = trio.CapacityLimiter(2)
 
     def new_readahead(self) -> Readahead:
         return Readahead(self.initial_window, self.readahead_max)
@@ -244,8 +246,13 @@ class Reader:
             if ra.advised_until < end + ra.window // 2:
                 # Cached blocks ahead of us: let the kernel read them from the local disk
                 # in the background, so cache hits do not wait on one disk read at a time.
+                # (fadvise can block on the disk queue: run it off the loop.)
                 until = min(obj.size, end + ra.window)
-                self.cache.advise(obj.ident, max(end, ra.advised_until), until)
+                if self.fetcher.nursery is not None:
+                    self.fetcher.nursery.start_soon(
+                        partial(trio.to_thread.run_sync, self.cache.advise, obj.ident,
+                                max(end, ra.advised_until), until,
+                                limiter=self.advise_limiter))
                 ra.advised_until = until
         return data
 
