@@ -154,17 +154,26 @@ def _fsck(a: argparse.Namespace) -> int:
 
 
 def _install_helper(a: argparse.Namespace) -> int:
-    src = Path(__file__).resolve().parent.parent / "mount-helpers" / "mount.caiosfs"
-    if not src.exists():
-        raise UserError(f"mount helper not found at {src}")
-    dst = Path(a.dest)
-    shutil.copy(src, dst)
-    os.chmod(dst, 0o755)
-    link = Path(a.bin_link)
-    exe = shutil.which("caiosfs") or sys.argv[0]
-    if not link.exists() and Path(exe).resolve() != link.resolve():
-        link.symlink_to(Path(exe).resolve())
-    print(f"installed {dst}; mount -t caiosfs and fstab entries now work")
+    """Install mount.caiosfs (mount -t caiosfs, fstab) and umount.fuse.caiosfs (umount
+    drains first), with this caiosfs's absolute path written into them."""
+    helpers = Path(__file__).resolve().parent.parent / "mount-helpers"
+    exe = str(Path(shutil.which("caiosfs") or sys.argv[0]).absolute())
+    for name, dest in (("mount.caiosfs", a.dest), ("umount.caiosfs", a.umount_dest)):
+        src = helpers / name
+        if not src.exists():
+            raise UserError(f"mount helper not found at {src} (install-helper needs the "
+                            "source checkout)")
+        text = src.read_text().replace('INSTALLED_CAIOSFS_BIN=""',
+                                       f'INSTALLED_CAIOSFS_BIN="{exe}"', 1)
+        tmp = Path(dest + ".tmp")
+        try:
+            tmp.write_text(text)
+            os.chmod(tmp, 0o755)
+            tmp.replace(dest)
+        except OSError as exc:
+            raise UserError(f"cannot install {dest}: {exc.strerror}") from None
+        print(f"installed {dest}")
+    print("mount -t caiosfs, fstab entries and umount (which uploads first) now work")
     return 0
 
 
@@ -260,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("install-helper", help="install mount.caiosfs for mount(8) and fstab",
                        formatter_class=fmt)
-    h.add_argument("--dest", default="/sbin/mount.caiosfs")
-    h.add_argument("--bin-link", default="/usr/local/bin/caiosfs")
+    h.add_argument("--dest", default="/sbin/mount.caiosfs", help="[default: %(default)s]")
+    h.add_argument("--umount-dest", default="/sbin/umount.fuse.caiosfs",
+                   help="[default: %(default)s]")
     h.set_defaults(fn=_install_helper)
     return p
 
