@@ -144,6 +144,11 @@ class Namespace:
         self.by_path[path] = ino
         return n
 
+    def attached(self, n: Node) -> bool:
+        """Whether ``n`` still owns its path (False once unlinked or replaced by a rename,
+        while the kernel still holds it, e.g. through an open file)."""
+        return self.by_path.get(n.path) == n.ino
+
     def overlay(self, n: Node) -> Attrs:
         """The node's attributes with local, not-yet-uploaded changes applied."""
         f = self.wb.files.get(n.path)

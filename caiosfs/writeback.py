@@ -581,6 +581,18 @@ class WriteBack:
         return True
 
     # crash recovery ----------------------------------------------------------------------
+    async def rekey_journal(self, src_key: str, dst_key: str) -> None:
+        """Before replay: journaled files under ``src_key`` belong under ``dst_key`` (a
+        directory rename the crash interrupted)."""
+        for fid, j in self.index.all_journal().items():
+            if not j["key"].startswith(src_key) or j.get("deleted"):
+                continue
+            if j.get("upload_id"):
+                await self._abort(j["key"], j["upload_id"])
+            key = dst_key + j["key"][len(src_key):]
+            j.update(key=key, path=key[len(self.prefix):], base_etag=None, upload_id=None)
+            self.index.put_journal(fid, j)
+
     async def replay(self) -> int:
         """Resume what a previous run left: every journaled file is uploaded again."""
         n = 0
