@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -314,7 +315,9 @@ def options_help() -> str:
         elif o.parse is parse_mode:
             default = oct(default)[2:].rjust(4, "0")
         dflt = "" if default in (None, False) else f" [default: {default}]"
-        lines.append(f"  {left}\n      {o.help}{dflt}")
+        body = textwrap.fill(o.help + dflt, width=88, initial_indent=" " * 6,
+                             subsequent_indent=" " * 6)
+        lines.append(f"  {left}\n{body}")
     return "\n".join(lines)
 
 
