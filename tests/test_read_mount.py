@@ -159,6 +159,7 @@ def test_file_and_prefix_clash_shows_directory(s3: Any, bucket: str, mounter: An
 @pytest.mark.parametrize("case", ["bad_url", "bad_bucket_name", "missing_bucket",
                                   "bad_credentials", "unreachable", "no_mountpoint",
                                   "not_a_dir", "already_mounted", "cache_unwritable",
+                                  "cache_in_use",
                                   "bad_option", "bad_value", "secret_option"])
 def test_bad_input_one_line_error(case: str, s3: Any, bucket: str, mounter: Any,
                                   seaweed: Any, tmp_path: Path, s3_env: dict[str, str]) -> None:
@@ -186,6 +187,9 @@ def test_bad_input_one_line_error(case: str, s3: Any, bucket: str, mounter: Any,
     elif case == "already_mounted":
         other = mounter(bucket)
         mp = other.path
+    elif case == "cache_in_use":
+        other = mounter(bucket, cache_dir=tmp_path / "c")
+        assert other.status()["cache_dir"] == str(tmp_path / "c")
     elif case == "cache_unwritable":
         opts = base.replace(str(tmp_path / "c"), "/proc/caiosfs-cache")
     elif case == "bad_option":
