@@ -193,6 +193,7 @@ class FaultProxy:
         self.rate = 0.0
         self.kinds: dict[str, float] = {}
         self.match: Callable[[Request], bool] | None = None
+        self.limit: int | None = None
         self.stall = stall
         self.down_mode: str | None = None
         self._release = threading.Event()
@@ -257,9 +258,9 @@ class FaultProxy:
     # control -----------------------------------------------------------------------------
     def configure(self, rate: float = 0.0, kinds: dict[str, float] | tuple[str, ...] | None
                   = None, match: Callable[[Request], bool] | None = None,
-                  stall: float | None = None) -> None:
+                  stall: float | None = None, limit: int | None = None) -> None:
         """Fault each matching request with probability ``rate``, choosing among ``kinds``
-        (weights, or equal weights for a tuple)."""
+        (weights, or equal weights for a tuple); at most ``limit`` faults, if given."""
         kinds = kinds if kinds is not None else KINDS
         if not isinstance(kinds, dict):
             kinds = {k: 1.0 for k in kinds}
@@ -267,6 +268,7 @@ class FaultProxy:
         assert not unknown, f"unknown fault kinds {unknown}"
         with self.lock:
             self.rate, self.kinds, self.match = rate, dict(kinds), match
+            self.limit = limit
             if stall is not None:
                 self.stall = stall
             self._release.clear()
@@ -287,7 +289,7 @@ class FaultProxy:
     def heal(self) -> None:
         """No more faults; the store is reachable again; held responses are released."""
         with self.lock:
-            self.rate, self.kinds, self.match = 0.0, {}, None
+            self.rate, self.kinds, self.match, self.limit = 0.0, {}, None, None
             was, self.down_mode = self.down_mode, None
             self._release.set()
         if was == "refuse" and self.listener is None and not self._stopped.is_set():
@@ -320,6 +322,10 @@ class FaultProxy:
                 return None
             if self.rng.random() >= self.rate:
                 return None
+            if self.limit is not None:
+                if self.limit <= 0:
+                    return None
+                self.limit -= 1
             names = list(self.kinds)
             return self.rng.choices(names, weights=[self.kinds[n] for n in names])[0]
 
