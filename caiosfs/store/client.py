@@ -12,6 +12,7 @@ Two kinds of patience (DESIGN.md "Object store access"):
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import random
 import time
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ..errors import StoreError
+from ..errors import PreconditionFailed, StoreError
 from ..metrics import Metrics
 from . import ListPage, MultipartUpload, ObjectInfo, ObjectStore, PartSource, Sink
 
@@ -65,7 +66,8 @@ class StoreClient:
 
     async def _run(self, op: str, fn: Callable[..., T], *args: Any,
                    limiter: trio.CapacityLimiter, deadline: float | None,
-                   nbytes_out: int = 0) -> T:
+                   nbytes_out: int = 0, failed: list[StoreError] | None = None) -> T:
+        """Run ``fn`` with retries; ``failed`` (if given) collects the retried errors."""
         attempt = 0
         start = time.monotonic()
         last: StoreError | None = None
@@ -98,6 +100,8 @@ class StoreClient:
                     raise
                 attempt += 1
                 last = exc
+                if failed is not None:
+                    failed.append(exc)
                 delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
                 elapsed = time.monotonic() - start
                 if deadline is not None and elapsed + delay > deadline:
@@ -146,10 +150,33 @@ class StoreClient:
     async def put_file(self, key: str, path: str | None, size: int, metadata: dict[str, str],
                        if_match: str | None = None, if_none_match: bool = False,
                        patient: bool = True) -> str:
-        return await self._run("put", self.store.put_file, key, path, size, metadata, if_match,
-                               if_none_match, limiter=self.write_limiter,
-                               deadline=None if patient else self.read_timeout,
-                               nbytes_out=size)
+        failed: list[StoreError] = []
+        try:
+            return await self._run("put", self.store.put_file, key, path, size, metadata,
+                                   if_match, if_none_match, limiter=self.write_limiter,
+                                   deadline=None if patient else self.read_timeout,
+                                   nbytes_out=size, failed=failed)
+        except PreconditionFailed:
+            if not failed:
+                raise
+            # An earlier attempt may have been applied with its response lost (reset,
+            # truncated, timed out): then the 'change' the retry sees is our own write.
+            def md5() -> str:
+                h = hashlib.md5()
+                if path is not None and size:
+                    with open(path, "rb") as fh:
+                        left = size
+                        while left > 0:
+                            piece = fh.read(min(left, 8 << 20))
+                            if not piece:
+                                break
+                            h.update(piece)
+                            left -= len(piece)
+                return '"' + h.hexdigest() + '"'
+            etag = await self._ours(key, await trio.to_thread.run_sync(md5), size)
+            if etag is None:
+                raise
+            return etag
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         return await self._run("create_multipart", self.store.create_multipart, key, metadata,
@@ -163,9 +190,35 @@ class StoreClient:
     async def complete_multipart(self, key: str, upload_id: str, etags: list[str],
                                  if_match: str | None = None,
                                  if_none_match: bool = False) -> str:
-        return await self._run("complete_multipart", self.store.complete_multipart, key,
-                               upload_id, etags, if_match, if_none_match,
-                               limiter=self.write_limiter, deadline=None)
+        failed: list[StoreError] = []
+        try:
+            return await self._run("complete_multipart", self.store.complete_multipart, key,
+                                   upload_id, etags, if_match, if_none_match,
+                                   limiter=self.write_limiter, deadline=None, failed=failed)
+        except StoreError as exc:
+            if not failed or not (isinstance(exc, PreconditionFailed)
+                                  or exc.code == "NoSuchUpload"):
+                raise
+            # An earlier attempt completed the upload but its response was lost: the object
+            # now in the store has the ETag S3 gives a multipart object made of our parts.
+            digest = hashlib.md5(b"".join(bytes.fromhex(e.strip('"')) for e in etags))
+            etag = await self._ours(key, f'"{digest.hexdigest()}-{len(etags)}"', None)
+            if etag is None:
+                raise
+            return etag
+
+    async def _ours(self, key: str, expected_etag: str, size: int | None) -> str | None:
+        """The object's ETag if the store holds exactly the write we expected, else None."""
+        try:
+            info = await self.head(key)
+        except StoreError:
+            return None
+        if info.etag.strip('"') != expected_etag.strip('"') or (
+                size is not None and info.size != size):
+            return None
+        log.info("%s: a retried write found its own earlier attempt applied (response "
+                 "lost); not a conflict", key)
+        return info.etag
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         await self._run("abort_multipart", self.store.abort_multipart, key, upload_id,
