@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--caiosfs",
         default=str(procs.REPO / ".venv" / "bin" / "caiosfs"),
         help="the caiosfs executable (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--caiosfs-opts",
+        default="",
+        help="extra -o options for caiosfs mounts, e.g. metadata=list (default: none)",
     )
     ap.add_argument(
         "--workdir",
@@ -215,8 +220,8 @@ def run(args: argparse.Namespace) -> int:
     store = Store(workdir, args.endpoint, args.access_key, args.secret_key)
     wan_proc = None
     systems: list[FsSystem] = []
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     res = report.Results(workloads, wanted)
     meta: dict[str, Any] = {
         "date": date,
@@ -249,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for name in wanted:
             if name == "caiosfs":
-                systems.append(Caiosfs(env, Path(args.caiosfs)))
+                systems.append(Caiosfs(env, Path(args.caiosfs), args.caiosfs_opts))
             elif name == "rclone":
                 systems.append(Rclone(env))
             elif name == "s3fs":
@@ -321,7 +326,18 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     names = [f"run-{stamp}" + ("-quick" if args.quick else "")]
     names.append("quick" if args.quick else "latest")
-    if args.only or args.skip or args.size_scale or args.wan or args.endpoint or args.reps:
+    if any(
+        (
+            args.only,
+            args.skip,
+            args.size_scale,
+            args.wan,
+            args.endpoint,
+            args.reps,
+            args.caiosfs_opts,
+            args.systems != ",".join(ALL_SYSTEMS),
+        )
+    ):
         # A partial or unusual run must not overwrite the published full results.
         names = names[:1]
     meta["elapsed_s"] = round(time.monotonic() - T0, 1)

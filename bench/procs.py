@@ -53,8 +53,8 @@ def run_bounded(
 
     The child gets its own session so that on timeout its whole group can be killed. A child
     stuck in a FUSE request may not die from SIGKILL until the request is answered, so the
-    caller passes ``on_timeout`` (typically: abort the FUSE connection) which runs before we
-    wait for the corpse.
+    caller passes ``on_timeout(pid)`` (typically: note where the child is stuck, then kill the
+    daemon / abort the FUSE connection), which runs before the kill and the wait.
     """
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -70,12 +70,13 @@ def run_bounded(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _killpg(proc.pid)
         if on_timeout is not None:
             try:
-                on_timeout()
+                # Before the kill: on_timeout may want to record where the child is stuck.
+                on_timeout(proc.pid)
             except Exception as e:  # noqa: BLE001 - best effort; the timeout is the real error
                 print(f"bench: cleanup after timeout failed: {e}", file=sys.stderr)
+        _killpg(proc.pid)
         try:
             out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
@@ -128,18 +129,44 @@ def can_drop_caches() -> bool:
     return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
 
-def drop_caches() -> bool:
-    """Write back dirty pages and drop the page cache, dentries and inodes; False if not root.
+def drop_caches(sync_path: str | Path | None = "/var/tmp") -> bool:
+    """Write back dirty pages of ``sync_path``'s filesystem, then drop the page cache,
+    dentries and inodes; False if not root.
 
-    We call sync() first because drop_caches only drops clean pages. No FUSE mount is live
-    when this runs for a cold measurement (we mount afterwards), so sync cannot block on one.
+    drop_caches only drops clean pages, hence the write-back first. Not a global sync(): that
+    also writes back every FUSE mount on the machine (other people's, hung ones included) and
+    could block forever; ``sync -f`` syncs the one local filesystem our caches live on, and
+    runs in a bounded child.
     """
     if not can_drop_caches():
         return False
-    os.sync()
+    if sync_path is not None:
+        try:
+            subprocess.run(["sync", "-f", str(sync_path)], timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
     return True
+
+
+def kernel_stacks(pid: int, limit: int = 8) -> str:
+    """Where the threads of a (stuck) process wait in the kernel: the syscall and the top of
+    /proc/TID/stack, for reports of hangs."""
+    out = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)[:limit]
+    except OSError:
+        return ""
+    for tid in tids:
+        try:
+            stack = Path(f"/proc/{pid}/task/{tid}/stack").read_text().split("\n")
+            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+        except OSError:
+            continue
+        frames = [f.split()[-1] for f in stack if f.strip()][:4]
+        out.append(f"tid {tid} wchan={wchan} " + "<".join(frames))
+    return "; ".join(out)
 
 
 # ---- mounts ----------------------------------------------------------------------------------

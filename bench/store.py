@@ -34,7 +34,7 @@ PREFIX = "root"
 # Outside the mounted prefix: what was seeded, so a rerun against --endpoint can skip it.
 MANIFEST_KEY = "bench-manifest.json"
 # Bump when the layout or content of the seeded data changes.
-SEED_VERSION = 1
+SEED_VERSION = 2
 
 
 def make_client(endpoint: str, access_key: str, secret_key: str, pool: int = 32) -> Any:
@@ -322,7 +322,7 @@ def make_local_tree(root: Path, scale: Scale) -> Path:
     drawn log-normally (many small files, a few big ones, like a Python package) and scaled to
     ``scale.tree_bytes`` in total. Returns the tree's top directory."""
     top = root / "tree"
-    stamp = root / f".done-{scale.tree_files}-{scale.tree_bytes}"
+    stamp = root / f".done-v{SEED_VERSION}-{scale.tree_files}-{scale.tree_bytes}"
     if stamp.exists():
         return top
     rng = random.Random(1000)

@@ -55,6 +55,28 @@ class Mount:
     peak_rss_mib: float | None = None
     notes: list[str] = field(default_factory=list)
     log_path: Path | None = None
+    aborted: bool = False  # the daemon was killed because an operation hung
+
+    def abort(self, stuck_pid: int | None = None) -> None:
+        """An operation on this mount hung: note where it waits, then kill the daemon (the
+        kernel then fails every pending request, so the stuck process can exit) and abort the
+        FUSE connection for good measure."""
+        if stuck_pid is not None:
+            stacks = [procs.kernel_stacks(p) for p in procs.process_tree(stuck_pid)]
+            self.notes.append(
+                "hung operation, kernel stacks: " + " | ".join(x for x in stacks if x)
+            )
+        tail = self.log_tail(8)
+        if tail:
+            self.notes.append(f"daemon log before kill: {tail[:1500]}")
+        self.aborted = True
+        for root in self.pids:
+            for pid in reversed(procs.process_tree(root)):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        procs.abort_fuse(self.mountpoint)
 
     def path(self, rel: str) -> Path:
         return self.mountpoint / rel
@@ -157,8 +179,12 @@ class FsSystem(ABC):
             yield m
         except Exception as e:
             # The daemon's last words usually say more than the symptom seen by the workload.
-            tail = m.log_tail(5)[:400] if m.log_path is not None else ""
-            raise BenchError(f"{e}" + (f" [{self.name} log: {tail}]" if tail else "")) from e
+            extra = list(m.notes)
+            if not m.aborted and m.log_path is not None:
+                tail = m.log_tail(5)[:600]
+                if tail:
+                    extra.append(f"{self.name} log: {tail}")
+            raise BenchError(f"{e}" + "".join(f" [{x}]" for x in extra)) from e
         finally:
             if m.sampler is not None:
                 m.peak_rss_mib = m.sampler.stop()
@@ -166,7 +192,7 @@ class FsSystem(ABC):
 
     def _teardown(self, m: Mount) -> None:
         try:
-            if procs.mount_entry(self.mnt) is not None:
+            if procs.mount_entry(self.mnt) is not None and not m.aborted:
                 self._stop(m)
         except (BenchError, subprocess.TimeoutExpired, OSError) as e:
             m.notes.append(f"unmount failed: {e}")
@@ -178,6 +204,10 @@ class FsSystem(ABC):
         if m.proc is not None and m.proc.poll() is None:
             m.proc.kill()
             m.proc.wait(timeout=30)
+        self._keep_log(m)
+
+    def _keep_log(self, m: Mount) -> None:
+        """Hook: save the daemon's log before the next cold mount wipes the cache dir."""
 
     @staticmethod
     def _reap(pid: int) -> None:
@@ -271,9 +301,10 @@ class Caiosfs(FsSystem):
 
     name = "caiosfs"
 
-    def __init__(self, env: Env, binary: Path) -> None:
+    def __init__(self, env: Env, binary: Path, extra_opts: str = "") -> None:
         super().__init__(env)
         self.binary = binary
+        self.extra_opts = extra_opts
 
     def unavailable(self) -> str | None:
         if not self.binary.exists():
@@ -300,12 +331,15 @@ class Caiosfs(FsSystem):
         ]
         if profile:
             opts.append(f"profile={profile}")
+        if self.extra_opts:
+            opts.append(self.extra_opts)
         return ",".join(opts)
 
     def describe(self) -> str:
         return (
             f"caiosfs mount s3://{BUCKET}/{PREFIX} MNT -o endpoint=...,path_style,"
             f"cache_dir=...,cache_size={self.env.cache_size_gib}G[,profile=<per workload>]"
+            + (f",{self.extra_opts}" if self.extra_opts else "")
         )
 
     def child_env(self) -> dict[str, str]:
@@ -333,6 +367,14 @@ class Caiosfs(FsSystem):
         if not procs.wait_for(lambda: procs.is_fuse_mounted(self.mnt), 10):
             raise BenchError("caiosfs mount exited 0 but nothing is mounted")
         m.pids = self.find_pids()
+        # caiosfs logs into its cache dir; the mount command's own output is in the file above.
+        m.log_path = m.cache_dir / "caiosfs.log"
+
+    def _keep_log(self, m: Mount) -> None:
+        if m.log_path is not None and m.log_path.exists():
+            dest = self.logs / f"caiosfs-daemon-{int(time.time() * 1000)}.log"
+            shutil.copyfile(m.log_path, dest)
+            m.log_path = dest
 
     def find_pids(self) -> list[int]:
         """The daemon's pid: from ``caiosfs status --json`` if it says, else by scanning /proc
