@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 KINDS = ("500", "503", "reset", "stall", "stall_body", "truncate", "long_length",
@@ -104,7 +104,7 @@ class _Reader:
     def _fill(self) -> None:
         try:
             data = self.sock.recv(PIECE)
-        except (OSError, socket.timeout) as exc:
+        except (TimeoutError, OSError) as exc:
             raise _Closed(str(exc)) from None
         if not data:
             raise _Closed("eof")
@@ -206,7 +206,7 @@ class FaultProxy:
         self._deadline = 0.0
 
     # lifecycle ---------------------------------------------------------------------------
-    def start(self) -> FaultProxy:
+    def start(self) -> Self:
         self.listener = self._listen(0)
         self.port = self.listener.getsockname()[1]
         self._deadline = time.monotonic() + self.lifetime
@@ -249,10 +249,10 @@ class FaultProxy:
             except OSError:
                 pass
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # control -----------------------------------------------------------------------------
@@ -338,7 +338,7 @@ class FaultProxy:
                 continue
             try:
                 conn, _ = lst.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 if self.listener is lst and not self._stopped.is_set():

@@ -62,7 +62,7 @@ def test_reads_retry_through_faults(s3: Any, bucket: str, mounter: Any, proxy: F
                                     ) -> None:
     files = {f"r/f{i:02d}": data(random.Random(i).randrange(1, 5 * MiB), f"rf{i}")
              for i in range(12)}
-    files["r/big"] = data(40 * MiB + 123, "rbig")
+    files["r/big"] = data(24 * MiB + 123, "rbig")
     for k, b in files.items():
         s3.put_object(Bucket=bucket, Key=k, Body=b)
     m = mounter(bucket, options=via(proxy, "read_timeout=60,max_request=4M"))
@@ -107,48 +107,56 @@ def timed_read(path: Path) -> tuple[bytes | OSError, float]:
     return out, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("outage", ["blackhole", "reset", "503", "stall_body"])
+OUTAGES = ("blackhole", "reset", "refuse", "503", "500", "stall", "stall_body")
+
+
 def test_reads_fail_with_eio_within_read_timeout(s3: Any, bucket: str, mounter: Any,
-                                                 proxy: FaultProxy, outage: str) -> None:
-    """A read that cannot succeed fails with EIO within read_timeout (+ margin), then works
-    again as soon as the store is back."""
-    read_timeout = 4.0
-    margin = 3.0
-    body = data(3 * MiB + 5, "eio")
-    s3.put_object(Bucket=bucket, Key="e/f", Body=body)
-    m = mounter(bucket, options=via(proxy, f"read_timeout={read_timeout}"))
-    assert os.stat(m.path / "e/f").st_size == len(body)  # looked up while healthy
-    if outage in ("blackhole", "reset"):
-        proxy.down(outage)
-        proxy.stall = 120
-    elif outage == "503":
-        proxy.configure(rate=1.0, kinds=("503",))
-    else:
-        proxy.configure(rate=1.0, kinds=("stall_body",), stall=120)
-    got, took = timed_read(m.path / "e/f")
-    st = proxy.stats()
-    proxy.heal()
-    assert isinstance(got, OSError), "read succeeded although every request failed"
-    assert got.errno == errno.EIO, f"{outage}: {got!r} after {took:.1f}s"
-    assert took <= read_timeout + margin, f"{outage}: read failed after {took:.1f}s"
-    # A lookup of a name never seen needs the store: bounded the same way.
-    if outage != "503":
-        proxy.down(outage) if outage in ("blackhole", "reset") else proxy.configure(
-            rate=1.0, kinds=("stall_body",), stall=120)
+                                                 proxy: FaultProxy) -> None:
+    """A read that cannot succeed fails with EIO within read_timeout (+ margin) whatever the
+    failure, a lookup too; and both work again as soon as the store is back."""
+    read_timeout = 3.0
+    margin = 2.0
+    bodies = {o: data(3 * MiB + 5, "eio" + o) for o in OUTAGES}
+    for o, body in bodies.items():
+        s3.put_object(Bucket=bucket, Key=f"e/{o}", Body=body)
+    m = mounter(bucket, options=via(proxy, f"read_timeout={read_timeout},negative_ttl=0"))
+    assert sorted(os.listdir(m.path / "e")) == sorted(OUTAGES)  # looked up while healthy
+    figures = {}
+    for outage in OUTAGES:
+        if outage in ("blackhole", "reset", "refuse"):
+            proxy.down(outage)
+            proxy.stall = 120
+        else:
+            proxy.configure(rate=1.0, kinds=(outage,), stall=120)
+        got, took = timed_read(m.path / "e" / outage)
+        st = proxy.stats()
         t0 = time.monotonic()
-        with pytest.raises(OSError):
-            os.stat(m.path / "e/never-seen")
+        try:
+            os.stat(m.path / f"never-seen-{outage}")  # root never listed: needs the store
+            stat_err: int | None = None
+        except OSError as exc:
+            stat_err = exc.errno
         took_stat = time.monotonic() - t0
         proxy.heal()
-        assert took_stat <= read_timeout + margin, f"stat took {took_stat:.1f}s"
+        assert isinstance(got, OSError), f"{outage}: read succeeded while every request failed"
+        assert got.errno == errno.EIO, f"{outage}: {got!r} after {took:.1f}s"
+        assert took <= read_timeout + margin, f"{outage}: read failed after {took:.1f}s"
+        assert stat_err == errno.EIO, f"{outage}: stat of an unknown name: {stat_err}"
+        assert took_stat <= read_timeout + margin, f"{outage}: stat took {took_stat:.1f}s"
+        figures[outage] = {"eio_after_s": round(took, 2), "stat_eio_after_s":
+                           round(took_stat, 2)}
     # Chunks whose fetch just gave up fail at once for FAILURE_MEMORY (0.5 s): that is what
     # keeps the kernel's immediate retry of a failed readahead from doubling the wait.
     time.sleep(1)
-    got2, took2 = timed_read(m.path / "e/f")
-    assert isinstance(got2, bytes) and xxh(got2) == xxh(body)
-    record(f"read_eio_{outage}", {"read_timeout": read_timeout, "eio_after_s": round(took, 2),
-                                  "requests_faulted": st["faulted"] + st["refused_while_down"],
-                                  "read_after_heal_ok": True})
+    for outage, body in bodies.items():
+        assert xxh((m.path / "e" / outage).read_bytes()) == xxh(body), outage
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.path / "never-seen-503")
+    st = proxy.stats()
+    record("read_eio_within_read_timeout", {
+        "read_timeout_s": read_timeout, "by_failure": figures,
+        "requests_faulted": st["faulted"] + st["refused_while_down"],
+        "reads_after_heal_ok": len(bodies)})
 
 
 def conflict_keys(s3: Any, bucket: str) -> list[str]:
@@ -242,32 +250,128 @@ def test_writes_wait_while_store_fails_and_upload_after_heal(
         "uploads_failed_attempts": status["uploads_failed"], "dirty_files_during": len(want)})
 
 
-@pytest.mark.parametrize("kind", ["reset", "truncate"])
-@pytest.mark.parametrize("what", ["new", "overwrite", "multipart"])
 def test_lost_response_is_not_a_conflict(s3: Any, bucket: str, mounter: Any,
-                                         proxy: FaultProxy, kind: str, what: str) -> None:
-    """The store applies a conditional write but the response is lost (connection reset,
-    truncated, or too late): the retry must not mistake our own write for someone else's
-    change (a spurious .conflict- copy, and the file shown as 'the store's version')."""
-    if what == "overwrite":
-        s3.put_object(Bucket=bucket, Key="l/f", Body=b"before")
+                                         proxy: FaultProxy) -> None:
+    """The store applies a conditional write but the response is lost (connection reset, or
+    a truncated body): the retry must not mistake our own write for someone else's change
+    (a spurious .conflict- copy, and the file shown as 'the store's version')."""
+    cases = [(what, kind) for what in ("new", "overwrite", "multipart")
+             for kind in ("reset", "truncate")]
+    for what, kind in cases:
+        if what == "overwrite":
+            s3.put_object(Bucket=bucket, Key=f"l/{what}-{kind}", Body=b"before")
     m = mounter(bucket, options=via(proxy, "part_size=5M,upload_delay=0.1"))
-    os.listdir(m.path / "l") if what == "overwrite" else (m.path / "l").mkdir()
-    body = data(11 * MiB + 1 if what == "multipart" else 200_000, "lost")
+    os.listdir(m.path / "l")
+    for what, kind in cases:
+        name = f"l/{what}-{kind}"
+        body = data(11 * MiB + 1 if what == "multipart" else 200_000, name)
 
-    def final_write(r: Any) -> bool:  # the request that makes the object visible
-        if what == "multipart":
-            return r.method == "POST" and "uploadId=" in r.query
-        return r.method == "PUT" and r.path.endswith("/l/f")
-    proxy.configure(rate=1.0, kinds=(kind,), match=final_write, limit=1)
-    with open(m.path / "l/f", "wb") as fh:
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())  # returns once durable, after the retry
-    st = proxy.stats()
-    proxy.heal()
-    assert st["faulted"] == 1, st
-    assert xxh(store_bytes(s3, bucket, "l/f")) == xxh(body)
-    assert xxh((m.path / "l/f").read_bytes()) == xxh(body)
+        def final_write(r: Any, what: str = what, name: str = name) -> bool:
+            # the request that makes the object visible
+            if what == "multipart":
+                return r.method == "POST" and "uploadId=" in r.query
+            return r.method == "PUT" and r.path.endswith("/" + name)
+        proxy.configure(rate=1.0, kinds=(kind,), match=final_write, limit=1)
+        with open(m.path / name, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())  # returns once durable, after the retry
+        st = proxy.stats()
+        proxy.heal()
+        assert st["faults"].get(kind) == 1, (name, st)
+        proxy.counts.clear()
+        assert xxh(store_bytes(s3, bucket, name)) == xxh(body), name
+        assert xxh((m.path / name).read_bytes()) == xxh(body), name
     assert conflict_keys(s3, bucket) == []
     assert m.status()["conflicts"] == 0
+
+
+def test_store_down_while_writing(s3: Any, bucket: str, mounter: Any, proxy: FaultProxy
+                                  ) -> None:
+    """The store is unreachable for OUTAGE seconds while a writer keeps writing new files
+    (more than dirty_limit): the writer only slows down (back-pressure), no write fails,
+    nothing is lost, and every byte is in the store soon after the store is back."""
+    outage = 25.0
+    m = mounter(bucket, options=via(proxy, "part_size=5M,upload_delay=0.2,dirty_limit=24M,"
+                                    "read_timeout=10"))
+    (m.path / "o").mkdir()
+    want = {f"o/f{i:03d}": data(MiB + i, f"o{i}") for i in range(48)}  # 48 MiB > dirty_limit
+    lat: list[float] = []
+    errors: list[str] = []
+    done = threading.Event()
+    fsync_s: list[float] = []
+
+    def writer() -> None:
+        for k, b in want.items():
+            t = time.monotonic()
+            try:
+                with open(m.path / k, "wb") as fh:
+                    fh.write(b)
+            except OSError as exc:
+                errors.append(f"{k}: {exc!r}")
+            lat.append(time.monotonic() - t)
+        done.set()
+
+    def fsyncer() -> None:  # fsync=store waits for the store: it returns after the outage
+        t = time.monotonic()
+        with open(m.path / "o/synced", "wb") as fh:
+            fh.write(b"durable")
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_s.append(time.monotonic() - t)
+
+    proxy.down("reset")
+    t0 = time.monotonic()
+    th = [threading.Thread(target=writer, daemon=True),
+          threading.Thread(target=fsyncer, daemon=True)]
+    for t in th:
+        t.start()
+    while time.monotonic() - t0 < outage:
+        time.sleep(0.5)
+    dirty_during = m.status()["dirty_bytes"]
+    written_during = len(lat)
+    st = proxy.stats()
+    proxy.heal()
+    healed = time.monotonic()
+    for t in th:
+        t.join(timeout=180)
+    assert done.is_set() and fsync_s, "writers still blocked 180 s after the store came back"
+    m.flush(timeout=180)
+    durable_after = time.monotonic() - healed
+    lost = 0
+    for k, b in want.items():
+        got = store_bytes(s3, bucket, k)
+        if got != b:
+            lost += len(b)
+    assert store_bytes(s3, bucket, "o/synced") == b"durable"
+    record("store_down_while_writing", {
+        "outage_s": outage, "files_written": len(want), "bytes_written": sum(map(len,
+        want.values())), "write_errors": len(errors), "files_done_during_outage":
+        written_during, "dirty_bytes_during_outage": dirty_during, "dirty_limit": 24 * MiB,
+        "max_close_latency_s": round(max(lat), 1), "fsync_returned_after_s":
+        round(fsync_s[0], 1), "seconds_to_durable_after_heal": round(durable_after, 1),
+        "connections_refused": st["refused_while_down"], "bytes_lost": lost})
+    assert errors == []
+    assert lost == 0
+    assert fsync_s[0] >= outage - 1  # fsync=store did not lie during the outage
+
+
+@pytest.mark.xfail(strict=True, reason="create() looks the name up in the store first and "
+                   "fails with EIO once read_timeout passes (fs.create / namespace.lookup; "
+                   "see issue 7 report)")
+def test_create_during_outage_after_listing_expired(s3: Any, bucket: str, mounter: Any,
+                                                    proxy: FaultProxy) -> None:
+    """Creating a new file while the store is down, in a directory whose cached listing
+    has expired, must at most wait — not fail: the upload is conditional (If-None-Match),
+    so a name that did exist meanwhile ends up as a conflict copy, never lost."""
+    m = mounter(bucket, options=via(proxy, "read_timeout=3,list_ttl=1,entry_ttl=1,"
+                                    "negative_ttl=0,upload_delay=0.1"))
+    (m.path / "c").mkdir()
+    proxy.down("reset")
+    try:
+        time.sleep(1.5)  # the listing of c/ expires
+        (m.path / "c/new").write_bytes(b"written during the outage")
+    finally:
+        proxy.heal()
+    m.flush(timeout=60)
+    assert store_bytes(s3, bucket, "c/new") == b"written during the outage"
