@@ -115,6 +115,9 @@ class Filesystem(pyfuse3.Operations):
         self.ns = Namespace(cfg, self.client, index, self.metrics, self.wb)
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
+        # Stored files unlinked while open for reading: ino -> (ops id, path, key, etag).
+        # The DELETE waits for the last close so the open handles keep reading.
+        self.deferred: dict[int, tuple[int, str, str, str]] = {}
         self._next_fh = 1
         self.ttl = min(cfg.entry_ttl, MAX_TTL)
         self.initialized = trio.Event()
@@ -130,6 +133,9 @@ class Filesystem(pyfuse3.Operations):
         self.fetcher.nursery = nursery
         await nursery.start(self.wb.run)
         nursery.start_soon(self._housekeeping)
+        for oid, op in self.index.all_ops().items():
+            if op.get("op") == "delete":  # an unlink whose last close the crash prevented
+                await self._delete_version(op["key"], op["etag"], oid)
         ops = {oid: op for oid, op in self.index.all_ops().items()
                if op.get("op") == "rename_dir"}
         for op in ops.values():  # local files the crash left under the old name move too
@@ -139,6 +145,44 @@ class Filesystem(pyfuse3.Operations):
             log.info("resuming rename of %s to %s", op["src"], op["dst"])
             await self._move_prefix(op["src"], op["dst"], oid)
         return n
+
+    async def _delete_version(self, key: str, etag: str, oid: int) -> None:
+        """Delete ``key`` if it still is version ``etag``; a failure leaves the ops entry
+        for the next mount."""
+        try:
+            try:
+                info = await self.client.head(key)
+            except StoreError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                if info.etag == etag:
+                    await self.client.delete(key, patient=False)
+        except StoreError as exc:
+            log.warning("deferred delete of %s failed (%s); retried at the next mount", key, exc)
+            return
+        self.index.del_op(oid)
+
+    def _defer_delete(self, n: Node, etag: str) -> None:
+        oid = self.index.next_id()
+        key = self.ns.key(n.path)
+        self.index.put_op(oid, {"op": "delete", "key": key, "etag": etag})
+        self.deferred[n.ino] = (oid, n.path, key, etag)
+        self.ns.hidden[n.path] = etag
+
+    async def _finish_delete(self, ino: int) -> None:
+        oid, path, key, etag = self.deferred.pop(ino)
+        await self._delete_version(key, etag, oid)
+        if self.ns.hidden.get(path) == etag:
+            del self.ns.hidden[path]
+
+    async def _claim(self, path: str) -> None:
+        """A name is being reused: a deferred delete of the old object there happens now
+        (handles still open on it may then fail to read what is not cached)."""
+        if path in self.ns.hidden:
+            for ino, d in list(self.deferred.items()):
+                if d[1] == path:
+                    await self._finish_delete(ino)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -256,6 +300,7 @@ class Filesystem(pyfuse3.Operations):
                                            patient=False)
             n.attrs = new
             n.entry.meta = new.to_meta()
+            n.entry.marker = n.entry.marker or bool(n.path)
             return self._entry(n)
         if fields.update_size:
             if f is None:
@@ -344,6 +389,7 @@ class Filesystem(pyfuse3.Operations):
         parent = self.ns.node(parent_inode)
         path = self.ns.join(parent.path, _name(name))
         await self._must_not_exist(parent, _name(name))
+        await self._claim(path)
         attrs = Attrs(stat.S_IFDIR | (mode & 0o7777 & ~ctx.umask), ctx.uid, ctx.gid, time.time())
         await self.client.put_file(self.ns.dir_key(path), None, 0, attrs.to_meta(),
                                    patient=False)
@@ -367,7 +413,18 @@ class Filesystem(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._check_rw()
         parent = self.ns.node(parent_inode)
-        n = await self.ns.lookup(parent, _name(name))
+        try:
+            n = await self.ns.lookup(parent, _name(name))
+        except FsError as exc:
+            # A directory without a marker object vanishes from the store with its last
+            # entry while the kernel still shows it (rm -r unlinks the children first): it
+            # is removed already.
+            known = self.ns.nodes.get(self.ns.by_path.get(self.ns.join(parent.path,
+                                                                       _name(name)), 0))
+            if exc.errno == errno.ENOENT and known is not None and known.is_dir:
+                self.ns.drop_path(known.path)
+                return
+            raise
         if not n.is_dir:
             raise FsError(errno.ENOTDIR)
         if self.wb.under(n.path) or await self.ns.list_dir(n.path, force=True):
@@ -383,6 +440,7 @@ class Filesystem(pyfuse3.Operations):
         parent = self.ns.node(parent_inode)
         sname = _name(name)
         path = self.ns.join(parent.path, sname)
+        await self._claim(path)
         base = None
         try:
             existing = await self.ns.lookup(parent, sname)
@@ -486,6 +544,9 @@ class Filesystem(pyfuse3.Operations):
         h = self.handles.pop(fh)
         if h.dirty is not None:
             self.wb.released(h.dirty, h.writable)
+        if h.node.ino in self.deferred and not any(
+                o.node is h.node for o in self.handles.values()):
+            await self._finish_delete(h.node.ino)
 
     # names -------------------------------------------------------------------------------
     @handler
@@ -497,7 +558,10 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.EISDIR)
         f = await self.wb.unlink(n.path)
         store_etag = n.entry.etag or (f.base_etag if f else None)
-        if store_etag:
+        if store_etag and f is None and any(h.node is n for h in self.handles.values()):
+            # Open for reading from the store: delete at the last close, hide the name now.
+            self._defer_delete(n, store_etag)
+        elif store_etag:
             await self.client.delete(self.ns.key(n.path), patient=False)
         self.ns.set_entry(n.path, None)
         self.ns.by_path.pop(n.path, None)
@@ -510,6 +574,7 @@ class Filesystem(pyfuse3.Operations):
         sname = _name(name)
         await self._must_not_exist(parent, sname)
         path = self.ns.join(parent.path, sname)
+        await self._claim(path)
         attrs = Attrs(stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, time.time())
         f = await self.wb.create(path, attrs)
         await self.wb.write(f, 0, target)
@@ -538,6 +603,7 @@ class Filesystem(pyfuse3.Operations):
         dst = self.ns.join(new_parent.path, dst_name)
         if src == dst:
             return
+        await self._claim(dst)
         try:
             target: Node | None = await self.ns.lookup(new_parent, dst_name)
         except FsError as exc:
@@ -569,15 +635,16 @@ class Filesystem(pyfuse3.Operations):
 
     async def _rename_file(self, n: Node, src: str, dst: str, target: Node | None) -> None:
         dst_etag = target.entry.etag if target is not None and target.entry.etag else None
-        src_in_store = bool(n.entry.etag)
-        f = self.wb.files.get(src)
-        if f is not None and not f.deleted:
-            src_in_store = src_in_store or bool(f.base_etag)
-            await self.wb.rename(src, dst, dst_etag)
+        # wb.rename waits for an upload of src in flight and says what the store holds at src.
+        moved, src_etag = await self.wb.rename(src, dst, dst_etag)
+        if moved:
+            src_in_store = bool(src_etag)
         else:
+            src_in_store = bool(n.entry.etag)
+            # A local file at dst goes first: its upload must not land after the copy.
+            await self.wb.unlink(dst)
             etag = await self.client.copy(self.ns.key(src), self.ns.key(dst), None,
                                           n.entry.size, patient=False)
-            await self.wb.unlink(dst)
             n.entry = Entry(False, n.entry.size, etag, n.entry.mtime, n.entry.meta)
         if src_in_store:
             await self.client.delete(self.ns.key(src), patient=False)

@@ -85,6 +85,9 @@ class Namespace:
         self._next_ino = ROOT_INO + 1
         self.listings: dict[str, Listing] = {}
         self.negative: dict[str, float] = {}
+        # path -> ETag of a stored version unlinked while open (deleted at the last close):
+        # listings and probes do not show it meanwhile.
+        self.hidden: dict[str, str] = {}
         self._heads: dict[str, trio.Event] = {}
         self._clash_logged: set[str] = set()
         root = Entry(True, mtime=time.time())
@@ -134,6 +137,11 @@ class Namespace:
             new_version = (from_store and not e.is_dir and bool(n.entry.etag) and bool(e.etag)
                            and n.entry.etag != e.etag and path not in self.wb.files)
             if n.is_dir == e.is_dir and not new_version:
+                if e.is_dir and e.meta is None and n.entry.meta is not None:
+                    # A listing shows a directory as a bare prefix: keep the attributes we
+                    # know (mkdir, chmod) instead of falling back to the mount's defaults.
+                    e.meta, e.marker = n.entry.meta, e.marker or n.entry.marker
+                    attrs = self._attrs(e)
                 n.entry, n.attrs, n.validated = e, attrs, time.monotonic()
                 return n
             self.by_path.pop(path, None)  # type or version changed: a new inode
@@ -196,6 +204,9 @@ class Namespace:
             token = page.next_token
             if not token:
                 break
+        for name in [k for k, e in entries.items() if not e.is_dir and e.etag
+                     and self.hidden.get(self.join(path, k)) == e.etag]:
+            del entries[name]
         self._load_meta(entries, pre)
         self.listings[path] = Listing(entries, time.monotonic())
         if self.cfg.metadata == "head":
@@ -311,7 +322,7 @@ class Namespace:
                 self._clash(key + "/")
             return Entry(True, mtime=time.time())
         info = result.get("head")
-        if isinstance(info, ObjectInfo):
+        if isinstance(info, ObjectInfo) and self.hidden.get(path) != info.etag:
             e = Entry(False, info.size, info.etag, info.mtime, info.metadata or {})
             self.index.put_meta(ident_of(self.bucket, key, info.etag), e.meta or {})
             return e

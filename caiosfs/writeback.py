@@ -161,6 +161,7 @@ class WriteBack:
         old = self.files.get(path)
         if old is not None:
             await self._retire(old)
+            base_etag = old.base_etag  # what the store holds now (its upload may have landed)
         f = self._new(path, base_etag, attrs)
         self._journal(f)
         self._update_gauges()
@@ -423,11 +424,21 @@ class WriteBack:
             else:
                 etag = await self._multipart(f, size, meta, cond)
         except PreconditionFailed:
-            await self._conflict(f, size, meta)
+            if f.base_etag is not None and not await self._exists(f.key):
+                self._gone(f)
+                return
+            etag = await self._conflict(f, size, meta)
+        except StoreError as exc:
+            # If-Match on a key deleted meanwhile is NoSuchKey on AWS S3 (412 elsewhere).
+            if exc.code != "NoSuchKey" or f.base_etag is None:
+                raise
+            self._gone(f)
             return
-        if f.deleted or self.files.get(f.path) is not f:
-            return  # unlinked or renamed away during the upload: handled by that operation
+        # The store now holds this version at f.key, even if the file was unlinked during the
+        # upload: whoever unlinks or replaces it must know there is an object to delete.
         f.base_etag = etag
+        if f.deleted or self.files.get(f.path) is not f:
+            return  # unlinked during the upload: handled by that operation
         f.uploaded_gen = gen
         f.stream = None
         self.metrics.uploads_done.inc()
@@ -482,8 +493,29 @@ class WriteBack:
         st.etags[p] = (etag, length)
         self._progress.set()
 
+    async def _exists(self, key: str) -> bool:
+        try:
+            await self.store.head(key)
+        except StoreError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def _gone(self, f: DirtyFile) -> None:
+        """The object we modified was deleted in the store meanwhile: nothing of anyone else
+        to keep, so ours is written as a new object (If-None-Match) right away."""
+        log.warning("%s was deleted in the store while it had local changes; uploading ours "
+                    "as a new object", f.key)
+        f.base_etag = None
+        self._journal(f)
+        self.schedule(f, 0)
+
     async def _conflict(self, f: DirtyFile, size: int, meta: dict[str, str]) -> str:
-        """The object changed in the store since our version: keep both."""
+        """The object changed in the store since our version: keep both. The store's
+        version stays at the key; ours goes to ``<key>.conflict-<UTC time>-<id>``, and the
+        local file lives on under that name (later writes through open handles go there).
+        Returns the sibling's ETag."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         side = f"{f.key}.conflict-{stamp}-{f.fid}"
         self.metrics.conflicts.inc()
@@ -496,15 +528,20 @@ class WriteBack:
             for i, off in enumerate(range(0, size, ps)):
                 etags.append(await self.store.upload_part(side, uid, PartSource(
                     i + 1, str(f.data_path), off, min(ps, size - off))))
-            await self.store.complete_multipart(side, uid, etags)
+            etag = await self.store.complete_multipart(side, uid, etags)
         else:
-            await self.store.put_file(side, str(f.data_path), size, meta)
+            etag = await self.store.put_file(side, str(f.data_path), size, meta)
         # Our data is safe in the sibling; the path shows the store's version again.
-        f.deleted = True
-        self.index.del_journal(f.fid)
         self.on_uploaded(f, "")
-        if f.handles == 0:
-            self._forget(f)
+        if f.stream is not None and f.stream.upload_id:
+            await self._abort(f.key, f.stream.upload_id)
+        f.stream = None
+        if not f.deleted:
+            if self.files.get(f.path) is f:
+                del self.files[f.path]
+            f.path, f.key = side[len(self.prefix):], side
+            self.files[f.path] = f
+        return etag
 
     async def _abort(self, key: str, upload_id: str) -> None:
         try:
@@ -557,18 +594,25 @@ class WriteBack:
             await self._retire(f)
         return f
 
-    async def rename(self, src: str, dst: str, dst_etag: str | None) -> bool:
-        """Move a dirty file to a new path; True if there was one. The old object (if any)
-        is deleted by the caller."""
+    async def rename(self, src: str, dst: str, dst_etag: str | None
+                     ) -> tuple[bool, str | None]:
+        """Move a dirty file to a new path. Returns (moved, etag of the object the store
+        holds at ``src`` for it, if any): the caller deletes that object. (False, None) when
+        there is no local file at ``src`` (any more: an upload that finished meanwhile may
+        have released it, and the caller moves the store object instead)."""
         f = self.files.get(src)
-        if f is None:
-            return False
-        await self._wait_upload(f)
+        if f is None or f.deleted:
+            return False, None
         old = self.files.get(dst)
         if old is not None:
             await self._retire(old)
-        if f.stream is not None and f.stream.upload_id:
-            await self._abort(f.key, f.stream.upload_id)
+            dst_etag = old.base_etag  # what the store holds at dst now
+        await self._wait_upload(f)
+        if self.files.get(src) is not f or f.deleted:
+            return False, None
+        # No checkpoint from here until the file is re-keyed: no upload can start under the
+        # old key and then be taken for an upload of the new one.
+        st, src_key, src_etag = f.stream, f.key, f.base_etag
         f.stream = None
         del self.files[src]
         f.path, f.key, f.base_etag = dst, self.key_of(dst), dst_etag
@@ -578,7 +622,9 @@ class WriteBack:
         self._journal(f)
         if f.writers == 0:
             self.schedule(f, self.upload_delay)
-        return True
+        if st is not None and st.upload_id:
+            await self._abort(src_key, st.upload_id)
+        return True, src_etag
 
     # crash recovery ----------------------------------------------------------------------
     async def rekey_journal(self, src_key: str, dst_key: str) -> None:
