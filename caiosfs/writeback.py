@@ -105,7 +105,10 @@ class WriteBack:
         self.files: dict[str, DirtyFile] = {}
         self._due: dict[int, float] = {}  # fid -> when to upload
         self._kick = trio.Event()
-        self._progress = trio.Event()  # set whenever an upload finishes
+        # Set (and replaced) whenever an upload or part finishes. Waiters take the current
+        # event *before* starting what they wait for and never replace it themselves, so no
+        # wake-up is lost (a lost one cost a full 1 s timeout per flush round).
+        self._progress = trio.Event()
         self.nursery: trio.Nursery | None = None
         self.file_limiter = trio.CapacityLimiter(8)
         self.errors = 0
@@ -212,10 +215,10 @@ class WriteBack:
                         self._due[other.fid] = 0
                 if f.stream is None and f.size >= self.part_size:
                     self._due.setdefault(f.fid, time.monotonic() + 3600)
+                ev = self._progress
                 self._kick.set()
-                self._progress = trio.Event()
                 with trio.move_on_after(1):
-                    await self._progress.wait()
+                    await ev.wait()
                 # A single file larger than the limit streams its parts: let it proceed.
                 if all(o is f or o.clean for o in self.files.values()):
                     return
@@ -287,7 +290,7 @@ class WriteBack:
             st.sending.discard(p)
         if st.part_gen.get(p, 0) == gen and f.stream is st:
             st.etags[p] = (etag, length)
-        self._progress.set()
+        self._signal_progress()
 
     # closing and syncing -----------------------------------------------------------------
     def opened(self, f: DirtyFile, writable: bool) -> None:
@@ -335,13 +338,13 @@ class WriteBack:
             pending = [f for f in self.files.values() if not f.clean and not f.deleted]
             if not pending:
                 return
+            ev = self._progress
             for f in pending:
                 self.schedule(f, 0)
             if progress:
                 await progress({"files": len(pending), "bytes": sum(f.size for f in pending)})
-            self._progress = trio.Event()
             with trio.move_on_after(1):
-                await self._progress.wait()
+                await ev.wait()
 
     # uploading ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -394,9 +397,13 @@ class WriteBack:
             self.schedule(f, 30)
         finally:
             f.uploading = False
-            self._progress.set()
+            self._signal_progress()
             self._notify(f)
             self._update_gauges()
+
+    def _signal_progress(self) -> None:
+        ev, self._progress = self._progress, trio.Event()
+        ev.set()
 
     @staticmethod
     def _notify(f: DirtyFile) -> None:
@@ -467,9 +474,9 @@ class WriteBack:
         nparts = (size + ps - 1) // ps
         # Wait for parts already being sent, then send what is missing in parallel.
         while st.sending:
-            self._progress = trio.Event()
+            ev = self._progress
             with trio.move_on_after(0.5):
-                await self._progress.wait()
+                await ev.wait()
         todo = []
         for p in range(1, nparts + 1):
             length = min(ps, size - (p - 1) * ps)
@@ -491,7 +498,7 @@ class WriteBack:
         etag = await self.store.upload_part(f.key, st.upload_id, PartSource(
             p, str(f.data_path), (p - 1) * st.part_size, length))
         st.etags[p] = (etag, length)
-        self._progress.set()
+        self._signal_progress()
 
     async def _exists(self, key: str) -> bool:
         try:
