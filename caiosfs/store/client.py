@@ -150,17 +150,15 @@ class StoreClient:
     async def put_file(self, key: str, path: str | None, size: int, metadata: dict[str, str],
                        if_match: str | None = None, if_none_match: bool = False,
                        patient: bool = True) -> str:
-        failed: list[StoreError] = []
         try:
             return await self._run("put", self.store.put_file, key, path, size, metadata,
                                    if_match, if_none_match, limiter=self.write_limiter,
                                    deadline=None if patient else self.read_timeout,
-                                   nbytes_out=size, failed=failed)
+                                   nbytes_out=size)
         except PreconditionFailed:
-            if not failed:
-                raise
-            # An earlier attempt may have been applied with its response lost (reset,
-            # truncated, timed out): then the 'change' the retry sees is our own write.
+            # The 'change' may be our own write: an earlier attempt applied with its response
+            # lost (reset, truncated, timed out), or an upload that completed just before a
+            # crash, replayed from the journal. Conflicts are rare: checking costs one HEAD.
             def md5() -> str:
                 h = hashlib.md5()
                 if path is not None and size:
@@ -196,11 +194,12 @@ class StoreClient:
                                    upload_id, etags, if_match, if_none_match,
                                    limiter=self.write_limiter, deadline=None, failed=failed)
         except StoreError as exc:
-            if not failed or not (isinstance(exc, PreconditionFailed)
-                                  or exc.code == "NoSuchUpload"):
+            if not (isinstance(exc, PreconditionFailed)
+                    or exc.code == "NoSuchUpload" and failed):
                 raise
-            # An earlier attempt completed the upload but its response was lost: the object
-            # now in the store has the ETag S3 gives a multipart object made of our parts.
+            # An earlier attempt (or, replayed after a crash, an earlier upload) completed
+            # with our parts: the object in the store then has the ETag S3 gives a multipart
+            # object made of them.
             digest = hashlib.md5(b"".join(bytes.fromhex(e.strip('"')) for e in etags))
             etag = await self._ours(key, f'"{digest.hexdigest()}-{len(etags)}"', None)
             if etag is None:
