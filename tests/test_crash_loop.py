@@ -176,7 +176,7 @@ class Model:
             elif kind == "BRD":
                 src, dst = ev[2], ev[3]
                 for p in list(self.files) + list(self.unknown):
-                    if p.startswith(src + "/") or p.startswith(dst + "/"):
+                    if p.startswith((src + "/", dst + "/")):
                         self.unknown.add(p)
                 self.unknown |= {src + "/*", dst + "/*"}
             elif kind == "RD":
@@ -237,7 +237,8 @@ def kill(pid: int, mountpoint: Path) -> None:
             time.sleep(0.01)
         except ProcessLookupError:
             break
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True,
+                   check=False)
 
 
 def fsck(cache_dir: Path, repair: bool = False) -> tuple[int, dict[str, int]]:
@@ -267,7 +268,8 @@ def test_crash_loop(s3: Any, bucket: str, mounter: Any, tmp_path: Path) -> None:
     seeded_x = json.dumps(seeded)
     assert data(3 * MiB + 5, "x") == subprocess.run(
         [sys.executable, "-c", WORKER.split("root, seed")[0] +
-         "sys.stdout.buffer.write(data(3 * 2**20 + 5, 'x'))"], capture_output=True).stdout
+         "sys.stdout.buffer.write(data(3 * 2**20 + 5, 'x'))"], capture_output=True,
+        check=True).stdout
     for rnd in range(ROUNDS):
         pid = daemon_pid(m.path)
         log = tmp_path / f"log{rnd}"
