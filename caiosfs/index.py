@@ -1,7 +1,14 @@
 """The LMDB index of the cache directory — every sub-database and value layout, in one place.
 
-Environment: ``<cache_dir>/index.lmdb`` (one per cache directory; the directory is held by
-one mount at a time, see :mod:`caiosfs.cache` ``lock_cache_dir``).
+Two environments per cache directory (the directory is held by one mount at a time, see
+:mod:`caiosfs.cache` ``lock_cache_dir``):
+
+- ``<cache_dir>/journal.lmdb`` holds what must never be lost — ``journal``, ``ops``, ``state``
+  — and is opened with ``sync=True``: a commit is on disk when it returns.
+- ``<cache_dir>/index.lmdb`` holds what can be rebuilt — ``blocks``, ``meta`` — and commits
+  without fsync (every commit still reaches the OS, so a killed daemon loses nothing; a
+  power loss can lose recent entries, whose blocks are then fetched again). If it cannot be
+  opened after a crash, it is recreated empty and the block files are discarded.
 
 Sub-databases
 -------------
@@ -27,6 +34,8 @@ Sub-databases
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import struct
 import time
 from collections.abc import Iterator
@@ -35,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+
+log = logging.getLogger(__name__)
 
 _HDR = struct.Struct(">dQQ")
 BLOCK_KEY_SUFFIX = struct.Struct(">Q")
@@ -72,18 +83,32 @@ class BlockEntry:
 
 class Index:
     def __init__(self, path: Path, map_size: int = 64 << 30) -> None:
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True,
-                             # data blocks are verified by checksum, and the journal is
-                             # written with explicit syncs (see sync()).
-                             sync=True, metasync=True, lock=True, max_readers=256)
+        path = Path(path)
+        self.env = self._open_cache_env(path, map_size)
+        self.jenv = lmdb.open(str(path.parent / "journal.lmdb"), map_size=4 << 30, max_dbs=4,
+                              subdir=True, sync=True, metasync=True, lock=True)
         self.blocks = self.env.open_db(b"blocks")
-        self.journal = self.env.open_db(b"journal")
-        self.ops = self.env.open_db(b"ops")
         self.meta = self.env.open_db(b"meta")
-        self.state = self.env.open_db(b"state")
+        self.journal = self.jenv.open_db(b"journal")
+        self.ops = self.jenv.open_db(b"ops")
+        self.state = self.jenv.open_db(b"state")
+
+    @staticmethod
+    def _open_cache_env(path: Path, map_size: int) -> lmdb.Environment:
+        def open_env() -> lmdb.Environment:
+            return lmdb.open(str(path), map_size=map_size, max_dbs=4, subdir=True,
+                             sync=False, metasync=False, lock=True, max_readers=256)
+        try:
+            return open_env()
+        except lmdb.Error as exc:
+            log.error("cache index %s unreadable (%s): starting with an empty cache", path, exc)
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path.parent / "blocks", ignore_errors=True)
+            return open_env()
 
     def close(self) -> None:
         self.env.close()
+        self.jenv.close()
 
     # blocks ----------------------------------------------------------------------------
     def get_block(self, ident: bytes, blockno: int) -> BlockEntry | None:
@@ -125,7 +150,7 @@ class Index:
 
     # ids ---------------------------------------------------------------------------------
     def next_id(self) -> int:
-        with self.env.begin(db=self.state, write=True) as txn:
+        with self.jenv.begin(db=self.state, write=True) as txn:
             raw = txn.get(b"next_id")
             n = struct.unpack(">Q", raw)[0] + 1 if raw else 1
             txn.put(b"next_id", struct.pack(">Q", n))
@@ -133,15 +158,15 @@ class Index:
 
     # journal / ops -----------------------------------------------------------------------
     def _put_json(self, db: Any, ident: int, value: dict[str, Any]) -> None:
-        with self.env.begin(db=db, write=True) as txn:
+        with self.jenv.begin(db=db, write=True) as txn:
             txn.put(struct.pack(">Q", ident), json.dumps(value).encode())
 
     def _all_json(self, db: Any) -> dict[int, dict[str, Any]]:
-        with self.env.begin(db=db) as txn:
+        with self.jenv.begin(db=db) as txn:
             return {struct.unpack(">Q", k)[0]: json.loads(bytes(v)) for k, v in txn.cursor()}
 
     def _del(self, db: Any, ident: int) -> None:
-        with self.env.begin(db=db, write=True) as txn:
+        with self.jenv.begin(db=db, write=True) as txn:
             txn.delete(struct.pack(">Q", ident))
 
     def put_journal(self, fid: int, value: dict[str, Any]) -> None:
@@ -173,6 +198,7 @@ class Index:
             txn.put(ident, json.dumps(meta).encode())
 
     def sync(self) -> None:
+        """Force the cache index to disk (the journal is always synchronous)."""
         self.env.sync(True)
 
 
