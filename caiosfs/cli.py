@@ -39,8 +39,8 @@ mount options (-o name[=value],...):
 {options_help()}
 
 profiles set several options at once (explicit options win):
-  dataset     immutable data: entry/list TTL infinite, negative TTL 60s, metadata=list
-  devbox      workdirs: TTLs 5s, negative TTL 1s, upload 1s after close
+  dataset     immutable data: entry/list TTL infinite, negative TTL 60s
+  devbox      workdirs: TTLs 5s, negative TTL 1s, upload 1s after close, metadata=head
   checkpoint  large writes: entry TTL 300s, list TTL 60s, upload 0.5s after close
 
 examples:

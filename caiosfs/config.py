@@ -86,7 +86,7 @@ OPTIONS: list[Option] = [
     Option("aws_profile", str, None, "Section of the credentials file to use (default: "
            "$AWS_PROFILE, else 'default').", "NAME"),
     Option("profile", str, "default", "Preset of TTLs and behaviour: dataset (immutable data: "
-           "infinite TTLs, no metadata HEADs), devbox (small files, short TTLs), checkpoint "
+           "infinite TTLs), devbox (small files, short TTLs, metadata=head), checkpoint "
            "(large sequential writes, long TTLs). Explicit options override the preset.", "NAME"),
     Option("cache_dir", str, None, "Local block cache and write journal (put it on NVMe). "
            "Default: /var/cache/caiosfs as root, else ~/.cache/caiosfs.", "DIR"),
@@ -123,9 +123,12 @@ OPTIONS: list[Option] = [
            "SECONDS"),
     Option("negative_ttl", parse_seconds, 5.0, "Seconds a 'no such file' answer is trusted.",
            "SECONDS"),
-    Option("metadata", str, "head", "Where mode/uid/gid/mtime/symlinks come from: 'head' reads "
-           "each object's x-amz-meta-* once (parallel HEADs after a listing, cached by ETag); "
-           "'list' trusts the listing alone and uses the mount defaults.", "head|list"),
+    Option("metadata", str, "list", "Where stat results come from: 'list' uses the listing "
+           "(size, ETag, Last-Modified) plus x-amz-meta-* already known (written or looked up "
+           "here, remembered by ETag), else the mount defaults: no request per entry. 'head' "
+           "also reads each listed object's x-amz-meta-* once (parallel HEADs after a "
+           "listing), so modes and symlinks written by other clients show in 'ls -l' (the "
+           "devbox profile's choice).", "list|head"),
     Option("fsync", str, "store", "What fsync waits for: 'store' (durable in the object store) "
            "or 'local' (durable on the local cache disk, uploaded soon after).", "store|local"),
     Option("upload_delay", parse_seconds, 1.0, "Seconds after the last close before a file is "
@@ -147,7 +150,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "dataset": {"entry_ttl": float("inf"), "list_ttl": float("inf"), "negative_ttl": 60.0,
                 "metadata": "list"},
-    "devbox": {"entry_ttl": 5.0, "list_ttl": 5.0, "negative_ttl": 1.0, "upload_delay": 1.0},
+    "devbox": {"entry_ttl": 5.0, "list_ttl": 5.0, "negative_ttl": 1.0, "upload_delay": 1.0,
+               "metadata": "head"},
     "checkpoint": {"entry_ttl": 300.0, "list_ttl": 60.0, "negative_ttl": 1.0,
                    "upload_delay": 0.5},
 }

@@ -37,6 +37,7 @@ def test_source_and_options() -> None:
     cfg = build_config("s3://bkt/p", "endpoint=caios,cache_size=2G,profile=dataset,ro")
     assert cfg.endpoint == "https://cwobject.com" and cfg.cache_size == 2 << 30
     assert cfg.entry_ttl == float("inf") and cfg.metadata == "list" and cfg.ro
+    assert build_config("s3://b1b", "profile=devbox").metadata == "head"
     assert build_config("s3://b1b", "endpoint=lota").endpoint == "http://cwlota.com"
     assert not build_config("s3://b1b", "endpoint=caios").path_style
     # explicit options beat the profile
