@@ -8,9 +8,11 @@ ENOSPC (or makes them wait), keeps reads correct, and never kills the mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
+import shutil
 import subprocess
 import threading
 import time
@@ -240,7 +242,9 @@ def test_cache_disk_full(s3: Any, bucket: str, mounter: Any, tmpfs: Any) -> None
     seeded["later"] = data(12 * MiB + 5, "full-later")  # first read once the disk is full
     for k, b in seeded.items():
         s3.put_object(Bucket=bucket, Key=k, Body=b)
-    m = mounter(bucket, cache_dir=cache, options="upload_delay=0.2,read_timeout=20")
+    # (the daemon's log goes beside the full disk, not on it)
+    m = mounter(bucket, cache_dir=cache, options="upload_delay=0.2,read_timeout=20,"
+                f"log_file={cache.parent.parent / 'full-disk-caiosfs.log'}")
     for i in range(3):
         assert xxh((m.path / f"s{i}").read_bytes()) == xxh(seeded[f"s{i}"])
     # A write far bigger than the disk.
@@ -249,8 +253,7 @@ def test_cache_disk_full(s3: Any, bucket: str, mounter: Any, tmpfs: Any) -> None
     err: OSError | None = None
     try:
         with open(m.path / "too-big", "wb") as fh:
-            for off in range(0, len(big), MiB):
-                fh.write(big[off:off + MiB])
+            fh.writelines(big[off:off + MiB] for off in range(0, len(big), MiB))
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
@@ -259,12 +262,41 @@ def test_cache_disk_full(s3: Any, bucket: str, mounter: Any, tmpfs: Any) -> None
     assert err is not None, "100 MiB fitted on a 64 MiB disk?"
     assert err.errno == errno.ENOSPC, f"{err!r} after {took:.1f}s"
     assert took < 60
-    # The mount is alive: status answers, reads are right, even uncached ones.
+    # The mount is alive: status answers, reads are right.
     st = m.status()
     assert st["pid"]
-    for k, b in seeded.items():
-        assert xxh(read_fresh(m.path / k)) == xxh(b), k
-    # Free the space: the failed file goes, and writing works again.
+    for i in range(3):
+        assert xxh(read_fresh(m.path / f"s{i}")) == xxh(seeded[f"s{i}"])
+    # Now something else fills the disk to the last byte: reads of objects that cannot be
+    # cached must still be right, writes fail with ENOSPC, nothing hangs.
+    filler = cache.parent / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for piece in (MiB, 4096, 1):
+            try:
+                while os.write(fd, b"\1" * piece):
+                    pass
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    free = shutil.disk_usage(cache).free
+    assert free < 64 * 1024, f"the disk is not full ({free} bytes free)"
+    assert xxh(read_fresh(m.path / "later")) == xxh(seeded["later"])
+    for i in range(3):
+        assert xxh(read_fresh(m.path / f"s{i}")) == xxh(seeded[f"s{i}"])
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as full_err, open(m.path / "no-room", "wb") as fh:
+        fh.write(data(3 * MiB, "no-room"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    assert full_err.value.errno == errno.ENOSPC, full_err.value
+    assert time.monotonic() - t0 < 60
+    assert m.status()["pid"]
+    filler.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(m.path / "no-room")
+    # Space is free again: the failed file goes, and writing works again.
     os.unlink(m.path / "too-big")
     small = data(2 * MiB, "after")
     (m.path / "after").write_bytes(small)
