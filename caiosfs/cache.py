@@ -18,6 +18,7 @@ import shutil
 from collections import OrderedDict
 from pathlib import Path
 
+import lmdb
 import xxhash
 
 from .errors import UserError
@@ -25,6 +26,13 @@ from .index import BlockEntry, Index, now
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def index_error(exc: lmdb.Error) -> OSError:
+    """An LMDB failure as the OSError it is (a full disk, mostly), so callers handle it as
+    cache trouble instead of letting an unknown exception kill the mount."""
+    full = isinstance(exc, lmdb.MapFullError) or "No space" in str(exc)
+    return OSError(errno.ENOSPC if full else errno.EIO, f"cache index: {exc}")
 
 
 def lock_cache_dir(cache_dir: Path) -> int:
@@ -96,9 +104,11 @@ class ChunkWriter:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            os.pwrite(fd, data, idx * c.chunk_size)
+            n = os.pwrite(fd, data, idx * c.chunk_size)
         finally:
             os.close(fd)
+        if n != len(data):  # a short write: the disk filled up
+            raise OSError(errno.ENOSPC, f"short write to the cache ({n} of {len(data)})")
         self.done.append((chunk, xxhash.xxh3_64_intdigest(data)))
 
 
@@ -202,8 +212,12 @@ class BlockCache:
         entry.present &= ~(1 << idx)
         entry.sums[idx] = 0
         entry.nbytes = max(0, entry.nbytes - nbytes)
+        try:
+            self.index.put_block(ident, blockno, entry)
+        except lmdb.Error as exc:  # still listed, but it fails its checksum every time
+            log.warning("could not drop a bad cache chunk from the index: %s", exc)
+            return
         self.used = max(0, self.used - nbytes)
-        self.index.put_block(ident, blockno, entry)
         self.metrics.cache_bytes.set(self.used)
 
     def advise(self, ident: bytes, start: int, end: int) -> None:
@@ -234,6 +248,7 @@ class BlockCache:
         cpb = self.chunks_per_block
         updates: dict[tuple[bytes, int], BlockEntry | None] = {}
         t = now()
+        added = 0
         for chunk, csum in chunks:
             blockno, idx = divmod(chunk, cpb)
             entry = updates.get((ident, blockno))
@@ -243,12 +258,16 @@ class BlockCache:
             n = self.chunk_len(chunk, obj_size)
             if not entry.present >> idx & 1:
                 entry.nbytes += n
-                self.used += n
+                added += n
             entry.present |= 1 << idx
             entry.sums[idx] = csum
             entry.atime = t
             self.metrics.cache_miss_chunks.inc()
-        self.index.update_blocks(updates)
+        try:
+            self.index.update_blocks(updates)
+        except lmdb.Error as exc:  # not recorded: the chunks stay unknown, fetched again
+            raise index_error(exc) from None
+        self.used += added
         self.metrics.cache_bytes.set(self.used)
 
     # invalidation and eviction -----------------------------------------------------------
@@ -280,7 +299,10 @@ class BlockCache:
                 e.atime = max(e.atime, t)
                 updates[(ident, blockno)] = e
         self._atimes.clear()
-        self.index.update_blocks(updates)
+        try:
+            self.index.update_blocks(updates)
+        except lmdb.Error as exc:  # access times only steer eviction: best effort
+            log.warning("cache access times not saved: %s", exc)
 
     def over_limit(self) -> bool:
         return self.used > self.cache_size
@@ -311,7 +333,10 @@ class BlockCache:
                 v = self._verified.pop((ident, blockno * self.chunks_per_block + idx), None)
                 if v is not None:
                     self._verified_bytes -= len(v)
-        self.index.update_blocks(updates)
+        try:
+            self.index.update_blocks(updates)
+        except lmdb.Error as exc:  # files gone, entries left: they fail their checksums
+            raise index_error(exc) from None
         self.used -= freed
         self.metrics.cache_evicted_bytes.inc(freed)
         self.metrics.cache_bytes.set(self.used)

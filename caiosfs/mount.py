@@ -110,6 +110,31 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
         log.info("could not set read_ahead_kb (%s); kernel default stays", exc.strerror)
 
 
+def reserve_index_space(data_file: Path, cache_size: int) -> None:
+    """Preallocate room for the LMDB index, so it stays writable on a full cache disk.
+
+    LMDB copies pages on write: every commit — even one that deletes a journal entry or
+    records that a block was evicted — needs free pages, and grows the file when it has
+    none. When dirty data has filled the disk, a commit that grows the file fails, and the
+    one that fails may be in a background task. Space allocated here keeps the index's
+    commits inside the file (LMDB reuses freed pages, so a cache index rarely outgrows it).
+    """
+    want = max(8 << 20, min(64 << 20, cache_size // 1024))
+    try:
+        fd = os.open(data_file, os.O_RDWR)
+    except OSError as exc:
+        log.warning("cannot reserve space for the cache index: %s", exc.strerror)
+        return
+    try:
+        if os.fstat(fd).st_size < want:
+            os.posix_fallocate(fd, 0, want)
+    except OSError as exc:
+        log.warning("cannot reserve %d MiB for the cache index: %s", want >> 20,
+                    exc.strerror)
+    finally:
+        os.close(fd)
+
+
 def build_store(cfg: MountConfig) -> Any:
     from .store.s3 import S3Store
     return S3Store(cfg.source.bucket, cfg.endpoint, cfg.region, cfg.path_style,
@@ -175,6 +200,7 @@ def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], Non
     lockfd = lock_cache_dir(cfg.cache_dir)
     setup_logging(cfg, foreground)
     index = Index(cfg.cache_dir / "index.lmdb")
+    reserve_index_space(cfg.cache_dir / "index.lmdb" / "data.mdb", cfg.cache_size)
     store = build_store(cfg)
     try:
         store.check_bucket()

@@ -94,6 +94,11 @@ class Readahead:
         return sequential
 
 
+class CacheWriteError(FsError):
+    """Fetched bytes could not be stored in the cache (disk full, read-only, I/O error):
+    the read can still be served straight from the store."""
+
+
 @dataclass
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
@@ -166,6 +171,24 @@ class Fetcher:
             if f.error is not None:
                 raise f.error
 
+    async def direct(self, obj: ObjRef, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) straight from the store, bypassing the cache — for
+        when the cache cannot take them. Charged to the memory budget like any fetch."""
+        buf = bytearray(size)
+
+        def sink(off: int, piece: bytes) -> None:
+            buf[off - offset:off - offset + len(piece)] = piece
+        await self.budget.acquire(size)
+        try:
+            await self.store.get_range(obj.key, offset, size, obj.etag, sink)
+        except PreconditionFailed as exc:
+            raise FsError(errno.ESTALE, f"{obj.key} changed in the store while reading"
+                          ) from exc
+        finally:
+            self.budget.release(size)
+        self.metrics.cache_miss_bytes.inc(size)
+        return bytes(buf)
+
     def prefetch(self, obj: ObjRef, first: int, last: int) -> None:
         runs, _ = self._plan(obj, first, last)
         self._launch(obj, runs)
@@ -199,8 +222,20 @@ class Fetcher:
                     self._failed[(ident, c)] = (t, exc)
         except OSError as exc:
             log.error("cache write failed for %s: %s", obj.key, exc.strerror)
-            flight.error = FsError(exc.errno or errno.EIO, f"cache write failed: {exc.strerror}")
-        except BaseException as exc:  # never leave waiters hanging
+            flight.error = CacheWriteError(exc.errno or errno.EIO,
+                                           f"cache write failed: {exc.strerror}")
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The disk is full (of dirty data, or of other things): clean blocks make
+                # room, least recently used first.
+                try:
+                    self.cache.evict(max(0, self.cache.used - 2 * length
+                                         - self.cache.block_size), protect={ident})
+                except OSError as exc2:
+                    log.error("could not evict to make room: %s", exc2.strerror)
+        except Exception as exc:  # a bug in one fetch must not take the mount down
+            log.exception("fetch of %s failed unexpectedly", obj.key)
+            flight.error = FsError(errno.EIO, f"fetch failed: {exc!r}")
+        except BaseException as exc:  # cancelled: never leave waiters hanging
             flight.error = FsError(errno.EIO, f"fetch failed: {exc!r}")
             raise
         finally:
@@ -233,14 +268,21 @@ class Reader:
         end = offset + size
         cs = self.cache.chunk_size
         seq = ra.observe(offset, size)
-        for attempt in range(3):
+        for _attempt in range(3):
             data = self.cache.read(obj.ident, offset, size, obj.size)
             if data is not None:
                 break
             last = (end - 1) // cs
-            await self.fetcher.ensure(obj, offset // cs, last)
+            try:
+                await self.fetcher.ensure(obj, offset // cs, last)
+            except CacheWriteError:
+                return await self.fetcher.direct(obj, offset, size)
         else:
-            raise FsError(errno.EIO, f"{obj.key}: cached data kept failing verification")
+            # The cache cannot hold verified copies of these chunks (its disk corrupts
+            # them, or its index cannot be updated): the store still has the bytes.
+            log.warning("%s: cached data kept failing verification; reading it directly",
+                        obj.key)
+            return await self.fetcher.direct(obj, offset, size)
         if seq and ra.window:
             self._readahead(obj, ra, end)
             if ra.advised_until < end + ra.window // 2:

@@ -248,15 +248,16 @@ class S3Store:
         got = 0
         try:
             while got < length:
-                piece = body.read(min(READ_PIECE, length - got))
+                try:
+                    piece = body.read(min(READ_PIECE, length - got))
+                except Exception as exc:
+                    raise translate(exc) from exc
                 if not piece:
                     break
+                # The sink's own errors (the cache disk full, ...) are local trouble, not
+                # the store's: they pass through untranslated and are not retried.
                 sink(start + got, piece)
                 got += len(piece)
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise translate(exc) from exc
         finally:
             body.close()
         if got != length:
