@@ -141,8 +141,39 @@ def build_store(cfg: MountConfig) -> Any:
                    cfg.credentials_file, cfg.aws_profile, max_connections=cfg.parallel * 2 + 8)
 
 
+def harden_process() -> None:
+    """No core dumps, not dumpable: this process holds the store's credentials.
+
+    Also a private umask: everything the daemon creates in cache_dir (LMDB files, block
+    files, logs) is readable by its owner only, whatever the caller's umask.
+    """
+    import resource
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        log.debug("cannot disable core dumps: %s", exc)
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0: no core, no ptrace by peers
+    except (OSError, AttributeError) as exc:
+        log.debug("cannot make the process non-dumpable: %s", exc)
+    os.umask(0o077)
+
+
+def private_index(index_dir: Path) -> None:
+    """Caches made before the daemon set its umask may hold a 0755 index: fix it."""
+    try:
+        os.chmod(index_dir, 0o700)
+        for p in index_dir.iterdir():
+            os.chmod(p, 0o600)
+    except OSError as exc:
+        log.warning("cannot make the cache index private: %s", exc.strerror)
+
+
 def mount(cfg: MountConfig, mountpoint: str, foreground: bool) -> int:
     mp = check_mountpoint(mountpoint)
+    harden_process()
     if foreground:
         return run(cfg, mp, foreground=True, report=lambda m: print(m, file=sys.stderr))
     r, w = os.pipe()
@@ -200,6 +231,7 @@ def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], Non
     lockfd = lock_cache_dir(cfg.cache_dir)
     setup_logging(cfg, foreground)
     index = Index(cfg.cache_dir / "index.lmdb")
+    private_index(cfg.cache_dir / "index.lmdb")
     reserve_index_space(cfg.cache_dir / "index.lmdb" / "data.mdb", cfg.cache_size)
     store = build_store(cfg)
     try:
