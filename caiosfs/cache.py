@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
@@ -72,11 +73,13 @@ class ChunkWriter:
     ``done`` collects (chunk number, xxh3) for the loop to commit to the index.
     """
 
-    def __init__(self, cache: BlockCache, ident: bytes, obj_size: int) -> None:
+    def __init__(self, cache: BlockCache, ident: bytes, obj_size: int,
+                 on_chunk: Callable[[int, int], None] | None = None) -> None:
         self.cache, self.ident, self.obj_size = cache, ident, obj_size
         self.buf = bytearray()
         self.buf_start = -1
         self.done: list[tuple[int, int]] = []
+        self.on_chunk = on_chunk  # called (in the thread) after each chunk is written
 
     def __call__(self, offset: int, data: bytes) -> None:
         cs = self.cache.chunk_size
@@ -86,6 +89,11 @@ class ChunkWriter:
             self.buf_start = offset
             if offset % cs:
                 raise ValueError("GET pieces must start on a chunk boundary")
+        if not self.buf and len(data) == cs and offset % cs == 0:
+            # The common case (pieces are chunk-sized and aligned): no buffering, no copies.
+            self._write_chunk(offset // cs, data)
+            self.buf_start = offset + cs
+            return
         self.buf += data
         while len(self.buf) >= cs or (self.buf and self.buf_start + len(self.buf)
                                       >= self.obj_size):
@@ -109,7 +117,10 @@ class ChunkWriter:
             os.close(fd)
         if n != len(data):  # a short write: the disk filled up
             raise OSError(errno.ENOSPC, f"short write to the cache ({n} of {len(data)})")
-        self.done.append((chunk, xxhash.xxh3_64_intdigest(data)))
+        csum = xxhash.xxh3_64_intdigest(data)
+        self.done.append((chunk, csum))
+        if self.on_chunk is not None:
+            self.on_chunk(chunk, csum)
 
 
 class BlockCache:
@@ -238,8 +249,9 @@ class BlockCache:
                 os.close(fd)
 
     # fills (thread writes, loop commits) -------------------------------------------------
-    def writer(self, ident: bytes, obj_size: int) -> ChunkWriter:
-        return ChunkWriter(self, ident, obj_size)
+    def writer(self, ident: bytes, obj_size: int,
+               on_chunk: Callable[[int, int], None] | None = None) -> ChunkWriter:
+        return ChunkWriter(self, ident, obj_size, on_chunk)
 
     def commit(self, ident: bytes, obj_size: int, chunks: list[tuple[int, int]]) -> None:
         """Record fetched chunks in the index (one transaction)."""

@@ -103,6 +103,13 @@ class CacheWriteError(FsError):
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+    # Set (and replaced) each time some of the request's chunks are committed: a reader
+    # waits for *its* chunks, not for the whole 16 MiB request.
+    progress: trio.Event = field(default_factory=trio.Event)
+
+    def bump(self) -> None:
+        ev, self.progress = self.progress, trio.Event()
+        ev.set()
 
 
 class Fetcher:
@@ -166,9 +173,12 @@ class Fetcher:
                     raise hit[1]
         runs, waits = self._plan(obj, first, last)
         waits += self._launch(obj, runs)
+        ident = obj.ident
         for f in waits:
-            await f.done.wait()
-            if f.error is not None:
+            while not f.done.is_set() and any(
+                    self._inflight.get((ident, c)) is f for c in range(first, last + 1)):
+                await f.progress.wait()
+            if f.error is not None and self.cache.missing(ident, first, last):
                 raise f.error
 
     async def direct(self, obj: ObjRef, offset: int, size: int) -> bytes:
@@ -201,12 +211,19 @@ class Fetcher:
         await self.budget.acquire(length)
         try:
             self.metrics.readahead_window.observe(length)
-            writer = self.cache.writer(ident, obj.size)
-            try:
-                await self.store.get_range(obj.key, start, length, obj.etag, writer)
-            finally:
-                # Whole chunks that arrived before a failure are still good.
-                self.cache.commit(ident, obj.size, writer.done)
+            def committed(chunks: list[tuple[int, int]]) -> None:
+                # On the loop, for each chunk as it lands: readers waiting for it go on
+                # while the rest of the request is still streaming.
+                self.cache.commit(ident, obj.size, chunks)
+                for c, _ in chunks:
+                    if self._inflight.get((ident, c)) is flight:
+                        del self._inflight[(ident, c)]
+                flight.bump()
+
+            def on_chunk(chunk: int, csum: int) -> None:  # in the worker thread
+                trio.from_thread.run_sync(committed, [(chunk, csum)])
+            writer = self.cache.writer(ident, obj.size, on_chunk)
+            await self.store.get_range(obj.key, start, length, obj.etag, writer)
             self.metrics.cache_miss_bytes.inc(length)
             if self.cache.over_limit():
                 self.cache.evict(protect={ident})
@@ -244,6 +261,7 @@ class Fetcher:
                 if self._inflight.get((ident, c)) is flight:
                     del self._inflight[(ident, c)]
             flight.done.set()
+            flight.bump()
 
 
 class Reader:
