@@ -321,6 +321,10 @@ class Filesystem(pyfuse3.Operations):
             etag = await self.client.copy(self.ns.key(n.path), self.ns.key(n.path),
                                           new.to_meta(), n.entry.size, patient=False)
             e = Entry(False, n.entry.size, etag, new.mtime, new.to_meta())
+            # The copy keeps the content, so usually the ETag too: the metadata remembered
+            # for this ETag must be replaced, or the next listing brings the old back.
+            self.index.put_meta(ident_of(self.cfg.source.bucket, self.ns.key(n.path), etag),
+                                new.to_meta())
             self.ns.set_entry(n.path, e)
             n.entry, n.attrs = e, new
             n.attrs.size = e.size

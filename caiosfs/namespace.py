@@ -88,6 +88,9 @@ class Namespace:
         # path -> ETag of a stored version unlinked while open (deleted at the last close):
         # listings and probes do not show it meanwhile.
         self.hidden: dict[str, str] = {}
+        # dir path -> changes we made (set_entry) while a LIST of it was in flight; they are
+        # applied on top of its result, which may predate them.
+        self._listing_now: dict[str, list[dict[str, Entry | None]]] = {}
         self._heads: dict[str, trio.Event] = {}
         self._clash_logged: set[str] = set()
         root = Entry(True, mtime=time.time())
@@ -182,6 +185,29 @@ class Namespace:
             return cached.entries
         pre = self.dir_key(path)
         entries: dict[str, Entry] = {}
+        changes: dict[str, Entry | None] = {}
+        self._listing_now.setdefault(path, []).append(changes)
+        try:
+            await self._list_pages(path, pre, entries)
+        finally:
+            self._listing_now[path].remove(changes)
+            if not self._listing_now[path]:
+                del self._listing_now[path]
+        for name, change in changes.items():  # e.g. an upload that finished meanwhile
+            if change is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = change
+        for name in [k for k, e in entries.items() if not e.is_dir and e.etag
+                     and self.hidden.get(self.join(path, k)) == e.etag]:
+            del entries[name]
+        self._load_meta(entries, pre)
+        self.listings[path] = Listing(entries, time.monotonic())
+        if self.cfg.metadata == "head":
+            await self._head_all(pre, entries)
+        return entries
+
+    async def _list_pages(self, path: str, pre: str, entries: dict[str, Entry]) -> None:
         token = None
         while True:
             page = await self.store.list(pre, "/", token)
@@ -204,14 +230,6 @@ class Namespace:
             token = page.next_token
             if not token:
                 break
-        for name in [k for k, e in entries.items() if not e.is_dir and e.etag
-                     and self.hidden.get(self.join(path, k)) == e.etag]:
-            del entries[name]
-        self._load_meta(entries, pre)
-        self.listings[path] = Listing(entries, time.monotonic())
-        if self.cfg.metadata == "head":
-            await self._head_all(pre, entries)
-        return entries
 
     def _skip(self, key: str) -> None:
         self.metrics.skipped_keys.inc()
@@ -348,6 +366,8 @@ class Namespace:
         """Record a change we made in the cached listing of its parent."""
         parent = self.listings.get(self.parent_of(path))
         name = path.rpartition("/")[2]
+        for changes in self._listing_now.get(self.parent_of(path), ()):
+            changes[name] = e
         if parent is not None:
             if e is None:
                 parent.entries.pop(name, None)

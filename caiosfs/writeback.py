@@ -46,6 +46,10 @@ def part_size_for(size: int, base: int) -> int:
     return ps
 
 
+class _Changed(Exception):
+    """The file changed too often during its upload; it is uploaded again."""
+
+
 @dataclass
 class _Stream:
     """A multipart upload in progress; parts may be sent before the file is closed."""
@@ -71,6 +75,7 @@ class DirtyFile:
     writers: int = 0
     handles: int = 0
     uploading: bool = False
+    holding: int = 0  # > 0: a truncate waits for uploads to stop reading the data file
     deleted: bool = False
     stream: _Stream | None = None
     stream_off: bool = False
@@ -235,6 +240,19 @@ class WriteBack:
                 f.stream.etags.pop(p, None)
 
     async def truncate(self, f: DirtyFile, size: int) -> None:
+        if size < os.fstat(f.fd).st_size:
+            # An upload reading the part we cut off would fail (and the store client retries
+            # dirty-data uploads forever): let running uploads finish first, start no new one.
+            f.holding += 1
+            try:
+                while f.uploading or (f.stream is not None and f.stream.sending):
+                    ev = self._progress
+                    with trio.move_on_after(0.5):
+                        await ev.wait()
+            finally:
+                f.holding -= 1
+            if f.deleted:
+                raise FsError(errno.ENOENT, "unlinked during truncate")
         try:
             os.ftruncate(f.fd, size)
         except OSError as exc:
@@ -244,7 +262,7 @@ class WriteBack:
 
     def _maybe_stream(self, f: DirtyFile, start: int, end: int) -> None:
         """Send full parts of a file being written sequentially, while it is written."""
-        if f.stream_off or self.nursery is None:
+        if f.stream_off or self.nursery is None or f.holding:
             return
         if start != f.last_write_end and f.stream is None:
             return  # not sequential: upload at close
@@ -283,7 +301,7 @@ class WriteBack:
         try:
             etag = await self.store.upload_part(f.key, st.upload_id, PartSource(
                 p, str(f.data_path), (p - 1) * st.part_size, length))
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:  # OSError: the file shrank meanwhile
             log.warning("part %d of %s failed: %s (it will be sent at close)", p, f.path, exc)
             return
         finally:
@@ -360,7 +378,8 @@ class WriteBack:
                     if f is None or f.deleted:
                         self._due.pop(fid, None)
                         continue
-                    if due <= now and not f.uploading and (f.writers == 0 or due == 0):
+                    if due <= now and not f.uploading and not f.holding and (
+                            f.writers == 0 or due == 0):
                         del self._due[fid]
                         f.uploading = True
                         nursery.start_soon(self._upload, f)
@@ -377,6 +396,7 @@ class WriteBack:
         return None
 
     async def _upload(self, f: DirtyFile) -> None:
+        gen0 = f.gen
         try:
             async with self.file_limiter:
                 self.metrics.uploads_in_flight.inc()
@@ -384,16 +404,35 @@ class WriteBack:
                     await self._upload_once(f)
                 finally:
                     self.metrics.uploads_in_flight.dec()
+        except _Changed as exc:
+            log.info("%s; trying again", exc)
+            self.schedule(f, self.upload_delay)
         except StoreError as exc:
+            if exc.code == "NoSuchUpload" and f.stream is not None:
+                # Our multipart upload was aborted under us: start a new one.
+                log.info("multipart upload of %s vanished; starting over", f.path)
+                f.stream = None
+                self.schedule(f, self.upload_delay)
+                return
             # Not retryable as such (e.g. AccessDenied): keep the data, try again later.
             self.errors += 1
             self.metrics.uploads_failed.inc()
             log.error("upload of %s failed: %s; data kept locally, retrying in 30s", f.path, exc)
             self.schedule(f, 30)
         except OSError as exc:
+            if f.gen != gen0:  # truncated while being read: not a disk problem
+                log.info("%s changed during its upload; trying again", f.path)
+                self.schedule(f, self.upload_delay)
+            else:
+                self.errors += 1
+                self.metrics.uploads_failed.inc()
+                log.error("upload of %s failed reading the cache: %s", f.path, exc)
+                self.schedule(f, 30)
+        except Exception:
+            # A bug must not take the whole mount down: the data stays in the journal.
             self.errors += 1
             self.metrics.uploads_failed.inc()
-            log.error("upload of %s failed reading the cache: %s", f.path, exc.strerror)
+            log.exception("upload of %s failed unexpectedly; retrying in 30s", f.path)
             self.schedule(f, 30)
         finally:
             f.uploading = False
@@ -462,6 +501,8 @@ class WriteBack:
     async def _multipart(self, f: DirtyFile, size: int, meta: dict[str, str],
                          cond: dict) -> str:
         ps = part_size_for(size, self.part_size)
+        while f.stream is not None and not f.stream.upload_id:
+            await trio.sleep(0.02)  # a streaming upload is being created: use it
         st = f.stream
         if st is None or not st.upload_id or st.part_size != ps:
             new_id = await self.store.create_multipart(f.key, meta)
@@ -472,20 +513,29 @@ class WriteBack:
             st = f.stream = _Stream(new_id, ps)
             self._journal(f)
         nparts = (size + ps - 1) // ps
-        # Wait for parts already being sent, then send what is missing in parallel.
-        while st.sending:
-            ev = self._progress
-            with trio.move_on_after(0.5):
-                await ev.wait()
-        todo = []
-        for p in range(1, nparts + 1):
-            length = min(ps, size - (p - 1) * ps)
-            have = st.etags.get(p)
-            if have is None or have[1] != length:
-                todo.append((p, length))
-        async with trio.open_nursery() as n:
-            for p, length in todo:
-                n.start_soon(self._send_part_patient, f, st, p, length)
+        for _ in range(3):
+            # Wait for parts already being sent, then send what is missing in parallel. A
+            # write during the upload drops the parts it touched: they are sent again.
+            while st.sending:
+                ev = self._progress
+                with trio.move_on_after(0.5):
+                    await ev.wait()
+            todo = []
+            for p in range(1, nparts + 1):
+                length = min(ps, size - (p - 1) * ps)
+                have = st.etags.get(p)
+                if have is None or have[1] != length:
+                    todo.append((p, length))
+            if not todo:
+                break
+            try:
+                async with trio.open_nursery() as n:
+                    for p, length in todo:
+                        n.start_soon(self._send_part_patient, f, st, p, length)
+            except* StoreError as eg:
+                raise eg.exceptions[0] from None
+        else:
+            raise _Changed(f"{f.path} kept changing during its upload")
         etags = [st.etags[p][0] for p in range(1, nparts + 1)]
         try:
             return await self.store.complete_multipart(f.key, st.upload_id, etags, **cond)
@@ -495,9 +545,11 @@ class WriteBack:
             raise
 
     async def _send_part_patient(self, f: DirtyFile, st: _Stream, p: int, length: int) -> None:
+        gen = st.part_gen.get(p, 0)
         etag = await self.store.upload_part(f.key, st.upload_id, PartSource(
             p, str(f.data_path), (p - 1) * st.part_size, length))
-        st.etags[p] = (etag, length)
+        if st.part_gen.get(p, 0) == gen:  # else written meanwhile: send it again
+            st.etags[p] = (etag, length)
         self._signal_progress()
 
     async def _exists(self, key: str) -> bool:
@@ -560,6 +612,8 @@ class WriteBack:
     # retiring ----------------------------------------------------------------------------
     def _release_clean(self, f: DirtyFile) -> None:
         """Uploaded and closed: the local copy is no longer needed."""
+        if f.holding:
+            return  # a truncate is about to change it
         if self.files.get(f.path) is f:
             del self.files[f.path]
         self._close(f)

@@ -497,3 +497,46 @@ def test_unlink_and_rename_while_uploading(s3: Any, bucket: str, mounter: Any) -
     assert xxh(get(s3, bucket, "u")) == xxh(c)
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert m.status()["conflicts"] == 0
+
+
+def test_chmod_of_stored_file_survives_listing_refresh(s3: Any, bucket: str,
+                                                       mounter: Any) -> None:
+    """chmod of a stored file is a copy onto itself, which keeps the ETag: the metadata
+    remembered for that ETag must change too."""
+    m = mounter(bucket, options="profile=devbox,list_ttl=0.5,entry_ttl=0.5,upload_delay=0")
+    os.mkdir(m.path / "d")
+    (m.path / "d/f").write_bytes(b"content")
+    m.flush()
+    assert os.listdir(m.path / "d") == ["f"]
+    os.chmod(m.path / "d/f", 0o600)
+    assert int(meta(s3, bucket, "d/f")["mode"]) & 0o777 == 0o600
+    for _ in range(3):
+        time.sleep(0.7)
+        assert os.listdir(m.path / "d") == ["f"]  # a fresh listing (readdirplus attributes)
+        assert stat.S_IMODE(os.stat(m.path / "d/f").st_mode) == 0o600
+
+
+def test_writes_during_a_multipart_upload(s3: Any, bucket: str, mounter: Any) -> None:
+    """Truncating and rewriting a file while its parts are being uploaded: the upload starts
+    over with what the file holds now (and the daemon survives it)."""
+    m = mounter(bucket, options="profile=devbox,upload_delay=0,part_size=5M")
+    big = data(40 * MiB, "big")
+    with open(m.path / "f", "wb") as fh:
+        fh.write(big)
+        fh.flush()
+        os.fsync(fh.fileno())  # uploaded
+    with open(m.path / "f", "r+b") as fh:
+        fh.seek(20 * MiB)
+        fh.write(b"X" * MiB)
+    for i in range(3):  # each close starts an upload (upload_delay=0); cut it short
+        time.sleep(0.2)
+        os.truncate(m.path / "f", (30 - 5 * i) * MiB)
+        with open(m.path / "f", "ab") as fh:
+            fh.write(data(MiB, i))
+    want = bytes(big[:20 * MiB] + b"X" * MiB + big[21 * MiB:30 * MiB] + data(MiB, 0))
+    want = want[:25 * MiB] + data(MiB, 1)
+    want = want[:20 * MiB] + data(MiB, 2)
+    assert xxh((m.path / "f").read_bytes()) == xxh(want)
+    m.flush()
+    assert xxh(get(s3, bucket, "f")) == xxh(want)
+    assert m.status()["pid"]  # still alive
