@@ -3,8 +3,10 @@
 Two environments per cache directory (the directory is held by one mount at a time, see
 :mod:`caiosfs.cache` ``lock_cache_dir``):
 
-- ``<cache_dir>/journal.lmdb`` holds what must never be lost — ``journal``, ``ops``, ``state``
-  — and is opened with ``sync=True``: a commit is on disk when it returns.
+- ``<cache_dir>/journal.lmdb`` holds what must never be lost — ``journal``, ``ops``, ``state``.
+  Adding or changing an entry is flushed to disk before it returns; removing one is not
+  (a removal lost in a power cut only makes the next mount look at a finished file again,
+  which it recognises). Ids are reserved in batches so creating a file costs one flush.
 - ``<cache_dir>/index.lmdb`` holds what can be rebuilt — ``blocks``, ``meta`` — and commits
   without fsync (every commit still reaches the OS, so a killed daemon loses nothing; a
   power loss can lose recent entries, whose blocks are then fetched again). If it cannot be
@@ -48,6 +50,7 @@ import lmdb
 log = logging.getLogger(__name__)
 
 _HDR = struct.Struct(">dQQ")
+ID_BATCH = 1000
 BLOCK_KEY_SUFFIX = struct.Struct(">Q")
 
 
@@ -86,12 +89,13 @@ class Index:
         path = Path(path)
         self.env = self._open_cache_env(path, map_size)
         self.jenv = lmdb.open(str(path.parent / "journal.lmdb"), map_size=4 << 30, max_dbs=4,
-                              subdir=True, sync=True, metasync=True, lock=True)
+                              subdir=True, sync=False, metasync=False, lock=True)
         self.blocks = self.env.open_db(b"blocks")
         self.meta = self.env.open_db(b"meta")
         self.journal = self.jenv.open_db(b"journal")
         self.ops = self.jenv.open_db(b"ops")
         self.state = self.jenv.open_db(b"state")
+        self._ids = iter(())  # ids reserved but not yet handed out
 
     @staticmethod
     def _open_cache_env(path: Path, map_size: int) -> lmdb.Environment:
@@ -150,16 +154,24 @@ class Index:
 
     # ids ---------------------------------------------------------------------------------
     def next_id(self) -> int:
-        with self.jenv.begin(db=self.state, write=True) as txn:
-            raw = txn.get(b"next_id")
-            n = struct.unpack(">Q", raw)[0] + 1 if raw else 1
-            txn.put(b"next_id", struct.pack(">Q", n))
+        """A new journal/ops id; never reused, even across crashes (reserved 1,000 at a
+        time, one flush per batch)."""
+        n = next(self._ids, None)
+        if n is None:
+            with self.jenv.begin(db=self.state, write=True) as txn:
+                raw = txn.get(b"next_id")
+                start = struct.unpack(">Q", raw)[0] + 1 if raw else 1
+                txn.put(b"next_id", struct.pack(">Q", start + ID_BATCH - 1))
+            self.jenv.sync(True)
+            self._ids = iter(range(start + 1, start + ID_BATCH))
+            n = start
         return n
 
     # journal / ops -----------------------------------------------------------------------
     def _put_json(self, db: Any, ident: int, value: dict[str, Any]) -> None:
         with self.jenv.begin(db=db, write=True) as txn:
             txn.put(struct.pack(">Q", ident), json.dumps(value).encode())
+        self.jenv.sync(True)
 
     def _all_json(self, db: Any) -> dict[int, dict[str, Any]]:
         with self.jenv.begin(db=db) as txn:
