@@ -21,6 +21,9 @@ Faults (``configure(rate=, kinds=)`` picks one per request with probability ``ra
 connection refused) or "blackhole" (accepted, never answered, until healed or ``stall``
 seconds). ``heal()`` ends faults and outages and releases held responses.
 
+``rewrite`` (a function of the request and a whole response body) edits 200 answers to
+GETs on the fly, e.g. to add keys to listings that the store itself would refuse.
+
 ``stats()`` counts requests seen, forwarded, faulted (by kind) and connections refused while
 down.
 """
@@ -194,6 +197,9 @@ class FaultProxy:
         self.kinds: dict[str, float] = {}
         self.match: Callable[[Request], bool] | None = None
         self.limit: int | None = None
+        # rewrite(request, body) -> body, for whole (Content-Length) 200 answers to GETs:
+        # lets a test show caiosfs what a store could hold but SeaweedFS refuses to store.
+        self.rewrite: Callable[[Request, bytes], bytes] | None = None
         self.stall = stall
         self.down_mode: str | None = None
         self._release = threading.Event()
@@ -401,7 +407,7 @@ class FaultProxy:
                 self._count("forwarded")
                 if kind:
                     self._count("fault_" + kind)
-                keep = self._relay(client, up_reader, method, kind)
+                keep = self._relay(client, up_reader, req, kind)
                 if not keep:
                     break
         except (_Closed, OSError, ValueError):
@@ -441,10 +447,11 @@ class FaultProxy:
             body = b""
         client.sendall(_render(f"HTTP/1.1 {status} {reason}", hdrs) + body)
 
-    def _relay(self, client: socket.socket, up: _Reader, method: str, kind: str | None
+    def _relay(self, client: socket.socket, up: _Reader, req: Request, kind: str | None
                ) -> bool:
         """Copy one response from upstream to the client, breaking it as ``kind`` says.
         Returns whether the connection can carry another request."""
+        method = req.method
         while True:
             first, headers = _parse_headers(up.head())
             status = int(first.split(" ", 2)[1])
@@ -457,6 +464,14 @@ class FaultProxy:
         closing = (_get(headers, "connection") or "").lower() == "close" or (
             length is None and (_get(headers, "transfer-encoding") or "").lower() != "chunked"
             and method != "HEAD" and status not in (204, 304))
+        rewrite = self.rewrite
+        if kind is None and rewrite is not None and length is not None and status == 200 \
+                and method == "GET" and length <= 16 << 20:
+            new = rewrite(req, b"".join(body))
+            hdrs = [(k, str(len(new)) if k.lower() == "content-length" else v)
+                    for k, v in headers]
+            client.sendall(_render(first, hdrs) + new)
+            return not closing
         if kind is None:
             client.sendall(_render(first, headers))
             for piece in body:
