@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_PARTS = 10_000
 MIN_PART = 5 << 20
+CHUNK = 1 << 20  # granularity of the 'changed since the store version' map
 
 
 def part_size_for(size: int, base: int) -> int:
@@ -76,6 +77,11 @@ class DirtyFile:
     handles: int = 0
     uploading: bool = False
     holding: int = 0  # > 0: a truncate waits for uploads to stop reading the data file
+    # 1 MiB chunks changed since the local copy last equalled the store object at key/
+    # base_etag of base_size bytes; None: unknown (new file, renamed, replayed). Parts
+    # untouched by it are copied server-side (UploadPartCopy) instead of sent again.
+    touched: set[int] | None = None
+    base_size: int = 0
     deleted: bool = False
     stream: _Stream | None = None
     stream_off: bool = False
@@ -192,6 +198,8 @@ class WriteBack:
             del self.files[path]
             raise
         f.uploaded_gen = f.gen if fill is not None else 0
+        if fill is not None:
+            f.touched, f.base_size = set(), f.attrs.size
         self._journal(f)
         self._update_gauges()
         return f
@@ -233,6 +241,8 @@ class WriteBack:
             f.dirty_since = time.time()
         f.gen += 1
         f.attrs.mtime = time.time()
+        if f.touched is not None:
+            f.touched.update(range(start // CHUNK, (max(end, start + 1) - 1) // CHUNK + 1))
         if f.stream is not None:
             ps = f.stream.part_size
             for p in range(start // ps + 1, (max(end, start + 1) - 1) // ps + 2):
@@ -299,8 +309,8 @@ class WriteBack:
     async def _send_part(self, f: DirtyFile, st: _Stream, p: int, length: int) -> None:
         gen = st.part_gen.get(p, 0)
         try:
-            etag = await self.store.upload_part(f.key, st.upload_id, PartSource(
-                p, str(f.data_path), (p - 1) * st.part_size, length))
+            etag = await self.store.upload_part(f.key, st.upload_id,
+                                                self._part_source(f, st, p, length))
         except (StoreError, OSError) as exc:  # OSError: the file shrank meanwhile
             log.warning("part %d of %s failed: %s (it will be sent at close)", p, f.path, exc)
             return
@@ -487,6 +497,8 @@ class WriteBack:
             return  # unlinked during the upload: handled by that operation
         f.uploaded_gen = gen
         f.stream = None
+        # The store now equals the local copy (unless it changed during the upload).
+        f.touched, f.base_size = (set(), size) if f.gen == gen else (None, 0)
         self.metrics.uploads_done.inc()
         if f.clean:
             self.index.del_journal(f.fid)
@@ -544,10 +556,20 @@ class WriteBack:
             f.stream = None
             raise
 
+    def _part_source(self, f: DirtyFile, st: _Stream, p: int, length: int) -> PartSource:
+        """Part ``p`` from the local file, or - if the store object holds exactly those
+        bytes (an unchanged range of a modified object) - copied server-side."""
+        off = (p - 1) * st.part_size
+        if (f.touched is not None and f.base_etag and off + length <= f.base_size
+                and not any(c in f.touched
+                            for c in range(off // CHUNK, (off + length - 1) // CHUNK + 1))):
+            return PartSource(p, None, off, length, copy_key=f.key, copy_etag=f.base_etag)
+        return PartSource(p, str(f.data_path), off, length)
+
     async def _send_part_patient(self, f: DirtyFile, st: _Stream, p: int, length: int) -> None:
         gen = st.part_gen.get(p, 0)
-        etag = await self.store.upload_part(f.key, st.upload_id, PartSource(
-            p, str(f.data_path), (p - 1) * st.part_size, length))
+        etag = await self.store.upload_part(f.key, st.upload_id,
+                                            self._part_source(f, st, p, length))
         if st.part_gen.get(p, 0) == gen:  # else written meanwhile: send it again
             st.etags[p] = (etag, length)
         self._signal_progress()
@@ -599,6 +621,7 @@ class WriteBack:
             if self.files.get(f.path) is f:
                 del self.files[f.path]
             f.path, f.key = side[len(self.prefix):], side
+            f.touched = None
             self.files[f.path] = f
         return etag
 
@@ -677,6 +700,7 @@ class WriteBack:
         f.stream = None
         del self.files[src]
         f.path, f.key, f.base_etag = dst, self.key_of(dst), dst_etag
+        f.touched = None  # what the store holds at dst is not our content
         f.uploaded_gen = 0  # the new key has none of it yet
         f.gen += 1
         self.files[dst] = f

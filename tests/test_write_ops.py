@@ -540,3 +540,25 @@ def test_writes_during_a_multipart_upload(s3: Any, bucket: str, mounter: Any) ->
     m.flush()
     assert xxh(get(s3, bucket, "f")) == xxh(want)
     assert m.status()["pid"]  # still alive
+
+
+def test_unchanged_parts_are_copied_server_side(s3: Any, bucket: str, mounter: Any) -> None:
+    """Appending to / patching a large stored object re-sends only the changed parts; the
+    rest is copied inside the store (UploadPartCopy)."""
+    body = data(30 * MiB, "base")
+    s3.put_object(Bucket=bucket, Key="log.bin", Body=body)
+    s3.put_object(Bucket=bucket, Key="patch.bin", Body=body)
+    m = mounter(bucket, options="profile=devbox,upload_delay=0.2,part_size=5M")
+    tail = data(MiB + 3, "tail")
+    with open(m.path / "log.bin", "ab") as fh:
+        fh.write(tail)
+    with open(m.path / "patch.bin", "r+b") as fh:
+        fh.seek(12 * MiB)
+        fh.write(b"patched")
+    m.flush()
+    assert xxh(get(s3, bucket, "log.bin")) == xxh(body + tail)
+    patched = body[:12 * MiB] + b"patched" + body[12 * MiB + 7:]
+    assert xxh(get(s3, bucket, "patch.bin")) == xxh(patched)
+    sent = m.status()["bytes_out"]
+    # the appended part (5 MiB + the tail) and the patched part (5 MiB), not 61 MiB
+    assert sent <= 12 * MiB, sent
