@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {
         "date": date,
         "machine": machine(),
-        "command": "bench/run " + shlex.join(sys.argv[1:]),
+        "command": " ".join(["bench/run", *map(shlex.quote, sys.argv[1:])]),
         "scale": scale.to_json(),
         "wan": args.wan,
         "drop_caches": procs.can_drop_caches(),
@@ -341,6 +341,9 @@ def run(args: argparse.Namespace) -> int:
         # A partial or unusual run must not overwrite the published full results.
         names = names[:1]
     meta["elapsed_s"] = round(time.monotonic() - T0, 1)
+    if LOADAVG:
+        srt = sorted(LOADAVG)
+        meta["loadavg_1min"] = {"min": srt[0], "median": srt[len(srt) // 2], "max": srt[-1]}
     written = report.write_all(res, meta, out, names)
     print(report.markdown(res, meta))
     log("wrote " + ", ".join(str(p) for p in written))
@@ -362,8 +365,13 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+LOADAVG: list[float] = []
+
+
 def measure(ctx: Ctx, res: report.Results, w: Workload, name: str, s: FsSystem | None) -> None:
     """One measurement of one system; any failure is recorded, never raised."""
+    # Other work on the machine skews every figure; the report says how busy it was.
+    LOADAVG.append(os.getloadavg()[0])
     t = time.monotonic()
     try:
         out = w.boto3(ctx) if s is None else w.fs(ctx, s)  # type: ignore[misc]

@@ -24,6 +24,7 @@ class Cell:
     rss_mib: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    counters: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -31,6 +32,7 @@ class Cell:
             "seconds": self.seconds,
             "units": self.units,
             "rss_mib": self.rss_mib,
+            "counters": self.counters,
             "errors": self.errors,
             "notes": self.notes,
             "summary": {m: summarize(v) for m, v in self.values.items()},
@@ -64,6 +66,8 @@ class Results:
             c.units[s.metric] = s.unit
         if out.rss_mib is not None:
             c.rss_mib.append(out.rss_mib)
+        if out.counters:
+            c.counters.append(out.counters)
         for n in out.notes:
             if n not in c.notes:
                 c.notes.append(n)
@@ -149,6 +153,13 @@ def markdown(res: Results, meta: dict[str, Any]) -> str:
     L.append(f"# caiosfs benchmark — {meta['date']}")
     L.append("")
     L.append(f"- Machine: {meta['machine']}")
+    if meta.get("loadavg_1min"):
+        la = meta["loadavg_1min"]
+        L.append(
+            f"- Load average (1 min) at the start of each measurement: median {la['median']:.1f},"
+            f" min {la['min']:.1f}, max {la['max']:.1f} (on {meta['machine'].split()[0]} cores;"
+            " anything well above the benchmark's own ~2 means other work was running)"
+        )
     L.append(f"- Command: `{meta['command']}`")
     L.append(
         f"- Store: {meta['store']}"
@@ -217,6 +228,7 @@ def markdown(res: Results, meta: dict[str, Any]) -> str:
         + " |"
     )
     L.append("")
+    L.extend(_traffic_table(res))
     L.append("## Workloads")
     L.append("")
     for w in res.workloads:
@@ -242,6 +254,46 @@ def markdown(res: Results, meta: dict[str, Any]) -> str:
             L.append(f"- {s} / {w}: {n}")
         L.append("")
     return "\n".join(L)
+
+
+def _traffic_table(res: Results) -> list[str]:
+    """caiosfs's own counters per workload (median over repetitions): how many requests and
+    bytes a workload cost, and any errors the daemon counted."""
+    rows = []
+    for w in res.workloads:
+        c = res.cells[w.name].get("caiosfs")
+        if c is None or not c.counters:
+            continue
+
+        def med(key: str, c: Cell = c) -> float:
+            return statistics.median(x.get(key, 0) for x in c.counters)
+
+        def worst(key: str, c: Cell = c) -> float:
+            return max(x.get(key, 0) for x in c.counters)
+
+        rows.append(
+            f"| {w.name} | {med('s3_requests'):,.0f} | {med('s3_get_requests'):,.0f} | "
+            f"{med('bytes_in') / 2**20:,.1f} | {med('bytes_out') / 2**20:,.1f} | "
+            f"{worst('s3_errors'):,.0f} | {worst('fuse_errors'):,.0f} | "
+            f"{worst('checksum_failures') + worst('uploads_failed'):,.0f} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## caiosfs's own counters per measurement (median; from `caiosfs status --json`)",
+        "",
+        "Errors are the worst repetition. caiosfs counts every FUSE reply with an errno, so the",
+        "ENOENT of looking up a name before creating it shows up under FUSE errors; S3 errors",
+        "are requests whose status was not ok (a 404 on a HEAD included).",
+        "",
+        (
+            "| workload | S3 requests | GETs | MiB in | MiB out | S3 errors | FUSE errors |"
+            " checksum + upload failures |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def chart(res: Results, meta: dict[str, Any], path: Path) -> None:

@@ -56,6 +56,7 @@ class Mount:
     notes: list[str] = field(default_factory=list)
     log_path: Path | None = None
     aborted: bool = False  # the daemon was killed because an operation hung
+    counters: dict[str, Any] | None = None  # the daemon's own statistics, read before unmount
 
     def abort(self, stuck_pid: int | None = None) -> None:
         """An operation on this mount hung: note where it waits, then kill the daemon (the
@@ -137,6 +138,10 @@ class FsSystem(ABC):
             except subprocess.TimeoutExpired:
                 m.notes.append("daemon did not exit after unmount; killed")
 
+    def counters(self, m: Mount) -> dict[str, Any] | None:
+        """The daemon's own statistics (requests, bytes), if it offers them."""
+        return None
+
     def wait_durable(
         self, m: Mount, store: Any, rel_prefix: str, expected: dict[str, int], timeout: float
     ) -> float:
@@ -177,6 +182,7 @@ class FsSystem(ABC):
                 m.notes.append("daemon pid not found: no RSS figure")
             m.sampler = procs.RssSampler(m.pids).start()
             yield m
+            m.counters = self.counters(m)
         except Exception as e:
             # The daemon's last words usually say more than the symptom seen by the workload.
             extra = list(m.notes)
@@ -375,6 +381,36 @@ class Caiosfs(FsSystem):
             dest = self.logs / f"caiosfs-daemon-{int(time.time() * 1000)}.log"
             shutil.copyfile(m.log_path, dest)
             m.log_path = dest
+
+    def counters(self, m: Mount) -> dict[str, Any] | None:
+        """``caiosfs status --json``: S3 requests and bytes of this mount's life, so the report
+        can show how many bytes each workload pulled (read amplification) and any errors."""
+        try:
+            r = subprocess.run(
+                [str(self.binary), "status", str(m.mountpoint), "--json"],
+                capture_output=True,
+                text=True,
+                timeout=15,
+                env=self.child_env(),
+                check=False,
+            )
+            info = json.loads(r.stdout) if r.returncode == 0 else None
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return None
+        if not isinstance(info, dict):
+            return None
+        keys = (
+            "s3_requests",
+            "s3_get_requests",
+            "bytes_in",
+            "bytes_out",
+            "s3_errors",
+            "fuse_errors",
+            "checksum_failures",
+            "uploads_failed",
+            "skipped_keys",
+        )
+        return {k: info[k] for k in keys if isinstance(info.get(k), (int, float))}
 
     def find_pids(self) -> list[int]:
         """The daemon's pid: from ``caiosfs status --json`` if it says, else by scanning /proc

@@ -43,6 +43,7 @@ class Outcome:
     samples: list[Sample]
     rss_mib: float | None = None
     notes: list[str] = field(default_factory=list)
+    counters: dict[str, Any] | None = None  # the daemon's statistics (caiosfs status)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _work(ctx: Ctx, op: str, args: dict[str, Any], m: Mount | None = None) -> di
 
 
 def _finish(samples: list[Sample], m: Mount, extra: list[str] | None = None) -> Outcome:
-    return Outcome(samples, m.peak_rss_mib, list(m.notes) + (extra or []))
+    return Outcome(samples, m.peak_rss_mib, list(m.notes) + (extra or []), m.counters)
 
 
 def _out_dir(ctx: Ctx, system: str, what: str) -> str:
