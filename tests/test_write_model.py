@@ -245,6 +245,6 @@ def test_random_operations_match_a_local_directory(s3: Any, bucket: str, mounter
         s3, bucket, mounter, tmp_path)
     WriteModel.counter = 0
     run_state_machine_as_test(WriteModel, settings=settings(
-        max_examples=int(os.environ.get('CAIOSFS_MODEL_EXAMPLES', 12)), stateful_step_count=25, deadline=None, database=None,
+        max_examples=int(os.environ.get('CAIOSFS_MODEL_EXAMPLES', 10)), stateful_step_count=25, deadline=None, database=None,
         phases=(Phase.explicit, Phase.generate),  # no shrinking: the failure lists its steps
         suppress_health_check=list(HealthCheck)))
