@@ -35,6 +35,8 @@ Sub-databases
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import shutil
@@ -82,6 +84,17 @@ class BlockEntry:
         atime, nbytes, present = _HDR.unpack_from(raw)
         n = (len(raw) - _HDR.size) // 8
         return cls(atime, nbytes, present, list(struct.unpack_from(f">{n}Q", raw, _HDR.size)))
+
+
+@contextlib.contextmanager
+def _os_errors() -> Iterator[None]:
+    """LMDB failures as OSError with the real errno (a full disk must read ENOSPC)."""
+    try:
+        yield
+    except lmdb.Error as exc:
+        text = str(exc)
+        err = errno.ENOSPC if ("No space" in text or "MDB_MAP_FULL" in text) else errno.EIO
+        raise OSError(err, f"journal: {text}") from exc
 
 
 class Index:
@@ -158,20 +171,22 @@ class Index:
         time, one flush per batch)."""
         n = next(self._ids, None)
         if n is None:
-            with self.jenv.begin(db=self.state, write=True) as txn:
+            with _os_errors(), self.jenv.begin(db=self.state, write=True) as txn:
                 raw = txn.get(b"next_id")
                 start = struct.unpack(">Q", raw)[0] + 1 if raw else 1
                 txn.put(b"next_id", struct.pack(">Q", start + ID_BATCH - 1))
-            self.jenv.sync(True)
+            with _os_errors():
+                self.jenv.sync(True)
             self._ids = iter(range(start + 1, start + ID_BATCH))
             n = start
         return n
 
     # journal / ops -----------------------------------------------------------------------
     def _put_json(self, db: Any, ident: int, value: dict[str, Any]) -> None:
-        with self.jenv.begin(db=db, write=True) as txn:
-            txn.put(struct.pack(">Q", ident), json.dumps(value).encode())
-        self.jenv.sync(True)
+        with _os_errors():
+            with self.jenv.begin(db=db, write=True) as txn:
+                txn.put(struct.pack(">Q", ident), json.dumps(value).encode())
+            self.jenv.sync(True)
 
     def _all_json(self, db: Any) -> dict[int, dict[str, Any]]:
         with self.jenv.begin(db=db) as txn:
