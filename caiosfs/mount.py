@@ -111,7 +111,7 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
 
 
 def reserve_index_space(data_file: Path, cache_size: int) -> None:
-    """Preallocate room for the LMDB index, so it stays writable on a full cache disk.
+    """Preallocate room for an LMDB environment, so it stays writable on a full disk.
 
     LMDB copies pages on write: every commit — even one that deletes a journal entry or
     records that a block was evicted — needs free pages, and grows the file when it has
@@ -163,6 +163,8 @@ def harden_process() -> None:
 
 def private_index(index_dir: Path) -> None:
     """Caches made before the daemon set its umask may hold a 0755 index: fix it."""
+    if not index_dir.exists():
+        return
     try:
         os.chmod(index_dir, 0o700)
         for p in index_dir.iterdir():
@@ -231,8 +233,10 @@ def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], Non
     lockfd = lock_cache_dir(cfg.cache_dir)
     setup_logging(cfg, foreground)
     index = Index(cfg.cache_dir / "index.lmdb")
-    private_index(cfg.cache_dir / "index.lmdb")
+    for env in ("index.lmdb", "journal.lmdb"):  # the two LMDB environments (see index.py)
+        private_index(cfg.cache_dir / env)
     reserve_index_space(cfg.cache_dir / "index.lmdb" / "data.mdb", cfg.cache_size)
+    reserve_index_space(cfg.cache_dir / "journal.lmdb" / "data.mdb", 0)
     store = build_store(cfg)
     try:
         store.check_bucket()
