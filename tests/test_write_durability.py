@@ -251,10 +251,14 @@ def test_back_pressure_small_dirty_limit(s3: Any, bucket: str, mounter: Any) -> 
     try:
         for name, body in files.items():
             write_file(m.path / name, body)
+        # without back-pressure ~120 MiB would be dirty now (the disk is faster than uploads)
+        after = m.status()["dirty_bytes"]
     finally:
         stop.set()
         t.join()
+    assert after <= limit + 25 * MiB, after
     # Writers waited for uploads: never more than the limit plus the file being written.
+    print(f"peak dirty bytes {peak[0] / MiB:.1f} MiB (limit 16 MiB)")
     assert peak[0] <= limit + 25 * MiB, peak[0]
     m.flush()
     assert_store(s3, bucket, files)
@@ -265,7 +269,8 @@ def test_back_pressure_small_dirty_limit(s3: Any, bucket: str, mounter: Any) -> 
 def test_external_overwrite_while_dirty_keeps_both(s3: Any, bucket: str, mounter: Any) -> None:
     s3.put_object(Bucket=bucket, Key="d/shared.txt", Body=b"original\n")
     s3.put_object(Bucket=bucket, Key="d/big.bin", Body=data(12 * MiB, "big0"))
-    m = mounter(bucket, options="profile=devbox,upload_delay=3600,part_size=5M")
+    m = mounter(bucket, options="profile=devbox,upload_delay=3600,part_size=5M,list_ttl=1,"
+                                "entry_ttl=1")
     with open(m.path / "d/shared.txt", "ab") as fh:
         fh.write(b"ours\n")
     ours_big = data(12 * MiB, "big0")[:MiB] + b"OURS" + data(12 * MiB, "big0")[MiB + 4:]
@@ -292,7 +297,7 @@ def test_external_overwrite_while_dirty_keeps_both(s3: Any, bucket: str, mounter
     assert len(got) == 6
     assert m.status()["conflicts"] == 3
     # the mount shows both versions (after the listing TTL)
-    time.sleep(5.5)
+    time.sleep(1.5)
     names = sorted(os.listdir(m.path / "d"))
     assert len(names) == 6 and "shared.txt" in names
     assert (m.path / "d/shared.txt").read_bytes() == b"theirs\n"
@@ -326,3 +331,24 @@ def test_external_delete_while_dirty_uploads_ours(s3: Any, bucket: str, mounter:
     m.flush()
     assert keys(s3, bucket) == {"f"}
     assert get(s3, bucket, "f") == b"v1+ours"
+
+
+def test_every_unmount_path_drains(s3: Any, bucket: str, mounter: Any) -> None:
+    """caiosfs umount, fusermount3 -u and SIGTERM all upload every dirty byte first."""
+    for how in ("umount", "fusermount", "sigterm"):
+        m = mounter(bucket, how, "profile=checkpoint,upload_delay=3600,part_size=5M")
+        pid = m.pid
+        body = data(11 * MiB + 1, how)
+        write_file(m.path / "f", body)
+        (m.path / "small").write_bytes(how.encode())
+        assert keys(s3, bucket, how + "/") == set()  # nothing uploaded yet
+        if how == "umount":
+            m.umount()
+        elif how == "fusermount":
+            subprocess.run(["fusermount3", "-u", str(m.path)], check=True)
+        else:
+            os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, f"the daemon to exit ({how})")
+        assert xxh(get(s3, bucket, f"{how}/f")) == xxh(body), how
+        assert get(s3, bucket, f"{how}/small") == how.encode()
+        assert not uploads(s3, bucket)
