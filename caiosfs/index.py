@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import xxhash
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,17 @@ ID_BATCH = 1000
 BLOCK_KEY_SUFFIX = struct.Struct(">Q")
 
 
+# LMDB keys are at most 511 bytes; block keys add 9 to an ident.
+MAX_IDENT = 400
+
+
 def ident_of(bucket: str, key: str, etag: str) -> bytes:
-    return f"{bucket}\0{key}\0{etag}".encode("utf-8", "surrogateescape")
+    """The identity of one object version, as index keys use it: readable when short, its
+    xxh3-128 when the key is long (S3 keys reach 1,024 bytes)."""
+    raw = f"{bucket}\0{key}\0{etag}".encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_IDENT:
+        return raw
+    return b"#xxh3-128:" + xxhash.xxh3_128_hexdigest(raw).encode()
 
 
 def block_key(ident: bytes, blockno: int) -> bytes:

@@ -79,10 +79,6 @@ def test_long_names(s3: Any, bucket: str, mounter: Any) -> None:
     assert e.value.errno == errno.ENAMETOOLONG
 
 
-@pytest.mark.xfail(strict=True, reason="LMDB keys are at most 511 bytes: cache index keys "
-                   "(bucket, key, ETag) of object keys over ~430 bytes fail with "
-                   "MDB_BAD_VALSIZE, so lookup/stat of such a file is EIO (index.ident_of "
-                   "should hash long idents; see issue 7 report)")
 @pytest.mark.parametrize("length", [1024, 600])
 def test_long_keys(s3: Any, bucket: str, mounter: Any, length: int) -> None:
     seg = "s" * 200
