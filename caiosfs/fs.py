@@ -516,14 +516,18 @@ class Filesystem(pyfuse3.Operations):
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
-        f = h.dirty
-        if f is None:
-            f = self.wb.files.get(h.node.path)
-            if f is not None and (f.deleted or h.obj is not None):
-                f = None
+        # A handle opened on the store version still sees what another handle wrote to the
+        # same inode (a newer store version is another inode, which _dirty_of keeps apart).
+        f = h.dirty or self._dirty_of(h.node)
         if f is not None:
             return os.pread(f.fd, size, off)
         assert h.obj is not None
+        n = h.node
+        if n.entry.etag and n.entry.etag != h.obj.etag and self.ns.attached(n):
+            # This inode was written through this mount (another store version would be
+            # another inode) and its upload replaced the version the handle started on.
+            h.obj = ObjRef(self.cfg.source.bucket, self.ns.key(n.path), n.entry.etag,
+                           n.entry.size)
         return await self.reader.read(h.obj, h.ra, off, size)
 
     @handler

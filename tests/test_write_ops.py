@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -562,3 +563,28 @@ def test_unchanged_parts_are_copied_server_side(s3: Any, bucket: str, mounter: A
     sent = m.status()["bytes_out"]
     # the appended part (5 MiB + the tail) and the patched part (5 MiB), not 61 MiB
     assert sent <= 12 * MiB, sent
+
+
+def test_reader_sees_writes_through_another_handle(s3: Any, bucket: str, mounter: Any) -> None:
+    """A file open for reading sees what another handle wrote to the same file (as on a local
+    filesystem), also once the kernel's page cache no longer has it."""
+    body = data(8 * MiB, "shared")
+    s3.put_object(Bucket=bucket, Key="f", Body=body)
+    m = mounter(bucket, options="profile=devbox,upload_delay=3600")
+    with open(m.path / "f", "rb") as r:
+        assert r.read(4096) == body[:4096]
+        with open(m.path / "f", "r+b") as w:
+            w.seek(6 * MiB)
+            w.write(b"NEW")
+        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+        r.seek(6 * MiB - 2)
+        want = body[6 * MiB - 2:6 * MiB] + b"NEW" + body[6 * MiB + 3:6 * MiB + 5]
+        assert r.read(7) == want
+        # once uploaded, the local copy goes: the reader continues on the new store version
+        m.flush()
+        time.sleep(0.5)
+        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+        r.seek(6 * MiB - 2)
+        assert r.read(7) == want
+        r.seek(0)
+        assert xxh(r.read()) == xxh(body[:6 * MiB] + b"NEW" + body[6 * MiB + 3:])
