@@ -233,6 +233,20 @@ def _check_ro_mount(mounter: Any, bucket: str, cache: Path) -> None:
     assert not mountinfo_has(str(m.path))
 
 
+def fill_up(filler: Path) -> None:
+    """Append to ``filler`` until its file system has not one byte left."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for piece in (MiB, 4096, 1):
+            try:
+                while os.write(fd, b"\1" * piece):
+                    pass
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
 def test_cache_disk_full(s3: Any, bucket: str, mounter: Any, tmpfs: Any) -> None:
     """cache_dir on a 64 MiB tmpfs: a write that cannot fit fails with ENOSPC (not EIO, not
     a hang), reads stay correct — even of objects that can no longer be cached — and the
@@ -270,21 +284,22 @@ def test_cache_disk_full(s3: Any, bucket: str, mounter: Any, tmpfs: Any) -> None
     # Now something else fills the disk to the last byte: reads of objects that cannot be
     # cached must still be right, writes fail with ENOSPC, nothing hangs.
     filler = cache.parent / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for piece in (MiB, 4096, 1):
-            try:
-                while os.write(fd, b"\1" * piece):
-                    pass
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+    fill_up(filler)
     free = shutil.disk_usage(cache).free
     assert free < 64 * 1024, f"the disk is not full ({free} bytes free)"
     assert xxh(read_fresh(m.path / "later")) == xxh(seeded["later"])
     for i in range(3):
         assert xxh(read_fresh(m.path / f"s{i}")) == xxh(seeded[f"s{i}"])
+    # (Those reads, and the readahead they started, evicted clean blocks to make room for
+    # what they fetched; once that has settled the filler takes that room too, so the
+    # write below truly has none.)
+    last, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 1.5:
+        time.sleep(0.1)
+        free = shutil.disk_usage(cache).free
+        if free != last:
+            last, stable_since = free, time.monotonic()
+    fill_up(filler)
     t0 = time.monotonic()
     with pytest.raises(OSError) as full_err, open(m.path / "no-room", "wb") as fh:
         fh.write(data(3 * MiB, "no-room"))
