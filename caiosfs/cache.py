@@ -27,6 +27,7 @@ from .index import BlockEntry, Index, now
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+MIN_FREE_MAX = 2 << 30
 
 
 def index_error(exc: lmdb.Error) -> OSError:
@@ -133,6 +134,13 @@ class BlockCache:
         self.index = index
         self.metrics = metrics
         self.cache_size = cache_size
+        # The cache also yields to its disk: it keeps a tenth of it (up to MIN_FREE_MAX)
+        # free, so dirty data — which cannot be dropped — never finds the disk full of
+        # clean copies that could have been evicted.
+        try:
+            self.min_free = min(MIN_FREE_MAX, shutil.disk_usage(cache_dir).total // 10)
+        except OSError:
+            self.min_free = 0
         self.block_size = block_size
         self.chunk_size = chunk_size
         self.chunks_per_block = block_size // chunk_size
@@ -316,8 +324,17 @@ class BlockCache:
         except lmdb.Error as exc:  # access times only steer eviction: best effort
             log.warning("cache access times not saved: %s", exc)
 
+    def free_shortfall(self) -> int:
+        """Bytes missing from the disk's free-space floor (0 when there is enough)."""
+        if not self.min_free:
+            return 0
+        try:
+            return max(0, self.min_free - shutil.disk_usage(self.dir).free)
+        except OSError:
+            return 0
+
     def over_limit(self) -> bool:
-        return self.used > self.cache_size
+        return self.used > self.cache_size or (self.used > 0 and self.free_shortfall() > 0)
 
     def evict(self, target: int | None = None, protect: set[bytes] | None = None) -> int:
         """Evict least recently used blocks until ``used <= target``; returns bytes freed.
@@ -326,6 +343,9 @@ class BlockCache:
         """
         if target is None:
             target = int(self.cache_size * 0.9)
+            short = self.free_shortfall()
+            if short:
+                target = max(0, min(target, self.used - short - self.block_size))
         if self.used <= target:
             return 0
         self.flush_atimes()
