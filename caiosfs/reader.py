@@ -215,6 +215,8 @@ class Fetcher:
                 # On the loop, for each chunk as it lands: readers waiting for it go on
                 # while the rest of the request is still streaming.
                 self.cache.commit(ident, obj.size, chunks)
+                self.metrics.cache_miss_bytes.inc(
+                    sum(self.cache.chunk_len(c, obj.size) for c, _ in chunks))
                 for c, _ in chunks:
                     if self._inflight.get((ident, c)) is flight:
                         del self._inflight[(ident, c)]
@@ -224,7 +226,6 @@ class Fetcher:
                 trio.from_thread.run_sync(committed, [(chunk, csum)])
             writer = self.cache.writer(ident, obj.size, on_chunk)
             await self.store.get_range(obj.key, start, length, obj.etag, writer)
-            self.metrics.cache_miss_bytes.inc(length)
             if self.cache.over_limit():
                 self.cache.evict(protect={ident})
         except PreconditionFailed as exc:
