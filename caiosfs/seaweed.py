@@ -41,8 +41,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 if TYPE_CHECKING:  # type-checking only: neither is a runtime dependency
+    from typing import Self
+
     from mypy_boto3_s3 import S3Client
-    from typing_extensions import Self
 else:
     S3Client = Any
 
