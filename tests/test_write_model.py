@@ -94,6 +94,7 @@ class WriteModel(RuleBasedStateMachine):
         self.m = self.mounter(self.bucket, self.prefix, OPTS)
         self.mnt = self.m.path
         self.steps: list[str] = []
+        self.fds: list[tuple[int, int, str]] = []  # (reference fd, mount fd, what)
 
     def both(self, what: str, fn: Any, *rel: str) -> None:
         """Run fn on the reference and on the mount; the outcomes must match."""
@@ -197,6 +198,46 @@ class WriteModel(RuleBasedStateMachine):
             self.steps.append(f"read {p}")
             assert xxh((self.mnt / p).read_bytes()) == xxh((self.ref / p).read_bytes()), p
 
+    # open files kept across other operations (unlink, rename, truncate of them) ------------
+    @rule(i=st.integers(0, 99))
+    def open_fd(self, i: int) -> None:
+        p = self.pick("f", i)
+        if p is None or len(self.fds) >= 3:
+            return
+        self.steps.append(f"open fd {p}")
+        rfd = os.open(self.ref / p, os.O_RDWR)
+        mfd = os.open(self.mnt / p, os.O_RDWR)
+        self.fds.append((rfd, mfd, p))
+
+    @rule(j=st.integers(0, 9), size=st.integers(0, 70_000), seed=st.integers(0, 100),
+          off=st.integers(0, 9000), op=st.sampled_from(["pwrite", "ftruncate", "pread",
+                                                         "fsync"]))
+    def use_fd(self, j: int, size: int, seed: int, off: int, op: str) -> None:
+        if not self.fds:
+            return
+        rfd, mfd, p = self.fds[j % len(self.fds)]
+        self.steps.append(f"{op} fd({p}) off={off} size={size}")
+        if op == "pwrite":
+            body = data(size, seed)
+            assert os.pwrite(rfd, body, off) == os.pwrite(mfd, body, off) == len(body)
+        elif op == "ftruncate":
+            os.ftruncate(rfd, off)
+            os.ftruncate(mfd, off)
+        elif op == "fsync":
+            os.fsync(rfd)
+            os.fsync(mfd)
+        else:
+            assert os.fstat(mfd).st_size == os.fstat(rfd).st_size, p
+            assert xxh(os.pread(mfd, 1 << 24, 0)) == xxh(os.pread(rfd, 1 << 24, 0)), p
+
+    @rule(j=st.integers(0, 9))
+    def close_fd(self, j: int) -> None:
+        if self.fds:
+            rfd, mfd, p = self.fds.pop(j % len(self.fds))
+            self.steps.append(f"close fd({p})")
+            os.close(rfd)
+            os.close(mfd)
+
     @rule(how=st.sampled_from(["pause", "flush"]))
     def settle(self, how: str) -> None:
         """Let uploads finish, so later operations meet stored objects, not local ones."""
@@ -224,7 +265,12 @@ class WriteModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         if os.environ.get("CAIOSFS_MODEL_TRACE"):
-            print(f"example {self.n}: {len(snapshot(self.ref))} entries")
+            print(f"example {self.n}: {len(snapshot(self.ref))} entries; steps: "
+                  + "; ".join(self.steps))
+        for rfd, mfd, _ in self.fds:
+            os.close(rfd)
+            os.close(mfd)
+        self.fds.clear()
         try:
             self.compare(self.mnt, "mount")
             self.m.umount()  # drains every dirty byte first
