@@ -35,6 +35,7 @@ from .writeback import DirtyFile, WriteBack
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 MAX_TTL = 365 * 86400.0
+MAX_KEY = 1024  # S3's limit on object keys, in UTF-8 bytes
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
 RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
 
@@ -238,6 +239,15 @@ class Filesystem(pyfuse3.Operations):
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
         return e
 
+    def _new_path(self, parent: str, name: str, is_dir: bool = False) -> str:
+        """The path of a name about to be created; its object key must fit S3's 1,024 bytes
+        (a longer one could never be uploaded and would stay dirty for ever)."""
+        path = self.ns.join(parent, name)
+        key = self.ns.dir_key(path) if is_dir else self.ns.key(path)
+        if len(key.encode("utf-8", "surrogateescape")) > MAX_KEY:
+            raise FsError(errno.ENAMETOOLONG, f"object key would exceed {MAX_KEY} bytes")
+        return path
+
     def _new_fh(self) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -391,7 +401,7 @@ class Filesystem(pyfuse3.Operations):
                     ) -> pyfuse3.EntryAttributes:
         self._check_rw()
         parent = self.ns.node(parent_inode)
-        path = self.ns.join(parent.path, _name(name))
+        path = self._new_path(parent.path, _name(name), is_dir=True)
         await self._must_not_exist(parent, _name(name))
         await self._claim(path)
         attrs = Attrs(stat.S_IFDIR | (mode & 0o7777 & ~ctx.umask), ctx.uid, ctx.gid, time.time())
@@ -443,7 +453,7 @@ class Filesystem(pyfuse3.Operations):
         self._check_rw()
         parent = self.ns.node(parent_inode)
         sname = _name(name)
-        path = self.ns.join(parent.path, sname)
+        path = self._new_path(parent.path, sname)
         await self._claim(path)
         base = None
         try:
@@ -581,7 +591,7 @@ class Filesystem(pyfuse3.Operations):
         parent = self.ns.node(parent_inode)
         sname = _name(name)
         await self._must_not_exist(parent, sname)
-        path = self.ns.join(parent.path, sname)
+        path = self._new_path(parent.path, sname)
         await self._claim(path)
         attrs = Attrs(stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, time.time())
         f = await self.wb.create(path, attrs)
@@ -608,7 +618,7 @@ class Filesystem(pyfuse3.Operations):
         src_name, dst_name = _name(name_old), _name(name_new)
         n = await self.ns.lookup(old_parent, src_name)
         src = n.path
-        dst = self.ns.join(new_parent.path, dst_name)
+        dst = self._new_path(new_parent.path, dst_name, is_dir=n.is_dir)
         if src == dst:
             return
         await self._claim(dst)

@@ -104,9 +104,6 @@ def test_keys_as_long_as_the_index_allows(s3: Any, bucket: str, mounter: Any) ->
         assert xxh((m.path / key).read_bytes()) == xxh(data(2 * MiB, key))
 
 
-@pytest.mark.xfail(strict=True, reason="a key over the store's limit is accepted locally; its "
-                   "upload fails (KeyTooLongError, not retryable) and is retried every 30 s "
-                   "for ever, so every flush/umount waits for ever (see issue 7 report)")
 def test_key_longer_than_the_store_allows(s3: Any, bucket: str, mounter: Any) -> None:
     """A file whose key would pass 1,024 bytes (each name fine): refused up front, or
     reported — never a dirty file that retries forever and blocks every flush."""
