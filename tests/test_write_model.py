@@ -21,8 +21,7 @@ from typing import Any
 import hypothesis.strategies as st
 from conftest import data, xxh
 from hypothesis import HealthCheck, Phase, settings
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 MiB = 1 << 20
 OPTS = "profile=devbox,upload_delay=0,part_size=5M"
@@ -120,8 +119,8 @@ class WriteModel(RuleBasedStateMachine):
         for d in ("a", "b"):
             self.both(f"mkdir {d}", os.mkdir, d)
         for p in ("a/x", "b/y", "top"):
-            self.both(f"write {p}", lambda path: write_at(path, data(1000, p), None, True,
-                                                           False), p)
+            self.both(f"write {p}", lambda path, p=p: write_at(path, data(1000, p), None,
+                                                                True, False), p)
 
     @rule(p=paths, size=sizes, seed=st.integers(0, 1000), fsync=st.booleans())
     def create(self, p: str, size: int, seed: int, fsync: bool) -> None:
@@ -291,6 +290,7 @@ def test_random_operations_match_a_local_directory(s3: Any, bucket: str, mounter
         s3, bucket, mounter, tmp_path)
     WriteModel.counter = 0
     run_state_machine_as_test(WriteModel, settings=settings(
-        max_examples=int(os.environ.get('CAIOSFS_MODEL_EXAMPLES', 10)), stateful_step_count=25, deadline=None, database=None,
+        max_examples=int(os.environ.get("CAIOSFS_MODEL_EXAMPLES", "10")),
+        stateful_step_count=25, deadline=None, database=None,
         phases=(Phase.explicit, Phase.generate),  # no shrinking: the failure lists its steps
         suppress_health_check=list(HealthCheck)))

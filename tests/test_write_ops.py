@@ -13,7 +13,6 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -74,8 +73,7 @@ def test_create_write_sizes_reach_the_store(s3: Any, bucket: str, mounter: Any) 
     for n, body in src.items():
         with open(m.path / n, "wb") as fh:
             # several write sizes so the kernel sends a mix of requests
-            for off in range(0, len(body), 3 * MiB + 5):
-                fh.write(body[off:off + 3 * MiB + 5])
+            fh.writelines(body[off:off + 3 * MiB + 5] for off in range(0, len(body), 3 * MiB + 5))
     # Readable (from the local copy) before anything is uploaded.
     for n, body in src.items():
         assert xxh((m.path / n).read_bytes()) == xxh(body), n
@@ -152,7 +150,7 @@ def test_unlink_while_open_keeps_working(s3: Any, bucket: str, mounter: Any) -> 
     s3.put_object(Bucket=bucket, Key="stored.bin", Body=data(2 * MiB, "stored"))
     m = mounter(bucket, options=OPTS)
     # a new file, unlinked while open: reads and writes through the fd keep working
-    fh = open(m.path / "new.bin", "w+b")
+    fh = open(m.path / "new.bin", "w+b")  # noqa: SIM115
     fh.write(b"hello world")
     fh.flush()
     os.unlink(m.path / "new.bin")
@@ -163,7 +161,7 @@ def test_unlink_while_open_keeps_working(s3: Any, bucket: str, mounter: Any) -> 
     fh.seek(0)
     assert fh.read() == b"hello world!more"
     # a stored object opened for writing, then unlinked
-    fw = open(m.path / "stored.bin", "r+b")
+    fw = open(m.path / "stored.bin", "r+b")  # noqa: SIM115
     os.unlink(m.path / "stored.bin")
     fw.seek(0)
     assert fw.read(5) == data(2 * MiB, "stored")[:5]
@@ -198,7 +196,7 @@ def test_unlink_store_object_open_for_reading(s3: Any, bucket: str, mounter: Any
         time.sleep(0.1)
     assert not (m.path / "r.bin").exists()
     # the name can be reused while another reader still holds the old version open
-    fh = open(m.path / "r2.bin", "rb")
+    fh = open(m.path / "r2.bin", "rb")  # noqa: SIM115
     os.unlink(m.path / "r2.bin")
     (m.path / "r2.bin").write_bytes(b"new version")
     fh.close()
@@ -423,9 +421,9 @@ def test_read_only_mount_refuses_every_write(s3: Any, bucket: str, mounter: Any)
     m = mounter(bucket, options=OPTS + ",ro")
     p = m.path
     ops = {
-        "create": lambda: open(p / "new", "wb"),
-        "open_w": lambda: open(p / "f", "r+b"),
-        "append": lambda: open(p / "f", "ab"),
+        "create": lambda: open(p / "new", "wb"),  # noqa: SIM115
+        "open_w": lambda: open(p / "f", "r+b"),  # noqa: SIM115
+        "append": lambda: open(p / "f", "ab"),  # noqa: SIM115
         "truncate": lambda: os.truncate(p / "f", 0),
         "unlink": lambda: os.unlink(p / "f"),
         "mkdir": lambda: os.mkdir(p / "nd"),
