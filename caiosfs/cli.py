@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,13 @@ def _h(n: float) -> str:
 
 def _flush(a: argparse.Namespace) -> int:
     from . import control
+    deadline = None if a.timeout is None else time.monotonic() + a.timeout
     try:
         for msg in control.request(a.mountpoint, {"cmd": "flush"}, timeout=a.timeout):
+            # The socket timeout is per read and progress arrives every second: the
+            # deadline for the whole flush is checked here.
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError
             if "progress" in msg and not a.quiet:
                 p = msg["progress"]
                 print(f"caiosfs: uploading {p['files']} file(s), {_h(p['bytes'])} left",

@@ -115,6 +115,7 @@ class WriteBack:
         self.on_uploaded = on_uploaded
         self.files: dict[str, DirtyFile] = {}
         self._due: dict[int, float] = {}  # fid -> when to upload
+        self._backoff: dict[int, float] = {}  # fid -> no urgent retry before (after a failure)
         self._kick = trio.Event()
         # Set (and replaced) whenever an upload or part finishes. Waiters take the current
         # event *before* starting what they wait for and never replace it themselves, so no
@@ -339,6 +340,16 @@ class WriteBack:
         elif f.clean and f.handles == 0:
             self._release_clean(f)
 
+    def _back_off(self, f: DirtyFile) -> None:
+        """A failed upload waits 30 s, even for fsync/flush (no hot retry loop)."""
+        self._backoff[f.fid] = time.monotonic() + 30
+        self.schedule(f, 30)
+
+    def _urgent(self, f: DirtyFile) -> None:
+        if self._backoff.get(f.fid, 0.0) <= time.monotonic():
+            self._backoff.pop(f.fid, None)
+            self.schedule(f, 0)
+
     def schedule(self, f: DirtyFile, delay: float) -> None:
         # 0 means "now, even while a writer has it open" (fsync, flush, back-pressure).
         due = time.monotonic() + delay if delay > 0 else 0.0
@@ -356,7 +367,7 @@ class WriteBack:
         want = f.gen
         while f.uploaded_gen < want and not f.deleted and self.files.get(f.path) is f:
             ev = f.changed
-            self.schedule(f, 0)
+            self._urgent(f)
             await ev.wait()
 
     async def flush_all(self, progress: Callable[[dict], Awaitable[None]] | None = None
@@ -368,7 +379,7 @@ class WriteBack:
                 return
             ev = self._progress
             for f in pending:
-                self.schedule(f, 0)
+                self._urgent(f)
             if progress:
                 await progress({"files": len(pending), "bytes": sum(f.size for f in pending)})
             with trio.move_on_after(1):
@@ -428,7 +439,7 @@ class WriteBack:
             self.errors += 1
             self.metrics.uploads_failed.inc()
             log.error("upload of %s failed: %s; data kept locally, retrying in 30s", f.path, exc)
-            self.schedule(f, 30)
+            self._back_off(f)
         except OSError as exc:
             if f.gen != gen0:  # truncated while being read: not a disk problem
                 log.info("%s changed during its upload; trying again", f.path)
@@ -437,13 +448,13 @@ class WriteBack:
                 self.errors += 1
                 self.metrics.uploads_failed.inc()
                 log.error("upload of %s failed reading the cache: %s", f.path, exc)
-                self.schedule(f, 30)
+                self._back_off(f)
         except Exception:
             # A bug must not take the whole mount down: the data stays in the journal.
             self.errors += 1
             self.metrics.uploads_failed.inc()
             log.exception("upload of %s failed unexpectedly; retrying in 30s", f.path)
-            self.schedule(f, 30)
+            self._back_off(f)
         finally:
             f.uploading = False
             self._signal_progress()
