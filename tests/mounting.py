@@ -107,3 +107,15 @@ class Mounter:
     def cleanup(self) -> None:
         for m in self.mounts:
             m.cleanup()
+
+
+# Store helpers shared by the write-path tests.
+def get(s3: Any, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out |= {o["Key"] for o in page.get("Contents", [])}
+    return out

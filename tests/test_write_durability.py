@@ -19,19 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from conftest import data, xxh
+from mounting import get, keys
 
 MiB = 1 << 20
 
 
-def get(s3: Any, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out |= {o["Key"] for o in page.get("Contents", [])}
-    return out
 
 
 def uploads(s3: Any, bucket: str) -> list[dict[str, Any]]:

@@ -17,20 +17,12 @@ from typing import Any
 
 import pytest
 from conftest import data, xxh
+from mounting import get, keys
 
 MiB = 1 << 20
 OPTS = "profile=devbox,upload_delay=0.2,part_size=5M"
 
 
-def get(s3: Any, bucket: str, key: str) -> bytes:
-    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out |= {o["Key"] for o in page.get("Contents", [])}
-    return out
 
 
 def meta(s3: Any, bucket: str, key: str) -> dict[str, str]:
