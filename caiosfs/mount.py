@@ -318,7 +318,9 @@ async def drain(fs: Any, limit: float = DRAIN_LIMIT) -> bool:
     with trio.move_on_after(limit):
         await fs.wb.flush_all(progress)
         log.info("drained in %.1fs", time.monotonic() - start)
+        fs.wb.close_spares()
         return True
+    fs.wb.close_spares()
     left = fs.wb.dirty_bytes()
     log.error("drain stopped after %.0fs with %d bytes not uploaded; they stay in the "
               "journal and are uploaded at the next mount of this cache_dir", limit, left)
@@ -341,6 +343,7 @@ async def _control(fs: Any, cfg: MountConfig, mp: str, req: dict[str, Any],
                    progress: Any) -> dict[str, Any]:
     cmd = req.get("cmd")
     if cmd == "status":
+        fs.wb.update_gauges(force=True)
         snap = fs.metrics.snapshot()
         snap.update(source=str(cfg.source), mountpoint=mp, pid=os.getpid(),
                     cache_dir=str(cfg.cache_dir), endpoint=cfg.endpoint, profile=cfg.profile)

@@ -211,10 +211,19 @@ class Fetcher:
         await self.budget.acquire(length)
         try:
             self.metrics.readahead_window.observe(length)
+            token = trio.lowlevel.current_trio_token()
+            commit_error: list[OSError] = []
+
             def committed(chunks: list[tuple[int, int]]) -> None:
                 # On the loop, for each chunk as it lands: readers waiting for it go on
                 # while the rest of the request is still streaming.
-                self.cache.commit(ident, obj.size, chunks)
+                if commit_error:
+                    return
+                try:
+                    self.cache.commit(ident, obj.size, chunks)
+                except OSError as exc:  # the index is full or broken: handled below
+                    commit_error.append(exc)
+                    return
                 self.metrics.cache_miss_bytes.inc(
                     sum(self.cache.chunk_len(c, obj.size) for c, _ in chunks))
                 for c, _ in chunks:
@@ -223,9 +232,15 @@ class Fetcher:
                 flight.bump()
 
             def on_chunk(chunk: int, csum: int) -> None:  # in the worker thread
-                trio.from_thread.run_sync(committed, [(chunk, csum)])
+                # Fire and forget: the GET thread goes on reading its socket instead of
+                # waiting for the loop (a round trip per chunk throttled every stream to
+                # the loop's pace). Callbacks run in order, and all of them before
+                # get_range's own completion, which trio queues the same way.
+                token.run_sync_soon(committed, [(chunk, csum)])
             writer = self.cache.writer(ident, obj.size, on_chunk)
             await self.store.get_range(obj.key, start, length, obj.etag, writer)
+            if commit_error:
+                raise commit_error[0]
             if self.cache.over_limit():
                 self.cache.evict(protect={ident})
         except PreconditionFailed as exc:

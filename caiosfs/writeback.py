@@ -19,7 +19,8 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_PARTS = 10_000
 MIN_PART = 5 << 20
 CHUNK = 1 << 20  # granularity of the 'changed since the store version' map
+GAUGE_PERIOD = 0.1  # seconds between recomputations of the dirty totals
+SPARES = 32  # empty data files kept ready for new files (see WriteBack.make_spares)
 
 
 def part_size_for(size: int, base: int) -> int:
@@ -98,6 +101,69 @@ class DirtyFile:
         return self.attrs.size
 
 
+class FileTable(MutableMapping[str, "DirtyFile"]):
+    """The local files by path, with the indexes that keep every lookup cheap when
+    thousands of files are dirty at once (a `cp -r`, a `git checkout`): by id, by parent
+    directory, and how many files each directory holds anywhere below it."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, DirtyFile] = {}
+        self._by_fid: dict[int, DirtyFile] = {}
+        self._kids: dict[str, dict[str, DirtyFile]] = {}
+        self._below: Counter[str] = Counter()
+
+    @staticmethod
+    def _ancestors(path: str) -> Iterator[str]:
+        i = path.find("/")
+        while i >= 0:
+            yield path[:i]
+            i = path.find("/", i + 1)
+
+    def __getitem__(self, path: str) -> DirtyFile:
+        return self._by_path[path]
+
+    def __setitem__(self, path: str, f: DirtyFile) -> None:
+        if path in self._by_path:
+            del self[path]
+        self._by_path[path] = f
+        self._by_fid[f.fid] = f
+        parent, _, name = path.rpartition("/")
+        self._kids.setdefault(parent, {})[name] = f
+        self._below.update(self._ancestors(path))
+
+    def __delitem__(self, path: str) -> None:
+        f = self._by_path.pop(path)
+        if self._by_fid.get(f.fid) is f:
+            del self._by_fid[f.fid]
+        parent, _, name = path.rpartition("/")
+        kids = self._kids[parent]
+        del kids[name]
+        if not kids:
+            del self._kids[parent]
+        for d in self._ancestors(path):
+            self._below[d] -= 1
+            if not self._below[d]:
+                del self._below[d]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_path)
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def by_fid(self, fid: int) -> DirtyFile | None:
+        return self._by_fid.get(fid)
+
+    def children(self, dir_path: str) -> dict[str, DirtyFile]:
+        return {n: f for n, f in self._kids.get(dir_path, {}).items() if not f.deleted}
+
+    def under(self, dir_path: str) -> list[DirtyFile]:
+        if not self._below.get(dir_path):
+            return []
+        pre = dir_path + "/"
+        return [f for p, f in self._by_path.items() if p.startswith(pre) and not f.deleted]
+
+
 class WriteBack:
     def __init__(self, store: StoreClient, index: Index, metrics: Metrics, cache_dir: Path,
                  prefix: str, *, part_size: int, dirty_limit: int, upload_delay: float,
@@ -113,7 +179,15 @@ class WriteBack:
         self.upload_delay = upload_delay
         self.fsync_local = fsync_local
         self.on_uploaded = on_uploaded
-        self.files: dict[str, DirtyFile] = {}
+        self.files = FileTable()
+        self._spares: deque[tuple[int, int]] = deque()  # (id, fd) of empty data files
+        self._spares_low = trio.Event()
+        # Gauges and the dirty total are sums over every local file: recomputed at most
+        # every GAUGE_PERIOD (writes in between are added to the total as they happen).
+        self._gauges_at = -1.0
+        self._gauges_stale = False
+        self._dirty_total = 0
+        self._dirty_at = -1.0
         self._due: dict[int, float] = {}  # fid -> when to upload
         self._backoff: dict[int, float] = {}  # fid -> no urgent retry before (after a failure)
         self._kick = trio.Event()
@@ -130,11 +204,23 @@ class WriteBack:
         return self.prefix + path
 
     def dirty_bytes(self) -> int:
-        return sum(f.size for f in self.files.values() if not f.clean and not f.deleted)
+        """Bytes not yet in the store (what back-pressure and statfs look at)."""
+        t = time.monotonic()
+        if t - self._dirty_at > GAUGE_PERIOD:
+            self._dirty_total = sum(f.size for f in self.files.values()
+                                    if not f.clean and not f.deleted)
+            self._dirty_at = t
+        return self._dirty_total
 
-    def _update_gauges(self) -> None:
+    def update_gauges(self, force: bool = False) -> None:
+        t = time.monotonic()
+        if not force and t - self._gauges_at < GAUGE_PERIOD:
+            self._gauges_stale = True  # the scheduler refreshes them shortly
+            return
+        self._gauges_at, self._gauges_stale = t, False
         dirty = [f for f in self.files.values() if not f.clean and not f.deleted]
-        self.metrics.dirty_bytes.set(sum(f.size for f in dirty))
+        self._dirty_total, self._dirty_at = sum(f.size for f in dirty), t
+        self.metrics.dirty_bytes.set(self._dirty_total)
         self.metrics.dirty_files.set(len(dirty))
         self.metrics.uploads_queued.set(len(self._due))
         oldest = min((f.dirty_since for f in dirty), default=None)
@@ -149,28 +235,69 @@ class WriteBack:
 
     def children(self, dir_path: str) -> dict[str, DirtyFile]:
         """Local files directly inside ``dir_path`` ('' is the root)."""
-        pre = dir_path + "/" if dir_path else ""
-        out = {}
-        for p, f in self.files.items():
-            if p.startswith(pre) and "/" not in p[len(pre):] and not f.deleted:
-                out[p[len(pre):]] = f
-        return out
+        return self.files.children(dir_path)
 
     def under(self, dir_path: str) -> list[DirtyFile]:
-        pre = dir_path + "/"
-        return [f for p, f in self.files.items() if p.startswith(pre) and not f.deleted]
+        return self.files.under(dir_path)
 
     # creating and opening ----------------------------------------------------------------
     def _new(self, path: str, base_etag: str | None, attrs: Attrs) -> DirtyFile:
-        fid = self.index.next_id()
-        data_path = self.dir / str(fid)
-        try:
-            fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError as exc:
-            raise FsError(exc.errno or errno.EIO, f"cannot create cache file: {exc.strerror}")
+        if self._spares:
+            fid, fd = self._spares.popleft()
+            data_path = self.dir / str(fid)
+        else:
+            fid = self.index.next_id()
+            data_path = self.dir / str(fid)
+            try:
+                fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            except OSError as exc:
+                raise FsError(exc.errno or errno.EIO,
+                              f"cannot create cache file: {exc.strerror}") from None
+        if len(self._spares) < SPARES // 2:
+            self._spares_low.set()
         f = DirtyFile(fid, path, self.key_of(path), base_etag, attrs, data_path, fd)
         self.files[path] = f
         return f
+
+    async def make_spares(self) -> None:
+        """Keep a few empty data files ready: creating a file costs ~1 ms on some disks,
+        which a `cp -r` of small files would otherwise pay inside every create()."""
+        failures = 0
+
+        def make(ids: list[int]) -> list[tuple[int, int]]:
+            out = []
+            for fid in ids:
+                try:
+                    fd = os.open(self.dir / str(fid), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                except OSError as exc:
+                    # create() makes its own file (and reports the error) meanwhile.
+                    (log.debug if failures else log.warning)(
+                        "could not prepare cache files: %s", exc.strerror)
+                    break
+                out.append((fid, fd))
+            return out
+        while True:
+            want = SPARES - len(self._spares)
+            if want > 0:
+                try:
+                    ids = [self.index.next_id() for _ in range(want)]
+                except OSError:
+                    ids = []
+                made = await trio.to_thread.run_sync(make, ids)
+                self._spares.extend(made)
+                if len(made) < want:  # the disk is full, read-only or failing
+                    failures += 1
+                    await trio.sleep(min(600, 10 * failures))
+                    continue
+                failures = 0
+            await self._spares_low.wait()
+            self._spares_low = trio.Event()
+
+    def close_spares(self) -> None:
+        while self._spares:
+            fid, fd = self._spares.popleft()
+            os.close(fd)
+            (self.dir / str(fid)).unlink(missing_ok=True)
 
     async def create(self, path: str, attrs: Attrs, base_etag: str | None = None) -> DirtyFile:
         old = self.files.get(path)
@@ -179,7 +306,7 @@ class WriteBack:
             base_etag = old.base_etag  # what the store holds now (its upload may have landed)
         f = self._new(path, base_etag, attrs)
         self._journal(f)
-        self._update_gauges()
+        self.update_gauges()
         return f
 
     async def open_existing(self, path: str, base_etag: str, attrs: Attrs,
@@ -202,7 +329,7 @@ class WriteBack:
         if fill is not None:
             f.touched, f.base_size = set(), f.attrs.size
         self._journal(f)
-        self._update_gauges()
+        self.update_gauges()
         return f
 
     # writing -----------------------------------------------------------------------------
@@ -214,6 +341,10 @@ class WriteBack:
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO, f"cache disk: {exc.strerror}") from None
         end = offset + n
+        if f.clean:
+            self._dirty_at = -1.0  # its whole size becomes dirty: recount
+        elif end > f.attrs.size:
+            self._dirty_total += end - f.attrs.size
         self._touch(f, offset, end)
         f.attrs.size = max(f.attrs.size, end)
         self._maybe_stream(f, offset, end)
@@ -262,7 +393,7 @@ class WriteBack:
                         await ev.wait()
             finally:
                 f.holding -= 1
-            if f.deleted:
+            if f.deleted and f.handles == 0:  # its last handle closed meanwhile: fd gone
                 raise FsError(errno.ENOENT, "unlinked during truncate")
         try:
             os.ftruncate(f.fd, size)
@@ -273,8 +404,8 @@ class WriteBack:
 
     def _maybe_stream(self, f: DirtyFile, start: int, end: int) -> None:
         """Send full parts of a file being written sequentially, while it is written."""
-        if f.stream_off or self.nursery is None or f.holding:
-            return
+        if f.stream_off or self.nursery is None or f.holding or f.deleted:
+            return  # (a deleted file is never uploaded: nothing to stream)
         if start != f.last_write_end and f.stream is None:
             return  # not sequential: upload at close
         ps = part_size_for(end, self.part_size)
@@ -355,7 +486,7 @@ class WriteBack:
         due = time.monotonic() + delay if delay > 0 else 0.0
         self._due[f.fid] = min(self._due.get(f.fid, due), due)
         self._kick.set()
-        self._update_gauges()
+        self.update_gauges()
 
     async def fsync(self, f: DirtyFile) -> None:
         if self.fsync_local:
@@ -376,6 +507,7 @@ class WriteBack:
         while True:
             pending = [f for f in self.files.values() if not f.clean and not f.deleted]
             if not pending:
+                self.update_gauges(force=True)
                 return
             ev = self._progress
             for f in pending:
@@ -395,26 +527,29 @@ class WriteBack:
             while True:
                 now = time.monotonic()
                 for fid, due in list(self._due.items()):
+                    if due > now:
+                        continue  # the common case: keep this scan cheap
                     f = self._by_fid(fid)
                     if f is None or f.deleted:
                         self._due.pop(fid, None)
                         continue
-                    if due <= now and not f.uploading and not f.holding and (
-                            f.writers == 0 or due == 0):
+                    if not f.uploading and not f.holding and (f.writers == 0 or due == 0):
                         del self._due[fid]
                         f.uploading = True
                         nursery.start_soon(self._upload, f)
-                self._update_gauges()
+                self.update_gauges()
                 self._kick = trio.Event()
                 wait = min((d for d in self._due.values()), default=now + 5) - now
+                if self._gauges_stale:
+                    wait = min(wait, GAUGE_PERIOD)
                 with trio.move_on_after(max(0.02, min(wait, 5))):
                     await self._kick.wait()
+                    # Kicks come in bursts (a `cp -r` closes a file every millisecond):
+                    # one scan per burst, not one per kick.
+                    await trio.sleep(0.005)
 
     def _by_fid(self, fid: int) -> DirtyFile | None:
-        for f in self.files.values():
-            if f.fid == fid:
-                return f
-        return None
+        return self.files.by_fid(fid)
 
     async def _upload(self, f: DirtyFile) -> None:
         gen0 = f.gen
@@ -459,7 +594,7 @@ class WriteBack:
             f.uploading = False
             self._signal_progress()
             self._notify(f)
-            self._update_gauges()
+            self.update_gauges()
 
     def _signal_progress(self) -> None:
         ev, self._progress = self._progress, trio.Event()
@@ -655,10 +790,14 @@ class WriteBack:
     def _forget(self, f: DirtyFile) -> None:
         if self.files.get(f.path) is f:
             del self.files[f.path]
+        if f.stream is not None and f.stream.upload_id and self.nursery is not None:
+            # Deleted while its parts streamed: no multipart upload may be left behind.
+            self.nursery.start_soon(self._abort, f.key, f.stream.upload_id)
+            f.stream = None
         self.index.del_journal(f.fid)
         self._due.pop(f.fid, None)
         self._close(f)
-        self._update_gauges()
+        self.update_gauges()
 
     def _close(self, f: DirtyFile) -> None:
         try:
@@ -677,7 +816,7 @@ class WriteBack:
             f.stream = None
         if self.files.get(f.path) is f:
             del self.files[f.path]
-        self._update_gauges()
+        self.update_gauges()
         if f.handles == 0:
             self._forget(f)
         else:
@@ -757,6 +896,15 @@ class WriteBack:
             self._journal(f)
             self.schedule(f, 0)
             n += 1
+        # Data files no journal entry names: spares made ahead of a crash, or files whose
+        # journal entry was removed just before one. Nothing refers to them.
+        journaled = set(self.index.all_journal())
+        for p in self.dir.iterdir():
+            if p.name.isdigit() and int(p.name) not in journaled and self.files.by_fid(
+                    int(p.name)) is None and all(fid != int(p.name) for fid, _ in self._spares):
+                p.unlink(missing_ok=True)
+        if self.nursery is not None:
+            self.nursery.start_soon(self.make_spares)
         # Multipart uploads of journaled keys that the journal no longer names are orphans.
         keys = {f.key for f in self.files.values()}
         try:
@@ -766,6 +914,6 @@ class WriteBack:
                     await self._abort(up.key, up.upload_id)
         except StoreError as exc:
             log.warning("could not list multipart uploads: %s", exc)
-        self._update_gauges()
+        self.update_gauges()
         return n
 

@@ -11,11 +11,11 @@
   (VmHWM) must stay under RSS_LIMIT_MIB with the default read budget
   ``memory_limit=256M``. A process that does not finish in time fails the test (deadlock).
 - ``test_dbench``: dbench (its NetBench client.txt load) with 4 clients for 20 s.
-- ``test_stress_ng``: 17 stress-ng file-system stressors at once for 25 s, with --verify.
-- Two minimal reproductions of bugs the load found, marked xfail(strict=True): a shrinking
-  ``ftruncate`` of an open, unlinked file fails with ENOENT (stress-ng's sync-file stressor),
-  and writing to an open, unlinked file starts a multipart upload that is never aborted
-  (stress-ng's hdd, seek and iomix stressors do this).
+- ``test_stress_ng``: 18 stress-ng file-system stressors at once for 25 s, with --verify.
+- Regression tests of two bugs the load found (both fixed): a shrinking ``ftruncate`` of an
+  open, unlinked file failed with ENOENT (stress-ng's sync-file stressor), and writing to an
+  open, unlinked file started a multipart upload that was never aborted (stress-ng's hdd,
+  seek and iomix stressors do this).
 
 Figures (processes, operations, bytes, errors, daemon peak RSS, dbench throughput,
 stress-ng bogo-ops, durations) are printed and merged into tests/figures/load.json for the
@@ -547,8 +547,6 @@ def test_dbench(s3: Any, bucket: str, mounter: Any) -> None:
 # Left out, on purpose:
 #   --link        hard links are EOPNOTSUPP by design (docs/SEMANTICS.md): the stressor fails.
 #   --fallocate   fallocate is EOPNOTSUPP by design: the stressor does 0 bogo-ops.
-#   --sync-file   hits the ftruncate-of-an-unlinked-file bug reproduced by
-#                 test_ftruncate_of_open_unlinked_file below (xfail).
 #   --flock, --lockf  locks are the kernel's, local to the mount: they never reach caiosfs
 #                 and only spin the CPU that the shared machine needs.
 STRESSORS = ["--hdd", "2", "--hdd-bytes", "64M", "--seek", "1", "--seek-size", "64M",
@@ -557,7 +555,7 @@ STRESSORS = ["--hdd", "2", "--hdd-bytes", "64M", "--seek", "1", "--seek-size", "
              "--open", "1", "--getdent", "1", "--fstat", "1", "--utime", "1",
              "--chmod", "1", "--copy-file", "1", "--copy-file-bytes", "128M",
              "--iomix", "1", "--iomix-bytes", "64M", "--mmap", "1", "--mmap-bytes", "32M",
-             "--dirdeep", "1", "--dirmany", "1"]
+             "--dirdeep", "1", "--dirmany", "1", "--sync-file", "1", "--sync-file-bytes", "32M"]
 
 
 def test_stress_ng(s3: Any, bucket: str, mounter: Any) -> None:
@@ -595,6 +593,8 @@ def test_stress_ng(s3: Any, bucket: str, mounter: Any) -> None:
     m.umount(timeout=180)
     assert keys(s3, bucket, "sng/") == {"sng/alive.bin"}
     assert get(s3, bucket, "sng/alive.bin") == data(100_000, "alive")
+    # stress-ng deletes its files while writing them: no multipart upload may be left over
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert rss.peak_mib < RSS_LIMIT_MIB, f"daemon peak RSS {rss.peak_mib} MiB"
     record("stress_ng", {
         "command": "stress-ng --temp-path MOUNT --timeout 25s --verify --metrics-brief "
@@ -610,12 +610,9 @@ def test_stress_ng(s3: Any, bucket: str, mounter: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# 3. bugs the load found (minimal reproductions)
+# 3. bugs the load found (regression tests)
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="WriteBack.truncate raises ENOENT ('unlinked during "
-                   "truncate') for any shrinking truncate of a dirty file already unlinked, "
-                   "though SEMANTICS.md says an open unlinked file keeps working")
 def test_ftruncate_of_open_unlinked_file(bucket: str, mounter: Any) -> None:
     m = mounter(bucket)
     fd = os.open(m.path / "scratch", os.O_CREAT | os.O_RDWR, 0o600)
@@ -623,16 +620,14 @@ def test_ftruncate_of_open_unlinked_file(bucket: str, mounter: Any) -> None:
         os.write(fd, b"a" * 65536)
         os.fsync(fd)  # the daemon's copy now has the 64 KiB (not just the page cache)
         os.unlink(m.path / "scratch")
-        os.ftruncate(fd, 0)  # ENOENT
+        os.ftruncate(fd, 0)  # was ENOENT
         assert os.fstat(fd).st_size == 0
-        os.write(fd, b"b")
+        os.pwrite(fd, b"b", 0)
         assert os.pread(fd, 10, 0) == b"b"
     finally:
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="WriteBack._maybe_stream starts a multipart upload for "
-                   "an unlinked (deleted) dirty file, and _forget never aborts it")
 def test_unlinked_file_leaves_no_multipart_upload(s3: Any, bucket: str, mounter: Any) -> None:
     m = mounter(bucket, options="part_size=5M")
     with open(m.path / "scratch", "wb", buffering=0) as fh:
