@@ -23,7 +23,7 @@ from .errors import FsError, StoreError
 from .index import Index, ident_of
 from .metrics import Metrics
 from .store import ObjectInfo
-from .store.client import StoreClient
+from .store.client import GaveUp, StoreClient
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,22 @@ class Namespace:
         neg = self.negative.get(path)
         if neg is not None and now - neg < self.cfg.negative_ttl:
             return None
-        e = await self.probe(path)
+        try:
+            e = await self.probe(path)
+        except GaveUp:
+            # The store is unreachable: what we last knew is the best answer there is (a
+            # create then goes ahead; its upload is conditional, so a name someone else
+            # made meanwhile ends up as a conflict copy, never overwritten).
+            ino = self.by_path.get(path)
+            known = self.nodes.get(ino) if ino is not None else None
+            if listing is not None:
+                log.warning("store unreachable; answering %s from a listing %.0fs old",
+                            path, now - listing.at)
+                return listing.entries.get(name)
+            if known is not None:
+                log.warning("store unreachable; answering %s from what was known", path)
+                return known.entry
+            raise
         if e is None:
             self.negative[path] = now
             if len(self.negative) > 100_000:

@@ -356,9 +356,6 @@ def test_store_down_while_writing(s3: Any, bucket: str, mounter: Any, proxy: Fau
     assert fsync_s[0] >= outage - 1  # fsync=store did not lie during the outage
 
 
-@pytest.mark.xfail(strict=True, reason="create() looks the name up in the store first and "
-                   "fails with EIO once read_timeout passes (fs.create / namespace.lookup; "
-                   "see issue 7 report)")
 def test_create_during_outage_after_listing_expired(s3: Any, bucket: str, mounter: Any,
                                                     proxy: FaultProxy) -> None:
     """Creating a new file while the store is down, in a directory whose cached listing
