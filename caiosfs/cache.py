@@ -75,12 +75,13 @@ class ChunkWriter:
     """
 
     def __init__(self, cache: BlockCache, ident: bytes, obj_size: int,
-                 on_chunk: Callable[[int, int], None] | None = None) -> None:
+                 on_chunk: Callable[[int, int, bytes], None] | None = None) -> None:
         self.cache, self.ident, self.obj_size = cache, ident, obj_size
         self.buf = bytearray()
         self.buf_start = -1
         self.done: list[tuple[int, int]] = []
-        self.on_chunk = on_chunk  # called (in the thread) after each chunk is written
+        # Called (in the thread) after each chunk is written, with its checksum and bytes.
+        self.on_chunk = on_chunk
 
     def __call__(self, offset: int, data: bytes) -> None:
         cs = self.cache.chunk_size
@@ -121,7 +122,7 @@ class ChunkWriter:
         csum = xxhash.xxh3_64_intdigest(data)
         self.done.append((chunk, csum))
         if self.on_chunk is not None:
-            self.on_chunk(chunk, csum)
+            self.on_chunk(chunk, csum, data)
 
 
 class BlockCache:
@@ -219,12 +220,21 @@ class BlockCache:
             return None
         self.metrics.cache_hit_chunks.inc()
         self._atimes[(ident, blockno)] = now()
+        self.remember(ident, chunk, data)
+        return data
+
+    def remember(self, ident: bytes, chunk: int, data: bytes) -> None:
+        """Keep a chunk known to match its checksum in memory (the bytes just read and
+        verified, or just fetched and written): the next read of it needs no disk read."""
+        k = (ident, chunk)
+        old = self._verified.pop(k, None)
+        if old is not None:
+            self._verified_bytes -= len(old)
         self._verified[k] = data
         self._verified_bytes += len(data)
         while self._verified_bytes > self._verified_budget:
             _, old = self._verified.popitem(last=False)
             self._verified_bytes -= len(old)
-        return data
 
     def _drop_chunk(self, ident: bytes, blockno: int, idx: int, entry: BlockEntry,
                     nbytes: int) -> None:
@@ -258,7 +268,7 @@ class BlockCache:
 
     # fills (thread writes, loop commits) -------------------------------------------------
     def writer(self, ident: bytes, obj_size: int,
-               on_chunk: Callable[[int, int], None] | None = None) -> ChunkWriter:
+               on_chunk: Callable[[int, int, bytes], None] | None = None) -> ChunkWriter:
         return ChunkWriter(self, ident, obj_size, on_chunk)
 
     def commit(self, ident: bytes, obj_size: int, chunks: list[tuple[int, int]]) -> None:

@@ -214,7 +214,7 @@ class Fetcher:
             token = trio.lowlevel.current_trio_token()
             commit_error: list[OSError] = []
 
-            def committed(chunks: list[tuple[int, int]]) -> None:
+            def committed(chunks: list[tuple[int, int]], data: bytes) -> None:
                 # On the loop, for each chunk as it lands: readers waiting for it go on
                 # while the rest of the request is still streaming.
                 if commit_error:
@@ -224,6 +224,8 @@ class Fetcher:
                 except OSError as exc:  # the index is full or broken: handled below
                     commit_error.append(exc)
                     return
+                for c, _ in chunks:
+                    self.cache.remember(ident, c, data)
                 self.metrics.cache_miss_bytes.inc(
                     sum(self.cache.chunk_len(c, obj.size) for c, _ in chunks))
                 for c, _ in chunks:
@@ -231,12 +233,12 @@ class Fetcher:
                         del self._inflight[(ident, c)]
                 flight.bump()
 
-            def on_chunk(chunk: int, csum: int) -> None:  # in the worker thread
+            def on_chunk(chunk: int, csum: int, data: bytes) -> None:  # in the worker thread
                 # Fire and forget: the GET thread goes on reading its socket instead of
                 # waiting for the loop (a round trip per chunk throttled every stream to
                 # the loop's pace). Callbacks run in order, and all of them before
                 # get_range's own completion, which trio queues the same way.
-                token.run_sync_soon(committed, [(chunk, csum)])
+                token.run_sync_soon(committed, [(chunk, csum)], data)
             writer = self.cache.writer(ident, obj.size, on_chunk)
             await self.store.get_range(obj.key, start, length, obj.etag, writer)
             if commit_error:

@@ -436,3 +436,46 @@ async def test_spare_files_are_used_and_swept_after_a_crash(tmp_path: Path) -> N
         await wb2.flush_all()
         n.cancel_scope.cancel()
     assert store.objects["pre/kept.bin"].data == b"keep me"
+
+
+def test_s3_client_settings_for_small_puts_and_https() -> None:
+    """Small PUT bodies go without waiting for "100 Continue"; over https the body is not
+    hashed for the signature (TLS guards it), over plain http it still is."""
+    from caiosfs.store.s3 import SMALL_BODY, S3Store, _no_expect_for_small_bodies
+    small = {"headers": {"Expect": "100-continue", "Content-Length": "17000"}}
+    big = {"headers": {"Expect": "100-continue", "Content-Length": str(SMALL_BODY)}}
+    _no_expect_for_small_bodies(small)
+    _no_expect_for_small_bodies(big)
+    assert "Expect" not in small["headers"] and big["headers"]["Expect"] == "100-continue"
+    tls = S3Store("bkt", "https://cwobject.com", "us-east-1", False)
+    plain = S3Store("bkt", "http://127.0.0.1:9", "us-east-1", True)
+    assert tls._c.meta.config.s3["payload_signing_enabled"] is False
+    assert plain._c.meta.config.s3["payload_signing_enabled"] is True
+
+
+async def test_uploaded_files_are_recycled_as_spares(tmp_path: Path) -> None:
+    """Once uploaded and closed, a data file is emptied and kept for the next create()
+    (creating files is the expensive part of many small writes): what the next file reads
+    back is its own data only, and dirty/ holds nothing but empty spares."""
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store)
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await wb.create("one", Attrs(0o100644, 0, 0, 1.0))
+        wb.opened(f, True)
+        await wb.write(f, 0, b"first file, longer than the second")
+        wb.released(f, True)
+        await wb.flush_all()
+        assert f.fd in [fd for _, fd in wb._spares]  # recycled, not closed
+        g = await wb.create("two", Attrs(0o100644, 0, 0, 1.0))
+        assert g.fd == f.fd and os.fstat(g.fd).st_size == 0
+        wb.opened(g, True)
+        await wb.write(g, 0, b"second")
+        wb.released(g, True)
+        await wb.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/two"].data == b"second"
+    assert store.objects["pre/one"].data == b"first file, longer than the second"
+    left = list((tmp_path / "w" / "dirty").iterdir())
+    assert left and all(p.stat().st_size == 0 for p in left)
+    assert {p.name for p in left} == {str(fid) for fid, _ in wb._spares}
