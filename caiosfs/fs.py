@@ -327,6 +327,11 @@ class Filesystem(pyfuse3.Operations):
         else:
             # Metadata only: a server-side copy onto itself, no data moves.
             if not n.entry.etag:
+                # Not known yet: uploaded under this name while a rename was moving the
+                # inode here. The store knows (ENOENT if it really is not there).
+                n.validated = float("-inf")
+                await self.ns.revalidate(n)
+            if not n.entry.etag:
                 raise FsError(errno.ENOENT)
             etag = await self.client.copy(self.ns.key(n.path), self.ns.key(n.path),
                                           new.to_meta(), n.entry.size, patient=False)

@@ -412,6 +412,10 @@ class Namespace:
             self.by_path[newp] = ino
             if ino in self.nodes:
                 self.nodes[ino].path = newp
+                # What the store holds under the new name (a copy, maybe a new ETag; or an
+                # upload that finished under the new name before the inode moved) is
+                # asked for at the next revalidation.
+                self.nodes[ino].validated = float("-inf")
         for p in [p for p in self.listings if p == src or p.startswith(src + "/")]:
             del self.listings[p]
 
