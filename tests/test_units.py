@@ -451,6 +451,9 @@ def test_s3_client_settings_for_small_puts_and_https() -> None:
     plain = S3Store("bkt", "http://127.0.0.1:9", "us-east-1", True)
     assert tls._c.meta.config.s3["payload_signing_enabled"] is False
     assert plain._c.meta.config.s3["payload_signing_enabled"] is True
+    # the hot calls skip the client, except for a dotted bucket name over virtual hosting
+    assert tls._lean is not None and plain._lean is not None
+    assert S3Store("a.b", "https://cwobject.com", "us-east-1", False)._lean is None
 
 
 async def test_uploaded_files_are_recycled_as_spares(tmp_path: Path) -> None:

@@ -225,7 +225,9 @@ class S3Store:
         self._c.meta.events.register_last("before-call.s3", _no_expect_for_small_bodies)
         # GET/PUT/HEAD/DELETE of one object skip the client machinery (see lean.py).
         self._lean: LeanS3 | None = None
-        if not proxies_configured(dict(os.environ)):
+        # (A dotted bucket name cannot be a TLS host name: botocore switches such a bucket to
+        # path-style requests on its own, so it keeps those.)
+        if not proxies_configured(dict(os.environ)) and (path_style or "." not in bucket):
             self._lean = LeanS3(endpoint, bucket, region, path_style, bsession.get_credentials(),
                                 cfg, max_connections, read_timeout,
                                 os.environ.get("AWS_CA_BUNDLE"))
