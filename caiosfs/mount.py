@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import logging.handlers
-import ctypes
 import os
 import signal
 import subprocess
@@ -257,7 +256,6 @@ def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], Non
         raise UserError(f"cannot mount on {mp}: {exc}") from None
     log.info("caiosfs %s mounted %s on %s (cache %s)", __version__, cfg.source, mp,
              cfg.cache_dir)
-    _keep_big_buffers()
     try:
         trio.run(_main, fs, cfg, mp, report)
     except BaseException:
@@ -269,21 +267,6 @@ def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], Non
         index.close()
         os.close(lockfd)
     return 0
-
-
-def _keep_big_buffers() -> None:
-    """Let malloc reuse the 1 MiB buffers that every GET piece, chunk and FUSE reply needs.
-
-    By default glibc serves them with mmap and returns them with munmap: each one costs
-    256 page faults and zeroing 1 MiB, about a tenth of the daemon's CPU when streaming.
-    Kept in the heap (up to 64 MiB of free space before trimming) they are reused.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: its defaults stand
 
 
 async def _main(fs: Any, cfg: MountConfig, mp: str, report: Callable[[str], None]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -24,6 +25,8 @@ from .store.client import GaveUp, StoreClient
 
 log = logging.getLogger(__name__)
 FAILURE_MEMORY = 0.5  # seconds a chunk whose fetch gave up fails at once (see Fetcher)
+SMALL_RANDOM = 256 << 10  # random reads up to this size fetch only their bytes, at first
+TOUCHED_MAX = 100_000  # chunks remembered as touched by a random read
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,9 @@ class Reader:
         self.readahead_max = readahead_max
         self.initial_window = min(initial_window, readahead_max)
         self.advise_limiter = trio.CapacityLimiter(2)
+        # Chunks a random read touched once (ident, chunk): the first small random read of a
+        # chunk fetches just its bytes; a second one fetches and caches the whole chunk.
+        self._touched: OrderedDict[tuple[bytes, int], None] = OrderedDict()
 
     def new_readahead(self) -> Readahead:
         return Readahead(self.initial_window, self.readahead_max)
@@ -304,6 +310,14 @@ class Reader:
         end = offset + size
         cs = self.cache.chunk_size
         seq = ra.observe(offset, size)
+        if not seq and size <= SMALL_RANDOM and self._first_touch(obj, offset, end):
+            data = self.cache.read(obj.ident, offset, size, obj.size)
+            if data is not None:
+                return data
+            # A small random read of a chunk not read before: fetching all of its 1 MiB
+            # (the unit of the cache) would cost 256 times the bytes asked for. The bytes
+            # alone are fetched; the chunk is cached if it is read again.
+            return await self.fetcher.direct(obj, offset, size)
         for _attempt in range(3):
             data = self.cache.read(obj.ident, offset, size, obj.size)
             if data is not None:
@@ -333,6 +347,18 @@ class Reader:
                                 limiter=self.advise_limiter))
                 ra.advised_until = until
         return data
+
+    def _first_touch(self, obj: ObjRef, offset: int, end: int) -> bool:
+        """Record the chunks of [offset, end); True if none was touched before."""
+        cs = self.cache.chunk_size
+        keys = [(obj.ident, c) for c in range(offset // cs, (end - 1) // cs + 1)]
+        first = not any(k in self._touched for k in keys)
+        for k in keys:
+            self._touched[k] = None
+            self._touched.move_to_end(k)
+        while len(self._touched) > TOUCHED_MAX:
+            self._touched.popitem(last=False)
+        return first
 
     def _readahead(self, obj: ObjRef, ra: Readahead, end: int) -> None:
         target = min(obj.size, end + ra.window)
