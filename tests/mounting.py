@@ -119,3 +119,21 @@ def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         out |= {o["Key"] for o in page.get("Contents", [])}
     return out
+
+
+FIGURES_DIR = Path(__file__).parent / "figures"
+
+
+def record_figures(file: str, name: str, figures: dict[str, Any]) -> None:
+    """Print one test's figures and merge them into tests/figures/<file> (the README
+    quotes them)."""
+    print(f"\nFIGURES {name}: {json.dumps(figures, sort_keys=True)}")
+    path = FIGURES_DIR / file
+    path.parent.mkdir(exist_ok=True)
+    try:
+        allf = json.loads(path.read_text())
+    except (OSError, ValueError):
+        allf = {}
+    allf[name] = {**figures, "measured": time.strftime("%Y-%m-%d"),
+                  "machine": f"{os.cpu_count()} cores, SeaweedFS on loopback"}
+    path.write_text(json.dumps(allf, indent=2, sort_keys=True) + "\n")

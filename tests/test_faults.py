@@ -13,7 +13,6 @@ into tests/figures/faults.json for the README.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import threading
@@ -24,22 +23,13 @@ from typing import Any
 import pytest
 from conftest import data, xxh
 from faultproxy import KINDS, FaultProxy
+from mounting import record_figures
 
 MiB = 1 << 20
-FIGURES = Path(__file__).parent / "figures" / "faults.json"
 
 
 def record(name: str, figures: dict[str, Any]) -> None:
-    """Print one test's figures and merge them into tests/figures/faults.json."""
-    print(f"\nFIGURES {name}: {json.dumps(figures, sort_keys=True)}")
-    FIGURES.parent.mkdir(exist_ok=True)
-    try:
-        allf = json.loads(FIGURES.read_text())
-    except (OSError, ValueError):
-        allf = {}
-    allf[name] = {**figures, "measured": time.strftime("%Y-%m-%d"),
-                  "machine": f"{os.cpu_count()} cores, SeaweedFS on loopback"}
-    FIGURES.write_text(json.dumps(allf, indent=2, sort_keys=True) + "\n")
+    record_figures("faults.json", name, figures)
 
 
 @pytest.fixture

@@ -39,10 +39,9 @@ from typing import Any, Self
 
 import pytest
 from conftest import data, xxh
-from mounting import get, keys
+from mounting import get, keys, record_figures
 
 MiB = 1 << 20
-FIGURES = Path(__file__).parent / "figures" / "load.json"
 # The read budget (-o memory_limit, caiosfs/config.py) is 256 MiB by default; the daemon's
 # whole RSS (interpreter, boto3, LMDB map, page-sized buffers, the budget) must stay under
 # the issue's 300 MiB target.
@@ -55,16 +54,7 @@ DBENCH_LOADFILE = "/usr/share/dbench/client.txt"  # Debian's dbench package puts
 
 
 def record(name: str, figures: dict[str, Any]) -> None:
-    """Print one test's figures and merge them into tests/figures/load.json."""
-    print(f"\nFIGURES {name}: {json.dumps(figures, sort_keys=True)}")
-    FIGURES.parent.mkdir(exist_ok=True)
-    try:
-        allf = json.loads(FIGURES.read_text())
-    except (OSError, ValueError):
-        allf = {}
-    allf[name] = {**figures, "measured": time.strftime("%Y-%m-%d"),
-                  "machine": f"{os.cpu_count()} cores, SeaweedFS on loopback"}
-    FIGURES.write_text(json.dumps(allf, indent=2, sort_keys=True) + "\n")
+    record_figures("load.json", name, figures)
 
 
 def free_port() -> int:

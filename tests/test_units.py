@@ -22,7 +22,7 @@ from caiosfs.metrics import Metrics
 from caiosfs.reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
 from caiosfs.store.client import StoreClient
 from caiosfs.store.memory import MemoryStore
-from caiosfs.writeback import WriteBack, part_size_for
+from caiosfs.writeback import DirtyFile, WriteBack, part_size_for
 
 MiB = 1 << 20
 
@@ -287,6 +287,15 @@ def _wb(tmp: Path, store: MemoryStore, **kw: object) -> WriteBack:
                      "pre/", **args)
 
 
+async def _write_closed(wb: WriteBack, path: str, body: bytes) -> DirtyFile:
+    """A new file written through ``wb`` and closed (its upload then follows)."""
+    f = await wb.create(path, Attrs(0o100644, 0, 0, 1.0))
+    wb.opened(f, True)
+    await wb.write(f, 0, body)
+    wb.released(f, True)
+    return f
+
+
 async def test_writeback_uploads_small_and_multipart(tmp_path: Path) -> None:
     store = MemoryStore("b")
     wb = _wb(tmp_path / "w", store)
@@ -382,7 +391,7 @@ def test_file_table_indexes_match_a_scan() -> None:
     any sequence of adds, replacements, renames and removals."""
     import random
 
-    from caiosfs.writeback import DirtyFile, FileTable
+    from caiosfs.writeback import FileTable
     rng = random.Random(7)
     t = FileTable()
     names = ["a", "a/b", "a/b/c", "a/x", "b", "b/y/z", "ab", "a/bb"]
@@ -472,10 +481,7 @@ async def test_uploaded_files_are_recycled_as_spares(tmp_path: Path) -> None:
     wb = _wb(tmp_path / "w", store)
     async with trio.open_nursery() as n:
         await n.start(wb.run)
-        f = await wb.create("one", Attrs(0o100644, 0, 0, 1.0))
-        wb.opened(f, True)
-        await wb.write(f, 0, b"first file, longer than the second")
-        wb.released(f, True)
+        f = await _write_closed(wb, "one", b"first file, longer than the second")
         await wb.flush_all()
         assert f.fd in [fd for _, fd in wb._spares]  # recycled, not closed
         g = await wb.create("two", Attrs(0o100644, 0, 0, 1.0))
