@@ -419,7 +419,7 @@ def test_file_table_indexes_match_a_scan() -> None:
             if d:
                 want_under = [f for p, f in t.items() if p.startswith(d + "/") and not f.deleted]
                 assert t.under(d) == want_under
-        for p, f in t.items():
+        for f in t.values():
             assert t.by_fid(f.fid) is f
         assert t.by_fid(10**9) is None
 
