@@ -150,6 +150,13 @@ class BlockCache:
         self._verified: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
         self._verified_bytes = 0
         self._verified_budget = verified_budget
+        # Chunks fetched for a reader and not read yet: (ident, chunk) -> (bytes, charge).
+        # They are on disk too; keeping them saves a sequential reader a disk read and a
+        # checksum per chunk. Their bytes stay charged to the read memory budget until read
+        # (then they move to the small LRU above) or dropped (drop_fresh, oldest first).
+        self._fresh: OrderedDict[tuple[bytes, int], tuple[bytes, int]] = OrderedDict()
+        self.fresh_bytes = 0
+        self.release_charge: Callable[[int], None] = lambda n: None
         self._atimes: dict[tuple[bytes, int], float] = {}
         self.used = sum(e.nbytes for _, _, e in index.iter_blocks())
         metrics.cache_bytes.set(self.used)
@@ -195,6 +202,11 @@ class BlockCache:
 
     def _chunk(self, ident: bytes, chunk: int, obj_size: int) -> bytes | None:
         k = (ident, chunk)
+        fresh = self._fresh.pop(k, None)
+        if fresh is not None:
+            self._release_fresh(fresh)
+            self.remember(ident, chunk, fresh[0])
+            return fresh[0]
         data = self._verified.get(k)
         if data is not None:
             self._verified.move_to_end(k)
@@ -235,6 +247,33 @@ class BlockCache:
         while self._verified_bytes > self._verified_budget:
             _, old = self._verified.popitem(last=False)
             self._verified_bytes -= len(old)
+
+    def hold(self, ident: bytes, chunk: int, data: bytes, charge: int) -> None:
+        """Keep a chunk just fetched (and written) for a reader that has not read it yet;
+        ``charge`` bytes of the memory budget are released when it is read or dropped."""
+        old = self._fresh.pop((ident, chunk), None)
+        if old is not None:
+            self._release_fresh(old)
+        self._fresh[(ident, chunk)] = (data, charge)
+        self.fresh_bytes += charge
+
+    def drop_fresh(self, want: int, ident: bytes | None = None) -> int:
+        """Drop held chunks, oldest first, until ``want`` bytes of charge are released (all
+        of one object's with ``ident``); returns the charge released."""
+        freed = 0
+        keys = (list(self._fresh) if ident is None
+                else [k for k in self._fresh if k[0] == ident])
+        for k in keys:
+            if freed >= want:
+                break
+            got = self._fresh.pop(k)
+            freed += got[1]
+            self._release_fresh(got)
+        return freed
+
+    def _release_fresh(self, got: tuple[bytes, int]) -> None:
+        self.fresh_bytes -= got[1]
+        self.release_charge(got[1])
 
     def _drop_chunk(self, ident: bytes, blockno: int, idx: int, entry: BlockEntry,
                     nbytes: int) -> None:
@@ -303,6 +342,7 @@ class BlockCache:
     # invalidation and eviction -----------------------------------------------------------
     def invalidate(self, ident: bytes) -> None:
         """Forget every block of one object version (its ETag changed)."""
+        self.drop_fresh(1 << 62, ident)
         blocks = self.index.blocks_of(ident)
         if not blocks:
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -51,10 +52,15 @@ class MemoryBudget:
         self.used = 0
         self.metrics = metrics
         self._waiters: list[tuple[int, trio.Event]] = []
+        # Frees memory held for later (fetched chunks not read yet) when a request needs it:
+        # reclaim(n) releases up to n bytes through release() and returns how many.
+        self.reclaim: Callable[[int], int] = lambda n: 0
 
     async def acquire(self, n: int) -> None:
         n = min(n, self.limit)
         while self.used + n > self.limit:
+            if self.reclaim(self.used + n - self.limit):
+                continue
             ev = trio.Event()
             self._waiters.append((n, ev))
             await ev.wait()
@@ -129,6 +135,11 @@ class Fetcher:
         # without this memory that read would wait out a whole second read_timeout.
         self._failed: dict[tuple[bytes, int], tuple[float, BaseException]] = {}
         self.nursery: trio.Nursery | None = None  # set by the filesystem's run()
+        # Chunks fetched for a reader wait for it in memory (BlockCache.hold), charged to
+        # the budget, up to half of it; a request short of budget drops them first.
+        cache.release_charge = budget.release
+        budget.reclaim = cache.drop_fresh
+        self.hold_limit = budget.limit // 2
 
     def _plan(self, obj: ObjRef, first: int, last: int) -> tuple[list[tuple[int, int]],
                                                                  list[_Flight]]:
@@ -152,19 +163,21 @@ class Fetcher:
                 runs.append((chunk, chunk))
         return runs, waits
 
-    def _launch(self, obj: ObjRef, runs: list[tuple[int, int]]) -> list[_Flight]:
+    def _launch(self, obj: ObjRef, runs: list[tuple[int, int]], keep: bool
+                ) -> list[_Flight]:
         assert self.nursery is not None
         flights = []
         for a, b in runs:
             f = _Flight()
             for c in range(a, b + 1):
                 self._inflight[(obj.ident, c)] = f
-            self.nursery.start_soon(self._fetch, obj, a, b, f)
+            self.nursery.start_soon(self._fetch, obj, a, b, f, keep)
             flights.append(f)
         return flights
 
-    async def ensure(self, obj: ObjRef, first: int, last: int) -> None:
-        """Make chunks [first, last] local (fetching what is missing) and wait for them."""
+    async def ensure(self, obj: ObjRef, first: int, last: int, keep: bool = False) -> None:
+        """Make chunks [first, last] local (fetching what is missing) and wait for them;
+        ``keep``: a reader is about to read them (hold fetched chunks in memory for it)."""
         if self._failed:
             now = trio.current_time()
             for k, (t, _) in list(self._failed.items()):
@@ -175,7 +188,7 @@ class Fetcher:
                 if hit is not None:
                     raise hit[1]
         runs, waits = self._plan(obj, first, last)
-        waits += self._launch(obj, runs)
+        waits += self._launch(obj, runs, keep)
         ident = obj.ident
         for f in waits:
             while not f.done.is_set() and any(
@@ -202,16 +215,19 @@ class Fetcher:
         self.metrics.cache_miss_bytes.inc(size)
         return bytes(buf)
 
-    def prefetch(self, obj: ObjRef, first: int, last: int) -> None:
+    def prefetch(self, obj: ObjRef, first: int, last: int, keep: bool = False) -> None:
         runs, _ = self._plan(obj, first, last)
-        self._launch(obj, runs)
+        self._launch(obj, runs, keep)
 
-    async def _fetch(self, obj: ObjRef, a: int, b: int, flight: _Flight) -> None:
+    async def _fetch(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool
+                     ) -> None:
         cs = self.cache.chunk_size
         start = a * cs
         length = min((b + 1) * cs, obj.size) - start
         ident = obj.ident
-        await self.budget.acquire(length)
+        charge = min(length, self.budget.limit)
+        await self.budget.acquire(charge)
+        held = 0  # of the charge, what went on with chunks held for the reader
         try:
             self.metrics.readahead_window.observe(length)
             token = trio.lowlevel.current_trio_token()
@@ -220,6 +236,7 @@ class Fetcher:
             def committed(chunks: list[tuple[int, int]], data: bytes) -> None:
                 # On the loop, for each chunk as it lands: readers waiting for it go on
                 # while the rest of the request is still streaming.
+                nonlocal held
                 if commit_error:
                     return
                 try:
@@ -227,8 +244,14 @@ class Fetcher:
                 except OSError as exc:  # the index is full or broken: handled below
                     commit_error.append(exc)
                     return
-                for c, _ in chunks:
-                    self.cache.remember(ident, c, data)
+                if keep and held < charge:
+                    n = min(len(data), charge - held)
+                    over = self.cache.fresh_bytes + n - self.hold_limit
+                    if over > 0:
+                        self.cache.drop_fresh(over)
+                    for c, _ in chunks:
+                        self.cache.hold(ident, c, data, n)
+                    held += n
                 self.metrics.cache_miss_bytes.inc(
                     sum(self.cache.chunk_len(c, obj.size) for c, _ in chunks))
                 for c, _ in chunks:
@@ -277,7 +300,7 @@ class Fetcher:
             flight.error = FsError(errno.EIO, f"fetch failed: {exc!r}")
             raise
         finally:
-            self.budget.release(length)
+            self.budget.release(charge - held)
             for c in range(a, b + 1):
                 if self._inflight.get((ident, c)) is flight:
                     del self._inflight[(ident, c)]
@@ -324,7 +347,7 @@ class Reader:
                 break
             last = (end - 1) // cs
             try:
-                await self.fetcher.ensure(obj, offset // cs, last)
+                await self.fetcher.ensure(obj, offset // cs, last, keep=True)
             except CacheWriteError:
                 return await self.fetcher.direct(obj, offset, size)
         else:
@@ -369,5 +392,5 @@ class Reader:
         if start >= target:
             return
         cs = self.cache.chunk_size
-        self.fetcher.prefetch(obj, start // cs, (target - 1) // cs)
+        self.fetcher.prefetch(obj, start // cs, (target - 1) // cs, keep=True)
         ra.fetched_until = target

@@ -203,6 +203,40 @@ async def test_random_reads_fetch_only_what_they_touch(tmp_path: Path) -> None:
     assert reader.metrics.value("caiosfs_s3_bytes_in_total") == 3 * 4096 + MiB
 
 
+async def test_fetched_chunks_wait_in_memory_for_their_reader(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    a, b = data(40 * MiB + 5, "a"), data(40 * MiB, "b")
+    obj_a = ObjRef("b", "a", store.put_bytes("a", a), len(a))
+    obj_b = ObjRef("b", "b", store.put_bytes("b", b), len(b))
+    reader, fetcher, budget = _reader(tmp_path / "r", store, memory=32 * MiB)
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        ra = reader.new_readahead()
+        got = bytearray()
+        while len(got) < obj_a.size:
+            got += await reader.read(obj_a, ra, len(got), 128 * 1024)
+        assert xxh(got) == xxh(a)
+        # every chunk went from the GET to the reader in memory: none was read back from disk
+        assert reader.metrics.value("caiosfs_cache_hit_chunks_total") == 0
+        assert budget.used == 0
+        # A reader that stops: the chunks fetched ahead for it stay charged to the budget
+        # (up to half of it) ...
+        assert await reader.read(obj_b, reader.new_readahead(), 0, MiB) == b[:MiB]
+        with trio.fail_after(10):
+            while fetcher._inflight:
+                await trio.sleep(0.01)
+        assert 0 < reader.cache.fresh_bytes == budget.used <= 16 * MiB
+        # ... and are dropped as soon as a request needs the memory.
+        with trio.fail_after(1):
+            await budget.acquire(32 * MiB)
+        assert reader.cache.fresh_bytes == 0
+        budget.release(32 * MiB)
+        # what was dropped from memory is still on disk, and verified when read
+        off = 5 * MiB + 3
+        assert await reader.read(obj_b, reader.new_readahead(), off, MiB) == b[off:off + MiB]
+        n.cancel_scope.cancel()
+
+
 async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
     store = MemoryStore("b")
     peak = 0
@@ -319,6 +353,27 @@ async def test_writeback_uploads_small_and_multipart(tmp_path: Path) -> None:
     assert store.objects["pre/a.txt"].metadata["mode"] == str(0o100600)
     assert store.calls["upload_part"] >= 5 and not store.uploads
     assert wb.index.all_journal() == {}
+
+
+async def test_parts_of_a_file_being_written_stream_beyond_a_backlog(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store)  # 5 MiB parts: the newest 16 (80 MiB) stay local
+    body = data(120 * MiB, "backlog")
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await wb.create("big", Attrs(0o100644, 0, 0, 1.0))
+        wb.opened(f, True)
+        for off in range(0, len(body), MiB):
+            await wb.write(f, off, body[off:off + MiB])
+        with trio.fail_after(10):
+            while f.stream is None or not f.stream.upload_id or f.stream.sending:
+                await trio.sleep(0.01)
+        assert sorted(f.stream.etags) == list(range(1, 9))  # (120 - 80) / 5 parts
+        wb.released(f, True)
+        await wb.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/big"].data == body
+    assert not store.uploads
 
 
 async def test_writeback_keeps_both_versions_on_conflict(tmp_path: Path) -> None:
