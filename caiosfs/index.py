@@ -4,9 +4,13 @@ Two environments per cache directory (the directory is held by one mount at a ti
 :mod:`caiosfs.cache` ``lock_cache_dir``):
 
 - ``<cache_dir>/journal.lmdb`` holds what must never be lost — ``journal``, ``ops``, ``state``.
-  Adding or changing an entry is flushed to disk before it returns; removing one is not
+  Adding or changing an entry commits before it returns (the commit reaches the OS: a killed
+  daemon loses nothing). ``ops`` entries are flushed to disk (fdatasync) before they return;
+  ``journal`` entries are flushed in the background within milliseconds, one flush for a
+  burst of creates (``sync_journal``), and before ``fsync=local`` returns — what a power cut
+  may lose is what it would lose anyway: data nobody fsynced. Removing an entry is not flushed
   (a removal lost in a power cut only makes the next mount look at a finished file again,
-  which it recognises). Ids are reserved in batches so creating a file costs one flush.
+  which it recognises). Ids are reserved in batches of 1,000, one flush per batch.
 - ``<cache_dir>/index.lmdb`` holds what can be rebuilt — ``blocks``, ``meta`` — and commits
   without fsync (every commit still reaches the OS, so a killed daemon loses nothing; a
   power loss can lose recent entries, whose blocks are then fetched again). If it cannot be
@@ -134,6 +138,9 @@ class Index:
             return open_env()
 
     def close(self) -> None:
+        with contextlib.suppress(lmdb.Error, OSError):
+            self.jenv.sync(True)
+            self.env.sync(True)
         self.env.close()
         self.jenv.close()
 
@@ -192,10 +199,17 @@ class Index:
         return n
 
     # journal / ops -----------------------------------------------------------------------
-    def _put_json(self, db: Any, ident: int, value: dict[str, Any]) -> None:
+    def _put_json(self, db: Any, ident: int, value: dict[str, Any], sync: bool = True
+                  ) -> None:
         with _os_errors():
             with self.jenv.begin(db=db, write=True) as txn:
                 txn.put(struct.pack(">Q", ident), json.dumps(value).encode())
+            if sync:
+                self.jenv.sync(True)
+
+    def sync_journal(self) -> None:
+        """Flush committed journal entries to disk (fdatasync; call it off the loop)."""
+        with _os_errors():
             self.jenv.sync(True)
 
     def _all_json(self, db: Any) -> dict[int, dict[str, Any]]:
@@ -206,8 +220,9 @@ class Index:
         with self.jenv.begin(db=db, write=True) as txn:
             txn.delete(struct.pack(">Q", ident))
 
-    def put_journal(self, fid: int, value: dict[str, Any]) -> None:
-        self._put_json(self.journal, fid, value)
+    def put_journal(self, fid: int, value: dict[str, Any], sync: bool = True) -> None:
+        """Commit a journal entry; ``sync=False`` leaves the flush to ``sync_journal``."""
+        self._put_json(self.journal, fid, value, sync)
 
     def del_journal(self, fid: int) -> None:
         self._del(self.journal, fid)

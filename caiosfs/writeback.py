@@ -39,6 +39,13 @@ MAX_PARTS = 10_000
 MIN_PART = 5 << 20
 CHUNK = 1 << 20  # granularity of the 'changed since the store version' map
 GAUGE_PERIOD = 0.1  # seconds between recomputations of the dirty totals
+# Uploads that are due wait for a pause in writing: QUIET seconds without a create or write,
+# but never more than MAX_DEFER seconds past their due time. On a small machine the uploads
+# of a `cp -r` compete with the copy itself for the CPU (1,000 files on 2 cores: 2.7 s with
+# uploads running alongside, 1.4 s without, and durable no later). fsync, flush and
+# back-pressure do not wait.
+QUIET = 0.05
+MAX_DEFER = 5.0
 SPARES = 32  # empty data files kept ready for new files (see WriteBack.make_spares)
 
 
@@ -200,6 +207,8 @@ class WriteBack:
         self._due: dict[int, float] = {}  # fid -> when to upload
         self._backoff: dict[int, float] = {}  # fid -> no urgent retry before (after a failure)
         self._kick = trio.Event()
+        self._journal_unsynced = trio.Event()
+        self._last_write = 0.0  # monotonic time of the last create or write
         # Set (and replaced) whenever an upload or part finishes. Waiters take the current
         # event *before* starting what they wait for and never replace it themselves, so no
         # wake-up is lost (a lost one cost a full 1 s timeout per flush round).
@@ -236,7 +245,10 @@ class WriteBack:
         self.metrics.oldest_dirty_seconds.set(time.time() - oldest if oldest else 0)
 
     def _journal(self, f: DirtyFile) -> None:
-        self.index.put_journal(f.fid, {
+        # Committed now (a killed daemon loses nothing); flushed to disk by _sync_journal
+        # moments later, one fdatasync per burst (a `cp -r` creates a file a millisecond).
+        self._journal_unsynced.set()
+        self.index.put_journal(f.fid, sync=False, value={
             "path": f.path, "key": f.key, "base_etag": f.base_etag, "mode": f.attrs.mode,
             "uid": f.attrs.uid, "gid": f.attrs.gid, "mtime": f.attrs.mtime,
             "upload_id": f.stream.upload_id if f.stream else None, "deleted": f.deleted,
@@ -320,6 +332,7 @@ class WriteBack:
         f = self._new(path, base_etag, attrs)
         self._journal(f)
         self.update_gauges()
+        self._last_write = time.monotonic()
         return f
 
     async def open_existing(self, path: str, base_etag: str, attrs: Attrs,
@@ -362,6 +375,7 @@ class WriteBack:
         f.attrs.size = max(f.attrs.size, end)
         self._maybe_stream(f, offset, end)
         f.last_write_end = end
+        self._last_write = time.monotonic()
         return n
 
     async def _wait_for_room(self, f: DirtyFile) -> None:
@@ -509,6 +523,7 @@ class WriteBack:
     async def fsync(self, f: DirtyFile) -> None:
         if self.fsync_local:
             await trio.to_thread.run_sync(os.fsync, f.fd)
+            await trio.to_thread.run_sync(self.index.sync_journal)  # and its journal entry
             return
         await self.wait_durable(f)
 
@@ -541,12 +556,18 @@ class WriteBack:
         """The upload scheduler; lives in the filesystem's nursery."""
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            nursery.start_soon(self._sync_journal)
             task_status.started()
             while True:
                 now = time.monotonic()
+                busy = now - self._last_write < QUIET
+                deferred = False
                 for fid, due in list(self._due.items()):
                     if due > now:
                         continue  # the common case: keep this scan cheap
+                    if busy and due and now < due + MAX_DEFER:
+                        deferred = True  # the writer goes first (see QUIET)
+                        continue
                     f = self._by_fid(fid)
                     if f is None or f.deleted:
                         self._due.pop(fid, None)
@@ -558,6 +579,8 @@ class WriteBack:
                 self.update_gauges()
                 self._kick = trio.Event()
                 wait = min((d for d in self._due.values()), default=now + 5) - now
+                if deferred:
+                    wait = self._last_write + QUIET - now
                 if self._gauges_stale:
                     wait = min(wait, GAUGE_PERIOD)
                 with trio.move_on_after(max(0.02, min(wait, 5))):
@@ -565,6 +588,16 @@ class WriteBack:
                     # Kicks come in bursts (a `cp -r` closes a file every millisecond):
                     # one scan per burst, not one per kick.
                     await trio.sleep(0.005)
+
+    async def _sync_journal(self) -> None:
+        while True:
+            await self._journal_unsynced.wait()
+            self._journal_unsynced = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self.index.sync_journal)
+            except OSError as exc:
+                log.error("could not flush the journal to disk: %s", exc.strerror)
+                await trio.sleep(1)
 
     def _by_fid(self, fid: int) -> DirtyFile | None:
         return self.files.by_fid(fid)
