@@ -5,8 +5,8 @@ Two environments per cache directory (the directory is held by one mount at a ti
 
 - ``<cache_dir>/journal.lmdb`` holds what must never be lost — ``journal``, ``ops``, ``state``.
   Adding or changing an entry commits before it returns (the commit reaches the OS: a killed
-  daemon loses nothing). ``ops`` entries are flushed to disk (fdatasync) before they return;
-  ``journal`` entries are flushed in the background within milliseconds, one flush for a
+  daemon loses nothing). ``ops`` entries are flushed to disk (fdatasync) before they return,
+  but for ``mkdir``; those and ``journal`` entries are flushed in the background within milliseconds, one flush for a
   burst of creates (``sync_journal``), and before ``fsync=local`` returns — what a power cut
   may lose is what it would lose anyway: data nobody fsynced. Removing an entry is not flushed
   (a removal lost in a power cut only makes the next mount look at a finished file again,
@@ -31,7 +31,9 @@ Sub-databases
                     data is ``dirty/<id>``; deleted when the upload has completed.
 ``ops``     key   = operation id (u64, big-endian).
             value = JSON: {"op": "rename_dir", "src": prefix, "dst": prefix} — multi-object
-                    operations in progress, replayed (resumed) at mount.
+                    operations in progress, replayed (resumed) at mount; {"op": "mkdir",
+                    "key", "meta", "mtime"} — a directory marker not PUT yet;
+                    {"op": "delete", "key", "etag"} — a delete deferred to the last close.
 ``meta``    key   = ident.  value = JSON of the object's x-amz-meta-* (so remounts need no
                     HEAD for attributes already seen).
 ``state``   key   = name.  value = bytes (``next_id``: u64 counter for journal/ops ids).
@@ -230,8 +232,9 @@ class Index:
     def all_journal(self) -> dict[int, dict[str, Any]]:
         return self._all_json(self.journal)
 
-    def put_op(self, oid: int, value: dict[str, Any]) -> None:
-        self._put_json(self.ops, oid, value)
+    def put_op(self, oid: int, value: dict[str, Any], sync: bool = True) -> None:
+        """Commit an ``ops`` entry; ``sync=False`` leaves the flush to ``sync_journal``."""
+        self._put_json(self.ops, oid, value, sync)
 
     def del_op(self, oid: int) -> None:
         self._del(self.ops, oid)

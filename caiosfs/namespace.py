@@ -202,6 +202,11 @@ class Namespace:
                      and self.hidden.get(self.join(path, k)) == e.etag]:
             del entries[name]
         self._load_meta(entries, pre)
+        for p in self.wb.markers_below(path):  # made here, markers not in the store yet
+            name = p[len(path) + 1:] if path else p
+            if "/" not in name and (name not in entries or not entries[name].is_dir):
+                m = self.wb.markers[p]
+                entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
         self.listings[path] = Listing(entries, time.monotonic())
         if self.cfg.metadata == "head":
             await self._head_all(pre, entries)
@@ -288,6 +293,9 @@ class Namespace:
         if f is not None and not f.deleted:
             e = Entry(False, f.size, f.base_etag or "", f.attrs.mtime, f.attrs.to_meta())
             return self._node_for(path, e, from_store=False)
+        m = self.wb.markers.get(path)
+        if m is not None:  # made here, its marker not in the store yet
+            return self._node_for(path, Entry(True, mtime=m.mtime, meta=m.meta, marker=True))
         if self.wb.under(path):  # only local files below it so far
             return self._node_for(path, Entry(True, mtime=time.time()))
         e = await self._stat(parent.path, name)

@@ -71,6 +71,24 @@ STREAM_BACKLOG_PARTS = 16
 
 
 @dataclass
+class Marker:
+    """A directory made here whose marker object (``dir/``) is not in the store yet."""
+
+    oid: int  # its ``ops`` entry: a crash before the PUT is finished by the next mount
+    key: str
+    meta: dict[str, str]
+    mtime: float
+    urgent: bool = False
+    started: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    hurry: trio.Event = field(default_factory=trio.Event)  # set with urgent
+
+    def now(self) -> None:
+        self.urgent = True
+        self.hurry.set()
+
+
+@dataclass
 class _Stream:
     """A multipart upload in progress; parts may be sent before the file is closed."""
 
@@ -209,6 +227,7 @@ class WriteBack:
         self._kick = trio.Event()
         self._journal_unsynced = trio.Event()
         self._last_write = 0.0  # monotonic time of the last create or write
+        self.markers: dict[str, Marker] = {}  # dir path -> marker not in the store yet
         # Set (and replaced) whenever an upload or part finishes. Waiters take the current
         # event *before* starting what they wait for and never replace it themselves, so no
         # wake-up is lost (a lost one cost a full 1 s timeout per flush round).
@@ -539,12 +558,14 @@ class WriteBack:
         """Upload everything dirty now and wait until it is durable."""
         while True:
             pending = [f for f in self.files.values() if not f.clean and not f.deleted]
-            if not pending:
+            if not pending and not self.markers:
                 self.update_gauges(force=True)
                 return
             ev = self._progress
             for f in pending:
                 self._urgent(f)
+            for m in self.markers.values():
+                m.now()
             if progress:
                 await progress({"files": len(pending), "bytes": sum(f.size for f in pending)})
             with trio.move_on_after(1):
@@ -598,6 +619,91 @@ class WriteBack:
             except OSError as exc:
                 log.error("could not flush the journal to disk: %s", exc.strerror)
                 await trio.sleep(1)
+
+    # directories ---------------------------------------------------------------------------
+    def mkdir(self, path: str, key: str, meta: dict[str, str], mtime: float,
+              oid: int | None = None) -> None:
+        """A new directory: its marker object is PUT in the background (like an upload,
+        after a pause in writing); an ``ops`` entry covers it until then. ``oid``: resume
+        one a crash left."""
+        resumed = oid is not None
+        if oid is None:
+            oid = self.index.next_id()
+            self.index.put_op(oid, {"op": "mkdir", "key": key, "meta": meta, "mtime": mtime},
+                              sync=False)
+            self._journal_unsynced.set()
+        m = self.markers[path] = Marker(oid, key, meta, mtime)
+        assert self.nursery is not None
+        self.nursery.start_soon(self._put_marker, path, m,
+                                0.0 if resumed else self.upload_delay)
+
+    async def _put_marker(self, path: str, m: Marker, delay: float) -> None:
+        # Like an upload: upload_delay first, then a pause in writing (at most MAX_DEFER).
+        due = time.monotonic() + delay
+        while not m.urgent and self.markers.get(path) is m:
+            now = time.monotonic()
+            if now >= due and (now - self._last_write >= QUIET or now >= due + MAX_DEFER):
+                break
+            with trio.move_on_after(max(QUIET, min(due - now, 1.0))):
+                await m.hurry.wait()
+        if self.markers.get(path) is not m:
+            return  # removed before it was sent (rmdir)
+        m.started = True
+        try:
+            await self.store.put_file(m.key, None, 0, m.meta)  # retried until it lands
+            self.index.del_op(m.oid)
+        except StoreError as exc:  # not retryable (denied...): the next mount tries again
+            log.error("could not create the marker of directory %s: %s", path, exc)
+        finally:
+            if self.markers.get(path) is m:
+                del self.markers[path]
+            m.done.set()
+            self._signal_progress()
+
+    def markers_below(self, path: str) -> list[str]:
+        """Directories made under ``path`` whose markers are not in the store yet."""
+        pre = path + "/" if path else ""
+        return [p for p in self.markers if p.startswith(pre)]
+
+    async def settle_markers(self, path: str) -> None:
+        """Markers at or under ``path`` land now (a directory rename copies what the
+        store holds)."""
+        waiting = [m for p, m in self.markers.items() if not path or p == path
+                   or p.startswith(path + "/")]
+        for m in waiting:
+            m.now()
+        for m in waiting:
+            await m.done.wait()
+
+    async def set_marker_meta(self, path: str, meta: dict[str, str], mtime: float) -> bool:
+        """New attributes for a directory made here: True if they go with its marker, not
+        sent yet; False if the caller writes them (its marker is in the store by now)."""
+        m = self.markers.get(path)
+        if m is not None and m.started:
+            await m.done.wait()
+            return False
+        if m is None:
+            return False
+        m.meta, m.mtime = meta, mtime
+        self.index.put_op(m.oid, {"op": "mkdir", "key": m.key, "meta": meta, "mtime": mtime},
+                          sync=False)
+        self._journal_unsynced.set()
+        return True
+
+    async def rmdir(self, path: str) -> bool:
+        """Forget the marker of ``path`` if it was never sent; False if the store may hold
+        one (the caller deletes it)."""
+        m = self.markers.get(path)
+        if m is None:
+            return False
+        if m.started:
+            await m.done.wait()
+            return False
+        del self.markers[path]
+        self.index.del_op(m.oid)
+        m.done.set()
+        m.hurry.set()  # its task sees it gone and ends
+        return True
 
     def _by_fid(self, fid: int) -> DirtyFile | None:
         return self.files.by_fid(fid)
