@@ -9,6 +9,8 @@ Keys here are full object keys (the mount prefix already applied).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -72,3 +74,23 @@ class ObjectStore(Protocol):
     def copy(self, src: str, dst: str, metadata: dict[str, str] | None,
              size: int) -> str: ...
     def delete(self, key: str) -> None: ...
+
+
+def file_md5(path: str | None, size: int) -> bytes:
+    """MD5 of the first ``size`` bytes of a local file: a PUT's Content-MD5, and the ETag a
+    store gives a single-part object. OSError if the file is shorter."""
+    h = hashlib.md5()
+    if path is None or not size:
+        return h.digest()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        off = 0
+        while off < size:
+            piece = os.pread(fd, min(size - off, 8 << 20), off)
+            if not piece:
+                raise OSError(f"local file shrank while uploading ({off} of {size} bytes)")
+            h.update(piece)
+            off += len(piece)
+    finally:
+        os.close(fd)
+    return h.digest()

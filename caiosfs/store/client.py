@@ -23,13 +23,22 @@ import trio
 
 from ..errors import PreconditionFailed, StoreError
 from ..metrics import Metrics
-from . import ListPage, MultipartUpload, ObjectInfo, ObjectStore, PartSource, Sink
+from . import ListPage, MultipartUpload, ObjectInfo, ObjectStore, PartSource, Sink, file_md5
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 10.0
+
+
+def _what(args: tuple[Any, ...]) -> str:
+    """The request's key (and range or part) for the debug log: never metadata or bodies."""
+    out = [a for a in args[:3] if isinstance(a, (str, int)) and not isinstance(a, bool)]
+    part = next((a for a in args if isinstance(a, PartSource)), None)
+    if part is not None:
+        out.append(f"part {part.number}" + (f" copy of {part.copy_key}" if part.copy_key else ""))
+    return " ".join(str(a) for a in out)
 
 
 class GaveUp(StoreError):
@@ -96,6 +105,8 @@ class StoreClient:
             except StoreError as exc:
                 self.metrics.s3_requests.labels(op, exc.code).inc()
                 self.metrics.s3_latency.labels(op).observe(time.monotonic() - t0)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s %s: %s", op, _what(args), exc.code)
                 if not exc.retryable:
                     raise
                 attempt += 1
@@ -120,6 +131,8 @@ class StoreClient:
                 continue
             self.metrics.s3_requests.labels(op, "ok").inc()
             self.metrics.s3_latency.labels(op).observe(time.monotonic() - t0)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s: ok %.1f ms", op, _what(args), (time.monotonic() - t0) * 1e3)
             if nbytes_out:
                 self.metrics.s3_bytes_out.inc(nbytes_out)
             return result
@@ -160,17 +173,7 @@ class StoreClient:
             # lost (reset, truncated, timed out), or an upload that completed just before a
             # crash, replayed from the journal. Conflicts are rare: checking costs one HEAD.
             def md5() -> str:
-                h = hashlib.md5()
-                if path is not None and size:
-                    with open(path, "rb") as fh:
-                        left = size
-                        while left > 0:
-                            piece = fh.read(min(left, 8 << 20))
-                            if not piece:
-                                break
-                            h.update(piece)
-                            left -= len(piece)
-                return '"' + h.hexdigest() + '"'
+                return '"' + file_md5(path, size).hex() + '"'
             etag = await self._ours(key, await trio.to_thread.run_sync(md5), size)
             if etag is None:
                 raise
@@ -214,6 +217,8 @@ class StoreClient:
             return None
         if info.etag.strip('"') != expected_etag.strip('"') or (
                 size is not None and info.size != size):
+            log.info("%s: the store holds another version (ETag %s, %d bytes; ours %s, %s "
+                     "bytes)", key, info.etag, info.size, expected_etag, size)
             return None
         log.info("%s: a retried write found its own earlier attempt applied (response "
                  "lost); not a conflict", key)

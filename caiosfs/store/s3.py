@@ -6,6 +6,7 @@ policy, because reads and dirty-data uploads need different patience.
 
 from __future__ import annotations
 
+import base64
 import configparser
 import io
 import os
@@ -14,13 +15,13 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import boto3
-import urllib3
 import botocore.exceptions as bexc
+import urllib3
 from botocore.config import Config
 from botocore.credentials import CredentialProvider, Credentials
 
 from ..errors import PreconditionFailed, StoreError, UserError, is_retryable
-from . import ListPage, MultipartUpload, ObjectInfo, PartSource, Sink
+from . import ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
 from .lean import LeanS3, proxies_configured
 
 READ_PIECE = 1 << 20
@@ -336,8 +337,14 @@ class S3Store:
 
     def put_file(self, key: str, path: str | None, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str:
+        # Content-MD5 makes the store check that it received the whole body: without it,
+        # SeaweedFS stores an *empty* object when the connection dies before the first body
+        # byte (our daemon killed mid-PUT), which the next mount would take for somebody
+        # else's version. It costs one more pass over bodies that are at most part_size.
+        md5 = base64.b64encode(file_md5(path, size)).decode()
         if self._lean is not None:
-            headers = {"Content-Length": str(size if path is not None else 0)}
+            headers = {"Content-Length": str(size if path is not None else 0),
+                       "Content-MD5": md5}
             headers.update({"x-amz-meta-" + k: v for k, v in metadata.items()})
             if if_match:
                 headers["If-Match"] = if_match
@@ -349,7 +356,7 @@ class S3Store:
             with FileSlice(path, 0, size) as body:
                 return _etag(self._lean.request("PUT", key, headers, body).headers["ETag"])
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata,
-                              "ContentLength": size}
+                              "ContentLength": size, "ContentMD5": md5}
         if if_match:
             kw["IfMatch"] = if_match
         if if_none_match:
