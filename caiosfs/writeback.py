@@ -366,8 +366,7 @@ class WriteBack:
                 os.ftruncate(f.fd, 0)
                 f.attrs.size = 0
         except BaseException:
-            os.close(f.fd)
-            f.data_path.unlink(missing_ok=True)
+            self._close(f)
             del self.files[path]
             raise
         f.uploaded_gen = f.gen if fill is not None else 0
@@ -477,14 +476,18 @@ class WriteBack:
     async def _start_stream(self, f: DirtyFile) -> None:
         st = f.stream
         assert st is not None
+        key = f.key  # a rename meanwhile re-keys f: the upload belongs to this key
         try:
-            st.upload_id = await self.store.create_multipart(f.key, f.attrs.to_meta())
+            st.upload_id = await self.store.create_multipart(key, f.attrs.to_meta())
         except StoreError as exc:
             log.warning("could not start a streaming upload of %s: %s", f.path, exc)
-            f.stream, f.stream_off = None, True
+            if f.stream is st:
+                f.stream, f.stream_off = None, True
             return
-        if f.stream is not st:  # retired meanwhile
-            await self._abort(f.key, st.upload_id)
+        if f.stream is not st or f.key != key or f.deleted:  # renamed or retired meanwhile
+            if f.stream is st:
+                f.stream = None
+            await self._abort(key, st.upload_id)
             return
         self._journal(f)
         self._maybe_stream(f, f.last_write_end, f.last_write_end)
@@ -515,7 +518,8 @@ class WriteBack:
         if writable:
             f.writers -= 1
         if f.deleted and f.handles == 0:
-            self._forget(f)
+            if not f.uploading:  # (else _retire, waiting for that upload, forgets it)
+                self._forget(f)
             return
         if f.writers == 0 and not f.clean:
             self.schedule(f, self.upload_delay)
@@ -774,6 +778,8 @@ class WriteBack:
         f.attrs.size = size
         meta = f.attrs.to_meta()
         cond = {"if_match": f.base_etag, "if_none_match": f.base_etag is None}
+        log.debug("upload of %s (file %d, %d bytes, over %s)", f.path, f.fid, size,
+                  f.base_etag or "nothing")
         try:
             if size < 2 * MIN_PART or (size < self.part_size and f.stream is None):
                 if f.stream is not None:
@@ -957,6 +963,8 @@ class WriteBack:
         self.update_gauges()
 
     def _close(self, f: DirtyFile, recycle: bool = False) -> None:
+        if f.fd < 0:
+            return  # closed already
         if recycle and len(self._spares) < SPARES:
             # Emptied and renamed, the file becomes a spare for the next create(): a rename
             # costs ~40 us where creating a file costs ~1 ms of kernel time on some disks.
@@ -969,9 +977,11 @@ class WriteBack:
                 pass
             else:
                 self._spares.append((fid, f.fd))
+                f.fd = -1  # the spare's now
                 return
+        fd, f.fd = f.fd, -1  # never closed twice: the number may belong to another file by then
         try:
-            os.close(f.fd)
+            os.close(fd)
         except OSError:
             pass
         f.data_path.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ retries — all against the in-memory store."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from pathlib import Path
@@ -431,6 +432,31 @@ async def test_journal_replay_uploads_after_crash(tmp_path: Path) -> None:
     assert store.objects["pre/r.bin"].data == b"journaled" * 1000
 
 
+async def test_last_close_during_an_unlink_waiting_for_its_upload(tmp_path: Path) -> None:
+    """unlink waits for an upload in flight; a reader closing meanwhile must not pull the
+    data file from under that upload (it failed reading the cache, and the fd was closed
+    twice: the second close could hit a descriptor reused by another file)."""
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store, upload_delay=0)
+    store.inject("put", StoreError("SlowDown", status=503, retryable=True), times=3)
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await _write_closed(wb, "x", b"data" * 1000)
+        wb.opened(f, False)  # a reader keeps it open
+        with trio.fail_after(10):
+            while not f.uploading:
+                await trio.sleep(0.005)
+        async with trio.open_nursery() as ops:
+            ops.start_soon(wb.unlink, "x")
+            await trio.sleep(0.01)
+            assert f.uploading  # the unlink is waiting for it
+            wb.released(f, False)
+        assert not f.data_path.exists()
+        n.cancel_scope.cancel()
+    assert wb.metrics.value("caiosfs_uploads_failed_total") == 0
+    assert wb.index.all_journal() == {}
+
+
 def test_part_size_grows_for_huge_files() -> None:
     assert part_size_for(10 << 30, 64 * MiB) == 64 * MiB
     ps = part_size_for(1 << 40, 64 * MiB)
@@ -537,10 +563,12 @@ async def test_uploaded_files_are_recycled_as_spares(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         await n.start(wb.run)
         f = await _write_closed(wb, "one", b"first file, longer than the second")
+        fd = f.fd
         await wb.flush_all()
-        assert f.fd in [fd for _, fd in wb._spares]  # recycled, not closed
+        assert fd in [s for _, s in wb._spares]  # recycled, not closed
+        assert f.fd == -1  # and no longer the uploaded file's to use or close
         g = await wb.create("two", Attrs(0o100644, 0, 0, 1.0))
-        assert g.fd == f.fd and os.fstat(g.fd).st_size == 0
+        assert g.fd == fd and os.fstat(g.fd).st_size == 0
         wb.opened(g, True)
         await wb.write(g, 0, b"second")
         wb.released(g, True)
@@ -551,3 +579,26 @@ async def test_uploaded_files_are_recycled_as_spares(tmp_path: Path) -> None:
     left = list((tmp_path / "w" / "dirty").iterdir())
     assert left and all(p.stat().st_size == 0 for p in left)
     assert {p.name for p in left} == {str(fid) for fid, _ in wb._spares}
+
+
+def test_mount_registry_ignores_reused_pids_and_keeps_newer_entries(tmp_path: Path) -> None:
+    from caiosfs import control
+    mp = str(tmp_path / "mnt")
+    me = {"pid": os.getpid(), "mountpoint": mp}
+    p = control.register(mp, me)
+    try:
+        assert [i for i in control.registered() if i["mountpoint"] == mp]
+        # the same pid, another process (a stale entry whose pid was reused): not a mount,
+        # and the file stays for the next mount of that mountpoint to replace
+        p.write_text(json.dumps({**me, "started": 1}))
+        assert not [i for i in control.registered() if i["mountpoint"] == mp]
+        assert p.exists()
+        # a daemon leaving after a lazy unmount keeps the entry of a newer mount
+        p.write_text(json.dumps({**me, "pid": os.getpid() + 1}))
+        control.unregister(mp)
+        assert p.exists()
+        control.register(mp, me)
+        control.unregister(mp)
+        assert not p.exists()
+    finally:
+        p.unlink(missing_ok=True)
