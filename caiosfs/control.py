@@ -38,19 +38,36 @@ def socket_path(mountpoint: str | Path) -> Path:
     return runtime_dir() / f"{mount_id(mountpoint)}.sock"
 
 
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, it names one process,
+    even after the pid is reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def register(mountpoint: str, info: dict[str, Any]) -> Path:
     d = runtime_dir()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     p = d / f"{mount_id(mountpoint)}.json"
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
+    tmp = p.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**info, "started": _start_time(info["pid"])}))
     tmp.replace(p)
     return p
 
 
 def unregister(mountpoint: str) -> None:
+    """Remove this process's entry; one that a newer mount of the same mountpoint wrote
+    (after a lazy unmount of ours) stays, with its socket."""
+    p = runtime_dir() / f"{mount_id(mountpoint)}.json"
+    try:
+        if json.loads(p.read_text()).get("pid") != os.getpid():
+            return
+    except (OSError, ValueError):
+        pass
     for suffix in (".json", ".sock"):
-        (runtime_dir() / f"{mount_id(mountpoint)}{suffix}").unlink(missing_ok=True)
+        p.with_suffix(suffix).unlink(missing_ok=True)
 
 
 def registered() -> list[dict[str, Any]]:
@@ -62,20 +79,27 @@ def registered() -> list[dict[str, Any]]:
                 info = json.loads(p.read_text())
             except (OSError, ValueError):
                 continue
-            if _alive(info.get("pid", 0)):
+            # A stale entry (its daemon was killed) is skipped, not removed: the next mount
+            # of that mountpoint replaces it, and removing it here could remove that new
+            # entry, written between our read and the unlink.
+            if _alive(info.get("pid", 0), info.get("started")):
                 out.append(info)
-            else:
-                p.unlink(missing_ok=True)
     return out
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` runs (not a zombie) and, if ``started`` is given, is the one
+    that started then (not a later process that got the same pid)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    if started is not None and _start_time(pid) not in (started, None):
+        return False
     try:  # a zombie has exited; its parent just has not reaped it yet
         stat = Path(f"/proc/{pid}/stat").read_text()
         return stat.rpartition(")")[2].split()[0] != "Z"
