@@ -393,6 +393,12 @@ class Filesystem(pyfuse3.Operations):
         return fh
 
     @handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        # Directories made below it here whose markers are not in the store yet land now
+        # (every other directory operation reached the store before it returned).
+        await self.wb.settle_markers(self.dir_handles[fh].node.path)
+
+    @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self.dir_handles[fh]
         if start_id == 0 or d.entries is None:

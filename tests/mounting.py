@@ -58,6 +58,16 @@ class Mount:
         run_cli("umount", str(self.path), "-q", timeout=timeout, check=True)
         assert not mountinfo_has(str(self.path))
 
+    def log_problems(self, limit: int = 20) -> list[str]:
+        """The daemon's WARNING/ERROR log lines (and traceback lines), for assertion messages."""
+        try:
+            text = (self.cache_dir / "caiosfs.log").read_text(errors="replace")
+        except OSError as exc:
+            return [f"(no log: {exc})"]
+        out = [ln for ln in text.splitlines()
+               if " WARNING " in ln or " ERROR " in ln or ln.startswith(("Traceback", "  ", "E"))]
+        return out[-limit:]
+
     def kill(self) -> None:
         """SIGKILL the daemon (a crash), and detach the dead mount."""
         pid = self.pid

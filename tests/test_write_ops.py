@@ -359,6 +359,22 @@ def test_symlink_readlink(s3: Any, bucket: str, mounter: Any) -> None:
     assert "ln" not in keys(s3, bucket)
 
 
+def test_directory_markers_land_at_fsync_of_a_parent(s3: Any, bucket: str, mounter: Any
+                                                     ) -> None:
+    m = mounter(bucket, options="profile=devbox,upload_delay=3600")
+    os.makedirs(m.path / "a/b")
+    os.mkdir(m.path / "c")
+    assert keys(s3, bucket) == set()  # markers wait like uploads
+    fd = os.open(m.path / "a", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert keys(s3, bucket) == {"a/", "a/b/"}
+    m.flush()
+    assert keys(s3, bucket) == {"a/", "a/b/", "c/"}
+
+
 def test_chmod_chown_utime_persisted_as_metadata(s3: Any, bucket: str, mounter: Any) -> None:
     s3.put_object(Bucket=bucket, Key="stored", Body=b"s" * 1000)
     m = mounter(bucket, options=OPTS)
