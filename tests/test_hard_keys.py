@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import http.client
-import json
 import os
 import subprocess
 import threading
@@ -21,7 +20,7 @@ from xml.sax.saxutils import escape as xml_escape
 import pytest
 from conftest import data, xxh
 from faultproxy import FaultProxy
-from mounting import mountinfo_has, run_cli
+from mounting import mountinfo_has, record_figures, run_cli
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -194,11 +193,11 @@ def test_odd_keys_are_skipped_and_counted(s3: Any, seaweed: Any, bucket: str,
               f"{skipped} skips counted, 0 crashes")
 
 
-def test_twenty_thousand_entries_in_one_directory(s3: Any, seaweed: Any, bucket: str,
-                                                 mounter: Any) -> None:
-    n = 20_000
+def test_hundred_thousand_entries_in_one_directory(s3: Any, seaweed: Any, bucket: str,
+                                                   mounter: Any) -> None:
+    n = 100_000  # issue 7's figure; ~80 s here, most of it seeding
     # Seeded through SeaweedFS's filer HTTP API (its buckets are /buckets/NAME): ~1,400
-    # objects/s here against ~230/s with S3 PutObject, which would take 90 s alone. They are
+    # objects/s here against ~230/s with S3 PutObject, which would take 7 minutes alone. They are
     # ordinary S3 objects (listed with size and ETag; checked below with get_object).
     local = threading.local()
 
@@ -230,7 +229,7 @@ def test_twenty_thousand_entries_in_one_directory(s3: Any, seaweed: Any, bucket:
     reqs = m.status()["s3_requests"] - before
     figures = {"entries": n, "upload_s": round(upload_s, 1), "listdir_s": round(list_s, 2),
                "stat_all_s": round(stat_s, 2), "s3_requests": reqs}
-    print(f"\nFIGURES big_directory: {json.dumps(figures)}")
+    record_figures("hard_keys.json", "big_directory", figures)
     # ListObjectsV2 pages of 1,000 (+ the lookup and the read): never a request per entry
     assert reqs <= n // 1000 * 2 + 10, figures
 
