@@ -147,10 +147,14 @@ class Filesystem(pyfuse3.Operations):
             await self.wb.settle_markers("")  # the moves below copy what the store holds
         for op in ops.values():  # local files the crash left under the old name move too
             await self.wb.rekey_journal(op["src"], op["dst"])
+        # What is journaled now is newer than the store's objects of the old names (replayed
+        # uploads may land, and leave the table, before the moves below copy those).
+        journaled = {j["key"] for j in self.index.all_journal().values()
+                     if not j.get("deleted")}
         n = await self.wb.replay()
         for oid, op in ops.items():
             log.info("resuming rename of %s to %s", op["src"], op["dst"])
-            await self._move_prefix(op["src"], op["dst"], oid)
+            await self._move_prefix(op["src"], op["dst"], oid, journaled)
         return n
 
     async def _delete_version(self, key: str, etag: str, oid: int) -> None:
@@ -695,19 +699,28 @@ class Filesystem(pyfuse3.Operations):
         oid = self.index.next_id()
         src_key, dst_key = self.ns.dir_key(src), self.ns.dir_key(dst)
         self.index.put_op(oid, {"op": "rename_dir", "src": src_key, "dst": dst_key})
+        moved: set[str] = set()
         for f in self.wb.under(src):
-            await self.wb.rename(f.path, dst + f.path[len(src):], None)
-        await self._move_prefix(src_key, dst_key, oid)
+            new = dst + f.path[len(src):]
+            if (await self.wb.rename(f.path, new, None))[0]:
+                moved.add(self.ns.key(new))
+        await self._move_prefix(src_key, dst_key, oid, moved)
 
-    async def _move_prefix(self, src_key: str, dst_key: str, oid: int) -> None:
+    async def _move_prefix(self, src_key: str, dst_key: str, oid: int,
+                           local_keys: set[str] | frozenset[str] = frozenset()) -> None:
         """Copy every object under src_key to dst_key, then delete it. Idempotent, so a
-        crash in the middle is resumed at the next mount from the journal's ops entry."""
+        crash in the middle is resumed at the next mount from the journal's ops entry.
+
+        ``local_keys``: destination keys that local files moved to; their objects at
+        src_key are older than them and only deleted. (Checking the local files at copy
+        time is not enough: one may have uploaded and left the table meanwhile, and the
+        copy would overwrite its new content with the old.)"""
         while True:
             page = await self.client.list(src_key, None, None, 1000)
             if not page.objects:
                 break
             limiter = trio.CapacityLimiter(16)
-            local = {f.key for f in self.wb.files.values() if not f.deleted}
+            local = set(local_keys) | {f.key for f in self.wb.files.values() if not f.deleted}
 
             async def move(o: Any) -> None:
                 dst = dst_key + o.key[len(src_key):]
