@@ -650,6 +650,14 @@ class WriteBack:
                 break
             with trio.move_on_after(max(QUIET, min(due - now, 1.0))):
                 await m.hurry.wait()
+        # Parents first, as a filesystem would: SeaweedFS can drop the marker of a directory
+        # PUT at the same time as one below it (16 threads, 40 such pairs: one lost), and
+        # `mkdir -p` makes markers that all become due together.
+        parent = path.rpartition("/")[0]
+        while (pm := self.markers.get(parent)) is not None and pm is not m:
+            if m.urgent:
+                pm.now()
+            await pm.done.wait()
         if self.markers.get(path) is not m:
             return  # removed before it was sent (rmdir)
         m.started = True
