@@ -46,7 +46,13 @@ GAUGE_PERIOD = 0.1  # seconds between recomputations of the dirty totals
 # back-pressure do not wait.
 QUIET = 0.05
 MAX_DEFER = 5.0
-SPARES = 32  # empty data files kept ready for new files (see WriteBack.make_spares)
+SPARES = 32  # empty data files kept open, ready for new files (see WriteBack.make_spares)
+# Emptied data files kept (closed) for reuse, across remounts too: a new file then costs a
+# rename instead of a new inode. Creating an inode costs ~0.85 ms of kernel CPU on an ext4
+# without a journal that has seen many deletes (its allocator checks each free inode for a
+# recent delete) and tens of microseconds elsewhere; an unlink after every upload is what
+# fills a disk with recent deletes. An empty file costs an inode and no data.
+IDLE_MAX = 4096
 
 
 def part_size_for(size: int, base: int) -> int:
@@ -215,6 +221,7 @@ class WriteBack:
         self.on_uploaded = on_uploaded
         self.files = FileTable()
         self._spares: deque[tuple[int, int]] = deque()  # (id, fd) of empty data files
+        self._idle: deque[int] = deque()  # ids of empty, closed data files (see IDLE_MAX)
         self._spares_low = trio.Event()
         # Gauges and the dirty total are sums over every local file: recomputed at most
         # every GAUGE_PERIOD (writes in between are added to the total as they happen).
@@ -286,7 +293,7 @@ class WriteBack:
             fid, fd = self._spares.popleft()
             data_path = self.dir / str(fid)
         else:
-            fid = self.index.next_id()
+            fid = self._idle.popleft() if self._idle else self.index.next_id()
             data_path = self.dir / str(fid)
             try:
                 fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -304,11 +311,16 @@ class WriteBack:
         which a `cp -r` of small files would otherwise pay inside every create()."""
         failures = 0
 
-        def make(ids: list[int]) -> list[tuple[int, int]]:
+        def make(ids: list[tuple[int, bool]]) -> list[tuple[int, int]]:
             out = []
-            for fid in ids:
+            for fid, idle in ids:
                 try:
-                    fd = os.open(self.dir / str(fid), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    if idle:  # an emptied file kept for reuse (O_TRUNC: empty for sure)
+                        fd = os.open(self.dir / str(fid), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+                                     0o600)
+                    else:
+                        fd = os.open(self.dir / str(fid), os.O_RDWR | os.O_CREAT | os.O_EXCL,
+                                     0o600)
                 except OSError as exc:
                     # create() makes its own file (and reports the error) meanwhile.
                     (log.debug if failures else log.warning)(
@@ -319,16 +331,19 @@ class WriteBack:
         while True:
             want = SPARES - len(self._spares)
             if want > 0:
+                ids = []
+                while self._idle and len(ids) < want:
+                    ids.append((self._idle.popleft(), True))
                 try:
-                    ids = [self.index.next_id() for _ in range(want)]
+                    ids += [(self.index.next_id(), False) for _ in range(want - len(ids))]
                 except OSError:
-                    ids = []
+                    pass
                 made = await trio.to_thread.run_sync(make, ids)
                 self._spares.extend(made)
                 while len(self._spares) > SPARES:  # recycled ones came in meanwhile
                     fid, fd = self._spares.pop()
                     os.close(fd)
-                    (self.dir / str(fid)).unlink(missing_ok=True)
+                    self._keep_idle(fid)
                 if len(made) < want:  # the disk is full, read-only or failing
                     failures += 1
                     await trio.sleep(min(600, 10 * failures))
@@ -338,9 +353,17 @@ class WriteBack:
             self._spares_low = trio.Event()
 
     def close_spares(self) -> None:
+        """At unmount: the empty files stay on disk for the next mount (see IDLE_MAX)."""
         while self._spares:
             fid, fd = self._spares.popleft()
             os.close(fd)
+            self._keep_idle(fid)
+
+    def _keep_idle(self, fid: int) -> None:
+        """Keep the empty data file ``fid`` for reuse, or delete it past IDLE_MAX."""
+        if len(self._idle) < IDLE_MAX:
+            self._idle.append(fid)
+        else:
             (self.dir / str(fid)).unlink(missing_ok=True)
 
     async def create(self, path: str, attrs: Attrs, base_etag: str | None = None) -> DirtyFile:
@@ -973,10 +996,10 @@ class WriteBack:
     def _close(self, f: DirtyFile, recycle: bool = False) -> None:
         if f.fd < 0:
             return  # closed already
-        if recycle and len(self._spares) < SPARES:
-            # Emptied and renamed, the file becomes a spare for the next create(): a rename
-            # costs ~40 us where creating a file costs ~1 ms of kernel time on some disks.
-            # (Only uploaded files: nothing reads them any more.)
+        if recycle and (len(self._spares) < SPARES or len(self._idle) < IDLE_MAX):
+            # Emptied and renamed (a new id: no journal entry may name it), the file is kept
+            # for a later create(): a rename costs ~20 us where a new inode can cost ~1 ms
+            # of kernel time (see IDLE_MAX). Only uploaded files: nothing reads them any more.
             try:
                 os.ftruncate(f.fd, 0)
                 fid = self.index.next_id()
@@ -984,8 +1007,16 @@ class WriteBack:
             except OSError:
                 pass
             else:
-                self._spares.append((fid, f.fd))
-                f.fd = -1  # the spare's now
+                if len(self._spares) < SPARES:
+                    self._spares.append((fid, f.fd))
+                    f.fd = -1  # the spare's now
+                    return
+                self._idle.append(fid)
+                fd, f.fd = f.fd, -1
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
                 return
         fd, f.fd = f.fd, -1  # never closed twice: the number may belong to another file by then
         try:
@@ -1084,13 +1115,27 @@ class WriteBack:
             self._journal(f)
             self.schedule(f, 0)
             n += 1
-        # Data files no journal entry names: spares made ahead of a crash, or files whose
-        # journal entry was removed just before one. Nothing refers to them.
+        # Data files no journal entry names: empty files kept for reuse (IDLE_MAX), spares
+        # made ahead of a crash, or files whose journal entry was removed just before one.
+        # Nothing refers to them: emptied, they are reused (ids are never handed out twice,
+        # so no later journal entry can name one by accident).
         journaled = set(self.index.all_journal())
+        taken = {fid for fid, _ in self._spares} | set(self._idle)
         for p in self.dir.iterdir():
-            if p.name.isdigit() and int(p.name) not in journaled and self.files.by_fid(
-                    int(p.name)) is None and all(fid != int(p.name) for fid, _ in self._spares):
-                p.unlink(missing_ok=True)
+            if not p.name.isdigit():
+                continue
+            fid = int(p.name)
+            if fid in journaled or fid in taken or self.files.by_fid(fid) is not None:
+                continue
+            if len(self._idle) < IDLE_MAX:
+                try:
+                    os.truncate(p, 0)
+                except OSError:
+                    pass
+                else:
+                    self._idle.append(fid)
+                    continue
+            p.unlink(missing_ok=True)
         if self.nursery is not None:
             self.nursery.start_soon(self.make_spares)
         # Multipart uploads of journaled keys that the journal no longer names are orphans.

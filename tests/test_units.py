@@ -23,7 +23,7 @@ from caiosfs.metrics import Metrics
 from caiosfs.reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
 from caiosfs.store.client import StoreClient
 from caiosfs.store.memory import MemoryStore
-from caiosfs.writeback import DirtyFile, WriteBack, part_size_for
+from caiosfs.writeback import SPARES, DirtyFile, WriteBack, part_size_for
 
 MiB = 1 << 20
 
@@ -505,9 +505,10 @@ def test_file_table_indexes_match_a_scan() -> None:
         assert t.by_fid(10**9) is None
 
 
-async def test_spare_files_are_used_and_swept_after_a_crash(tmp_path: Path) -> None:
+async def test_spare_files_are_used_and_reused_after_a_crash(tmp_path: Path) -> None:
     """New files take their data file from a pool made ahead of time; spares a crash left
-    behind are removed at the next mount, journaled data files are kept."""
+    behind are kept, empty, for the next mount's new files (no new inodes), and journaled
+    data files are uploaded."""
     store = MemoryStore("b")
     wb = _wb(tmp_path / "w", store, upload_delay=3600)
     async with trio.open_nursery() as n:
@@ -525,15 +526,26 @@ async def test_spare_files_are_used_and_swept_after_a_crash(tmp_path: Path) -> N
         n.cancel_scope.cancel()  # crash with spares on disk
     spares = [p for p in (tmp_path / "w" / "dirty").iterdir() if p.name != str(fid)]
     assert spares and all(p.stat().st_size == 0 for p in spares)
+    inodes = {p.stat().st_ino for p in (tmp_path / "w" / "dirty").iterdir()}
+    spares[0].write_bytes(b"stale")  # as if the crash came while it was being reused
     wb.index.close()
     wb2 = _wb(tmp_path / "w", store)
     async with trio.open_nursery() as n:
         await n.start(wb2.run)
         assert await wb2.replay() == 1
-        assert not any(p.exists() for p in spares)
+        assert all(p.exists() and p.stat().st_size == 0 for p in spares)
+        with trio.fail_after(10):
+            while not wb2._spares:  # the pool refills from the kept files
+                await trio.sleep(0.01)
+        g = await wb2.create("new.bin", Attrs(0o100644, 0, 0, 1.0))
+        assert os.fstat(g.fd).st_ino in inodes and os.fstat(g.fd).st_size == 0
+        wb2.opened(g, True)
+        await wb2.write(g, 0, b"new")
+        wb2.released(g, True)
         await wb2.flush_all()
         n.cancel_scope.cancel()
     assert store.objects["pre/kept.bin"].data == b"keep me"
+    assert store.objects["pre/new.bin"].data == b"new"
 
 
 def test_s3_client_settings_for_small_puts_and_https() -> None:
@@ -578,7 +590,33 @@ async def test_uploaded_files_are_recycled_as_spares(tmp_path: Path) -> None:
     assert store.objects["pre/one"].data == b"first file, longer than the second"
     left = list((tmp_path / "w" / "dirty").iterdir())
     assert left and all(p.stat().st_size == 0 for p in left)
-    assert {p.name for p in left} == {str(fid) for fid, _ in wb._spares}
+    assert {p.name for p in left} == {str(fid) for fid, _ in wb._spares} | {
+        str(fid) for fid in wb._idle}
+
+
+async def test_many_uploaded_files_are_reused_without_new_inodes(tmp_path: Path) -> None:
+    """Past the few open spares, uploaded data files are still kept (closed, empty) and the
+    next burst of new files takes them: no new inode, nothing of the old content."""
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store)
+    dirty = tmp_path / "w" / "dirty"
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        await wb.replay()
+        for i in range(3 * SPARES):
+            await _write_closed(wb, f"a/{i}", b"first burst %d " % i * 50)
+        await wb.flush_all()
+        before = {p.stat().st_ino for p in dirty.iterdir()}
+        assert len(before) >= 3 * SPARES and all(p.stat().st_size == 0 for p in dirty.iterdir())
+        for i in range(3 * SPARES):
+            await _write_closed(wb, f"b/{i}", b"second %d" % i)
+        await wb.flush_all()
+        after = {p.stat().st_ino for p in dirty.iterdir()}
+        n.cancel_scope.cancel()
+    assert after <= before  # every new file reused an inode
+    for i in range(3 * SPARES):
+        assert store.objects[f"pre/b/{i}"].data == b"second %d" % i
+        assert store.objects[f"pre/a/{i}"].data == b"first burst %d " % i * 50
 
 
 def test_mount_registry_ignores_reused_pids_and_keeps_newer_entries(tmp_path: Path) -> None:
