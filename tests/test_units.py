@@ -640,3 +640,20 @@ def test_mount_registry_ignores_reused_pids_and_keeps_newer_entries(tmp_path: Pa
         assert not p.exists()
     finally:
         p.unlink(missing_ok=True)
+
+
+async def test_idle_worker_runs_at_the_lowest_priority() -> None:
+    """Spare files are made by a thread at nice 19: it yields the CPU to the FUSE loop and
+    to the programs it serves; its results (or errors) reach the caller."""
+    import threading
+
+    from caiosfs.writeback import IdleWorker
+    w = IdleWorker("test-idle")
+    try:
+        nice = await w.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        assert nice == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19
+        with pytest.raises(ZeroDivisionError):
+            await w.run(lambda: 1 // 0)
+    finally:
+        w.close()
