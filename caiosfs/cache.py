@@ -128,7 +128,7 @@ class ChunkWriter:
 class BlockCache:
     def __init__(self, cache_dir: Path, index: Index, metrics: Metrics, cache_size: int,
                  block_size: int, chunk_size: int = 1 << 20,
-                 verified_budget: int = 32 << 20) -> None:
+                 verified_budget: int = 16 << 20) -> None:
         self.dir = cache_dir
         self.blocks_dir = cache_dir / "blocks"
         self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
