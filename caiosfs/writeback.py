@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -845,6 +845,16 @@ class WriteBack:
         while f.uploading:
             await f.changed.wait()
 
+    async def _put(self, f: DirtyFile, size: int, meta: dict[str, str],
+                   cond: dict[str, Any]) -> str:
+        """Our content at f.key (one PUT, or a multipart upload), under ``cond``."""
+        if size < 2 * MIN_PART or (size < self.part_size and f.stream is None):
+            if f.stream is not None:
+                await self._abort(f.key, f.stream.upload_id)
+                f.stream = None
+            return await self.store.put_file(f.key, str(f.data_path), size, meta, **cond)
+        return await self._multipart(f, size, meta, cond)
+
     async def _upload_once(self, f: DirtyFile) -> None:
         gen = f.gen
         size = os.fstat(f.fd).st_size
@@ -854,18 +864,21 @@ class WriteBack:
         log.debug("upload of %s (file %d, %d bytes, over %s)", f.path, f.fid, size,
                   f.base_etag or "nothing")
         try:
-            if size < 2 * MIN_PART or (size < self.part_size and f.stream is None):
-                if f.stream is not None:
-                    await self._abort(f.key, f.stream.upload_id)
-                    f.stream = None
-                etag = await self.store.put_file(f.key, str(f.data_path), size, meta, **cond)
-            else:
-                etag = await self._multipart(f, size, meta, cond)
+            etag = await self._put(f, size, meta, cond)
         except PreconditionFailed:
-            if f.base_etag is not None and not await self._exists(f.key):
-                self._gone(f)
-                return
-            etag = await self._conflict(f, size, meta)
+            if not await self._exists(f.key):
+                if f.base_etag is not None:
+                    self._gone(f)
+                    return
+                # "If-None-Match: *" refused with nothing at the key: SeaweedFS does that
+                # while an emptied folder of the same name lingers (the directory was renamed
+                # or deleted away). Nobody else's version to keep: ours goes in unconditionally
+                # (which also replaces the empty folder).
+                log.info("%s: the store refused a new object where it holds none; writing it "
+                         "without the condition", f.key)
+                etag = await self._put(f, size, meta, {"if_match": None, "if_none_match": False})
+            else:
+                etag = await self._conflict(f, size, meta)
         except StoreError as exc:
             # If-Match on a key deleted meanwhile is NoSuchKey on AWS S3 (412 elsewhere).
             if exc.code != "NoSuchKey" or f.base_etag is None:

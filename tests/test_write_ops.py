@@ -299,6 +299,31 @@ def test_rename_file_replacing_target(s3: Any, bucket: str, mounter: Any) -> Non
     assert oserr(os.rename, m.path / "missing", m.path / "x") == errno.ENOENT
 
 
+def test_new_file_where_an_emptied_folder_lingers(s3: Any, bucket: str, mounter: Any) -> None:
+    """A directory moved or deleted away, then a file created under its old name: SeaweedFS
+    keeps the emptied folder and refuses "If-None-Match: *" there although nothing is at the
+    key. That is no conflict: the file lands under its own name, with no conflict copy."""
+    s3.put_object(Bucket=bucket, Key="d/y", Body=b"child")  # implicit directories: no
+    s3.put_object(Bucket=bucket, Key="e/z", Body=b"child 2")  # marker whose delete ends them
+    m = mounter(bucket, options=OPTS)
+    os.rename(m.path / "d", m.path / "moved")
+    os.unlink(m.path / "e/z")
+    os.rmdir(m.path / "e")
+    m.flush()
+    body = data(70_000, "lingers")
+    for name in ("d", "e"):
+        with open(m.path / name, "wb") as fh:
+            fh.write(body)
+            os.fsync(fh.fileno())
+    m.flush()
+    assert m.status()["conflicts"] == 0
+    assert not [k for k in keys(s3, bucket) if "conflict" in k]
+    for name in ("d", "e"):
+        assert xxh(get(s3, bucket, name)) == xxh(body)
+        assert (m.path / name).is_file() and xxh((m.path / name).read_bytes()) == xxh(body)
+    assert xxh(get(s3, bucket, "moved/y")) == xxh(b"child")
+
+
 def test_rename_open_file_keeps_handle(s3: Any, bucket: str, mounter: Any) -> None:
     m = mounter(bucket, options=OPTS)
     with open(m.path / "a", "wb") as fh:
