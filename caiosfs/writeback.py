@@ -355,13 +355,10 @@ class WriteBack:
         def make(ids: list[tuple[int, bool]]) -> list[tuple[int, int]]:
             out = []
             for fid, idle in ids:
+                # A kept file is reused (O_TRUNC: empty for sure); a new id is a new file.
+                flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if idle else os.O_EXCL)
                 try:
-                    if idle:  # an emptied file kept for reuse (O_TRUNC: empty for sure)
-                        fd = os.open(self.dir / str(fid), os.O_RDWR | os.O_CREAT | os.O_TRUNC,
-                                     0o600)
-                    else:
-                        fd = os.open(self.dir / str(fid), os.O_RDWR | os.O_CREAT | os.O_EXCL,
-                                     0o600)
+                    fd = os.open(self.dir / str(fid), flags, 0o600)
                 except OSError as exc:
                     # create() makes its own file (and reports the error) meanwhile.
                     (log.debug if failures else log.warning)(
@@ -1051,6 +1048,7 @@ class WriteBack:
     def _close(self, f: DirtyFile, recycle: bool = False) -> None:
         if f.fd < 0:
             return  # closed already
+        kept = False
         if recycle and (len(self._spares) < SPARES or len(self._idle) < IDLE_MAX):
             # Emptied and renamed (a new id: no journal entry may name it), the file is kept
             # for a later create(): a rename costs ~20 us where a new inode can cost ~1 ms
@@ -1066,19 +1064,15 @@ class WriteBack:
                     self._spares.append((fid, f.fd))
                     f.fd = -1  # the spare's now
                     return
-                self._idle.append(fid)
-                fd, f.fd = f.fd, -1
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-                return
+                self._idle.append(fid)  # closed below, kept under its new name
+                kept = True
         fd, f.fd = f.fd, -1  # never closed twice: the number may belong to another file by then
         try:
             os.close(fd)
         except OSError:
             pass
-        f.data_path.unlink(missing_ok=True)
+        if not kept:
+            f.data_path.unlink(missing_ok=True)
 
     async def _retire(self, f: DirtyFile) -> None:
         """Drop a dirty file whose path is being replaced or deleted."""
