@@ -484,7 +484,9 @@ def fsck(cache_dir: Path, repair: bool, chunk_size: int = 1 << 20) -> dict[str, 
             index.update_blocks(updates)
         for fid, j in index.all_journal().items():
             stats["journal_entries"] += 1
-            if not j.get("deleted") and not (cache_dir / "dirty" / str(fid)).exists():
+            # An inline file's content is in the journal itself (absent: empty).
+            if not j.get("deleted") and not j.get("inline") and not (
+                    cache_dir / "dirty" / str(fid)).exists():
                 stats["journal_missing_data"] += 1
     except OSError as exc:
         raise UserError(f"fsck of {cache_dir} failed: {exc.strerror or errno.errorcode}") from None

@@ -46,7 +46,8 @@ def handler(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: Filesystem, *args: Any) -> Any:
         m = self.metrics
-        m.fuse_ops.labels(op).inc()
+        count, latency = m.op(op)
+        count.inc()
         t0 = time.monotonic()
         try:
             return await fn(self, *args)
@@ -65,7 +66,7 @@ def handler(fn: F) -> F:
             log.exception("%s failed unexpectedly", op)
             err = errno.EIO
         finally:
-            m.fuse_latency.labels(op).observe(time.monotonic() - t0)
+            latency.observe(time.monotonic() - t0)
         m.fuse_errors.labels(op, errno.errorcode.get(err, "?")).inc()
         raise pyfuse3.FUSEError(err)
     return wrapper  # type: ignore[return-value]
@@ -364,7 +365,7 @@ class Filesystem(pyfuse3.Operations):
             raise FsError(errno.EINVAL)
         f = self._dirty_of(n)
         if f is not None:
-            return os.pread(f.fd, f.size, 0)
+            return self.wb.read(f, f.size, 0)
         obj = ObjRef(self.cfg.source.bucket, self.ns.key(n.path), n.entry.etag, n.entry.size)
         return await self.reader.read(obj, self.reader.new_readahead(), 0, obj.size)
 
@@ -556,7 +557,7 @@ class Filesystem(pyfuse3.Operations):
         # same inode (a newer store version is another inode, which _dirty_of keeps apart).
         f = h.dirty or self._dirty_of(h.node)
         if f is not None:
-            return os.pread(f.fd, size, off)
+            return self.wb.read(f, size, off)
         assert h.obj is not None
         n = h.node
         if n.entry.etag and n.entry.etag != h.obj.etag and self.ns.attached(n):

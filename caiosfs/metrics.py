@@ -61,6 +61,7 @@ class Metrics:
                                    ["op", "errno"], registry=r)
         self.fuse_latency = Histogram(p + "fuse_op_seconds", "FUSE operation latency", ["op"],
                                       buckets=_LAT, registry=r)
+        self._op_children: dict[str, tuple[Any, Any]] = {}
         self.readahead_window = Histogram(p + "readahead_window_bytes",
                                           "Readahead window size when a fetch is issued",
                                           buckets=_WIN, registry=r)
@@ -69,6 +70,15 @@ class Metrics:
         self.skipped_keys = Counter(p + "skipped_keys", "Object keys that cannot be a path",
                                     registry=r)
         self.warm_bytes = Counter(p + "warm_bytes", "Bytes fetched by pre-warming", registry=r)
+
+    def op(self, name: str) -> tuple[Any, Any]:
+        """(count, latency) children of one FUSE operation, looked up once: labels() takes a
+        lock and builds a key, and a `cp -r` makes thousands of calls a second."""
+        c = self._op_children.get(name)
+        if c is None:
+            c = self._op_children[name] = (self.fuse_ops.labels(name),
+                                           self.fuse_latency.labels(name))
+        return c
 
     def value(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples matching labels (tests and status)."""

@@ -414,9 +414,11 @@ def unmount(mountpoint: str, timeout: float, flush: bool = True,
         raise UserError(f"{mountpoint} is not mounted")
     if flush and info is not None:
         deadline = time.monotonic() + timeout
+        shown = 0.0
         try:
             for msg in control.request(mp, {"cmd": "flush"}, timeout=timeout):
-                if "progress" in msg and progress:
+                if "progress" in msg and progress and time.monotonic() - shown >= 1:
+                    shown = time.monotonic()  # a line a second, as `caiosfs flush` prints
                     p = msg["progress"]
                     progress(f"uploading: {p['files']} file(s), {p['bytes'] / 2**20:.1f} MiB "
                              "left")

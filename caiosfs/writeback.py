@@ -16,6 +16,7 @@ versions survive. Uploads retry forever; dirty data is never dropped.
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import threading
@@ -33,7 +34,7 @@ from .attrs import Attrs
 from .errors import FsError, PreconditionFailed, StoreError
 from .index import Index
 from .metrics import Metrics
-from .store import PartSource
+from .store import Body, PartSource
 from .store.client import StoreClient
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ SPARES = 32  # empty data files kept open, ready for new files (see WriteBack.ma
 # recent delete) and tens of microseconds elsewhere; an unlink after every upload is what
 # fills a disk with recent deletes. An empty file costs an inode and no data.
 IDLE_MAX = 4096
+# A new or truncated file keeps its content in the journal itself (the ``inline`` LMDB
+# database) while it is at most INLINE_MAX bytes: no inode of its own, so a `cp -r` of small
+# files costs one commit per write instead of a new file each (see IDLE_MAX: an inode can
+# cost a millisecond of kernel CPU; a commit of a few KiB costs tens of microseconds). A
+# file that grows past it moves to a data file. Every write rewrites the whole value, so the
+# limit stays small; the kernel's writeback cache hands small files over in one or two writes.
+INLINE_MAX = 256 << 10
 
 
 T = TypeVar("T")
@@ -152,7 +160,7 @@ class DirtyFile:
     base_etag: str | None  # the store version our content started from (None: new)
     attrs: Attrs
     data_path: Path
-    fd: int
+    fd: int  # its data file, or -1 (inline, or closed)
     gen: int = 1  # bumps on every change; an upload makes `uploaded_gen` catch up
     uploaded_gen: int = 0
     writers: int = 0
@@ -168,6 +176,7 @@ class DirtyFile:
     stream: _Stream | None = None
     stream_off: bool = False
     last_write_end: int = 0
+    inline: bool = False  # the content is the journal's ``inline`` value, not data_path
     dirty_since: float = field(default_factory=time.time)
     changed: trio.Event = field(default_factory=trio.Event)
 
@@ -259,6 +268,8 @@ class WriteBack:
         self.fsync_local = fsync_local
         self.on_uploaded = on_uploaded
         self.files = FileTable()
+        self.inline_max = INLINE_MAX
+        self._inline_off_until = 0.0  # the journal was full: new files get data files a while
         self._spares: deque[tuple[int, int]] = deque()  # (id, fd) of empty data files
         self._idle: deque[int] = deque()  # ids of empty, closed data files (see IDLE_MAX)
         self._spare_maker = IdleWorker("caiosfs-spares")
@@ -269,7 +280,12 @@ class WriteBack:
         self._gauges_stale = False
         self._dirty_total = 0
         self._dirty_at = -1.0
-        self._due: dict[int, float] = {}  # fid -> when to upload
+        self._due: dict[int, float] = {}  # fid -> when to upload (0: now, even if open)
+        # The same as a heap, earliest first, so a wake-up costs what is due, not what is
+        # queued (a `cp -r` queues thousands). Entries _due no longer agrees with are stale.
+        self._due_heap: list[tuple[float, int]] = []
+        self._wake_at = 0.0  # when the scheduler wakes by itself (no kick needed before)
+        self._marker_due: dict[int, Marker] = {}  # ops id -> marker waiting in _due for its turn
         self._backoff: dict[int, float] = {}  # fid -> no urgent retry before (after a failure)
         self._kick = trio.Event()
         self._journal_unsynced = trio.Event()
@@ -306,7 +322,7 @@ class WriteBack:
         self._dirty_total, self._dirty_at = sum(f.size for f in dirty), t
         self.metrics.dirty_bytes.set(self._dirty_total)
         self.metrics.dirty_files.set(len(dirty))
-        self.metrics.uploads_queued.set(len(self._due))
+        self.metrics.uploads_queued.set(len(self._due) - len(self._marker_due))
         oldest = min((f.dirty_since for f in dirty), default=None)
         self.metrics.oldest_dirty_seconds.set(time.time() - oldest if oldest else 0)
 
@@ -314,11 +330,16 @@ class WriteBack:
         # Committed now (a killed daemon loses nothing); flushed to disk by _sync_journal
         # moments later, one fdatasync per burst (a `cp -r` creates a file a millisecond).
         self._journal_unsynced.set()
-        self.index.put_journal(f.fid, sync=False, value={
+        self.index.put_journal(f.fid, self._journal_value(f), sync=False)
+
+    @staticmethod
+    def _journal_value(f: DirtyFile) -> dict[str, Any]:
+        return {
             "path": f.path, "key": f.key, "base_etag": f.base_etag, "mode": f.attrs.mode,
             "uid": f.attrs.uid, "gid": f.attrs.gid, "mtime": f.attrs.mtime,
             "upload_id": f.stream.upload_id if f.stream else None, "deleted": f.deleted,
-        })
+            "inline": f.inline,
+        }
 
     def children(self, dir_path: str) -> dict[str, DirtyFile]:
         """Local files directly inside ``dir_path`` ('' is the root)."""
@@ -328,7 +349,16 @@ class WriteBack:
         return self.files.under(dir_path)
 
     # creating and opening ----------------------------------------------------------------
-    def _new(self, path: str, base_etag: str | None, attrs: Attrs) -> DirtyFile:
+    def _new(self, path: str, base_etag: str | None, attrs: Attrs,
+             inline: bool = False) -> DirtyFile:
+        """A new, empty local file at ``path``: inline (see INLINE_MAX) if asked and possible,
+        else with a data file (a spare one if there is one)."""
+        if inline and self.inline_max and time.monotonic() >= self._inline_off_until:
+            fid = self.index.next_id()
+            f = DirtyFile(fid, path, self.key_of(path), base_etag, attrs, self.dir / str(fid),
+                          -1, inline=True)
+            self.files[path] = f
+            return f
         if self._spares:
             fid, fd = self._spares.popleft()
             data_path = self.dir / str(fid)
@@ -410,7 +440,7 @@ class WriteBack:
         if old is not None:
             await self._retire(old)
             base_etag = old.base_etag  # what the store holds now (its upload may have landed)
-        f = self._new(path, base_etag, attrs)
+        f = self._new(path, base_etag, attrs, inline=True)
         self._journal(f)
         self.update_gauges()
         self._last_write = time.monotonic()
@@ -420,12 +450,13 @@ class WriteBack:
                             fill: Callable[[int], Awaitable[None]] | None) -> DirtyFile:
         """A dirty copy of a store object. ``fill(fd)`` (run in a thread) writes the current
         content into the new local file; None means the caller truncates it anyway."""
-        f = self._new(path, base_etag, attrs)
+        filled = fill is not None and attrs.size > 0
+        f = self._new(path, base_etag, attrs, inline=not filled)
         try:
-            if fill is not None and attrs.size:
+            if filled:
                 await fill(f.fd)
             else:
-                os.ftruncate(f.fd, 0)
+                self._truncate_local(f, 0)
                 f.attrs.size = 0
         except BaseException:
             self._close(f)
@@ -442,10 +473,7 @@ class WriteBack:
     async def write(self, f: DirtyFile, offset: int, data: bytes) -> int:
         if self.dirty_limit and self.dirty_bytes() > self.dirty_limit:
             await self._wait_for_room(f)
-        try:
-            n = os.pwrite(f.fd, data, offset)
-        except OSError as exc:
-            raise FsError(exc.errno or errno.EIO, f"cache disk: {exc.strerror}") from None
+        n = self._pwrite(f, data, offset)
         end = offset + n
         if f.clean:
             self._dirty_at = -1.0  # its whole size becomes dirty: recount
@@ -464,9 +492,9 @@ class WriteBack:
             while self.dirty_bytes() > self.dirty_limit:
                 for other in self.files.values():
                     if not other.clean and not other.uploading and other.writers == 0:
-                        self._due[other.fid] = 0
-                if f.stream is None and f.size >= self.part_size:
-                    self._due.setdefault(f.fid, time.monotonic() + 3600)
+                        self._set_due(other.fid, 0)
+                if f.stream is None and f.size >= self.part_size and f.fid not in self._due:
+                    self._set_due(f.fid, time.monotonic() + 3600)
                 ev = self._progress
                 self._kick.set()
                 with trio.move_on_after(1):
@@ -489,7 +517,7 @@ class WriteBack:
                 f.stream.etags.pop(p, None)
 
     async def truncate(self, f: DirtyFile, size: int) -> None:
-        if size < os.fstat(f.fd).st_size:
+        if size < self._local_size(f):
             # An upload reading the part we cut off would fail (and the store client retries
             # dirty-data uploads forever): let running uploads finish first, start no new one.
             f.holding += 1
@@ -502,12 +530,89 @@ class WriteBack:
                 f.holding -= 1
             if f.deleted and f.handles == 0:  # its last handle closed meanwhile: fd gone
                 raise FsError(errno.ENOENT, "unlinked during truncate")
+        self._truncate_local(f, size)
+        self._touch(f, min(size, f.attrs.size), max(size, f.attrs.size) + 1)
+        f.attrs.size = size
+
+    # the local content: a data file, or the journal's inline value ---------------------------
+    def read(self, f: DirtyFile, size: int, offset: int) -> bytes:
+        if f.inline:
+            return self.index.get_inline(f.fid)[offset:offset + size]
+        return os.pread(f.fd, size, offset)
+
+    def _local_size(self, f: DirtyFile) -> int:
+        return len(self.index.get_inline(f.fid)) if f.inline else os.fstat(f.fd).st_size
+
+    def _put_inline(self, f: DirtyFile, data: bytes) -> bool:
+        """Commit ``data`` as f's content; False if the journal is full (f needs a file)."""
+        try:
+            self.index.put_inline(f.fid, data)
+        except OSError as exc:
+            log.warning("small files go to data files for a minute: %s", exc.strerror)
+            self._inline_off_until = time.monotonic() + 60
+            return False
+        self._journal_unsynced.set()
+        return True
+
+    def _pwrite(self, f: DirtyFile, data: bytes, offset: int) -> int:
+        if f.inline:
+            cur = self.index.get_inline(f.fid)
+            end = offset + len(data)
+            if end <= self.inline_max:
+                gap = bytes(max(0, offset - len(cur)))
+                if self._put_inline(f, cur[:offset] + gap + data + cur[end:]):
+                    return len(data)
+            self._to_file(f, cur)
+        try:
+            return os.pwrite(f.fd, data, offset)
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"cache disk: {exc.strerror}") from None
+
+    def _truncate_local(self, f: DirtyFile, size: int) -> None:
+        if f.inline:
+            cur = self.index.get_inline(f.fid)
+            if size == len(cur):
+                return
+            if size <= self.inline_max and self._put_inline(
+                    f, cur[:size] + bytes(max(0, size - len(cur)))):
+                return
+            self._to_file(f, cur)
         try:
             os.ftruncate(f.fd, size)
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO, f"cache disk: {exc.strerror}") from None
-        self._touch(f, min(size, f.attrs.size), max(size, f.attrs.size) + 1)
-        f.attrs.size = size
+
+    def _to_file(self, f: DirtyFile, content: bytes) -> None:
+        """Move an inline file to a data file of its own (it outgrew INLINE_MAX, or the
+        journal is full). The data file is complete before one commit switches the journal
+        entry to it and drops the inline value; a crash before that commit leaves the inline
+        value in charge (replay removes the half-made file)."""
+        path = self.dir / str(f.fid)
+        try:
+            if self._spares:
+                sfid, fd = self._spares.popleft()
+                try:
+                    os.rename(self.dir / str(sfid), path)
+                except OSError:
+                    os.close(fd)
+                    raise
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if content:
+                    os.pwrite(fd, content, 0)
+                f.fd, f.inline = fd, False
+                self.index.end_inline(f.fid, self._journal_value(f))
+            except OSError:
+                f.fd, f.inline = -1, True
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"cache disk: {exc.strerror}") from None
+        self._journal_unsynced.set()
+        if len(self._spares) < SPARES // 2:
+            self._spares_low.set()
 
     def _maybe_stream(self, f: DirtyFile, start: int, end: int) -> None:
         """Send full parts of a file being written sequentially, while it is written."""
@@ -601,14 +706,29 @@ class WriteBack:
     def schedule(self, f: DirtyFile, delay: float) -> None:
         # 0 means "now, even while a writer has it open" (fsync, flush, back-pressure).
         due = time.monotonic() + delay if delay > 0 else 0.0
-        self._due[f.fid] = min(self._due.get(f.fid, due), due)
-        self._kick.set()
+        if due < self._due.get(f.fid, float("inf")):
+            self._set_due(f.fid, due)
         self.update_gauges()
+
+    def _set_due(self, fid: int, due: float) -> None:
+        self._due[fid] = due
+        heapq.heappush(self._due_heap, (due, fid))
+        if due < self._wake_at:  # else the scheduler is awake by then anyway
+            self._kick.set()
+
+    def _due_top(self) -> tuple[float, int] | None:
+        """The earliest live entry of the heap (stale ones dropped on the way)."""
+        h = self._due_heap
+        while h and self._due.get(h[0][1]) != h[0][0]:
+            heapq.heappop(h)
+        return h[0] if h else None
 
     async def fsync(self, f: DirtyFile) -> None:
         if self.fsync_local:
-            await trio.to_thread.run_sync(os.fsync, f.fd)
-            await trio.to_thread.run_sync(self.index.sync_journal)  # and its journal entry
+            if not f.inline:
+                await trio.to_thread.run_sync(os.fsync, f.fd)
+            # and its journal entry (and an inline file's content)
+            await trio.to_thread.run_sync(self.index.sync_journal)
             return
         await self.wait_durable(f)
 
@@ -649,28 +769,39 @@ class WriteBack:
                 now = time.monotonic()
                 busy = now - self._last_write < QUIET
                 deferred = False
-                for fid, due in list(self._due.items()):
-                    if due > now:
-                        continue  # the common case: keep this scan cheap
+                blocked = []  # due, but not startable yet: looked at again next round
+                while (top := self._due_top()) is not None and top[0] <= now:
+                    due, fid = top
                     if busy and due and now < due + MAX_DEFER:
-                        deferred = True  # the writer goes first (see QUIET)
-                        continue
+                        # The writer goes first (see QUIET); later entries are due later,
+                        # so they wait too. (Urgent ones, due 0, came first.)
+                        deferred = True
+                        break
+                    heapq.heappop(self._due_heap)
                     f = self._by_fid(fid)
                     if f is None or f.deleted:
-                        self._due.pop(fid, None)
-                        continue
-                    if not f.uploading and not f.holding and (f.writers == 0 or due == 0):
+                        del self._due[fid]
+                        if (m := self._marker_due.pop(fid, None)) is not None:
+                            m.hurry.set()  # a directory marker's turn (ids are never shared)
+                    elif not f.uploading and not f.holding and (f.writers == 0 or due == 0):
                         del self._due[fid]
                         f.uploading = True
                         nursery.start_soon(self._upload, f)
+                    else:
+                        blocked.append(top)
+                for item in blocked:
+                    heapq.heappush(self._due_heap, item)
                 self.update_gauges()
                 self._kick = trio.Event()
-                wait = min((d for d in self._due.values()), default=now + 5) - now
+                top = self._due_top()
+                wait = (top[0] if top else now + 5) - now
                 if deferred:
                     wait = self._last_write + QUIET - now
                 if self._gauges_stale:
                     wait = min(wait, GAUGE_PERIOD)
-                with trio.move_on_after(max(0.02, min(wait, 5))):
+                wait = max(0.02, min(wait, 5))
+                self._wake_at = now + wait
+                with trio.move_on_after(wait):
                     await self._kick.wait()
                     # Kicks come in bursts (a `cp -r` closes a file every millisecond):
                     # one scan per burst, not one per kick.
@@ -705,13 +836,14 @@ class WriteBack:
 
     async def _put_marker(self, path: str, m: Marker, delay: float) -> None:
         # Like an upload: upload_delay first, then a pause in writing (at most MAX_DEFER).
-        due = time.monotonic() + delay
-        while not m.urgent and self.markers.get(path) is m:
-            now = time.monotonic()
-            if now >= due and (now - self._last_write >= QUIET or now >= due + MAX_DEFER):
-                break
-            with trio.move_on_after(max(QUIET, min(due - now, 1.0))):
-                await m.hurry.wait()
+        # The scheduler keeps the time (one wake-up per pause, not one per marker) and sets
+        # m.hurry when its turn comes; m.now() and rmdir set it earlier.
+        if delay > 0 and not m.urgent:
+            self._marker_due[m.oid] = m
+            self._set_due(m.oid, time.monotonic() + delay)
+            await m.hurry.wait()
+            self._marker_due.pop(m.oid, None)
+            self._due.pop(m.oid, None)
         # Parents first, as a filesystem would: SeaweedFS can drop the marker of a directory
         # PUT at the same time as one below it (16 threads, 40 such pairs: one lost), and
         # `mkdir -p` makes markers that all become due together.
@@ -842,26 +974,32 @@ class WriteBack:
         while f.uploading:
             await f.changed.wait()
 
-    async def _put(self, f: DirtyFile, size: int, meta: dict[str, str],
+    async def _put(self, f: DirtyFile, body: Body, size: int, meta: dict[str, str],
                    cond: dict[str, Any]) -> str:
         """Our content at f.key (one PUT, or a multipart upload), under ``cond``."""
         if size < 2 * MIN_PART or (size < self.part_size and f.stream is None):
             if f.stream is not None:
                 await self._abort(f.key, f.stream.upload_id)
                 f.stream = None
-            return await self.store.put_file(f.key, str(f.data_path), size, meta, **cond)
+            return await self.store.put_file(f.key, body, size, meta, **cond)
         return await self._multipart(f, size, meta, cond)
 
     async def _upload_once(self, f: DirtyFile) -> None:
         gen = f.gen
-        size = os.fstat(f.fd).st_size
+        body: Body
+        if f.inline:  # a snapshot: writes during the upload change the journal, not it
+            body = self.index.get_inline(f.fid)
+            size = len(body)
+        else:
+            body = str(f.data_path)
+            size = os.fstat(f.fd).st_size
         f.attrs.size = size
         meta = f.attrs.to_meta()
         cond = {"if_match": f.base_etag, "if_none_match": f.base_etag is None}
         log.debug("upload of %s (file %d, %d bytes, over %s)", f.path, f.fid, size,
                   f.base_etag or "nothing")
         try:
-            etag = await self._put(f, size, meta, cond)
+            etag = await self._put(f, body, size, meta, cond)
         except PreconditionFailed:
             if not await self._exists(f.key):
                 if f.base_etag is not None:
@@ -873,9 +1011,10 @@ class WriteBack:
                 # (which also replaces the empty folder).
                 log.info("%s: the store refused a new object where it holds none; writing it "
                          "without the condition", f.key)
-                etag = await self._put(f, size, meta, {"if_match": None, "if_none_match": False})
+                etag = await self._put(f, body, size, meta,
+                                       {"if_match": None, "if_none_match": False})
             else:
-                etag = await self._conflict(f, size, meta)
+                etag = await self._conflict(f, body, size, meta)
         except StoreError as exc:
             # If-Match on a key deleted meanwhile is NoSuchKey on AWS S3 (412 elsewhere).
             if exc.code != "NoSuchKey" or f.base_etag is None:
@@ -984,7 +1123,8 @@ class WriteBack:
         self._journal(f)
         self.schedule(f, 0)
 
-    async def _conflict(self, f: DirtyFile, size: int, meta: dict[str, str]) -> str:
+    async def _conflict(self, f: DirtyFile, body: Body, size: int, meta: dict[str, str]
+                        ) -> str:
         """The object changed in the store since our version: keep both. The store's
         version stays at the key; ours goes to ``<key>.conflict-<UTC time>-<id>``, and the
         local file lives on under that name (later writes through open handles go there).
@@ -1003,7 +1143,7 @@ class WriteBack:
                     i + 1, str(f.data_path), off, min(ps, size - off))))
             etag = await self.store.complete_multipart(side, uid, etags)
         else:
-            etag = await self.store.put_file(side, str(f.data_path), size, meta)
+            etag = await self.store.put_file(side, body, size, meta)
         # Our data is safe in the sibling; the path shows the store's version again.
         self.on_uploaded(f, "")
         if f.stream is not None and f.stream.upload_id:
@@ -1046,6 +1186,13 @@ class WriteBack:
         self.update_gauges()
 
     def _close(self, f: DirtyFile, recycle: bool = False) -> None:
+        if f.inline:
+            f.inline = False  # closed (fd is -1): the content goes with its journal entry
+            try:
+                self.index.del_inline(f.fid)
+            except OSError as exc:  # a leftover value: replay drops it
+                log.warning("could not drop the journal copy of %s: %s", f.path, exc.strerror)
+            return
         if f.fd < 0:
             return  # closed already
         kept = False
@@ -1147,19 +1294,26 @@ class WriteBack:
         n = 0
         for fid, j in self.index.all_journal().items():
             data_path = self.dir / str(fid)
+            inline = bool(j.get("inline"))
             if j.get("upload_id"):
                 await self._abort(j["key"], j["upload_id"])
-            if j.get("deleted") or not data_path.exists() or not j["key"].startswith(
-                    self.prefix):
-                if j.get("deleted") or not data_path.exists():
+            have = inline or data_path.exists()
+            if j.get("deleted") or not have or not j["key"].startswith(self.prefix):
+                if j.get("deleted") or not have:
                     self.index.del_journal(fid)
+                    self.index.del_inline(fid)
                     data_path.unlink(missing_ok=True)
                 continue
-            fd = os.open(data_path, os.O_RDWR)
-            size = os.fstat(fd).st_size
+            if inline:
+                data_path.unlink(missing_ok=True)  # a move to a data file cut short (_to_file)
+                fd, size = -1, len(self.index.get_inline(fid))
+            else:
+                fd = os.open(data_path, os.O_RDWR)
+                size = os.fstat(fd).st_size
             attrs = Attrs(j["mode"], j["uid"], j["gid"], j["mtime"], size)
             path = j.get("path") or j["key"][len(self.prefix):]
-            f = DirtyFile(fid, path, j["key"], j["base_etag"], attrs, data_path, fd)
+            f = DirtyFile(fid, path, j["key"], j["base_etag"], attrs, data_path, fd,
+                          inline=inline)
             self.files[path] = f
             self._journal(f)
             self.schedule(f, 0)
@@ -1168,7 +1322,12 @@ class WriteBack:
         # made ahead of a crash, or files whose journal entry was removed just before one.
         # Nothing refers to them: emptied, they are reused (ids are never handed out twice,
         # so no later journal entry can name one by accident).
-        journaled = set(self.index.all_journal())
+        journal = self.index.all_journal()
+        journaled = set(journal)
+        # Inline contents whose journal entry is gone (removed just before a crash).
+        for fid in self.index.inline_ids():
+            if not journal.get(fid, {}).get("inline"):
+                self.index.del_inline(fid)
         taken = {fid for fid, _ in self._spares} | set(self._idle)
         for p in self.dir.iterdir():
             if not p.name.isdigit():

@@ -23,7 +23,7 @@ from caiosfs.metrics import Metrics
 from caiosfs.reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
 from caiosfs.store.client import StoreClient
 from caiosfs.store.memory import MemoryStore
-from caiosfs.writeback import SPARES, DirtyFile, WriteBack, part_size_for
+from caiosfs.writeback import INLINE_MAX, SPARES, DirtyFile, WriteBack, part_size_for
 
 MiB = 1 << 20
 
@@ -312,14 +312,18 @@ async def test_reads_retry_then_give_up_in_bounded_time() -> None:
 
 
 # write-back ----------------------------------------------------------------------------
-def _wb(tmp: Path, store: MemoryStore, **kw: object) -> WriteBack:
+def _wb(tmp: Path, store: MemoryStore, inline_max: int = INLINE_MAX, **kw: object
+        ) -> WriteBack:
+    """A WriteBack on the in-memory store; ``inline_max=0`` gives every file a data file."""
     tmp.mkdir(exist_ok=True)
     m = Metrics()
     args: dict = dict(part_size=5 * MiB, dirty_limit=1 << 30, upload_delay=0.05,
                       fsync_local=False, on_uploaded=lambda f, e: None)
     args.update(kw)
-    return WriteBack(StoreClient(store, m, read_timeout=5), Index(tmp / "index.lmdb"), m, tmp,
-                     "pre/", **args)
+    wb = WriteBack(StoreClient(store, m, read_timeout=5), Index(tmp / "index.lmdb"), m, tmp,
+                   "pre/", **args)
+    wb.inline_max = inline_max
+    return wb
 
 
 async def _write_closed(wb: WriteBack, path: str, body: bytes) -> DirtyFile:
@@ -510,7 +514,7 @@ async def test_spare_files_are_used_and_reused_after_a_crash(tmp_path: Path) -> 
     behind are kept, empty, for the next mount's new files (no new inodes), and journaled
     data files are uploaded."""
     store = MemoryStore("b")
-    wb = _wb(tmp_path / "w", store, upload_delay=3600)
+    wb = _wb(tmp_path / "w", store, inline_max=0, upload_delay=3600)
     async with trio.open_nursery() as n:
         await n.start(wb.run)
         await wb.replay()  # starts the pool
@@ -529,7 +533,7 @@ async def test_spare_files_are_used_and_reused_after_a_crash(tmp_path: Path) -> 
     inodes = {p.stat().st_ino for p in (tmp_path / "w" / "dirty").iterdir()}
     spares[0].write_bytes(b"stale")  # as if the crash came while it was being reused
     wb.index.close()
-    wb2 = _wb(tmp_path / "w", store)
+    wb2 = _wb(tmp_path / "w", store, inline_max=0)
     async with trio.open_nursery() as n:
         await n.start(wb2.run)
         assert await wb2.replay() == 1
@@ -571,7 +575,7 @@ async def test_uploaded_files_are_recycled_as_spares(tmp_path: Path) -> None:
     (creating files is the expensive part of many small writes): what the next file reads
     back is its own data only, and dirty/ holds nothing but empty spares."""
     store = MemoryStore("b")
-    wb = _wb(tmp_path / "w", store)
+    wb = _wb(tmp_path / "w", store, inline_max=0)
     async with trio.open_nursery() as n:
         await n.start(wb.run)
         f = await _write_closed(wb, "one", b"first file, longer than the second")
@@ -598,7 +602,7 @@ async def test_many_uploaded_files_are_reused_without_new_inodes(tmp_path: Path)
     """Past the few open spares, uploaded data files are still kept (closed, empty) and the
     next burst of new files takes them: no new inode, nothing of the old content."""
     store = MemoryStore("b")
-    wb = _wb(tmp_path / "w", store)
+    wb = _wb(tmp_path / "w", store, inline_max=0)
     dirty = tmp_path / "w" / "dirty"
     async with trio.open_nursery() as n:
         await n.start(wb.run)
@@ -657,3 +661,104 @@ async def test_idle_worker_runs_at_the_lowest_priority() -> None:
             await w.run(lambda: 1 // 0)
     finally:
         w.close()
+
+
+async def test_small_new_files_live_in_the_journal(tmp_path: Path) -> None:
+    """A new small file takes no data file: its bytes are the journal's inline value, read
+    back, rewritten, truncated and uploaded from there; past INLINE_MAX it moves to a data
+    file with every byte kept; once uploaded nothing of it is left in the journal."""
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store, upload_delay=3600)
+    dirty = tmp_path / "w" / "dirty"
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        small = await wb.create("small.txt", Attrs(0o100644, 0, 0, 1.0))
+        wb.opened(small, True)
+        await wb.write(small, 0, b"hello world")
+        await wb.write(small, 6, b"WORLD, and more")  # overwrite + extend
+        await wb.write(small, 30, b"!")  # past the end: a zero-filled gap
+        assert small.inline and small.fd == -1 and not small.data_path.exists()
+        want = b"hello WORLD, and more" + bytes(9) + b"!"
+        assert wb.read(small, 100, 0) == want and wb.read(small, 5, 6) == b"WORLD"
+        await wb.truncate(small, 11)
+        assert wb.read(small, 100, 0) == b"hello WORLD"
+        assert wb.index.all_journal()[small.fid]["inline"] is True
+
+        big = await wb.create("grows.bin", Attrs(0o100644, 0, 0, 1.0))
+        wb.opened(big, True)
+        body = data(INLINE_MAX + 12345, seed=7)
+        for off in range(0, len(body), 64 << 10):
+            await wb.write(big, off, body[off:off + (64 << 10)])
+        assert not big.inline and big.fd >= 0 and big.data_path.stat().st_size == len(body)
+        assert wb.index.get_inline(big.fid) == b""  # the journal copy is gone
+        assert wb.index.all_journal()[big.fid]["inline"] is False
+        assert wb.read(big, len(body), 0) == body
+
+        for f in (small, big):
+            wb.released(f, True)
+        await wb.flush_all()
+        assert wb.index.inline_ids() == [] and wb.index.all_journal() == {}
+        assert str(small.fid) not in {p.name for p in dirty.iterdir()}
+        n.cancel_scope.cancel()
+    assert store.objects["pre/small.txt"].data == b"hello WORLD"
+    assert xxh(store.objects["pre/grows.bin"].data) == xxh(body)
+
+
+async def test_inline_files_survive_a_crash(tmp_path: Path) -> None:
+    """Killed with inline files dirty, the next mount uploads them byte for byte; a data
+    file that a crash left half-made for an inline file, and inline values no journal entry
+    names any more, are dropped."""
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store, upload_delay=3600)
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await wb.create("d/kept.txt", Attrs(0o100640, 5, 6, 1.0))
+        wb.opened(f, True)
+        await wb.write(f, 0, b"written before the crash")
+        gone = await wb.create("gone.txt", Attrs(0o100644, 0, 0, 1.0))
+        await wb.write(gone, 0, b"its journal entry is removed below")
+        n.cancel_scope.cancel()  # crash: nothing uploaded, nothing closed
+    wb.index.del_journal(gone.fid)  # as if the crash came between the two removals
+    f.data_path.write_bytes(b"half")  # as if it came while moving to a data file
+    wb.index.close()
+    wb2 = _wb(tmp_path / "w", store)
+    async with trio.open_nursery() as n:
+        await n.start(wb2.run)
+        assert await wb2.replay() == 1
+        assert not f.data_path.exists() and wb2.index.inline_ids() == [f.fid]
+        await wb2.flush_all()
+        n.cancel_scope.cancel()
+    obj = store.objects["pre/d/kept.txt"]
+    assert obj.data == b"written before the crash" and int(obj.metadata["mode"]) == 0o100640
+    assert "pre/gone.txt" not in store.objects
+    assert wb2.index.inline_ids() == []
+
+
+async def test_a_full_journal_sends_small_files_to_data_files(tmp_path: Path) -> None:
+    """If the journal cannot take a file's bytes (its map is full), the file moves to a data
+    file instead of failing the write, and new files get data files for a while."""
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store, upload_delay=3600)
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await wb.create("a.txt", Attrs(0o100644, 0, 0, 1.0))
+        wb.opened(f, True)
+        await wb.write(f, 0, b"first ")
+        real = wb.index.put_inline
+
+        def full(fid: int, value: bytes) -> None:
+            raise OSError(errno.ENOSPC, "journal: MDB_MAP_FULL")
+        wb.index.put_inline = full  # type: ignore[method-assign]
+        await wb.write(f, 6, b"second")
+        assert not f.inline and wb.read(f, 100, 0) == b"first second"
+        g = await wb.create("b.txt", Attrs(0o100644, 0, 0, 1.0))
+        assert not g.inline and g.fd >= 0
+        wb.index.put_inline = real  # type: ignore[method-assign]
+        wb.opened(g, True)
+        await wb.write(g, 0, b"other")
+        for x in (f, g):
+            wb.released(x, True)
+        await wb.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/a.txt"].data == b"first second"
+    assert store.objects["pre/b.txt"].data == b"other"

@@ -54,6 +54,11 @@ class PartSource:
     copy_etag: str | None = None
 
 
+# What a PUT sends: the first ``size`` bytes of the local file at this path, the bytes
+# themselves (a small file kept in the journal), or None (an empty object).
+Body = str | bytes | None
+
+
 class ObjectStore(Protocol):
     bucket: str
 
@@ -63,7 +68,7 @@ class ObjectStore(Protocol):
              max_keys: int = 1000) -> ListPage: ...
     def get_range(self, key: str, start: int, length: int, etag: str | None,
                   sink: Sink) -> None: ...
-    def put_file(self, key: str, path: str | None, size: int, metadata: dict[str, str],
+    def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str: ...
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str: ...
     def upload_part(self, key: str, upload_id: str, part: PartSource) -> str: ...
@@ -76,11 +81,14 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
 
 
-def file_md5(path: str | None, size: int) -> bytes:
-    """MD5 of the first ``size`` bytes of a local file: a PUT's Content-MD5, and the ETag a
-    store gives a single-part object. OSError if the file is shorter."""
+def file_md5(path: Body, size: int) -> bytes:
+    """MD5 of the first ``size`` bytes of a body (see :data:`Body`): a PUT's Content-MD5, and
+    the ETag a store gives a single-part object. OSError if a file is shorter."""
     h = hashlib.md5()
     if path is None or not size:
+        return h.digest()
+    if isinstance(path, bytes):
+        h.update(path[:size])
         return h.digest()
     fd = os.open(path, os.O_RDONLY)
     try:

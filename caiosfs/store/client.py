@@ -23,7 +23,7 @@ import trio
 
 from ..errors import PreconditionFailed, StoreError
 from ..metrics import Metrics
-from . import ListPage, MultipartUpload, ObjectInfo, ObjectStore, PartSource, Sink, file_md5
+from . import Body, ListPage, MultipartUpload, ObjectInfo, ObjectStore, PartSource, Sink, file_md5
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -160,7 +160,7 @@ class StoreClient:
         await self._run("get", self.store.get_range, key, start, length, etag, counted,
                         limiter=self.read_limiter, deadline=self.read_timeout)
 
-    async def put_file(self, key: str, path: str | None, size: int, metadata: dict[str, str],
+    async def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                        if_match: str | None = None, if_none_match: bool = False,
                        patient: bool = True) -> str:
         try:

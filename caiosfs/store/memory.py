@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..errors import PreconditionFailed, StoreError
-from . import ListPage, MultipartUpload, ObjectInfo, PartSource, Sink
+from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink
 
 
 @dataclass
@@ -127,11 +127,13 @@ class MemoryStore:
         if len(data) != length:
             raise StoreError("InvalidRange", key, 416)
 
-    def put_file(self, key: str, path: str | None, size: int, metadata: dict[str, str],
+    def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str:
         self._check("put", key)
         data = b""
-        if path is not None and size:
+        if isinstance(path, bytes):
+            data = path[:size]
+        elif path is not None and size:
             with open(path, "rb") as fh:
                 data = fh.read(size)
         with self._lock:

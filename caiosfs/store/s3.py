@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.credentials import CredentialProvider, Credentials
 
 from ..errors import PreconditionFailed, StoreError, UserError, is_retryable
-from . import ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
+from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
 from .lean import LeanS3, proxies_configured
 
 READ_PIECE = 1 << 20
@@ -335,7 +335,7 @@ class S3Store:
         if got != length:
             raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
 
-    def put_file(self, key: str, path: str | None, size: int, metadata: dict[str, str],
+    def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str:
         # Content-MD5 makes the store check that it received the whole body: without it,
         # SeaweedFS stores an *empty* object when the connection dies before the first body
@@ -353,6 +353,9 @@ class S3Store:
             if path is None or size == 0:
                 headers["Content-Length"] = "0"
                 return _etag(self._lean.request("PUT", key, headers, b"").headers["ETag"])
+            if isinstance(path, bytes):
+                return _etag(self._lean.request("PUT", key, headers, path[:size])
+                             .headers["ETag"])
             with FileSlice(path, 0, size) as body:
                 return _etag(self._lean.request("PUT", key, headers, body).headers["ETag"])
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata,
@@ -363,6 +366,9 @@ class S3Store:
             kw["IfNoneMatch"] = "*"
         if path is None or size == 0:
             kw["Body"] = b""
+            return _etag(self._call(self._c.put_object, **kw)["ETag"])
+        if isinstance(path, bytes):
+            kw["Body"] = path[:size]
             return _etag(self._call(self._c.put_object, **kw)["ETag"])
         with FileSlice(path, 0, size) as body:
             kw["Body"] = body
