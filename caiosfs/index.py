@@ -6,8 +6,9 @@ Two environments per cache directory (the directory is held by one mount at a ti
 - ``<cache_dir>/journal.lmdb`` holds what must never be lost — ``journal``, ``ops``, ``state``.
   Adding or changing an entry commits before it returns (the commit reaches the OS: a killed
   daemon loses nothing). ``ops`` entries are flushed to disk (fdatasync) before they return,
-  but for ``mkdir``; those and ``journal`` entries are flushed in the background within milliseconds, one flush for a
-  burst of creates (``sync_journal``), and before ``fsync=local`` returns — what a power cut
+  but for ``mkdir``; those and ``journal`` entries (and ``inline`` contents) are flushed in the
+  background within ~20 ms, one flush for a burst of creates (``sync_journal``), and before
+  ``fsync=local`` returns — what a power cut
   may lose is what it would lose anyway: data nobody fsynced. Removing an entry is not flushed
   (a removal lost in a power cut only makes the next mount look at a finished file again,
   which it recognises). Ids are reserved in batches of 1,000, one flush per batch.
