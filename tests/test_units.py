@@ -326,11 +326,18 @@ def _wb(tmp: Path, store: MemoryStore, inline_max: int = INLINE_MAX, **kw: objec
     return wb
 
 
-async def _write_closed(wb: WriteBack, path: str, body: bytes) -> DirtyFile:
-    """A new file written through ``wb`` and closed (its upload then follows)."""
-    f = await wb.create(path, Attrs(0o100644, 0, 0, 1.0))
+async def _write_open(wb: WriteBack, path: str, body: bytes,
+                      attrs: Attrs | None = None) -> DirtyFile:
+    """A new file written through ``wb`` and still open for writing."""
+    f = await wb.create(path, attrs or Attrs(0o100644, 0, 0, 1.0))
     wb.opened(f, True)
     await wb.write(f, 0, body)
+    return f
+
+
+async def _write_closed(wb: WriteBack, path: str, body: bytes) -> DirtyFile:
+    """A new file written through ``wb`` and closed (its upload then follows)."""
+    f = await _write_open(wb, path, body)
     wb.released(f, True)
     return f
 
@@ -672,9 +679,7 @@ async def test_small_new_files_live_in_the_journal(tmp_path: Path) -> None:
     dirty = tmp_path / "w" / "dirty"
     async with trio.open_nursery() as n:
         await n.start(wb.run)
-        small = await wb.create("small.txt", Attrs(0o100644, 0, 0, 1.0))
-        wb.opened(small, True)
-        await wb.write(small, 0, b"hello world")
+        small = await _write_open(wb, "small.txt", b"hello world")
         await wb.write(small, 6, b"WORLD, and more")  # overwrite + extend
         await wb.write(small, 30, b"!")  # past the end: a zero-filled gap
         assert small.inline and small.fd == -1 and not small.data_path.exists()
@@ -712,9 +717,8 @@ async def test_inline_files_survive_a_crash(tmp_path: Path) -> None:
     wb = _wb(tmp_path / "w", store, upload_delay=3600)
     async with trio.open_nursery() as n:
         await n.start(wb.run)
-        f = await wb.create("d/kept.txt", Attrs(0o100640, 5, 6, 1.0))
-        wb.opened(f, True)
-        await wb.write(f, 0, b"written before the crash")
+        f = await _write_open(wb, "d/kept.txt", b"written before the crash",
+                              Attrs(0o100640, 5, 6, 1.0))
         gone = await wb.create("gone.txt", Attrs(0o100644, 0, 0, 1.0))
         await wb.write(gone, 0, b"its journal entry is removed below")
         n.cancel_scope.cancel()  # crash: nothing uploaded, nothing closed
@@ -741,9 +745,7 @@ async def test_a_full_journal_sends_small_files_to_data_files(tmp_path: Path) ->
     wb = _wb(tmp_path / "w", store, upload_delay=3600)
     async with trio.open_nursery() as n:
         await n.start(wb.run)
-        f = await wb.create("a.txt", Attrs(0o100644, 0, 0, 1.0))
-        wb.opened(f, True)
-        await wb.write(f, 0, b"first ")
+        f = await _write_open(wb, "a.txt", b"first ")
         real = wb.index.put_inline
 
         def full(fid: int, value: bytes) -> None:
