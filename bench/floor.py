@@ -71,7 +71,7 @@ class MemoryFloor(pyfuse3.Operations):
         return self._entry(inode)
 
     async def flush(self, fh):  # type: ignore[no-untyped-def]
-        return None
+        raise pyfuse3.FUSEError(errno.ENOSYS)  # as caiosfs: the kernel stops sending FLUSH
 
     async def release(self, fh):  # type: ignore[no-untyped-def]
         return None
