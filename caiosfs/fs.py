@@ -197,9 +197,16 @@ class Filesystem(pyfuse3.Operations):
                     await self._finish_delete(ino)
 
     async def _housekeeping(self) -> None:
+        gone = False
         while True:
             await trio.sleep(2)
             self.cache.flush_atimes()
+            if not gone and not self.wb.dir.is_dir():
+                gone = True
+                log.error("the cache directory %s was deleted under the live mount: files "
+                          "written so far still upload (from their open descriptors); new "
+                          "files over %d bytes fail with EIO and nothing is cached until "
+                          "remounted", self.wb.dir.parent, self.wb.inline_max)
 
     def _uploaded(self, f: DirtyFile, etag: str) -> None:
         if not etag:  # went to a conflict sibling: forget our view of the path

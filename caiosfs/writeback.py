@@ -15,6 +15,7 @@ versions survive. Uploads retry forever; dirty data is never dropped.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import logging
@@ -542,6 +543,20 @@ class WriteBack:
             return self.index.get_inline(f.fid)[offset:offset + size]
         return os.pread(f.fd, size, offset)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _source(f: DirtyFile) -> Iterator[str]:
+        """A path the store layer reads f's data file by, valid for the whole with block:
+        one of /proc/self/fd pointing at a duplicate of f's descriptor. So an upload never
+        depends on the data file's name (recycled files are renamed; a cache directory
+        deleted under a live mount still drains from its open files), and the number cannot
+        come to mean another file while the upload's threads read it."""
+        fd = os.dup(f.fd)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+
     def _local_size(self, f: DirtyFile) -> int:
         return len(self.index.get_inline(f.fid)) if f.inline else os.fstat(f.fd).st_size
 
@@ -664,8 +679,7 @@ class WriteBack:
     async def _send_part(self, f: DirtyFile, st: _Stream, p: int, length: int) -> None:
         gen = st.part_gen.get(p, 0)
         try:
-            etag = await self.store.upload_part(f.key, st.upload_id,
-                                                self._part_source(f, st, p, length))
+            etag = await self._upload_part(f, st, p, length)
         except (StoreError, OSError) as exc:  # OSError: the file shrank meanwhile
             log.warning("part %d of %s failed: %s (it will be sent at close)", p, f.path, exc)
             return
@@ -994,13 +1008,17 @@ class WriteBack:
         return await self._multipart(f, size, meta, cond)
 
     async def _upload_once(self, f: DirtyFile) -> None:
+        with contextlib.ExitStack() as stack:
+            await self._upload_from(f, stack)
+
+    async def _upload_from(self, f: DirtyFile, stack: contextlib.ExitStack) -> None:
         gen = f.gen
         body: Body
         if f.inline:  # a snapshot: writes during the upload change the journal, not it
             body = self.index.get_inline(f.fid)
             size = len(body)
         else:
-            body = str(f.data_path)
+            body = stack.enter_context(self._source(f))
             size = os.fstat(f.fd).st_size
         f.attrs.size = size
         meta = f.attrs.to_meta()
@@ -1096,20 +1114,27 @@ class WriteBack:
             f.stream = None
             raise
 
+    async def _upload_part(self, f: DirtyFile, st: _Stream, p: int, length: int) -> str:
+        """Send part ``p`` of ``st``: from the local file, or - if the store object holds
+        exactly those bytes (an unchanged range of a modified object) - copied server-side."""
+        src = self._part_source(f, st, p, length)
+        if src.copy_key is not None:
+            return await self.store.upload_part(f.key, st.upload_id, src)
+        with self._source(f) as path:
+            src.path = path
+            return await self.store.upload_part(f.key, st.upload_id, src)
+
     def _part_source(self, f: DirtyFile, st: _Stream, p: int, length: int) -> PartSource:
-        """Part ``p`` from the local file, or - if the store object holds exactly those
-        bytes (an unchanged range of a modified object) - copied server-side."""
         off = (p - 1) * st.part_size
         if (f.touched is not None and f.base_etag and off + length <= f.base_size
                 and not any(c in f.touched
                             for c in range(off // CHUNK, (off + length - 1) // CHUNK + 1))):
             return PartSource(p, None, off, length, copy_key=f.key, copy_etag=f.base_etag)
-        return PartSource(p, str(f.data_path), off, length)
+        return PartSource(p, None, off, length)  # (its path: see _upload_part)
 
     async def _send_part_patient(self, f: DirtyFile, st: _Stream, p: int, length: int) -> None:
         gen = st.part_gen.get(p, 0)
-        etag = await self.store.upload_part(f.key, st.upload_id,
-                                            self._part_source(f, st, p, length))
+        etag = await self._upload_part(f, st, p, length)
         if st.part_gen.get(p, 0) == gen:  # else written meanwhile: send it again
             st.etags[p] = (etag, length)
         self._signal_progress()
@@ -1147,9 +1172,10 @@ class WriteBack:
             ps = part_size_for(size, self.part_size)
             uid = await self.store.create_multipart(side, meta)
             etags = []
-            for i, off in enumerate(range(0, size, ps)):
-                etags.append(await self.store.upload_part(side, uid, PartSource(
-                    i + 1, str(f.data_path), off, min(ps, size - off))))
+            with self._source(f) as path:
+                for i, off in enumerate(range(0, size, ps)):
+                    etags.append(await self.store.upload_part(side, uid, PartSource(
+                        i + 1, path, off, min(ps, size - off))))
             etag = await self.store.complete_multipart(side, uid, etags)
         else:
             etag = await self.store.put_file(side, body, size, meta)

@@ -87,6 +87,36 @@ def test_deleted_cache_files_are_fetched_again(s3: Any, bucket: str, mounter: An
     assert m.status()["s3_get_requests"] <= gets + 5  # (the in-memory verified chunks)
 
 
+def test_cache_dir_deleted_while_files_wait_for_upload(s3: Any, bucket: str, mounter: Any,
+                                                       tmp_path: Path) -> None:
+    """rm -rf of the whole cache_dir while written files still wait for their upload: the
+    daemon logs it, every byte written before reaches the store (uploads read the files'
+    open descriptors; the journal is still open), a later small file does too, a later big
+    one fails with EIO, reads stay right, and umount finishes."""
+    log = tmp_path / "gone-caiosfs.log"
+    s3.put_object(Bucket=bucket, Key="g/seeded", Body=data(2 * MiB, "gone-seeded"))
+    m = mounter(bucket, "g", options=f"upload_delay=3600,part_size=5M,log_file={log}")
+    files = {"small": data(5_000, "gone-s"), "mid": data(3 * MiB + 3, "gone-m"),
+             "multi": data(12 * MiB + 9, "gone-big")}  # 5 MiB parts: a multipart upload
+    for k, b in files.items():
+        (m.path / k).write_bytes(b)
+    subprocess.run(["rm", "-rf", str(m.cache_dir)], check=True)
+    deadline = time.monotonic() + 10
+    while "was deleted under the live mount" not in log.read_text():
+        assert time.monotonic() < deadline, "the daemon did not notice"
+        time.sleep(0.2)
+    files["later-small"] = data(7_000, "gone-later")
+    (m.path / "later-small").write_bytes(files["later-small"])
+    with pytest.raises(OSError) as err:
+        (m.path / "later-big").write_bytes(data(2 * MiB, "gone-no-room"))
+    assert err.value.errno == errno.EIO, err.value
+    assert xxh((m.path / "seeded").read_bytes()) == xxh(data(2 * MiB, "gone-seeded"))
+    m.flush(timeout=60)
+    for k, b in files.items():
+        assert xxh(s3.get_object(Bucket=bucket, Key=f"g/{k}")["Body"].read()) == xxh(b), k
+    m.umount(timeout=60)
+
+
 def corrupt(path: Path, rng: random.Random, how: str) -> None:
     size = path.stat().st_size
     if how == "truncate":
