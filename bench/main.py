@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -393,7 +394,12 @@ def measure(ctx: Ctx, res: report.Results, w: Workload, name: str, s: FsSystem |
         log(f"    note: {n}")
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: unmount the peers, keep what was measured
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupted)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     return run(args)
 

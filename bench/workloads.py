@@ -97,9 +97,15 @@ def _finish(samples: list[Sample], m: Mount, extra: list[str] | None = None) -> 
     return Outcome(samples, m.peak_rss_mib, list(m.notes) + (extra or []), m.counters)
 
 
+# Tells this run's output apart from an earlier run's against the same server: deleting the
+# objects of a prefix may leave its folder listed (SeaweedFS does, for a while), and a `cp -r`
+# into a name that exists copies into a subdirectory of it instead.
+_RUN_TAG = time.strftime("%H%M%S", time.gmtime())
+
+
 def _out_dir(ctx: Ctx, system: str, what: str) -> str:
-    """A fresh key prefix per (system, repetition, workload): nothing is ever overwritten."""
-    return f"out/{system}-r{ctx.rep}-{what}"
+    """A fresh key prefix per (run, system, repetition, workload): nothing is overwritten."""
+    return f"out/{system}-r{ctx.rep}-{what}-{_RUN_TAG}"
 
 
 def _b3_key(rel: str) -> str:
