@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # one line, never a traceback; details are in the log
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback; details in the log
         print(f"caiosfs: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -131,7 +131,7 @@ async def serve(path: Path, handle: Handler) -> None:
                 await stream.send_all(json.dumps({"progress": msg}).encode() + b"\n")
             try:
                 reply = await handle(req, progress)
-            except Exception as exc:  # reported to the client, the mount keeps serving
+            except Exception as exc:  # noqa: BLE001 - reported to the client; the mount serves on
                 reply = {"error": str(exc)}
             try:
                 await stream.send_all(json.dumps({"result": reply}).encode() + b"\n")

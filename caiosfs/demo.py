@@ -25,7 +25,7 @@ BUCKET = "caiosfs-demo"
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "caiosfs.cli", *args], env=env, text=True,
-                          capture_output=True)
+                          capture_output=True, check=False)
 
 
 def demo(a: argparse.Namespace) -> int:

@@ -733,7 +733,8 @@ class Filesystem(pyfuse3.Operations):
             limiter = trio.CapacityLimiter(16)
             local = set(local_keys) | {f.key for f in self.wb.files.values() if not f.deleted}
 
-            async def move(o: Any) -> None:
+            async def move(o: Any, limiter: trio.CapacityLimiter = limiter,
+                           local: set[str] = local) -> None:
                 dst = dst_key + o.key[len(src_key):]
                 async with limiter:
                     if dst in local:

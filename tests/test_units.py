@@ -317,8 +317,8 @@ def _wb(tmp: Path, store: MemoryStore, inline_max: int = INLINE_MAX, **kw: objec
     """A WriteBack on the in-memory store; ``inline_max=0`` gives every file a data file."""
     tmp.mkdir(exist_ok=True)
     m = Metrics()
-    args: dict = dict(part_size=5 * MiB, dirty_limit=1 << 30, upload_delay=0.05,
-                      fsync_local=False, on_uploaded=lambda f, e: None)
+    args: dict = {"part_size": 5 * MiB, "dirty_limit": 1 << 30, "upload_delay": 0.05,
+                  "fsync_local": False, "on_uploaded": lambda f, e: None}
     args.update(kw)
     wb = WriteBack(StoreClient(store, m, read_timeout=5), Index(tmp / "index.lmdb"), m, tmp,
                    "pre/", **args)
