@@ -52,10 +52,7 @@ def demo(a: argparse.Namespace) -> int:
         raise UserError(f"could not start SeaweedFS: {exc}") from None
     try:
         client = server.client()
-        try:
-            client.create_bucket(Bucket=BUCKET)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
+        server.create_bucket(BUCKET)
         say(f"seeding s3://{BUCKET} (one {a.big_mb} MB file and a few small ones)")
         hashes = seed_demo(client, BUCKET, big_size=a.big_mb << 20)
         opts = (f"endpoint={server.endpoint},path_style,credentials_file={creds},"

@@ -516,10 +516,14 @@ class SeaweedServer:
         )
 
     def create_bucket(self, name: str) -> str:
-        """Create a bucket and return its name."""
+        """Create a bucket (unless this identity owns it already: a reused data dir) and
+        return its name."""
         if self._client is None:
             self._client = self.client()
-        self._client.create_bucket(Bucket=name)
+        try:
+            self._client.create_bucket(Bucket=name)
+        except self._client.exceptions.BucketAlreadyOwnedByYou:
+            pass
         return name
 
     def env(self) -> dict[str, str]:
@@ -675,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export {k}={v}")
         for b in args.bucket:
             server.create_bucket(b)
-            print(f"created s3://{b}")
+            print(f"bucket s3://{b} ready")
         if args.seed_demo:
             server.create_bucket(args.seed_demo)
             keys = seed_demo(server.client(), args.seed_demo, args.big_size_mb * MiB)

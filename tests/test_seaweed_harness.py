@@ -175,6 +175,8 @@ def test_two_servers_side_by_side(seaweed: SeaweedServer, s3: Any, tmp_path: Pat
         assert len(set(second.ports.values())) == 8
         name = second.create_bucket("only-on-second")
         second.client().put_object(Bucket=name, Key="k", Body=b"v")
+        # Again, as `python -m caiosfs.seaweed --bucket` on a reused --data-dir does: a no-op.
+        assert second.create_bucket("only-on-second") == name
         assert second.client().get_object(Bucket=name, Key="k")["Body"].read() == b"v"
         assert name not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
         grpc_sockets = [
