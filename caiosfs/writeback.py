@@ -1007,19 +1007,23 @@ class WriteBack:
             return await self.store.put_file(f.key, body, size, meta, **cond)
         return await self._multipart(f, size, meta, cond)
 
-    async def _upload_once(self, f: DirtyFile) -> None:
-        with contextlib.ExitStack() as stack:
-            await self._upload_from(f, stack)
+    @contextlib.contextmanager
+    def _body(self, f: DirtyFile) -> Iterator[tuple[Body, int]]:
+        """What an upload of f sends, and its size: an inline file's bytes (a snapshot:
+        writes during the upload change the journal, not it), else its data file."""
+        if f.inline:
+            data = self.index.get_inline(f.fid)
+            yield data, len(data)
+            return
+        with self._source(f) as path:
+            yield path, os.fstat(f.fd).st_size
 
-    async def _upload_from(self, f: DirtyFile, stack: contextlib.ExitStack) -> None:
+    async def _upload_once(self, f: DirtyFile) -> None:
         gen = f.gen
-        body: Body
-        if f.inline:  # a snapshot: writes during the upload change the journal, not it
-            body = self.index.get_inline(f.fid)
-            size = len(body)
-        else:
-            body = stack.enter_context(self._source(f))
-            size = os.fstat(f.fd).st_size
+        with self._body(f) as (body, size):
+            await self._upload_body(f, gen, body, size)
+
+    async def _upload_body(self, f: DirtyFile, gen: int, body: Body, size: int) -> None:
         f.attrs.size = size
         meta = f.attrs.to_meta()
         cond = {"if_match": f.base_etag, "if_none_match": f.base_etag is None}
@@ -1117,20 +1121,15 @@ class WriteBack:
     async def _upload_part(self, f: DirtyFile, st: _Stream, p: int, length: int) -> str:
         """Send part ``p`` of ``st``: from the local file, or - if the store object holds
         exactly those bytes (an unchanged range of a modified object) - copied server-side."""
-        src = self._part_source(f, st, p, length)
-        if src.copy_key is not None:
-            return await self.store.upload_part(f.key, st.upload_id, src)
-        with self._source(f) as path:
-            src.path = path
-            return await self.store.upload_part(f.key, st.upload_id, src)
-
-    def _part_source(self, f: DirtyFile, st: _Stream, p: int, length: int) -> PartSource:
         off = (p - 1) * st.part_size
         if (f.touched is not None and f.base_etag and off + length <= f.base_size
                 and not any(c in f.touched
                             for c in range(off // CHUNK, (off + length - 1) // CHUNK + 1))):
-            return PartSource(p, None, off, length, copy_key=f.key, copy_etag=f.base_etag)
-        return PartSource(p, None, off, length)  # (its path: see _upload_part)
+            return await self.store.upload_part(f.key, st.upload_id, PartSource(
+                p, None, off, length, copy_key=f.key, copy_etag=f.base_etag))
+        with self._source(f) as path:
+            return await self.store.upload_part(f.key, st.upload_id,
+                                                PartSource(p, path, off, length))
 
     async def _send_part_patient(self, f: DirtyFile, st: _Stream, p: int, length: int) -> None:
         gen = st.part_gen.get(p, 0)
