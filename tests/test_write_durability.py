@@ -132,6 +132,7 @@ def test_kill_during_directory_rename_resumes(s3: Any, bucket: str, mounter: Any
         list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=k.encode()), names))
     m = mounter(bucket, options="profile=checkpoint,upload_delay=3600,fsync=local")
     write_file(m.path / "run/step.tmp/local.bin", b"local, never uploaded", fsync=True)
+    pid = m.pid  # now: m.kill() would first spend a CLI round trip asking for it
     err: list[BaseException] = []
 
     def rename() -> None:
@@ -143,7 +144,7 @@ def test_kill_during_directory_rename_resumes(s3: Any, bucket: str, mounter: Any
     t.start()
     wait_for(lambda: any(k.startswith("run/step/") for k in keys(s3, bucket, "run/step/")),
              what="the rename to start moving objects")
-    m.kill()
+    kill(m, pid)
     t.join(30)
     moved = keys(s3, bucket, "run/step/")
     assert len(moved) < len(names), "the rename finished before the kill; test is void"
