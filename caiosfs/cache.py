@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -150,11 +151,12 @@ class BlockCache:
         self._verified: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
         self._verified_bytes = 0
         self._verified_budget = verified_budget
-        # Chunks fetched for a reader and not read yet: (ident, chunk) -> (bytes, charge).
-        # They are on disk too; keeping them saves a sequential reader a disk read and a
-        # checksum per chunk. Their bytes stay charged to the read memory budget until read
-        # (then they move to the small LRU above) or dropped (drop_fresh, oldest first).
-        self._fresh: OrderedDict[tuple[bytes, int], tuple[bytes, int]] = OrderedDict()
+        # Chunks fetched for a reader and not read yet: (ident, chunk) -> (bytes, charge,
+        # time held). They are on disk too; keeping them saves a sequential reader a disk
+        # read and a checksum per chunk. Their bytes stay charged to the read memory budget
+        # until read (then they move to the small LRU above) or dropped (drop_fresh, oldest
+        # first; drop_stale, those no reader came for).
+        self._fresh: OrderedDict[tuple[bytes, int], tuple[bytes, int, float]] = OrderedDict()
         self.fresh_bytes = 0
         self.release_charge: Callable[[int], None] = lambda n: None
         self._atimes: dict[tuple[bytes, int], float] = {}
@@ -254,7 +256,7 @@ class BlockCache:
         old = self._fresh.pop((ident, chunk), None)
         if old is not None:
             self._release_fresh(old)
-        self._fresh[(ident, chunk)] = (data, charge)
+        self._fresh[(ident, chunk)] = (data, charge, time.monotonic())
         self.fresh_bytes += charge
 
     def drop_fresh(self, want: int, ident: bytes | None = None) -> int:
@@ -271,7 +273,17 @@ class BlockCache:
             self._release_fresh(got)
         return freed
 
-    def _release_fresh(self, got: tuple[bytes, int]) -> None:
+    def drop_stale(self, age: float) -> None:
+        """Drop held chunks held longer than ``age`` seconds (their reader went away)."""
+        limit = time.monotonic() - age
+        while self._fresh:
+            k, got = next(iter(self._fresh.items()))
+            if got[2] > limit:
+                break
+            del self._fresh[k]
+            self._release_fresh(got)
+
+    def _release_fresh(self, got: tuple[bytes, int, float]) -> None:
         self.fresh_bytes -= got[1]
         self.release_charge(got[1])
 

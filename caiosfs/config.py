@@ -99,13 +99,20 @@ OPTIONS: list[Option] = [
     Option("block_size", parse_size, 8 * MiB, "Cache block size (a multiple of 1M).", "SIZE"),
     Option("max_request", parse_size, 16 * MiB, "Largest ranged GET issued while streaming.",
            "SIZE"),
-    Option("readahead_max", parse_size, 128 * MiB, "Cap of the per-file readahead window.",
-           "SIZE"),
+    Option("readahead_max", parse_size, GiB, "Cap of the per-file readahead window. Within "
+           "it, a streaming file's window is its share of the GETs the mount keeps in flight "
+           "(see parallel_max) times max_request.", "SIZE"),
     Option("part_size", parse_size, 64 * MiB, "Multipart upload part size (grows for huge files "
            "to stay under 10,000 parts).", "SIZE"),
     Option("read_ahead_kb", int, 1024, "Kernel readahead of the mount, set through "
            "/sys/class/bdi at mount time.", "KB"),
-    Option("parallel", int, 16, "Concurrent S3 requests (reads and uploads share it).", "N"),
+    Option("parallel", int, 16, "Concurrent S3 requests: metadata and uploads use it as is; "
+           "ranged GETs start from it.", "N"),
+    Option("parallel_max", int, 64, "Most ranged GETs in flight. While streaming readers "
+           "wait for data, the mount raises its GETs in flight from parallel toward this as "
+           "long as the measured aggregate rate grows (a remote store: latency, a rate per "
+           "connection), and steps back when it does not; memory_limit bounds it too. "
+           "parallel_max=parallel pins it.", "N"),
     Option("ro", parse_bool, False, "Mount read-only: every write operation fails with EROFS."),
     Option("rw", parse_bool, False, "Mount read-write (the default; accepted for fstab)."),
     Option("uid", int, None, "Owner of objects without x-amz-meta-uid (default: the mounting "
@@ -217,6 +224,7 @@ class MountConfig:
     part_size: int
     read_ahead_kb: int
     parallel: int
+    parallel_max: int
     ro: bool
     uid: int
     gid: int
@@ -302,6 +310,8 @@ def build_config(source: str, options: str | dict[str, str] = "") -> MountConfig
         raise UserError("part_size must be at least 5M (the S3 minimum)")
     if values["parallel"] < 1:
         raise UserError("parallel must be at least 1")
+    # parallel=N alone (N above the default ceiling) means at least N GETs too.
+    values["parallel_max"] = max(values["parallel_max"], values["parallel"])
     if values["memory_limit"] < 4 * values["max_request"]:
         raise UserError("memory_limit must be at least 4 × max_request")
     if values["credentials_file"]:

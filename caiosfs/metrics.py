@@ -65,6 +65,13 @@ class Metrics:
         self.readahead_window = Histogram(p + "readahead_window_bytes",
                                           "Readahead window size when a fetch is issued",
                                           buckets=_WIN, registry=r)
+        self.read_parallel = Gauge(p + "read_parallel", "Ranged GETs the read pipe allows in "
+                                   "flight (measured: see docs/ARCHITECTURE.md)", registry=r)
+        self.read_latency = Gauge(p + "read_first_byte_seconds", "Moving average of a GET's "
+                                  "time to its first piece", registry=r)
+        self.read_connection_rate = Gauge(p + "read_connection_bytes_per_second",
+                                          "Moving average of one GET's streaming rate",
+                                          registry=r)
         self.memory_in_use = Gauge(p + "read_memory_bytes", "Read buffers in use (budgeted)",
                                    registry=r)
         self.skipped_keys = Counter(p + "skipped_keys", "Object keys that cannot be a path",

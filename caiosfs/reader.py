@@ -2,15 +2,21 @@
 
 - :class:`Readahead` (per open handle) detects sequential access and grows a window by
   doubling up to a cap; random access keeps it at zero so only touched chunks are fetched.
+  The cap is the stream's share of the read pipe (:mod:`caiosfs.store.pipe`: how many GETs
+  the mount keeps in flight, by measurement) times the request size, within ``readahead_max``.
 - :class:`Fetcher` (one per mount) turns missing chunks into ranged GETs of up to
-  ``max_request`` bytes, deduplicates chunks already in flight, and charges every request to
-  the global :class:`MemoryBudget` so memory never grows with file size or open files.
+  ``max_request`` bytes, deduplicates chunks already in flight, and charges what each request
+  really holds in memory (a few pieces on their way to the cache file, and the chunks kept for
+  their reader) to the global :class:`MemoryBudget`, so memory never grows with file size,
+  open files or requests in flight.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +34,14 @@ log = logging.getLogger(__name__)
 FAILURE_MEMORY = 0.5  # seconds a chunk whose fetch gave up fails at once (see Fetcher)
 SMALL_RANDOM = 256 << 10  # random reads up to this size fetch only their bytes, at first
 TOUCHED_MAX = 100_000  # chunks remembered as touched by a random read
+# Pieces (chunks) of one GET that may wait for the loop to commit them: the worker thread
+# goes on reading its socket while the loop catches up (a round trip per chunk throttled every
+# stream to the loop's pace), but no further, so a GET holds at most this many + 1 chunks.
+PENDING_PIECES = 2
+PENDING_WAIT = 30.0  # seconds a worker waits for the loop before going on regardless
+HOLD_STALE = 2.0  # seconds a held chunk waits for its reader before it may be dropped
+STREAM_SHARE = 1.25  # a stream asks for this much more than its share of the pipe
+ACTIVE_STREAM = 1.0  # seconds since its last read that a stream still counts as active
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,15 @@ class MemoryBudget:
         # Frees memory held for later (fetched chunks not read yet) when a request needs it:
         # reclaim(n) releases up to n bytes through release() and returns how many.
         self.reclaim: Callable[[int], int] = lambda n: 0
+
+    def try_acquire(self, n: int) -> bool:
+        """Take ``n`` bytes if they are free now (never reclaims, never waits)."""
+        n = min(n, self.limit)
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        self.metrics.memory_in_use.set(self.used)
+        return True
 
     async def acquire(self, n: int) -> None:
         n = min(n, self.limit)
@@ -130,6 +153,7 @@ class Fetcher:
         self.budget = budget
         self.max_chunks = max(1, max_request // cache.chunk_size)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
+        self.running = 0  # GETs started and not yet ended (their charge still held)
         # Chunks whose fetch just failed: (ident, chunk) -> (monotonic time, error). When an
         # async readahead fails, the kernel at once retries the page with a synchronous read;
         # without this memory that read would wait out a whole second read_timeout.
@@ -140,6 +164,12 @@ class Fetcher:
         cache.release_charge = budget.release
         budget.reclaim = cache.drop_fresh
         self.hold_limit = budget.limit // 2
+        # What one GET in flight holds: the piece its socket is filling and the pieces
+        # waiting for the loop. The rest of the budget bounds the pipe's ceiling.
+        self.request_charge = (PENDING_PIECES + 1) * cache.chunk_size
+        pipe = store.pipe
+        pipe.ceiling = max(pipe.floor, min(
+            pipe.ceiling, (budget.limit - self.hold_limit) // self.request_charge))
 
     def _plan(self, obj: ObjRef, first: int, last: int) -> tuple[list[tuple[int, int]],
                                                                  list[_Flight]]:
@@ -225,9 +255,14 @@ class Fetcher:
         start = a * cs
         length = min((b + 1) * cs, obj.size) - start
         ident = obj.ident
-        charge = min(length, self.budget.limit)
-        await self.budget.acquire(charge)
-        held = 0  # of the charge, what went on with chunks held for the reader
+        self.running += 1
+        charge = min(length, self.request_charge)
+        try:
+            await self.budget.acquire(charge)
+        except BaseException:
+            self.running -= 1
+            raise
+        pending = threading.Semaphore(PENDING_PIECES)
         try:
             self.metrics.readahead_window.observe(length)
             token = trio.lowlevel.current_trio_token()
@@ -236,7 +271,7 @@ class Fetcher:
             def committed(chunks: list[tuple[int, int]], data: bytes) -> None:
                 # On the loop, for each chunk as it lands: readers waiting for it go on
                 # while the rest of the request is still streaming.
-                nonlocal held
+                pending.release()
                 if commit_error:
                     return
                 try:
@@ -244,14 +279,18 @@ class Fetcher:
                 except OSError as exc:  # the index is full or broken: handled below
                     commit_error.append(exc)
                     return
-                if keep and held < charge:
-                    n = min(len(data), charge - held)
-                    over = self.cache.fresh_bytes + n - self.hold_limit
-                    if over > 0:
-                        self.cache.drop_fresh(over)
-                    for c, _ in chunks:
-                        self.cache.hold(ident, c, data, n)
-                    held += n
+                if keep:
+                    # Held chunks were asked for no later than this one, so they are
+                    # as near their readers: when the hold is full this one goes to disk
+                    # only (read back from the page cache), unless held chunks went unread
+                    # too long (their reader left).
+                    n = len(data)
+                    if self.cache.fresh_bytes + n > self.hold_limit:
+                        self.cache.drop_stale(HOLD_STALE)
+                    if (self.cache.fresh_bytes + n <= self.hold_limit
+                            and self.budget.try_acquire(n)):
+                        for c, _ in chunks:
+                            self.cache.hold(ident, c, data, n)
                 self.metrics.cache_miss_bytes.inc(
                     sum(self.cache.chunk_len(c, obj.size) for c, _ in chunks))
                 for c, _ in chunks:
@@ -264,6 +303,7 @@ class Fetcher:
                 # waiting for the loop (a round trip per chunk throttled every stream to
                 # the loop's pace). Callbacks run in order, and all of them before
                 # get_range's own completion, which trio queues the same way.
+                pending.acquire(timeout=PENDING_WAIT)
                 token.run_sync_soon(committed, [(chunk, csum)], data)
             writer = self.cache.writer(ident, obj.size, on_chunk)
             await self.store.get_range(obj.key, start, length, obj.etag, writer)
@@ -300,7 +340,8 @@ class Fetcher:
             flight.error = FsError(errno.EIO, f"fetch failed: {exc!r}")
             raise
         finally:
-            self.budget.release(charge - held)
+            self.budget.release(charge)
+            self.running -= 1
             for c in range(a, b + 1):
                 if self._inflight.get((ident, c)) is flight:
                     del self._inflight[(ident, c)]
@@ -315,9 +356,13 @@ class Reader:
                  readahead_max: int, initial_window: int = 8 << 20) -> None:
         self.cache = cache
         self.fetcher = fetcher
+        self.pipe = fetcher.store.pipe
         self.metrics = metrics
         self.readahead_max = readahead_max
         self.initial_window = min(initial_window, readahead_max)
+        # Streaming handles (id of their Readahead -> last read), to share the pipe fairly.
+        self._streams: dict[int, float] = {}
+        self._share = (0.0, self.initial_window)  # (when computed, window cap per stream)
         self.advise_limiter = trio.CapacityLimiter(2)
         # Chunks a random read touched once (ident, chunk): the first small random read of a
         # chunk fetches just its bytes; a second one fetches and caches the whole chunk.
@@ -332,6 +377,7 @@ class Reader:
         size = min(size, obj.size - offset)
         end = offset + size
         cs = self.cache.chunk_size
+        ra.maximum = self._stream_cap(ra)
         seq = ra.observe(offset, size)
         if not seq and size <= SMALL_RANDOM and self._first_touch(obj, offset, end):
             data = self.cache.read(obj.ident, offset, size, obj.size)
@@ -346,6 +392,8 @@ class Reader:
             if data is not None:
                 break
             last = (end - 1) // cs
+            if seq and ra.window:
+                self.pipe.stalls += 1  # a stream waits for data: the pipe may be too narrow
             try:
                 await self.fetcher.ensure(obj, offset // cs, last, keep=True)
             except CacheWriteError:
@@ -371,6 +419,24 @@ class Reader:
                 ra.advised_until = until
         return data
 
+    def _stream_cap(self, ra: Readahead) -> int:
+        """The window cap of one stream: its share of the GETs the pipe keeps in flight
+        (a little more, so the pipe never runs dry), in whole requests."""
+        now = trio.current_time()
+        if ra.window:
+            self._streams[id(ra)] = now
+        when, cap = self._share
+        if now - when < 0.1:
+            return cap
+        for k, t in list(self._streams.items()):
+            if now - t > ACTIVE_STREAM:
+                del self._streams[k]
+        request = self.fetcher.max_chunks * self.cache.chunk_size
+        share = math.ceil(STREAM_SHARE * self.pipe.size / max(1, len(self._streams)))
+        cap = max(self.initial_window, min(self.readahead_max, max(2, share) * request))
+        self._share = (now, cap)
+        return cap
+
     def _first_touch(self, obj: ObjRef, offset: int, end: int) -> bool:
         """Record the chunks of [offset, end); True if none was touched before."""
         cs = self.cache.chunk_size
@@ -385,11 +451,11 @@ class Reader:
 
     def _readahead(self, obj: ObjRef, ra: Readahead, end: int) -> None:
         target = min(obj.size, end + ra.window)
-        # Top up only when half the window has been consumed: fewer, larger requests.
-        if ra.fetched_until >= target - ra.window // 2 and ra.fetched_until > end:
-            return
         start = max(end, ra.fetched_until)
-        if start >= target:
+        # Keep the window full one whole request at a time (or up to the object's end):
+        # every GET is as large as allowed, and the pipe never waits for half a window.
+        step = min(self.fetcher.max_chunks * self.cache.chunk_size, ra.window // 2)
+        if start >= target or (target - start < step and target < obj.size):
             return
         cs = self.cache.chunk_size
         self.fetcher.prefetch(obj, start // cs, (target - 1) // cs, keep=True)

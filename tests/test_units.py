@@ -219,12 +219,15 @@ async def test_fetched_chunks_wait_in_memory_for_their_reader(tmp_path: Path) ->
         assert xxh(got) == xxh(a)
         # every chunk went from the GET to the reader in memory: none was read back from disk
         assert reader.metrics.value("caiosfs_cache_hit_chunks_total") == 0
+        with trio.fail_after(10):  # the last GET returns its charge as it ends
+            while fetcher.running:
+                await trio.sleep(0.01)
         assert budget.used == 0
         # A reader that stops: the chunks fetched ahead for it stay charged to the budget
         # (up to half of it) ...
         assert await reader.read(obj_b, reader.new_readahead(), 0, MiB) == b[:MiB]
         with trio.fail_after(10):
-            while fetcher._inflight:
+            while fetcher.running:
                 await trio.sleep(0.01)
         assert 0 < reader.cache.fresh_bytes == budget.used <= 16 * MiB
         # ... and are dropped as soon as a request needs the memory.

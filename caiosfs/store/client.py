@@ -24,6 +24,7 @@ import trio
 from ..errors import PreconditionFailed, StoreError
 from ..metrics import Metrics
 from . import Body, ListPage, MultipartUpload, ObjectInfo, ObjectStore, PartSource, Sink, file_md5
+from .pipe import ReadPipe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +63,7 @@ class GaveUp(StoreError):
 
 class StoreClient:
     def __init__(self, store: ObjectStore, metrics: Metrics, parallel: int = 16,
-                 read_timeout: float = 60.0) -> None:
+                 read_timeout: float = 60.0, parallel_max: int | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.read_timeout = read_timeout
@@ -71,12 +72,18 @@ class StoreClient:
         self.read_limiter = trio.CapacityLimiter(parallel)
         self.meta_limiter = trio.CapacityLimiter(max(8, parallel))
         self.write_limiter = trio.CapacityLimiter(max(4, parallel // 2))
+        # Ranged GETs: from ``parallel`` up to ``parallel_max`` in flight, as measured.
+        self.pipe = ReadPipe(self.read_limiter, parallel, parallel_max or parallel, metrics)
         self.stopping = False
 
     async def _run(self, op: str, fn: Callable[..., T], *args: Any,
                    limiter: trio.CapacityLimiter, deadline: float | None,
-                   nbytes_out: int = 0, failed: list[StoreError] | None = None) -> T:
-        """Run ``fn`` with retries; ``failed`` (if given) collects the retried errors."""
+                   nbytes_out: int = 0, failed: list[StoreError] | None = None,
+                   what: tuple[Any, ...] | None = None) -> T:
+        """Run ``fn`` with retries; ``failed`` (if given) collects the retried errors;
+        ``what`` stands for ``args`` in the debug log."""
+        if what is None:
+            what = args
         attempt = 0
         start = time.monotonic()
         last: StoreError | None = None
@@ -106,7 +113,7 @@ class StoreClient:
                 self.metrics.s3_requests.labels(op, exc.code).inc()
                 self.metrics.s3_latency.labels(op).observe(time.monotonic() - t0)
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s %s: %s", op, _what(args), exc.code)
+                    log.debug("%s %s: %s", op, _what(what), exc.code)
                 if not exc.retryable:
                     raise
                 attempt += 1
@@ -132,7 +139,7 @@ class StoreClient:
             self.metrics.s3_requests.labels(op, "ok").inc()
             self.metrics.s3_latency.labels(op).observe(time.monotonic() - t0)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s %s: ok %.1f ms", op, _what(args), (time.monotonic() - t0) * 1e3)
+                log.debug("%s %s: ok %.1f ms", op, _what(what), (time.monotonic() - t0) * 1e3)
             if nbytes_out:
                 self.metrics.s3_bytes_out.inc(nbytes_out)
             return result
@@ -154,11 +161,27 @@ class StoreClient:
     # Data ----------------------------------------------------------------------------
     async def get_range(self, key: str, start: int, length: int, etag: str | None,
                         sink: Sink) -> None:
-        def counted(off: int, data: bytes) -> None:
-            self.metrics.s3_bytes_in.inc(len(data))
-            sink(off, data)
-        await self._run("get", self.store.get_range, key, start, length, etag, counted,
-                        limiter=self.read_limiter, deadline=self.read_timeout)
+        pipe = self.pipe
+        bytes_in = self.metrics.s3_bytes_in
+
+        def timed(first: list[float]) -> float:
+            # In the worker thread (each attempt): when the request left, and (through the
+            # sink) when its first piece came in; the pipe learns latency and rate from them.
+            first[0] = -1.0
+            sent = time.monotonic()
+
+            def counted(off: int, data: bytes) -> None:
+                if first[0] < 0:
+                    first[0] = time.monotonic()
+                bytes_in.inc(len(data))
+                pipe.bytes_in += len(data)
+                sink(off, data)
+            self.store.get_range(key, start, length, etag, counted)
+            return sent
+        first = [-1.0]
+        sent = await self._run("get", timed, first, limiter=self.read_limiter,
+                               deadline=self.read_timeout, what=(key, start, length))
+        pipe.finished(length, sent, first[0], time.monotonic())
 
     async def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                        if_match: str | None = None, if_none_match: bool = False,
