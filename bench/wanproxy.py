@@ -107,7 +107,16 @@ async def pump_down(conn: Conn, src: asyncio.StreamReader, dst: asyncio.StreamWr
 
 
 async def serve(target: tuple[str, int], delay: float, bw: float, port_file: Path) -> None:
+    # asyncio holds the task of each connection's callback only weakly: without a strong
+    # reference a busy proxy's connections were garbage-collected mid-transfer ("Task was
+    # destroyed but it is pending"), which clients saw as resets of their uploads.
+    live: set[asyncio.Task[None]] = set()
+
     async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        if me is not None:
+            live.add(me)
+            me.add_done_callback(live.discard)
         try:
             sr, sw = await asyncio.open_connection(*target)
         except OSError:
