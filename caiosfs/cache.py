@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import logging
 import os
 import shutil
@@ -152,11 +153,14 @@ class BlockCache:
         self._verified_bytes = 0
         self._verified_budget = verified_budget
         # Chunks fetched for a reader and not read yet: (ident, chunk) -> (bytes, charge,
-        # time held). They are on disk too; keeping them saves a sequential reader a disk
-        # read and a checksum per chunk. Their bytes stay charged to the read memory budget
-        # until read (then they move to the small LRU above) or dropped (drop_fresh, oldest
-        # first; drop_stale, those no reader came for).
-        self._fresh: OrderedDict[tuple[bytes, int], tuple[bytes, int, float]] = OrderedDict()
+        # time held, order). They are on disk too; keeping them saves a sequential reader a
+        # disk read and a checksum per chunk. Their bytes stay charged to the read memory
+        # budget until read (then they move to the small LRU above) or dropped (drop_fresh,
+        # oldest first; drop_stale, those no reader came for; drop_farther, those asked for
+        # after a chunk that needs the room, by ``order``, through the max-heap _far).
+        self._fresh: OrderedDict[tuple[bytes, int], tuple[bytes, int, float, int]] = \
+            OrderedDict()
+        self._far: list[tuple[int, tuple[bytes, int]]] = []  # (-order, key), lazily pruned
         self.fresh_bytes = 0
         self.release_charge: Callable[[int], None] = lambda n: None
         self._atimes: dict[tuple[bytes, int], float] = {}
@@ -250,14 +254,38 @@ class BlockCache:
             _, old = self._verified.popitem(last=False)
             self._verified_bytes -= len(old)
 
-    def hold(self, ident: bytes, chunk: int, data: bytes, charge: int) -> None:
+    def hold(self, ident: bytes, chunk: int, data: bytes, charge: int, order: int = 0) -> None:
         """Keep a chunk just fetched (and written) for a reader that has not read it yet;
-        ``charge`` bytes of the memory budget are released when it is read or dropped."""
-        old = self._fresh.pop((ident, chunk), None)
+        ``charge`` bytes of the memory budget are released when it is read or dropped.
+        ``order``: when it was asked for (lower: nearer its reader)."""
+        k = (ident, chunk)
+        old = self._fresh.pop(k, None)
         if old is not None:
             self._release_fresh(old)
-        self._fresh[(ident, chunk)] = (data, charge, time.monotonic())
+        self._fresh[k] = (data, charge, time.monotonic(), order)
         self.fresh_bytes += charge
+        heapq.heappush(self._far, (-order, k))
+        if len(self._far) > 4 * len(self._fresh) + 1024:  # entries of chunks read since
+            self._far = [(-v[3], key) for key, v in self._fresh.items()]
+            heapq.heapify(self._far)
+
+    def drop_farther(self, order: int, want: int) -> int:
+        """Drop held chunks asked for after ``order``, latest first, until ``want`` bytes
+        of charge are released; returns the charge released."""
+        freed = 0
+        while freed < want and self._far:
+            neg, k = self._far[0]
+            got = self._fresh.get(k)
+            if got is None or got[3] != -neg:
+                heapq.heappop(self._far)  # read or dropped since
+                continue
+            if -neg <= order:
+                break
+            heapq.heappop(self._far)
+            del self._fresh[k]
+            freed += got[1]
+            self._release_fresh(got)
+        return freed
 
     def drop_fresh(self, want: int, ident: bytes | None = None) -> int:
         """Drop held chunks, oldest first, until ``want`` bytes of charge are released (all
@@ -283,7 +311,7 @@ class BlockCache:
             del self._fresh[k]
             self._release_fresh(got)
 
-    def _release_fresh(self, got: tuple[bytes, int, float]) -> None:
+    def _release_fresh(self, got: tuple[bytes, int, float, int]) -> None:
         self.fresh_bytes -= got[1]
         self.release_charge(got[1])
 

@@ -39,7 +39,7 @@ TOUCHED_MAX = 100_000  # chunks remembered as touched by a random read
 # stream to the loop's pace), but no further, so a GET holds at most this many + 1 chunks.
 PENDING_PIECES = 2
 PENDING_WAIT = 30.0  # seconds a worker waits for the loop before going on regardless
-HOLD_STALE = 2.0  # seconds a held chunk waits for its reader before it may be dropped
+HOLD_STALE = 10.0  # seconds a held chunk waits for its reader before it may be dropped
 STREAM_SHARE = 1.25  # a stream asks for this much more than its share of the pipe
 ACTIVE_STREAM = 1.0  # seconds since its last read that a stream still counts as active
 
@@ -133,6 +133,7 @@ class CacheWriteError(FsError):
 
 @dataclass
 class _Flight:
+    order: int = 0  # chunks asked for before this request's first (see BlockCache.hold)
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
     # Set (and replaced) each time some of the request's chunks are committed: a reader
@@ -154,6 +155,7 @@ class Fetcher:
         self.max_chunks = max(1, max_request // cache.chunk_size)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
         self.running = 0  # GETs started and not yet ended (their charge still held)
+        self._asked = 0  # chunks asked for so far: orders the hold
         # Chunks whose fetch just failed: (ident, chunk) -> (monotonic time, error). When an
         # async readahead fails, the kernel at once retries the page with a synchronous read;
         # without this memory that read would wait out a whole second read_timeout.
@@ -198,7 +200,8 @@ class Fetcher:
         assert self.nursery is not None
         flights = []
         for a, b in runs:
-            f = _Flight()
+            f = _Flight(order=self._asked)
+            self._asked += b - a + 1
             for c in range(a, b + 1):
                 self._inflight[(obj.ident, c)] = f
             self.nursery.start_soon(self._fetch, obj, a, b, f, keep)
@@ -280,17 +283,22 @@ class Fetcher:
                     commit_error.append(exc)
                     return
                 if keep:
-                    # Held chunks were asked for no later than this one, so they are
-                    # as near their readers: when the hold is full this one goes to disk
-                    # only (read back from the page cache), unless held chunks went unread
-                    # too long (their reader left).
+                    # Parallel GETs deliver near and far chunks interleaved. When the hold
+                    # is full, chunks asked for later than this one (farther from their
+                    # readers) make room, and chunks unread for long (their reader left);
+                    # else this one goes to disk only (read back from the page cache).
                     n = len(data)
-                    if self.cache.fresh_bytes + n > self.hold_limit:
+                    order = flight.order + chunks[0][0] - a
+                    over = self.cache.fresh_bytes + n - self.hold_limit
+                    if over > 0:
                         self.cache.drop_stale(HOLD_STALE)
+                        over = self.cache.fresh_bytes + n - self.hold_limit
+                        if over > 0:
+                            self.cache.drop_farther(order, over)
                     if (self.cache.fresh_bytes + n <= self.hold_limit
                             and self.budget.try_acquire(n)):
                         for c, _ in chunks:
-                            self.cache.hold(ident, c, data, n)
+                            self.cache.hold(ident, c, data, n, order)
                 self.metrics.cache_miss_bytes.inc(
                     sum(self.cache.chunk_len(c, obj.size) for c, _ in chunks))
                 for c, _ in chunks:

@@ -1,11 +1,16 @@
-"""The read pipe's controller (caiosfs.store.pipe) against simulated stores, on trio's mock
-clock: it widens behind a per-connection rate and stays narrow where more GETs do not pay."""
+"""The read pipe: its controller (caiosfs.store.pipe) against simulated stores, on trio's
+mock clock (it widens behind a per-connection rate and stays narrow where more GETs do not
+pay), and the hold that keeps fetched chunks nearest their readers in memory."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import trio
 import trio.testing
 
+from caiosfs.cache import BlockCache
+from caiosfs.index import Index
 from caiosfs.metrics import Metrics
 from caiosfs.store.pipe import ReadPipe
 
@@ -94,3 +99,20 @@ def test_respects_its_ceiling_and_does_not_widen_without_waiting_readers() -> No
                 n.start_soon(idle_reader)
         assert pipe2.size == 8
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_full_hold_keeps_the_chunks_nearest_their_readers(tmp_path: Path) -> None:
+    # Parallel GETs deliver near and far chunks interleaved: when the hold is full, a
+    # chunk asked for earlier displaces ones asked for later, never the other way round.
+    released: list[int] = []
+    cache = BlockCache(tmp_path, Index(tmp_path / "index"), Metrics(), 1 << 30, 8 * MiB)
+    cache.release_charge = released.append
+    for order in (5, 1, 9, 3):
+        cache.hold(b"x", order, b"d" * 10, 10, order)
+    assert cache.fresh_bytes == 40
+    assert cache.drop_farther(4, 15) == 20  # the two asked for after 4: 9, then 5
+    assert released == [10, 10] and cache.fresh_bytes == 20
+    assert cache.drop_farther(0, 100) == 20  # 3 and 1 are both farther than order 0
+    cache.hold(b"x", 7, b"d" * 10, 10, 7)
+    assert cache.drop_farther(7, 10) == 0  # nothing was asked for after 7
+    assert cache.fresh_bytes == 10
