@@ -180,6 +180,24 @@ def _split(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as typed, for the report, with the value of --secret-key hidden."""
+    out = ["bench/run"]
+    hide = False
+    for a in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif a == "--secret-key":
+            out.append(a)
+            hide = True
+        elif a.startswith("--secret-key="):
+            out.append("--secret-key=***")
+        else:
+            out.append(shlex.quote(a))
+    return " ".join(out)
+
+
 def machine() -> str:
     model = "?"
     try:
@@ -270,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {
         "date": date,
         "machine": machine(),
-        "command": " ".join(["bench/run", *map(shlex.quote, sys.argv[1:])]),
+        "command": command_line(sys.argv[1:]),
         "git": _version(["git", "-C", str(procs.REPO), "rev-parse", "--short", "HEAD"]),
         "scale": scale.to_json(),
         "nets": nets,

@@ -301,6 +301,49 @@ def targets(res: Results) -> list[dict[str, Any]]:
     return out
 
 
+def readme_block(res: Results, meta: dict[str, Any], report_name: str) -> str:
+    """What the project README shows of a run (between ``<!-- BENCH-RUN:START -->`` and
+    ``<!-- BENCH-RUN:END -->``, written there by ``python -m bench.readme``): the exact
+    command, where and when it ran, the tables, and the targets judged on this same run."""
+    L = [
+        f"Run {meta['date']}, git {meta.get('git', '?')}, {meta['machine']}; "
+        f"{meta['scale']['reps']} repetition(s), interleaved"
+        + (
+            f"; load average median {meta['loadavg_1min']['median']:.1f}"
+            if meta.get("loadavg_1min")
+            else ""
+        )
+        + ". The exact command:",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+    ]
+    nets = meta.get("nets") or ["loopback"]
+    for net in nets:
+        if not any(n == net for _, _, n in res.rows):
+            continue
+        title = NET_TITLES.get(net, net)
+        if net == "wan" and meta.get("wan"):
+            title += f" ({meta['wan']})"
+        L += [f"**{title}**", "", *_main_table(res, net), ""]
+    tg = targets(res)
+    if tg:
+        L += ["**Issue 15's targets, judged on this run**", "", "| target | row | measured | |"]
+        L.append("|---|---|---|---|")
+        for t in tg:
+            few = "" if t["n"] >= 3 else f" (n={t['n']}, indicative)"
+            L.append(
+                f"| {t['target']} | {t['row']} | {t['ratio']:.2f}{t.get('unit', '×')} | "
+                f"{'met' if t['met'] else 'missed'}{few} |"
+            )
+        L.append("")
+    L += [x.replace("## ", "**", 1) + "**" if x.startswith("## ") else x for x in _cpu_table(res)]
+    L.append(f"Full report: [bench/results/{report_name}.md](bench/results/{report_name}.md).")
+    return "\n".join(L)
+
+
 def markdown(res: Results, meta: dict[str, Any]) -> str:
     """The report: how it was made, the main tables, ratios, CPU, memory, targets, failures."""
     L: list[str] = []
@@ -515,6 +558,8 @@ def write_all(res: Results, meta: dict[str, Any], out_dir: Path, names: list[str
         j.write_text(json.dumps(doc, indent=1, sort_keys=False))
         m = out_dir / f"{name}.md"
         m.write_text(md)
+        (out_dir / f"{name}.readme.md").write_text(readme_block(res, meta, name))
+        written.append(out_dir / f"{name}.readme.md")
         p = out_dir / f"{name}.png"
         try:
             chart(res, meta, p)
