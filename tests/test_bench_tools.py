@@ -203,3 +203,54 @@ def test_range_bytes_are_the_stream() -> None:
         assert data.range_bytes("seq", off, n) == whole[off : off + n]
     # A read from the wrong place has a different digest.
     assert data.range_digest("seq", 4096, 4096) != data.range_digest("seq", 8192, 4096)
+
+
+def test_report_judges_targets_and_cpu_on_its_own_run() -> None:
+    from bench import report
+    from bench.workloads import WORKLOADS, Outcome, Sample
+
+    wl = {w.name: w for w in WORKLOADS}
+    rows = [
+        ("seq_read_cold", wl["seq_read_cold"], "loopback"),
+        ("seq_read_cold@wan", wl["seq_read_cold"], "wan"),
+        ("seq_write@wan", wl["seq_write"], "wan"),
+    ]
+    res = report.Results(rows, ["caiosfs", "rclone", "s3fs", "boto3"])
+    gib = float(1 << 30)
+    for rate, secs in ((90.0, 1.0), (100.0, 1.0), (110.0, 1.0)):  # median 100
+        cpu = {"bytes": gib, "daemon_s": 0.5, "loop_s": 0.25}
+        res.add("seq_read_cold@wan", "caiosfs", Outcome([Sample("read", "MB/s", rate, secs)]))
+        res.add("seq_read_cold", "caiosfs", Outcome([Sample("read", "MB/s", rate, secs)], cpu=cpu))
+        res.add(
+            "seq_read_cold",
+            "rclone",
+            Outcome([Sample("read", "MB/s", 50, 2)], cpu=dict(cpu, daemon_s=4.0)),
+        )
+    for _ in range(3):
+        res.add("seq_read_cold@wan", "boto3", Outcome([Sample("read", "MB/s", 125.0, 0.8)]))
+        res.add("seq_read_cold@wan", "rclone", Outcome([Sample("read", "MB/s", 40.0, 2.5)]))
+        res.add("seq_write@wan", "caiosfs", Outcome([Sample("durable", "MB/s", 100.0, 10.0)]))
+        res.add("seq_write@wan", "boto3", Outcome([Sample("durable", "MB/s", 105.0, 9.5)]))
+    got = {(t["target"], t["row"]): t for t in report.targets(res)}
+    raw = got[("cold 1 GiB read ≥ 0.85× raw", "seq_read_cold@wan")]
+    assert abs(raw["ratio"] - 0.8) < 1e-9 and not raw["met"] and raw["n"] == 3
+    assert got[("cold read ≥ 2× rclone", "seq_read_cold@wan")]["met"]  # 100 / 40
+    w = got[("write durable ≤ 1.1× raw", "seq_write@wan")]
+    assert abs(w["ratio"] - 1.05) < 1e-9 and w["met"]  # time ratio = rate of boto3 / caiosfs
+    c = got[("cold read CPU/GiB ≤ 0.25× rclone's", "seq_read_cold")]
+    assert abs(c["ratio"] - 0.125) < 1e-9 and c["met"]
+    loop = got[("loop ceiling ≥ 2 GiB/s of cold streaming", "seq_read_cold")]
+    assert abs(loop["ratio"] - 4.0) < 1e-9 and loop["met"]
+    meta = {
+        "date": "d",
+        "machine": "2 cores",
+        "command": "bench/run --only seq_read_cold",
+        "git": "abc",
+        "scale": {"reps": 3},
+        "nets": ["loopback", "wan"],
+        "wan": "20ms,50MB/s",
+    }
+    block = report.readme_block(res, meta, "run-x")
+    assert "bench/run --only seq_read_cold" in block and "| missed |" in block
+    md = report.markdown(res, meta)
+    assert "## Behind the WAN proxy (20ms,50MB/s)" in md and "| seq_read_cold | 0.50 | 4.00 |" in md
