@@ -34,7 +34,7 @@ PREFIX = "root"
 # Outside the mounted prefix: what was seeded, so a rerun against --endpoint can skip it.
 MANIFEST_KEY = "bench-manifest.json"
 # Bump when the layout or content of the seeded data changes.
-SEED_VERSION = 2
+SEED_VERSION = 3
 
 
 def make_client(endpoint: str, access_key: str, secret_key: str, pool: int = 32) -> Any:
@@ -75,9 +75,21 @@ class Dataset:
     stat_count: int = 0
     ckpt_dir: str = "ckpt/step-1"
     ckpt_shards: dict[str, int] = field(default_factory=dict)  # name -> size
+    ckpt_root: str = "ckpt"  # step-1 complete; step-2 begun but never committed
     warm_dir: str = "warm"
     warm_objects: dict[str, int] = field(default_factory=dict)  # name -> size
+    loader_dir: str = "loader"  # many ~100 KB objects: loader_name(i), loader_size(i)
+    loader_count: int = 0
     local_tree: str = ""  # where the local copy of the tree lives (source of the copy workload)
+
+    @staticmethod
+    def loader_name(i: int) -> str:
+        return f"s{i:06d}.jpg"
+
+    @staticmethod
+    def loader_size(i: int) -> int:
+        """80-120 KB, spread deterministically: "files of about 100 KB"."""
+        return 80_000 + (i * 7919) % 40_001
 
     @property
     def warm_bytes(self) -> int:
@@ -286,7 +298,28 @@ class Store:
             ds.ckpt_shards[name] = scale.ckpt_shard_bytes
         meta = json.dumps({"shards": sorted(ds.ckpt_shards)}).encode()
         self._client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{ds.ckpt_dir}/.metadata", Body=meta)
+        # A newer step that never committed (no .metadata): a restore must not pick it.
+        self._client.put_object(
+            Bucket=BUCKET,
+            Key=f"{PREFIX}/{ds.ckpt_root}/step-2/shard-000.distcp",
+            Body=data.make_bytes("ckpt-uncommitted", 4096),
+        )
         log(f"seed: {ds.ckpt_dir}/ {scale.ckpt_writers} shards")
+
+        t1 = time.monotonic()
+        ds.loader_count = scale.loader_objects
+        self._put_many(
+            (
+                f"{ds.loader_dir}/{ds.loader_name(i)}",
+                data.make_bytes(f"ld{i}", ds.loader_size(i)),
+            )
+            for i in range(scale.loader_objects)
+        )
+        dt = time.monotonic() - t1
+        log(
+            f"seed: {ds.loader_dir}/ {scale.loader_objects} objects of ~100 KB in {dt:.0f} s "
+            f"({scale.loader_objects / max(dt, 1e-9):.0f} PUTs/s)"
+        )
 
         for i in range(scale.warm_objects):
             name = f"part-{i:03d}.bin"
@@ -314,6 +347,8 @@ class Store:
             have = self.list_sizes(prefix)
             if any(have.get(k) != s for k, s in expected.items()):
                 return False
+        if len(self.list_sizes(ds.loader_dir + "/")) != ds.loader_count:
+            return False
         return len(self.list_sizes(ds.stat_dir + "/")) == ds.stat_count
 
 
