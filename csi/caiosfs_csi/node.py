@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -186,6 +187,11 @@ class NodeService:
         fingerprint = self._fingerprint(req.volume_id, spec, mode)
 
         with self.inflight.hold(target):
+            if self.mounter.busy(target):
+                # A publish that a previous plugin instance started (it was killed meanwhile)
+                # is still bringing its daemon up; stat-ing the target would wait for it.
+                raise CsiError(grpc.StatusCode.ABORTED,
+                               f"a mount of {target} is still starting; retry")
             state = self.mounter.state(target)
             record = self.store.load(target)
             if state is MountState.MOUNTED:
@@ -237,7 +243,8 @@ class NodeService:
             self.store.save(record)
             options.append(f"credentials_file={record.creds_file}")
         try:
-            self.mounter.mount(spec.source, target, options, strip_credential_env=creds is not None)
+            self.mounter.mount(spec.source, target, options, strip_credential_env=creds is not None,
+                               volume_id=volume_id)
         except MountError as e:
             self.store.delete(target)
             if created_dir:
@@ -300,12 +307,22 @@ class NodeService:
             raise CsiError(grpc.StatusCode.INTERNAL,
                            f"cannot remove {target} after unmounting: {e.strerror}") from None
 
-    def reconcile(self) -> None:
-        """At start-up, report what a previous run of the plugin left behind."""
+    def reconcile(self) -> dict[str, int]:
+        """At start-up, adopt what a previous run of the plugin left behind: every recorded
+        target that is still a live mount is this plugin's to republish and unpublish.
+        Returns how many targets are in each state."""
+        t0 = time.monotonic()
+        counts: dict[str, int] = {}
         for pub in self.store.all():
             try:
                 state = self.mounter.state(pub.target_path)
             except OSError as e:
                 log.warning("cannot inspect %s: %s", pub.target_path, e)
                 continue
-            log.info("known target %s (%s): %s", pub.target_path, pub.source, state.value)
+            counts[state.value] = counts.get(state.value, 0) + 1
+            log.info("known target %s (%s, volume %s): %s", pub.target_path, pub.source,
+                     pub.volume_id, state.value)
+        log.info("adopted %d live volume(s) in %.3fs (%s)",
+                 counts.get(MountState.MOUNTED.value, 0), time.monotonic() - t0,
+                 ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none known")
+        return counts
