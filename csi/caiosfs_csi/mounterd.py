@@ -220,6 +220,24 @@ class MounterServer:
 
     # -- socket -----------------------------------------------------------------------------
 
+    def stop_daemons(self, timeout: float) -> int:
+        """SIGTERM every daemon (each uploads its dirty data, then exits) and wait for them,
+        at most `timeout` seconds. Returns how many were still running at the end."""
+        with self._lock:
+            daemons = list(self.daemons.values())
+        for d in daemons:
+            self._emit(d, "mounter stopping: asking the daemon to upload and exit")
+            try:
+                d.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for d in daemons:
+            with d.changed:
+                d.changed.wait_for(lambda d=d: d.state == EXITED,
+                                   timeout=max(0.0, deadline - time.monotonic()))
+        return sum(1 for d in daemons if d.state != EXITED)
+
     def bind(self) -> None:
         os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
         try:
@@ -277,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
         "CAIOSFS_MOUNTER_SOCKET", "/run/caiosfs-csi/mounter/mounter.sock"),
         help="unix socket the plugin hands mounts to (env CAIOSFS_MOUNTER_SOCKET)")
     p.add_argument("--caiosfs-bin", default=os.environ.get("CAIOSFS_BIN") or None)
+    p.add_argument("--stop-daemons", action="store_true",
+                   default=os.environ.get("CAIOSFS_MOUNTER_STOP_DAEMONS") in ("1", "true"),
+                   help="on SIGTERM, make every daemon upload its dirty data and exit before "
+                        "the mounter does; in a container they would be killed with it anyway "
+                        "(env CAIOSFS_MOUNTER_STOP_DAEMONS)")
+    p.add_argument("--stop-timeout", type=float,
+                   default=float(os.environ.get("CAIOSFS_MOUNTER_STOP_TIMEOUT", "540")),
+                   help="seconds to wait for the daemons with --stop-daemons (keep it below "
+                        "the pod's terminationGracePeriodSeconds)")
     p.add_argument("--log-level", default=os.environ.get("CAIOSFS_CSI_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO),
@@ -293,8 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("caiosfs-mounter %s listening on %s (caiosfs: %s)", __version__, a.socket,
              server.caiosfs_bin)
     server.serve_forever(stop)
-    # The daemons are in sessions of their own and keep serving; in a container they end
-    # with it (see docs/csi.md on upgrading the mounter).
+    if a.stop_daemons:
+        left = server.stop_daemons(a.stop_timeout)
+        log.info("stopped; %d daemon(s) still running after %.0fs", left, a.stop_timeout)
+        return 0
+    # Otherwise the daemons, in sessions of their own, keep serving (outside a container;
+    # in one, they end with it: see docs/csi.md on upgrading the mounter).
     log.info("stopping; %d daemon(s) left running", len(server.daemons))
     return 0
 

@@ -58,7 +58,7 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.05) -> Any:
 class MounterProc:
     """caiosfs-mounter as a process; its stdout (the daemons' logs) goes to a file."""
 
-    def __init__(self, root: Path, caiosfs_bin: str) -> None:
+    def __init__(self, root: Path, caiosfs_bin: str, extra: tuple[str, ...] = ()) -> None:
         self.sockdir = tempfile.mkdtemp(prefix="mnt-", dir="/tmp")
         self.socket = f"{self.sockdir}/mounter.sock"
         self.log = root / "mounter.log"
@@ -66,7 +66,7 @@ class MounterProc:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "caiosfs_csi.mounterd", "--socket", self.socket,
-                 "--caiosfs-bin", caiosfs_bin], env=env, stdout=out, stderr=out,
+                 "--caiosfs-bin", caiosfs_bin, *extra], env=env, stdout=out, stderr=out,
                 stdin=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(self.socket), 30, "the mounter socket")
 
@@ -75,6 +75,9 @@ class MounterProc:
         return {d["target"]: d for d in reply["daemons"]}
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            shutil.rmtree(self.sockdir, ignore_errors=True)
+            return
         for pid in [d["pid"] for d in self.daemons().values()] if self.proc.poll() is None \
                 else []:
             try:
@@ -199,8 +202,9 @@ def sv_secrets(sv_store: Any) -> dict[str, str]:
 
 @pytest.fixture
 def sv_node(tmp_path: Path, sv_caiosfs_bin: str) -> Iterator[tuple[MounterProc, NsPlugin]]:
-    """A node: caiosfs-mounter plus the plugin in its own PID namespace (not started)."""
-    mounter = MounterProc(tmp_path, sv_caiosfs_bin)
+    """A node: caiosfs-mounter (--stop-daemons, as deployed) plus the plugin in its own PID
+    namespace (not started)."""
+    mounter = MounterProc(tmp_path, sv_caiosfs_bin, ("--stop-daemons", "--stop-timeout", "60"))
     plugin = NsPlugin(tmp_path, sv_caiosfs_bin, mounter.socket)
     try:
         yield mounter, plugin

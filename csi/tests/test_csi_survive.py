@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -270,6 +271,28 @@ def test_plugin_killed_during_publish_retry_succeeds(
     for r in (req, req2):
         unpublish(plugin.node, r.target_path, r.volume_id)
     assert mounter.daemons() == {}
+
+
+def test_stopping_the_mounter_uploads_before_the_daemons_exit(
+        sv_node: tuple[MounterProc, NsPlugin], sv_store: Any, sv_bucket: str,
+        sv_secrets: dict, tmp_path: Path) -> None:
+    """Upgrading the mounter (SIGTERM, as at pod deletion): volumes end, writes do not."""
+    mounter, plugin = sv_node
+    plugin.start()
+    req = publish_request(target_path(tmp_path, "p"), volume_id="vol-w",
+                          context=context(sv_store, sv_bucket, "w"), secrets=sv_secrets,
+                          cap=mount_cap(flags=["upload_delay=600"]))
+    plugin.node.NodePublishVolume(req, timeout=60)
+    body = os.urandom(300 << 10)
+    with open(os.path.join(req.target_path, "late.bin"), "wb") as f:
+        f.write(body)  # would wait 600 s for its upload
+    mounter.proc.send_signal(signal.SIGTERM)
+    assert mounter.proc.wait(timeout=90) == 0
+    got = sv_store.client().get_object(Bucket=sv_bucket, Key="w/late.bin")["Body"].read()
+    assert _sha(got) == _sha(body)
+    # The volume is over (ENOTCONN): unpublish detaches it like any dead mount.
+    unpublish(plugin.node, req.target_path, req.volume_id)
+    assert not os.path.exists(req.target_path)
 
 
 def test_caiosfs_refuses_bad_fd_mounts(sv_caiosfs_bin: str, tmp_path: Path) -> None:
