@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "plugin mounts and hands /dev/fuse to it, so the FUSE daemons live "
                         "outside this container (env CAIOSFS_MOUNTER_SOCKET; empty: run the "
                         "daemons from here)")
+    p.add_argument("--shared-dir", default=_env("CAIOSFS_CSI_SHARED_DIR"),
+                   help="where read-only datasets get one shared mount each, bind-mounted into "
+                        "every target (one daemon, one cache per dataset); in Kubernetes a "
+                        "path under the Bidirectional kubelet dir (env CAIOSFS_CSI_SHARED_DIR; "
+                        "default with --mounter-socket: STATE_DIR/shared; 'none': no sharing)")
     p.add_argument("--log-level", default=_env("CAIOSFS_CSI_LOG_LEVEL", "INFO"))
     p.add_argument("--supervise", action="store_true",
                    default=_env("CAIOSFS_CSI_SUPERVISE") in ("1", "true", "yes"),
@@ -83,9 +88,14 @@ def serve(args: argparse.Namespace) -> int:
                                      **timeouts)
     else:
         mounter = Mounter(args.caiosfs_bin, **timeouts)
+    shared_dir = args.shared_dir
+    if shared_dir == "none":
+        shared_dir = ""
+    elif not shared_dir and args.mounter_socket:
+        shared_dir = os.path.join(args.state_dir, "shared")
     config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id,
                           state_dir=args.state_dir, driver_name=args.driver_name,
-                          cache_root=args.cache_root)
+                          cache_root=args.cache_root, shared_dir=shared_dir)
     server, service = build_server(config, mounter)
     service.reconcile()
     stop = threading.Event()

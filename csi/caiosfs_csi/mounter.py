@@ -269,6 +269,14 @@ class Mounter:
         # Give the command a little longer than its own drain timeout so it can report.
         self._run(argv, self.umount_timeout + 30.0, None)
 
+    def bind(self, source: str, target: str) -> None:
+        """Bind-mount `source` (a live caiosfs mount) at `target`: one daemon, many targets."""
+        self._run(["mount", "--bind", source, target], 30.0, None)
+
+    def unbind(self, target: str) -> None:
+        """Remove a bind mount made by bind() (the mount it shows stays)."""
+        self._run(["umount", target], 30.0, None)
+
     def force_unmount(self, target: str) -> None:
         """Lazily detach a mount whose daemon is gone (no data to drain from it)."""
         errors = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 _AccessMode = csi_pb2.VolumeCapability.AccessMode
 READER_ONLY_MODES = {_AccessMode.SINGLE_NODE_READER_ONLY, _AccessMode.MULTI_NODE_READER_ONLY}
 ACCEPTED_FS_TYPES = {"", "caiosfs", "fuse.caiosfs", "fuse"}
+SHARED_PREFIX = "shared:"  # volume id recorded for a shared mount (its users have their own)
 
 
 class CsiError(Exception):
@@ -89,6 +91,9 @@ class NodeConfig:
     state_dir: str
     cache_root: str = ""  # where per-volume cache dirs go (an NVMe hostPath); "" = caiosfs default
     default_allow_other: bool = True
+    # Where shared mounts of read-only datasets live (bind-mounted into each target); "" = no
+    # sharing, one daemon per target. Must be on a mount that propagates to the host.
+    shared_dir: str = ""
 
 
 def _safe_name(text: str) -> str:
@@ -106,6 +111,10 @@ class NodeService:
         # Serialises cache-directory allocation, so two concurrent publishes of one volume to
         # two targets never pick the same directory.
         self._alloc_lock = threading.Lock()
+        # One lock per shared mount: its first publish mounts it, its last unpublish ends it.
+        self._share_locks: dict[str, threading.Lock] = {}
+        self._share_guard = threading.Lock()
+        self._node_key = self.store.node_secret() if config.shared_dir else b""
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -196,9 +205,10 @@ class NodeService:
             record = self.store.load(target)
             if state is MountState.MOUNTED:
                 if record is not None and record.fingerprint == fingerprint:
-                    if creds is not None and self.store.read_creds(target) != creds:
-                        self.store.write_creds(target, creds)
-                        log.info("credentials for %s replaced (rotated secret)", target)
+                    owner = record.shared or target  # whose daemon reads the credentials
+                    if creds is not None and self.store.read_creds(owner) != creds:
+                        self.store.write_creds(owner, creds)
+                        log.info("credentials for %s replaced (rotated secret)", owner)
                     return
                 raise CsiError(
                     grpc.StatusCode.ALREADY_EXISTS,
@@ -212,7 +222,10 @@ class NodeService:
             if state is MountState.DEAD:
                 log.warning("%s is a dead FUSE mount (daemon gone); detaching it", target)
                 self._force_unmount(target)
-            self._mount_new(req.volume_id, target, spec, fingerprint, creds, record)
+            if self.config.shared_dir and spec.readonly:
+                self._publish_shared(req.volume_id, target, spec, fingerprint, creds, record)
+            else:
+                self._mount_new(req.volume_id, target, spec, fingerprint, creds, record)
 
     def _mount_new(self, volume_id: str, target: str, spec: MountSpec, fingerprint: str,
                    creds: str | None, old: Publication | None) -> None:
@@ -256,6 +269,113 @@ class NodeService:
         log.info("published %s at %s (volume %s, cache %s)", spec.source, target, volume_id,
                  cache_dir or "default")
 
+    # -- shared mounts (one daemon and one cache per read-only dataset) ------------------------
+
+    def _shared_path(self, spec: MountSpec, creds: str | None) -> str:
+        """Where the shared mount of this dataset lives. Same source, options and credentials
+        give the same path; the name is an HMAC under a node key, so neither the mount table
+        nor the path says anything about the credentials."""
+        doc = json.dumps([spec.source, spec.option_list(), creds or ""]).encode()
+        key = hmac.new(self._node_key, doc, hashlib.sha256).hexdigest()[:32]
+        return os.path.join(self.config.shared_dir, key, "mnt")
+
+    @contextlib.contextmanager
+    def _share_lock(self, path: str) -> Iterator[None]:
+        with self._share_guard:
+            lock = self._share_locks.setdefault(path, threading.Lock())
+        with lock:
+            yield
+
+    def _users_of(self, shared: str) -> list[Publication]:
+        return [p for p in self.store.all() if p.shared == shared]
+
+    def _publish_shared(self, volume_id: str, target: str, spec: MountSpec, fingerprint: str,
+                        creds: str | None, old: Publication | None) -> None:
+        """Bind-mount the dataset's shared mount at `target`, mounting it first if needed."""
+        shared = self._shared_path(spec, creds)
+        with self._share_lock(shared):
+            if self.mounter.busy(shared):
+                raise CsiError(grpc.StatusCode.ABORTED,
+                               f"the shared mount of {spec.source} is still starting; retry")
+            os.makedirs(os.path.dirname(shared), mode=0o700, exist_ok=True)
+            state = self.mounter.state(shared)
+            if state is MountState.DEAD:
+                log.warning("shared mount %s is dead (daemon gone); detaching it", shared)
+                self._force_unmount(shared)
+                state = MountState.NOT_MOUNTED
+            if state is MountState.FOREIGN:
+                raise CsiError(grpc.StatusCode.INTERNAL, f"{shared} has a foreign mount on it")
+            created_dir = old.created_dir if old is not None else False
+            if not os.path.isdir(target):
+                if os.path.lexists(target):
+                    raise _invalid(f"{target} exists and is not a directory")
+                os.makedirs(target, exist_ok=True)
+                created_dir = True
+            record = Publication(target_path=target, volume_id=volume_id,
+                                 fingerprint=fingerprint, source=spec.source,
+                                 options=spec.option_list(), created_dir=created_dir,
+                                 shared=shared)
+            self.store.save(record)  # before mounting: a crash leaves the target known
+            if state is MountState.NOT_MOUNTED:
+                try:
+                    self._mount_new(SHARED_PREFIX + os.path.basename(os.path.dirname(shared))[:12],
+                                    shared, spec, "shared", creds, None)
+                except CsiError:
+                    self.store.delete(target)
+                    if created_dir:
+                        with contextlib.suppress(OSError):
+                            os.rmdir(target)
+                    raise
+            try:
+                self.mounter.bind(shared, target)
+            except MountError as e:
+                self.store.delete(target)
+                self._end_shared_if_unused(shared)
+                if created_dir:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(target)
+                raise CsiError(grpc.StatusCode.INTERNAL,
+                               f"cannot bind {spec.source} at {target}: {e}") from None
+            owner = self.store.load(shared)
+            record.cache_dir = owner.cache_dir if owner is not None else ""
+            self.store.save(record)
+        log.info("published %s at %s (volume %s) from the shared mount %s (%d user(s))",
+                 spec.source, target, volume_id, shared, len(self._users_of(shared)))
+
+    def _end_shared_if_unused(self, shared: str) -> None:
+        """Drain and unmount a shared mount that no target uses any more."""
+        if self._users_of(shared):
+            return
+        state = self.mounter.state(shared)
+        if state is MountState.MOUNTED:
+            try:
+                self.mounter.unmount(shared)
+            except MountError as e:
+                raise CsiError(grpc.StatusCode.INTERNAL,
+                               f"caiosfs umount {shared} failed: {e}") from None
+        elif state is MountState.DEAD:
+            self._force_unmount(shared)
+        self.store.delete(shared)
+        for d in (shared, os.path.dirname(shared)):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        log.info("shared mount %s ended (no target uses it)", shared)
+
+    def _unpublish_shared(self, target: str, record: Publication) -> None:
+        with self._share_lock(record.shared):
+            state = self.mounter.state(target)
+            if state is MountState.DEAD:
+                self._force_unmount(target)
+            elif state is not MountState.NOT_MOUNTED:
+                try:
+                    self.mounter.unbind(target)
+                except MountError as e:
+                    raise CsiError(grpc.StatusCode.INTERNAL,
+                                   f"cannot unmount {target}: {e}") from None
+            self._remove_target(target)
+            self.store.delete(target)
+            self._end_shared_if_unused(record.shared)
+
     def _force_unmount(self, target: str) -> None:
         try:
             self.mounter.force_unmount(target)
@@ -268,6 +388,11 @@ class NodeService:
             raise _invalid("volume_id is required")
         target = self._check_target(req.target_path)
         with self.inflight.hold(target):
+            record = self.store.load(target)
+            if record is not None and record.shared:
+                self._unpublish_shared(target, record)
+                log.info("unpublished %s (volume %s)", target, req.volume_id)
+                return
             state = self.mounter.state(target)
             if state is MountState.DEAD:
                 log.warning("%s is a dead FUSE mount (daemon gone); detaching it", target)
@@ -310,7 +435,7 @@ class NodeService:
     def reconcile(self) -> dict[str, int]:
         """At start-up, adopt what a previous run of the plugin left behind: every recorded
         target that is still a live mount is this plugin's to republish and unpublish.
-        Returns how many targets are in each state."""
+        Returns how many targets are in each state (shared mounts counted apart)."""
         t0 = time.monotonic()
         counts: dict[str, int] = {}
         for pub in self.store.all():
@@ -319,7 +444,8 @@ class NodeService:
             except OSError as e:
                 log.warning("cannot inspect %s: %s", pub.target_path, e)
                 continue
-            counts[state.value] = counts.get(state.value, 0) + 1
+            kind = "shared " if pub.volume_id.startswith(SHARED_PREFIX) else ""
+            counts[kind + state.value] = counts.get(kind + state.value, 0) + 1
             log.info("known target %s (%s, volume %s): %s", pub.target_path, pub.source,
                      pub.volume_id, state.value)
         log.info("adopted %d live volume(s) in %.3fs (%s)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import signal
@@ -159,7 +160,9 @@ def test_killing_the_plugin_namespace_leaves_volumes_serving(
         rw, ro = _publish_two(plugin, store, bucket, secrets, tmp_path)
     except grpc.RpcError as e:
         raise AssertionError(f"{e.code()}: {e.details()}\n{plugin.log_tail()}") from None
-    assert set(mounter.daemons()) == {rw.target_path, ro.target_path}
+    # The read-only dataset is served from its shared mount (bind-mounted at the target).
+    (shared,) = [t for t in mounter.daemons() if t != rw.target_path]
+    assert "/shared/" in shared
 
     work = Workload(rw.target_path, ro.target_path, dataset)
     work.start()
@@ -185,7 +188,7 @@ def test_killing_the_plugin_namespace_leaves_volumes_serving(
     assert commits_during > 0, "the writer stalled while the plugin was gone"
     assert adopt_log and adopt_log[-1][0] == "2", plugin.log_tail()
     # The same daemons as before the kill: nothing was remounted.
-    assert set(mounter.daemons()) == {rw.target_path, ro.target_path}
+    assert set(mounter.daemons()) == {rw.target_path, shared}
 
     for req in (rw, ro):
         unpublish(plugin.node, req.target_path, req.volume_id)
@@ -201,7 +204,8 @@ def test_killing_the_plugin_namespace_leaves_volumes_serving(
             lost += work.sizes[name]
     assert lost == 0
     log = mounter.log.read_text()
-    assert "volume=vol-work" in log and "volume=vol-data" in log  # daemon logs name volumes
+    # Daemon logs name their volume (a shared mount: its dataset key, mapped in the plugin log).
+    assert "volume=vol-work " in log and "volume=shared:" in log
     assert secrets["secretAccessKey"] not in log + plugin.log.read_text()
     record_figures("plugin_namespace_sigkill", {
         "volumes": 2,
@@ -271,6 +275,65 @@ def test_plugin_killed_during_publish_retry_succeeds(
     for r in (req, req2):
         unpublish(plugin.node, r.target_path, r.volume_id)
     assert mounter.daemons() == {}
+
+
+def _status(caiosfs_bin: str, mountpoint: str) -> dict:
+    r = subprocess.run([caiosfs_bin, "status", mountpoint, "--json"], capture_output=True,
+                       text=True, timeout=30, check=True)
+    return json.loads(r.stdout)
+
+
+def test_four_pods_one_dataset_one_daemon(
+        sv_node: tuple[MounterProc, NsPlugin], sv_store: Any, sv_bucket: str,
+        sv_secrets: dict, sv_caiosfs_bin: str, tmp_path: Path) -> None:
+    """Four read-only publishes of one dataset: one daemon, one cache, S3 bytes ~1x."""
+    mounter, plugin = sv_node
+    s3 = sv_store.client()
+    dataset = {}
+    for i in range(4):
+        body = os.urandom(8 << 20)
+        s3.put_object(Bucket=sv_bucket, Key=f"ds/shard-{i}", Body=body)
+        dataset[f"shard-{i}"] = _sha(body)
+    size = 4 * (8 << 20)
+    plugin.start()
+    reqs = [publish_request(target_path(tmp_path, f"pod-{i}"), volume_id=f"inline-{i}",
+                            context=context(sv_store, sv_bucket, "ds", profile="dataset"),
+                            secrets=sv_secrets, readonly=True,
+                            cap=mount_cap(mode="MULTI_NODE_READER_ONLY"))
+            for i in range(4)]
+    for r in reqs:
+        plugin.node.NodePublishVolume(r, timeout=60)
+    (shared,) = mounter.daemons()
+    errors: list[str] = []
+
+    def read_all(target: str) -> None:
+        for name, sha in dataset.items():
+            with open(os.path.join(target, name), "rb") as f:
+                if _sha(f.read()) != sha:
+                    errors.append(f"{target}/{name}")
+
+    threads = [threading.Thread(target=read_all, args=(r.target_path,)) for r in reqs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    bytes_in = _status(sv_caiosfs_bin, shared)["bytes_in"]
+    assert size <= bytes_in < 1.25 * size, bytes_in  # once, not four times
+    caches = [d for d in (tmp_path / "cache").iterdir() if d.is_dir()]
+    assert len(caches) == 1, caches
+
+    for r in reqs[:3]:
+        unpublish(plugin.node, r.target_path, r.volume_id)
+        assert not os.path.exists(r.target_path)
+    assert list(mounter.daemons()) == [shared]  # the last user keeps it
+    read_all(reqs[3].target_path)
+    assert errors == []
+    unpublish(plugin.node, reqs[3].target_path, reqs[3].volume_id)
+    assert mounter.daemons() == {} and not os.path.exists(shared)
+    record_figures("four_pods_one_dataset", {
+        "pods": 4, "daemons": 1, "dataset_bytes": size, "s3_bytes_in": bytes_in,
+        "s3_bytes_ratio": round(bytes_in / size, 3)})
 
 
 def test_stopping_the_mounter_uploads_before_the_daemons_exit(
