@@ -102,6 +102,9 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
+    # Journals of volumes that died while no plugin ran: upload them now, in the background
+    # (kubelet's calls for those targets get ABORTED meanwhile).
+    threading.Thread(target=service.drain_orphans, name="orphans", daemon=True).start()
     log.info("caiosfs-csi %s serving %s as %s on node %s (%s)", __version__,
              args.endpoint, args.driver_name, args.node_id,
              f"daemons in caiosfs-mounter at {args.mounter_socket}" if args.mounter_socket

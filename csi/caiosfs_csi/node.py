@@ -18,6 +18,7 @@ Rules from the CSI spec (v1.10.0, "NodePublishVolume"), and how they are met:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -35,7 +36,7 @@ import grpc
 from caiosfs_csi.credentials import credentials_ini
 from caiosfs_csi.mounter import Mounter, MountError, MountState, MountTimeout
 from caiosfs_csi.options import MountSpec, OptionError, build_mount_spec
-from caiosfs_csi.state import Publication, StateStore
+from caiosfs_csi.state import Publication, StateStore, target_key
 from caiosfs_csi.stubs import load
 
 csi_pb2, _ = load()
@@ -115,6 +116,8 @@ class NodeService:
         self._share_locks: dict[str, threading.Lock] = {}
         self._share_guard = threading.Lock()
         self._node_key = self.store.node_secret() if config.shared_dir else b""
+        # Counters for the node's metrics endpoint.
+        self.metrics: collections.Counter[str] = collections.Counter()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -397,6 +400,12 @@ class NodeService:
             if state is MountState.DEAD:
                 log.warning("%s is a dead FUSE mount (daemon gone); detaching it", target)
                 self._force_unmount(target)
+                # What the dead daemon had not uploaded is in its journal: upload it now,
+                # not whenever this data is next mounted on this node.
+                if record is not None and not self._drain_orphan(record):
+                    raise CsiError(grpc.StatusCode.INTERNAL,
+                                   f"the dead mount at {target} left writes that could not "
+                                   "be uploaded yet; they are kept, retry")
             elif state is MountState.MOUNTED:
                 try:
                     self.mounter.unmount(target)
@@ -418,6 +427,69 @@ class NodeService:
             self._remove_target(target)
             self.store.delete(target)
             log.info("unpublished %s (volume %s)", target, req.volume_id)
+
+    # -- orphaned writes ----------------------------------------------------------------------
+
+    def _drain_orphan(self, pub: Publication) -> bool:
+        """Upload what a dead daemon left in its journal: mount its cache dir with its own
+        source, options and credentials at a private mountpoint (the mount replays the
+        journal), then unmount (which drains). True when done or nothing could be pending."""
+        if pub.shared or "ro" in pub.options:
+            return True  # read-only: nothing was written
+        tmp = os.path.join(self.config.state_dir, "orphans", target_key(pub.target_path))
+        os.makedirs(tmp, exist_ok=True)
+        options = list(pub.options)
+        if pub.cache_dir:
+            options.append(f"cache_dir={pub.cache_dir}")
+        if pub.creds_file and os.path.exists(pub.creds_file):
+            options.append(f"credentials_file={pub.creds_file}")
+        t0 = time.monotonic()
+        try:
+            state = self.mounter.state(tmp)
+            if state is MountState.DEAD:
+                self.mounter.force_unmount(tmp)
+            if state is not MountState.MOUNTED:
+                self.mounter.mount(pub.source, tmp, options,
+                                   strip_credential_env=bool(pub.creds_file),
+                                   volume_id=f"{pub.volume_id}:orphan")
+            self.mounter.unmount(tmp)
+        except (MountError, OSError) as e:
+            self.metrics["orphan_drains_failed"] += 1
+            log.error("orphaned writes of volume %s (%s, cache %s) not uploaded yet: %s",
+                      pub.volume_id, pub.source, pub.cache_dir or "default", e)
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(tmp)
+        self.metrics["orphan_drains"] += 1
+        log.info("orphaned writes of volume %s (%s, cache %s): journal replayed and uploaded "
+                 "in %.1fs", pub.volume_id, pub.source, pub.cache_dir or "default",
+                 time.monotonic() - t0)
+        return True
+
+    def drain_orphans(self) -> int:
+        """At start: every recorded read-write target whose mount is gone or dead (its daemon
+        died while no plugin ran, and the pod may be gone too) gets its journal uploaded and
+        its record dropped. Returns how many were drained."""
+        done = 0
+        for pub in self.store.all():
+            if pub.shared or pub.volume_id.startswith(SHARED_PREFIX) or "ro" in pub.options:
+                continue
+            try:
+                with self.inflight.hold(pub.target_path):
+                    state = self.mounter.state(pub.target_path)
+                    if state in (MountState.MOUNTED, MountState.FOREIGN):
+                        continue
+                    if state is MountState.DEAD:
+                        self._force_unmount(pub.target_path)
+                    log.info("target %s of volume %s is gone: draining its journal",
+                             pub.target_path, pub.volume_id)
+                    if self._drain_orphan(pub):
+                        self.store.delete(pub.target_path)
+                        done += 1
+            except (CsiError, OSError) as e:
+                log.warning("orphan check of %s: %s", pub.target_path, e)
+        return done
 
     @staticmethod
     def _remove_target(target: str) -> None:

@@ -336,6 +336,47 @@ def test_four_pods_one_dataset_one_daemon(
         "s3_bytes_ratio": round(bytes_in / size, 3)})
 
 
+def test_orphaned_writes_drain_at_plugin_start(
+        sv_node: tuple[MounterProc, NsPlugin], sv_store: Any, sv_bucket: str,
+        sv_secrets: dict, tmp_path: Path) -> None:
+    """A volume's daemon killed and its target removed while no plugin runs: the next plugin
+    uploads the journal at start, without waiting for a later mount of that data."""
+    mounter, plugin = sv_node
+    plugin.start()
+    req = publish_request(target_path(tmp_path, "gone"), volume_id="vol-o",
+                          context=context(sv_store, sv_bucket, "o"), secrets=sv_secrets,
+                          cap=mount_cap(flags=["upload_delay=600"]))
+    target = req.target_path
+    plugin.node.NodePublishVolume(req, timeout=60)
+    body = os.urandom(700 << 10)
+    with open(os.path.join(target, "orphan.bin"), "wb") as f:
+        f.write(body)  # journaled; its upload waits 600 s
+    plugin.kill_namespace()
+    os.kill(mounter.daemons()[target]["pid"], signal.SIGKILL)
+    wait_for(lambda: mounter.daemons() == {}, 30, "the daemon to be reaped")
+    subprocess.run(["umount", "-l", target], check=True)
+    os.rmdir(target)  # the pod is gone
+    s3 = sv_store.client()
+    assert "Contents" not in s3.list_objects_v2(Bucket=sv_bucket, Prefix="o/")
+
+    t0 = time.monotonic()
+    plugin.start()
+
+    def uploaded() -> bytes | None:
+        try:
+            return s3.get_object(Bucket=sv_bucket, Key="o/orphan.bin")["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            return None
+    got = wait_for(uploaded, 60, "the orphaned file in the store", interval=0.2)
+    assert _sha(got) == _sha(body)
+    wait_for(lambda: "journal replayed and uploaded" in plugin.log.read_text(), 30,
+             "the plugin to log the drain")
+    assert mounter.daemons() == {}
+    assert list((tmp_path / "state" / "targets").iterdir()) == []  # the record is dropped
+    record_figures("orphan_drain_at_start", {"bytes": len(body),
+                                             "seconds_to_durable": round(time.monotonic() - t0, 2)})
+
+
 def test_stopping_the_mounter_uploads_before_the_daemons_exit(
         sv_node: tuple[MounterProc, NsPlugin], sv_store: Any, sv_bucket: str,
         sv_secrets: dict, tmp_path: Path) -> None:
