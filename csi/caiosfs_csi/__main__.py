@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "every target (one daemon, one cache per dataset); in Kubernetes a "
                         "path under the Bidirectional kubelet dir (env CAIOSFS_CSI_SHARED_DIR; "
                         "default with --mounter-socket: STATE_DIR/shared; 'none': no sharing)")
+    p.add_argument("--metrics-address", default=_env("CAIOSFS_CSI_METRICS_ADDRESS"),
+                   metavar="HOST:PORT",
+                   help="serve the node's Prometheus metrics (every volume's daemon, labelled "
+                        "with volume id and pod) at http://HOST:PORT/metrics "
+                        "(env CAIOSFS_CSI_METRICS_ADDRESS; empty: off)")
     p.add_argument("--log-level", default=_env("CAIOSFS_CSI_LOG_LEVEL", "INFO"))
     p.add_argument("--supervise", action="store_true",
                    default=_env("CAIOSFS_CSI_SUPERVISE") in ("1", "true", "yes"),
@@ -98,6 +103,12 @@ def serve(args: argparse.Namespace) -> int:
                           cache_root=args.cache_root, shared_dir=shared_dir)
     server, service = build_server(config, mounter)
     service.reconcile()
+    if args.metrics_address:
+        from caiosfs_csi import nodemetrics
+        try:
+            nodemetrics.serve(args.metrics_address, service, mounter)
+        except (OSError, ValueError) as e:
+            log.error("metrics endpoint %s not started: %s", args.metrics_address, e)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

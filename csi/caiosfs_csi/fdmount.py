@@ -83,6 +83,10 @@ class FdMounter(Mounter):
         except MounterUnavailable:
             return False
 
+    def ping(self) -> dict:
+        """The mounter's version and counters."""
+        return self._call({"cmd": "ping"}, timeout=5)
+
     def daemons(self) -> dict[str, dict]:
         """The mounter's daemons by target (state: starting / serving)."""
         reply = self._call({"cmd": "list"}, timeout=10)
@@ -97,7 +101,7 @@ class FdMounter(Mounter):
 
     def mount(self, source: str, target: str, options: Sequence[str], *,
               env: Mapping[str, str] | None = None, strip_credential_env: bool = False,
-              volume_id: str = "") -> None:
+              volume_id: str = "", labels: Mapping[str, str] | None = None) -> None:
         timeout = self.mount_timeout
         if "warm=blocking" in options:
             timeout = max(timeout, self.blocking_warm_timeout)
@@ -107,6 +111,7 @@ class FdMounter(Mounter):
         try:
             reply = self._call({"cmd": "start", "target": target, "source": source,
                                 "options": list(options), "volume_id": volume_id,
+                                "labels": dict(labels or {}),
                                 "strip_credential_env": strip_credential_env,
                                 "timeout": timeout}, [fd], timeout=timeout + 30)
         except MountError:

@@ -241,6 +241,7 @@ class Mounter:
         env: Mapping[str, str] | None = None,
         strip_credential_env: bool = False,
         volume_id: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         """`caiosfs mount SOURCE TARGET -o OPTIONS`; returns once the mount is live."""
         run_env = dict(os.environ if env is None else env)

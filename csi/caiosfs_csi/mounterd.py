@@ -54,16 +54,23 @@ class Daemon:
     volume_id: str
     proc: subprocess.Popen[bytes]
     state: str = STARTING
+    metrics_port: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    killed_for: str = ""  # why the mounter killed it (memory limit), for the exit line
     started: float = field(default_factory=time.monotonic)
     lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     def info(self) -> dict[str, Any]:
+        rss, cpu = proc_usage(self.proc.pid)
         return {"target": self.target, "source": self.source, "volume_id": self.volume_id,
-                "pid": self.proc.pid, "state": self.state,
+                "pid": self.proc.pid, "state": self.state, "metrics_port": self.metrics_port,
+                "rss_bytes": rss, "cpu_seconds": cpu, "labels": self.labels,
                 "age": round(time.monotonic() - self.started, 3)}
 
     def error_line(self) -> str:
+        if self.killed_for:
+            return self.killed_for
         # caiosfs ends a failed mount with one line "caiosfs: ...": that is the reason.
         for line in reversed(self.lines):
             if line.startswith("caiosfs: "):
@@ -71,12 +78,51 @@ class Daemon:
         return self.lines[-1] if self.lines else f"exit status {self.proc.returncode}"
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def proc_usage(pid: int) -> tuple[int, float]:
+    """(resident bytes, CPU seconds user+system) of a process; (0, 0.0) if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            rss = int(f.read().split()[1]) * _PAGE
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return rss, (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0, 0.0
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a daemon's own metrics endpoint)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`512M`, `2G`, `2Gi`, `1073741824` -> bytes (ValueError otherwise)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    number = t[: len(t) - len(unit)]
+    value = float(number) * _SIZE_UNITS[unit]
+    if value <= 0:
+        raise ValueError(text)
+    return int(value)
+
+
 class MounterServer:
     """Accepts requests on a unix socket; starts, tracks and reaps the FUSE daemons."""
 
     def __init__(self, socket_path: str, caiosfs_bin: str | None = None,
-                 out: Any = None) -> None:
+                 out: Any = None, memory_max: int = 0) -> None:
         self.socket_path = socket_path
+        self.memory_max = memory_max  # per daemon, bytes of RSS; 0 = none
+        self.memory_kills = 0
         self.caiosfs_bin = find_caiosfs(caiosfs_bin)
         self.out = out if out is not None else sys.stdout
         self._out_lock = threading.Lock()
@@ -136,7 +182,8 @@ class MounterServer:
         if cmd == "wait":
             return self.wait(str(msg.get("target", "")), float(msg.get("timeout", 30)))
         if cmd == "ping":
-            return {"ok": True, "version": __version__}
+            return {"ok": True, "version": __version__, "memory_max": self.memory_max,
+                    "memory_kills": self.memory_kills}
         return {"error": f"unknown command {cmd!r}"}
 
     def start(self, msg: dict[str, Any], fd: int) -> dict[str, Any]:
@@ -160,15 +207,20 @@ class MounterServer:
             if msg.get("strip_credential_env"):
                 for name in CREDENTIAL_ENV:
                     env.pop(name, None)
+            # Each daemon serves its metrics on a loopback port of its own; the plugin's node
+            # endpoint reads them there and labels them with the volume and pod.
+            port = free_loopback_port()
+            options = [o for o in options if not o.startswith("metrics=")]
+            options.append(f"metrics=127.0.0.1:{port}")
             argv = [self.caiosfs_bin, "mount", source, f"/dev/fd/{fd}", "--target", target,
-                    "--foreground"]
-            if options:
-                argv += ["-o", ",".join(options)]
+                    "--foreground", "-o", ",".join(options)]
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env=env, pass_fds=(fd,),
                                     start_new_session=True)
+            labels = msg.get("labels") if isinstance(msg.get("labels"), dict) else {}
             d = Daemon(target=target, source=source, volume_id=str(msg.get("volume_id", "")),
-                       proc=proc)
+                       proc=proc, metrics_port=port,
+                       labels={str(k): str(v) for k, v in labels.items()})
             self.daemons[target] = d
         self._emit(d, f"starting pid {proc.pid}: {' '.join(argv)}")  # argv holds no secret
         threading.Thread(target=self._pump, args=(d,), daemon=True,
@@ -238,6 +290,22 @@ class MounterServer:
                                    timeout=max(0.0, deadline - time.monotonic()))
         return sum(1 for d in daemons if d.state != EXITED)
 
+    def watch_memory(self, stop: threading.Event, interval: float = 1.0) -> None:
+        """Kill any daemon whose resident memory exceeds `memory_max`: that daemon's volume
+        ends (its journal keeps what it had not uploaded), the node's other volumes do not,
+        as they would if the kernel OOM-killed in a shared container cgroup."""
+        while not stop.wait(interval):
+            with self._lock:
+                daemons = [d for d in self.daemons.values() if d.state != EXITED]
+            for d in daemons:
+                rss, _ = proc_usage(d.proc.pid)
+                if rss > self.memory_max and not d.killed_for:
+                    d.killed_for = (f"memory limit exceeded: resident {rss >> 20} MiB > "
+                                    f"{self.memory_max >> 20} MiB; killed")
+                    self.memory_kills += 1
+                    self._emit(d, d.killed_for)
+                    self._kill(d)
+
     def bind(self) -> None:
         os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
         try:
@@ -304,17 +372,30 @@ def main(argv: list[str] | None = None) -> int:
                    default=float(os.environ.get("CAIOSFS_MOUNTER_STOP_TIMEOUT", "540")),
                    help="seconds to wait for the daemons with --stop-daemons (keep it below "
                         "the pod's terminationGracePeriodSeconds)")
+    p.add_argument("--daemon-memory-max", metavar="SIZE",
+                   default=os.environ.get("CAIOSFS_MOUNTER_DAEMON_MEMORY_MAX", ""),
+                   help="kill a daemon whose resident memory exceeds SIZE (e.g. 2G), checked "
+                        "every second (env CAIOSFS_MOUNTER_DAEMON_MEMORY_MAX; empty: no limit)")
     p.add_argument("--log-level", default=os.environ.get("CAIOSFS_CSI_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = MounterServer(a.socket, a.caiosfs_bin)
+    try:
+        memory_max = parse_size(a.daemon_memory_max) if a.daemon_memory_max else 0
+    except ValueError:
+        print(f"caiosfs-mounter: --daemon-memory-max {a.daemon_memory_max!r} is not a size "
+              "such as 2G", file=sys.stderr)
+        return 2
+    server = MounterServer(a.socket, a.caiosfs_bin, memory_max=memory_max)
     try:
         server.bind()
     except OSError as e:
         print(f"caiosfs-mounter: cannot listen on {a.socket}: {e.strerror}", file=sys.stderr)
         return 1
     stop = threading.Event()
+    if memory_max:
+        threading.Thread(target=server.watch_memory, args=(stop,), daemon=True,
+                         name="memory").start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.info("caiosfs-mounter %s listening on %s (caiosfs: %s)", __version__, a.socket,

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 _AccessMode = csi_pb2.VolumeCapability.AccessMode
 READER_ONLY_MODES = {_AccessMode.SINGLE_NODE_READER_ONLY, _AccessMode.MULTI_NODE_READER_ONLY}
 ACCEPTED_FS_TYPES = {"", "caiosfs", "fuse.caiosfs", "fuse"}
+POD_NAMESPACE_KEY = "csi.storage.k8s.io/pod.namespace"  # podInfoOnMount
+POD_NAME_KEY = "csi.storage.k8s.io/pod.name"
 SHARED_PREFIX = "shared:"  # volume id recorded for a shared mount (its users have their own)
 
 
@@ -225,13 +227,17 @@ class NodeService:
             if state is MountState.DEAD:
                 log.warning("%s is a dead FUSE mount (daemon gone); detaching it", target)
                 self._force_unmount(target)
+            ctx = req.volume_context
+            pod = (ctx.get(POD_NAMESPACE_KEY, ""), ctx.get(POD_NAME_KEY, ""))
             if self.config.shared_dir and spec.readonly:
-                self._publish_shared(req.volume_id, target, spec, fingerprint, creds, record)
+                self._publish_shared(req.volume_id, target, spec, fingerprint, creds, record,
+                                     pod)
             else:
-                self._mount_new(req.volume_id, target, spec, fingerprint, creds, record)
+                self._mount_new(req.volume_id, target, spec, fingerprint, creds, record, pod)
 
     def _mount_new(self, volume_id: str, target: str, spec: MountSpec, fingerprint: str,
-                   creds: str | None, old: Publication | None) -> None:
+                   creds: str | None, old: Publication | None,
+                   pod: tuple[str, str] = ("", "")) -> None:
         created_dir = False
         if not os.path.isdir(target):
             if os.path.lexists(target):
@@ -245,7 +251,7 @@ class NodeService:
             record = Publication(
                 target_path=target, volume_id=volume_id, fingerprint=fingerprint,
                 source=spec.source, options=spec.option_list(), cache_dir=cache_dir,
-                creds_file="", created_dir=created_dir,
+                creds_file="", created_dir=created_dir, pod_namespace=pod[0], pod_name=pod[1],
             )
             # Saved before mounting: a plugin that crashes mid-mount and restarts still knows
             # the target is its own.
@@ -260,7 +266,8 @@ class NodeService:
             options.append(f"credentials_file={record.creds_file}")
         try:
             self.mounter.mount(spec.source, target, options, strip_credential_env=creds is not None,
-                               volume_id=volume_id)
+                               volume_id=volume_id,
+                               labels={"pod_namespace": pod[0], "pod_name": pod[1]})
         except MountError as e:
             self.store.delete(target)
             if created_dir:
@@ -293,7 +300,8 @@ class NodeService:
         return [p for p in self.store.all() if p.shared == shared]
 
     def _publish_shared(self, volume_id: str, target: str, spec: MountSpec, fingerprint: str,
-                        creds: str | None, old: Publication | None) -> None:
+                        creds: str | None, old: Publication | None,
+                        pod: tuple[str, str] = ("", "")) -> None:
         """Bind-mount the dataset's shared mount at `target`, mounting it first if needed."""
         shared = self._shared_path(spec, creds)
         with self._share_lock(shared):
@@ -317,7 +325,7 @@ class NodeService:
             record = Publication(target_path=target, volume_id=volume_id,
                                  fingerprint=fingerprint, source=spec.source,
                                  options=spec.option_list(), created_dir=created_dir,
-                                 shared=shared)
+                                 shared=shared, pod_namespace=pod[0], pod_name=pod[1])
             self.store.save(record)  # before mounting: a crash leaves the target known
             if state is MountState.NOT_MOUNTED:
                 try:

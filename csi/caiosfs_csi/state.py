@@ -52,6 +52,8 @@ class Publication:
     creds_file: str = ""
     created_dir: bool = False
     shared: str = ""
+    pod_namespace: str = ""  # kubelet's pod info (podInfoOnMount), for metrics labels
+    pod_name: str = ""
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:

@@ -62,12 +62,18 @@ class MounterProc:
         self.sockdir = tempfile.mkdtemp(prefix="mnt-", dir="/tmp")
         self.socket = f"{self.sockdir}/mounter.sock"
         self.log = root / "mounter.log"
+        self.argv = [sys.executable, "-m", "caiosfs_csi.mounterd", "--socket", self.socket,
+                     "--caiosfs-bin", caiosfs_bin, *extra]
+        self.start()
+
+    def start(self) -> None:
+        """Start (or, after it exited, restart) the mounter on the same socket."""
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
         env = dict(os.environ, PYTHONPATH=str(CSI_DIR), PYTHONUNBUFFERED="1")
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "caiosfs_csi.mounterd", "--socket", self.socket,
-                 "--caiosfs-bin", caiosfs_bin, *extra], env=env, stdout=out, stderr=out,
-                stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.argv, env=env, stdout=out, stderr=out,
+                                         stdin=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(self.socket), 30, "the mounter socket")
 
     def daemons(self) -> dict[str, dict]:
@@ -107,6 +113,7 @@ class NsPlugin:
         self.channel: grpc.Channel | None = None
         self.node: Any = None
         self.started = 0.0
+        self.extra: list[str] = []
 
     def start(self) -> float:
         """Start the plugin; return seconds until it answers gRPC."""
@@ -119,7 +126,7 @@ class NsPlugin:
                  "--endpoint", self.endpoint, "--state-dir", str(self.root / "state"),
                  "--cache-root", str(self.root / "cache"), "--caiosfs-bin", self.caiosfs_bin,
                  "--mounter-socket", self.mounter_socket, "--node-id", "n1",
-                 "--mount-timeout", "60", "--umount-timeout", "60"],
+                 "--mount-timeout", "60", "--umount-timeout", "60", *self.extra],
                 env=env, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
         self.channel = grpc.insecure_channel(self.endpoint)
         grpc.channel_ready_future(self.channel).result(timeout=30)
@@ -214,9 +221,38 @@ def sv_node(tmp_path: Path, sv_caiosfs_bin: str) -> Iterator[tuple[MounterProc, 
         detach_all(tmp_path)
 
 
-def context(store: Any, bucket: str, prefix: str, **extra: str) -> dict[str, str]:
-    return {"bucket": bucket, "prefix": prefix, "endpoint": store.endpoint,
-            "pathStyle": "true", **extra}
+def context(store: Any, bucket: str, prefix: str, pod: tuple[str, str] | None = None,
+            **extra: str) -> dict[str, str]:
+    ctx = {"bucket": bucket, "prefix": prefix, "endpoint": store.endpoint, "pathStyle": "true",
+           **extra}
+    if pod:  # what kubelet adds with podInfoOnMount
+        ctx["csi.storage.k8s.io/pod.namespace"], ctx["csi.storage.k8s.io/pod.name"] = pod
+    return ctx
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(address: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """GET http://address/metrics -> {name: [(labels, value)]} (enough for the tests)."""
+    import re
+    import urllib.request
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)', line)
+        assert m, f"malformed sample line: {line!r}"
+        labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"',
+                                 m.group(2) or ""))
+        out.setdefault(m.group(1), []).append((labels, float(m.group(3))))
+    return out
 
 
 def unpublish(node: Any, target: str, volume_id: str) -> None:

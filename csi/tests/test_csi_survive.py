@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ from survive_lib import (
     MounterProc,
     NsPlugin,
     context,
+    detach_all,
+    free_port,
     record_figures,
+    scrape,
     target_path,
     unpublish,
     wait_for,
@@ -37,6 +41,7 @@ from survive_lib import (
 
 assert CSI_DIR  # csi_testlib put csi/ on sys.path
 
+from caiosfs_csi import fdpass
 from caiosfs_csi.fdmount import mount_fuse
 
 pytest_plugins = ("survive_lib",)
@@ -132,10 +137,12 @@ class Workload:
 def _publish_two(plugin: NsPlugin, store: Any, bucket: str, secrets: dict,
                  root: Path) -> tuple[Any, Any]:
     rw = publish_request(target_path(root, "writer"), volume_id="vol-work",
-                         context=context(store, bucket, "work", profile="devbox"),
+                         context=context(store, bucket, "work", ("team-a", "writer-0"),
+                                         profile="devbox"),
                          secrets=secrets)
     ro = publish_request(target_path(root, "reader"), volume_id="vol-data",
-                         context=context(store, bucket, "data", profile="dataset"),
+                         context=context(store, bucket, "data", ("team-b", "reader-0"),
+                                         profile="dataset"),
                          secrets=secrets, readonly=True,
                          cap=mount_cap(mode="MULTI_NODE_READER_ONLY"))
     for req in (rw, ro):
@@ -155,6 +162,8 @@ def test_killing_the_plugin_namespace_leaves_volumes_serving(
         s3.put_object(Bucket=bucket, Key=f"data/part-{i}", Body=body)
         dataset[f"part-{i}"] = _sha(body)
 
+    metrics = f"127.0.0.1:{free_port()}"
+    plugin.extra = ["--metrics-address", metrics]
     plugin.start()
     try:
         rw, ro = _publish_two(plugin, store, bucket, secrets, tmp_path)
@@ -189,6 +198,7 @@ def test_killing_the_plugin_namespace_leaves_volumes_serving(
     assert adopt_log and adopt_log[-1][0] == "2", plugin.log_tail()
     # The same daemons as before the kill: nothing was remounted.
     assert set(mounter.daemons()) == {rw.target_path, shared}
+    _check_node_metrics(metrics, shared)
 
     for req in (rw, ro):
         unpublish(plugin.node, req.target_path, req.volume_id)
@@ -219,6 +229,28 @@ def test_killing_the_plugin_namespace_leaves_volumes_serving(
         "adopt_seconds_in_plugin": float(adopt_log[-1][1]),
         "start_to_republished_seconds": round(t_adopted - plugin.started, 2),
     })
+
+
+def _check_node_metrics(address: str, shared: str) -> None:
+    """The restarted plugin's node endpoint: both volumes with their pods, each daemon's
+    own metrics labelled, RSS and CPU of each daemon."""
+    m = scrape(address)
+    info = {lb["volume_id"]: lb for lb, v in m["caiosfs_csi_volume_info"] if v == 1}
+    assert (info["vol-work"]["pod_namespace"], info["vol-work"]["pod_name"]) == \
+        ("team-a", "writer-0")
+    assert (info["vol-data"]["pod_namespace"], info["vol-data"]["pod_name"]) == \
+        ("team-b", "reader-0")
+    shared_daemon = info["vol-data"]["daemon"]
+    assert shared_daemon.startswith("shared:") and info["vol-work"]["daemon"] == "vol-work"
+    # The daemons' own series, read after the workload wrote and read through them.
+    out = {lb["daemon"]: (lb, v) for lb, v in m["caiosfs_s3_bytes_out_total"]}
+    lb, v = out["vol-work"]
+    assert v > 0 and (lb["pod_namespace"], lb["pod_name"]) == ("team-a", "writer-0")
+    ins = {lb["daemon"]: v for lb, v in m["caiosfs_s3_bytes_in_total"]}
+    assert ins[shared_daemon] >= 4 * (512 << 10)  # the dataset was read through it
+    rss = {lb["daemon"]: v for lb, v in m["caiosfs_csi_daemon_rss_bytes"]}
+    assert set(rss) == {"vol-work", shared_daemon} and min(rss.values()) > 10 << 20
+    assert all(v > 0 for _, v in m["caiosfs_csi_daemon_cpu_seconds_total"])
 
 
 def test_plugin_killed_during_publish_retry_succeeds(
@@ -394,9 +426,53 @@ def test_stopping_the_mounter_uploads_before_the_daemons_exit(
     assert mounter.proc.wait(timeout=90) == 0
     got = sv_store.client().get_object(Bucket=sv_bucket, Key="w/late.bin")["Body"].read()
     assert _sha(got) == _sha(body)
-    # The volume is over (ENOTCONN): unpublish detaches it like any dead mount.
+    # The volume is over (ENOTCONN). Unpublish detaches it, then must check its journal,
+    # which takes a mounter: INTERNAL (kubelet retries) until the DaemonSet restarted it.
+    with pytest.raises(grpc.RpcError) as exc:
+        unpublish(plugin.node, req.target_path, req.volume_id)
+    assert exc.value.code() == grpc.StatusCode.INTERNAL
+    mounter.start()
     unpublish(plugin.node, req.target_path, req.volume_id)
     assert not os.path.exists(req.target_path)
+
+
+def test_daemon_over_its_memory_limit_is_killed_alone(
+        sv_caiosfs_bin: str, sv_store: Any, sv_bucket: str, sv_secrets: dict,
+        tmp_path: Path) -> None:
+    """--daemon-memory-max: a daemon over it is killed (its volume ends or never starts);
+    the mounter and its other daemons go on. 25 MiB is less than any daemon needs."""
+    mounter = MounterProc(tmp_path, sv_caiosfs_bin, ("--daemon-memory-max", "25M"))
+    plugin = NsPlugin(tmp_path, sv_caiosfs_bin, mounter.socket)
+    try:
+        plugin.start()
+        req = publish_request(target_path(tmp_path, "big"), volume_id="vol-big",
+                              context=context(sv_store, sv_bucket, "m"), secrets=sv_secrets)
+        try:
+            plugin.node.NodePublishVolume(req, timeout=60)
+            published = True  # ready before the watchdog's next look: killed right after
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INTERNAL, e.details()
+            assert "memory limit exceeded" in e.details()
+            published = False
+        wait_for(lambda: mounter.daemons() == {}, 30, "the daemon to be killed")
+        assert "memory limit exceeded: resident" in mounter.log.read_text()
+        assert fdpass.call(mounter.socket, {"cmd": "ping"})["memory_kills"] == 1
+        if published:
+            unpublish(plugin.node, req.target_path, req.volume_id)  # a dead mount: detached
+        assert not os.path.exists(req.target_path)
+    finally:
+        plugin.close()
+        mounter.stop()
+        detach_all(tmp_path)
+
+
+def test_mounter_refuses_a_bad_memory_limit(sv_caiosfs_bin: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "caiosfs_csi.mounterd", "--socket", "/tmp/x.sock",
+                        "--daemon-memory-max", "lots"], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=str(CSI_DIR)), check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("caiosfs-mounter: --daemon-memory-max 'lots' is not a size "
+                                "such as 2G")
 
 
 def test_caiosfs_refuses_bad_fd_mounts(sv_caiosfs_bin: str, tmp_path: Path) -> None:
