@@ -60,7 +60,7 @@ def _mount(a: argparse.Namespace) -> int:
     from .config import build_config
     from .mount import mount
     cfg = build_config(a.source, ",".join(a.o or []))
-    return mount(cfg, a.mountpoint, a.foreground)
+    return mount(cfg, a.mountpoint, a.foreground, target=a.target)
 
 
 def _umount(a: argparse.Namespace) -> int:
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated mount options (see below); may be repeated")
     m.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground and log to stderr too")
+    m.add_argument("--target", metavar="PATH",
+                   help="MOUNTPOINT is /dev/fd/N, a /dev/fuse descriptor already mounted at "
+                   "PATH by a privileged process (the CSI plugin); serve it under that name")
     m.set_defaults(fn=_mount)
 
     u = sub.add_parser("umount", aliases=["unmount"], help="upload dirty data, then unmount",

@@ -11,6 +11,7 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,33 @@ from .metrics import Metrics
 log = logging.getLogger("caiosfs")
 DRAIN_LIMIT = 600.0  # seconds a SIGTERM/unmount keeps uploading before leaving the rest
 # in the journal (it is uploaded at the next mount; nothing is dropped)
+
+
+FUSE_DEV = (10, 229)  # major, minor of /dev/fuse
+
+
+def fuse_fd(path: str) -> int | None:
+    """N when ``path`` is ``/dev/fd/N``: a /dev/fuse descriptor that a privileged process
+    (the CSI plugin) has already mounted and handed to us; libfuse then serves it as is."""
+    m = re.fullmatch(r"/dev/fd/([0-9]+)", path)
+    return int(m.group(1)) if m else None
+
+
+def check_fuse_fd(path: str, target: str | None) -> str:
+    """Check that ``path`` (``/dev/fd/N``) is an open /dev/fuse descriptor and that the
+    mount it serves is named (``--target``): control socket, status and logs use that name."""
+    fd = fuse_fd(path)
+    assert fd is not None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        raise UserError(f"{path}: file descriptor {fd} is not open") from None
+    import stat as _stat
+    if not _stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != FUSE_DEV:
+        raise UserError(f"{path} is not a /dev/fuse descriptor")
+    if not target:
+        raise UserError(f"mounting on {path} needs --target: the path it is mounted at")
+    return path
 
 
 def check_mountpoint(path: str) -> str:
@@ -201,11 +229,20 @@ def private_index(index_dir: Path) -> None:
         log.warning("cannot make the cache index private: %s", exc.strerror)
 
 
-def mount(cfg: MountConfig, mountpoint: str, foreground: bool) -> int:
-    mp = check_mountpoint(mountpoint)
+def mount(cfg: MountConfig, mountpoint: str, foreground: bool, target: str | None = None
+          ) -> int:
+    """``target``: with a ``/dev/fd/N`` mountpoint, where that descriptor is mounted."""
+    if fuse_fd(mountpoint) is not None:
+        mp = check_fuse_fd(mountpoint, target)
+        target = os.path.abspath(target or "")
+    else:
+        if target:
+            raise UserError("--target is only for a /dev/fd/N mountpoint")
+        mp = check_mountpoint(mountpoint)
     harden_process()
     if foreground:
-        return run(cfg, mp, foreground=True, report=lambda m: print(m, file=sys.stderr))
+        return run(cfg, mp, foreground=True, report=lambda m: print(m, file=sys.stderr),
+                   target=target)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -223,7 +260,7 @@ def mount(cfg: MountConfig, mountpoint: str, foreground: bool) -> int:
                 pass
         code = 1
         try:
-            code = run(cfg, mp, foreground=False, report=report)
+            code = run(cfg, mp, foreground=False, report=report, target=target)
         except UserError as exc:
             report(f"error: {exc}")
         except BaseException as exc:  # noqa: BLE001 - the parent prints one line
@@ -253,8 +290,15 @@ def _reap(pid: int) -> None:
         pass
 
 
-def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], None]) -> int:
-    """Everything the daemon does. Errors before 'ready' are reported as one line."""
+def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], None],
+        target: str | None = None) -> int:
+    """Everything the daemon does. Errors before 'ready' are reported as one line.
+
+    With ``target``, ``mp`` is ``/dev/fd/N``: the mount exists already (made by whoever
+    opened /dev/fuse); libfuse serves the descriptor and ignores the mount options, and
+    everything that names the mount (control socket, status, readahead) uses ``target``.
+    Unmounting is then that process's job too.
+    """
     import pyfuse3
 
     from .fs import Filesystem
@@ -283,16 +327,17 @@ def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], Non
         pyfuse3.init(fs, mp, options)
     except RuntimeError as exc:
         raise UserError(f"cannot mount on {mp}: {exc}") from None
-    log.info("caiosfs %s mounted %s on %s (cache %s)", __version__, cfg.source, mp,
-             cfg.cache_dir)
+    name = target or mp
+    log.info("caiosfs %s mounted %s on %s (cache %s)", __version__, cfg.source,
+             f"{name} (served through {mp})" if target else mp, cfg.cache_dir)
     try:
-        trio.run(_main, fs, cfg, mp, report)
+        trio.run(_main, fs, cfg, name, report)
     except BaseException:
         log.exception("the mount loop failed")
         raise
     finally:
-        pyfuse3.close(unmount=is_mounted(mp))
-        control.unregister(mp)
+        pyfuse3.close(unmount=target is None and is_mounted(mp))
+        control.unregister(name)
         index.close()
         os.close(lockfd)
     return 0

@@ -56,6 +56,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--umount-timeout", type=float,
                    default=float(_env("CAIOSFS_CSI_UMOUNT_TIMEOUT", "90")),
                    help="drain time handed to `caiosfs umount --timeout`")
+    p.add_argument("--mounter-socket", default=_env("CAIOSFS_MOUNTER_SOCKET"),
+                   help="socket of caiosfs-mounter (python -m caiosfs_csi.mounterd): the "
+                        "plugin mounts and hands /dev/fuse to it, so the FUSE daemons live "
+                        "outside this container (env CAIOSFS_MOUNTER_SOCKET; empty: run the "
+                        "daemons from here)")
+    p.add_argument("--shared-dir", default=_env("CAIOSFS_CSI_SHARED_DIR"),
+                   help="where read-only datasets get one shared mount each, bind-mounted into "
+                        "every target (one daemon, one cache per dataset); in Kubernetes a "
+                        "path under the Bidirectional kubelet dir (env CAIOSFS_CSI_SHARED_DIR; "
+                        "default with --mounter-socket: STATE_DIR/shared; 'none': no sharing)")
+    p.add_argument("--metrics-address", default=_env("CAIOSFS_CSI_METRICS_ADDRESS"),
+                   metavar="HOST:PORT",
+                   help="serve the node's Prometheus metrics (every volume's daemon, labelled "
+                        "with volume id and pod) at http://HOST:PORT/metrics "
+                        "(env CAIOSFS_CSI_METRICS_ADDRESS; empty: off)")
     p.add_argument("--log-level", default=_env("CAIOSFS_CSI_LOG_LEVEL", "INFO"))
     p.add_argument("--supervise", action="store_true",
                    default=_env("CAIOSFS_CSI_SUPERVISE") in ("1", "true", "yes"),
@@ -67,23 +82,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the gRPC server until SIGTERM/SIGINT."""
+    from caiosfs_csi.fdmount import FdMounter
     from caiosfs_csi.mounter import Mounter
     from caiosfs_csi.server import PluginConfig, build_server
 
-    mounter = Mounter(args.caiosfs_bin, mount_timeout=args.mount_timeout,
-                      blocking_warm_timeout=args.warm_timeout,
-                      umount_timeout=args.umount_timeout)
+    timeouts = {"mount_timeout": args.mount_timeout, "blocking_warm_timeout": args.warm_timeout,
+                "umount_timeout": args.umount_timeout}
+    if args.mounter_socket:
+        mounter: Mounter = FdMounter(args.caiosfs_bin, mounter_socket=args.mounter_socket,
+                                     **timeouts)
+    else:
+        mounter = Mounter(args.caiosfs_bin, **timeouts)
+    shared_dir = args.shared_dir
+    if shared_dir == "none":
+        shared_dir = ""
+    elif not shared_dir and args.mounter_socket:
+        shared_dir = os.path.join(args.state_dir, "shared")
     config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id,
                           state_dir=args.state_dir, driver_name=args.driver_name,
-                          cache_root=args.cache_root)
+                          cache_root=args.cache_root, shared_dir=shared_dir)
     server, service = build_server(config, mounter)
     service.reconcile()
+    if args.metrics_address:
+        from caiosfs_csi import nodemetrics
+        try:
+            nodemetrics.serve(args.metrics_address, service, mounter)
+        except (OSError, ValueError) as e:
+            log.error("metrics endpoint %s not started: %s", args.metrics_address, e)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    log.info("caiosfs-csi %s serving %s as %s on node %s (caiosfs: %s)", __version__,
-             args.endpoint, args.driver_name, args.node_id, mounter.caiosfs_bin)
+    # Journals of volumes that died while no plugin ran: upload them now, in the background
+    # (kubelet's calls for those targets get ABORTED meanwhile).
+    threading.Thread(target=service.drain_orphans, name="orphans", daemon=True).start()
+    log.info("caiosfs-csi %s serving %s as %s on node %s (%s)", __version__,
+             args.endpoint, args.driver_name, args.node_id,
+             f"daemons in caiosfs-mounter at {args.mounter_socket}" if args.mounter_socket
+             else f"caiosfs: {mounter.caiosfs_bin}")
     stop.wait()
     log.info("stopping; FUSE mounts are left running")
     server.stop(grace=10).wait()

@@ -59,6 +59,7 @@ class MountEntry:
     mount_point: str
     fstype: str
     source: str
+    device: str = ""  # major:minor, names the mount's /sys/class/bdi entry
 
 
 def _unescape(field: str) -> str:
@@ -87,6 +88,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
                     mount_point=_unescape(fields[4]),
                     fstype=fields[sep + 1],
                     source=_unescape(fields[sep + 2]) if len(fields) > sep + 2 else "",
+                    device=fields[2],
                 )
             )
         except (ValueError, IndexError):
@@ -175,6 +177,11 @@ class Mounter:
             raise
         return MountState.MOUNTED if is_caiosfs(top) else MountState.FOREIGN
 
+    def busy(self, target: str) -> bool:
+        """True while a mount of `target` is still starting somewhere the plugin cannot see
+        (only with a mounter process; see fdmount.py)."""
+        return False
+
     def executable_ok(self) -> bool:
         """True if the caiosfs command can be run (used by Probe)."""
         path = self.caiosfs_bin
@@ -233,6 +240,8 @@ class Mounter:
         *,
         env: Mapping[str, str] | None = None,
         strip_credential_env: bool = False,
+        volume_id: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         """`caiosfs mount SOURCE TARGET -o OPTIONS`; returns once the mount is live."""
         run_env = dict(os.environ if env is None else env)
@@ -260,6 +269,14 @@ class Mounter:
         log.info("running: %s", " ".join(argv))
         # Give the command a little longer than its own drain timeout so it can report.
         self._run(argv, self.umount_timeout + 30.0, None)
+
+    def bind(self, source: str, target: str) -> None:
+        """Bind-mount `source` (a live caiosfs mount) at `target`: one daemon, many targets."""
+        self._run(["mount", "--bind", source, target], 30.0, None)
+
+    def unbind(self, target: str) -> None:
+        """Remove a bind mount made by bind() (the mount it shows stays)."""
+        self._run(["umount", target], 30.0, None)
 
     def force_unmount(self, target: str) -> None:
         """Lazily detach a mount whose daemon is gone (no data to drain from it)."""

@@ -141,6 +141,7 @@ class PluginConfig:
     driver_name: str = DEFAULT_DRIVER_NAME
     cache_root: str = ""
     max_workers: int = 16
+    shared_dir: str = ""
 
 
 def build_server(config: PluginConfig, mounter: Mounter) -> tuple[grpc.Server, NodeService]:
@@ -154,7 +155,7 @@ def build_server(config: PluginConfig, mounter: Mounter) -> tuple[grpc.Server, N
         pass
     service = NodeService(
         NodeConfig(node_id=config.node_id, state_dir=config.state_dir,
-                   cache_root=config.cache_root),
+                   cache_root=config.cache_root, shared_dir=config.shared_dir),
         mounter,
     )
     # Publish can block for minutes (warm=blocking) and holds a worker meanwhile; the pool is

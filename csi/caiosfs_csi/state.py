@@ -39,6 +39,8 @@ class Publication:
     source, options: the exact `caiosfs mount` source and -o list (without credentials_file).
     cache_dir: the cache directory handed to caiosfs ("" = caiosfs's default).
     creds_file: path of the credentials file, or "" when the volume has no secrets.
+    shared: for a target bind-mounted from a shared mount of its dataset, that mount's path
+        (which has a record of its own); "" for a target with a daemon of its own.
     """
 
     target_path: str
@@ -49,6 +51,9 @@ class Publication:
     cache_dir: str = ""
     creds_file: str = ""
     created_dir: bool = False
+    shared: str = ""
+    pod_namespace: str = ""  # kubelet's pod info (podInfoOnMount), for metrics labels
+    pod_name: str = ""
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
@@ -118,6 +123,16 @@ class StateStore:
             except (OSError, ValueError, TypeError):
                 continue
         return out
+
+    def node_secret(self) -> bytes:
+        """A random key of this node's state dir (created once, 0600): shared mounts are named
+        by an HMAC of their credentials under it, never by anything that reveals them."""
+        path = self.root / "node.key"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            _atomic_write(path, os.urandom(32), 0o600)
+            return path.read_bytes()
 
     def write_creds(self, target_path: str, text: str) -> Path:
         """Atomically write the credentials file for `target_path` with mode 0600.

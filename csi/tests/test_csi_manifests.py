@@ -63,8 +63,13 @@ def test_csidriver() -> None:
     assert set(spec["volumeLifecycleModes"]) == {"Persistent", "Ephemeral"}
 
 
+def daemonset(name: str) -> dict:
+    (ds,) = [d for d in of_kind("DaemonSet") if d["metadata"]["name"] == name]
+    return ds
+
+
 def test_daemonset() -> None:
-    (ds,) = of_kind("DaemonSet")
+    ds = daemonset("caiosfs-csi-node")
     pod = ds["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in pod["containers"]}
     assert set(containers) == {"caiosfs-csi", "node-driver-registrar", "liveness-probe"}
@@ -72,9 +77,12 @@ def test_daemonset() -> None:
     assert plugin["securityContext"]["privileged"] is True
     mounts = {m["mountPath"]: m for m in plugin["volumeMounts"]}
     assert mounts["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
-    assert "limits" not in plugin.get("resources", {})  # the FUSE daemons share this cgroup
+    # The FUSE daemons run in caiosfs-mounter: the plugin may be limited and rolled.
+    assert "memory" in plugin["resources"]["limits"]
+    assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     env = {e["name"]: e for e in plugin["env"]}
     assert env["CSI_ENDPOINT"]["value"] == "unix:///csi/csi.sock"
+    assert env["CAIOSFS_MOUNTER_SOCKET"]["value"].startswith("/run/caiosfs-csi/")
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["cache"]["hostPath"]["path"].startswith("/mnt/nvme")
     reg = " ".join(containers["node-driver-registrar"]["args"])
@@ -83,6 +91,34 @@ def test_daemonset() -> None:
         f"/var/lib/kubelet/plugins/{DEFAULT_DRIVER_NAME}"
     probe_port = containers["liveness-probe"]["args"]
     assert "--health-port=9808" in probe_port
+
+
+def test_mounter_daemonset_shares_paths_with_the_plugin() -> None:
+    """The plugin names the socket, credentials files and cache dirs by its own paths: the
+    mounter must see the same host directories at the same paths."""
+    plugin_ds, mounter_ds = daemonset("caiosfs-csi-node"), daemonset("caiosfs-mounter")
+    assert mounter_ds["spec"]["updateStrategy"]["type"] == "OnDelete"
+    pod = mounter_ds["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"][-1].endswith("caiosfs-mounter")
+    assert "livenessProbe" not in c  # a restart would end every volume of the node
+    assert c["securityContext"]["privileged"] is False
+    assert pod["hostNetwork"] is True
+
+    def host_paths(ds: dict, container: str) -> dict[str, str]:
+        spec = ds["spec"]["template"]["spec"]
+        vols = {v["name"]: v.get("hostPath", {}).get("path") for v in spec["volumes"]}
+        (ct,) = [x for x in spec["containers"] if x["name"] == container]
+        return {m["mountPath"]: vols[m["name"]] for m in ct["volumeMounts"]}
+
+    p, m = host_paths(plugin_ds, "caiosfs-csi"), host_paths(mounter_ds, "caiosfs-mounter")
+    plugin_env = {e["name"]: e.get("value") for e in
+                  plugin_ds["spec"]["template"]["spec"]["containers"][0]["env"]}
+    mounter_env = {e["name"]: e.get("value") for e in c["env"]}
+    assert plugin_env["CAIOSFS_MOUNTER_SOCKET"] == mounter_env["CAIOSFS_MOUNTER_SOCKET"]
+    for env in ("CAIOSFS_CSI_STATE_DIR", "CAIOSFS_CSI_CACHE_ROOT"):
+        path = plugin_env[env]
+        assert p[path] == m[path], path
 
 
 def test_kustomization_resources_exist() -> None:

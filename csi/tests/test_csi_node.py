@@ -395,9 +395,14 @@ def test_unpublish_dead_mount_detaches_lazily(plugin: Plugin) -> None:
     stop_plugin(plugin)
     start_plugin(plugin, make_mounter(plugin.fake, DeadMounter))
     unpublish(plugin, target)
-    assert plugin.fake.calls("umount") == []  # no daemon to drain
     assert [c["argv"][0] for c in plugin.fake.calls("lazy-umount")] == ["lazy-umount"]
     assert plugin.fake.mounted() == [] and not os.path.exists(target)
+    # The dead daemon's journal is uploaded before unpublish answers: its cache dir is
+    # mounted once more at a private mountpoint and unmounted (which drains).
+    first, drain = plugin.fake.calls("mount")
+    assert opts_of(drain)["cache_dir"] == opts_of(first)["cache_dir"]
+    assert drain["argv"][2].startswith(str(plugin.state_dir / "orphans"))
+    assert [c["argv"][1] for c in plugin.fake.calls("umount")] == [drain["argv"][2]]
 
 
 def test_publish_over_dead_mount_remounts(plugin: Plugin) -> None:
