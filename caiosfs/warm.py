@@ -43,8 +43,9 @@ def in_shard(key: str, shard: tuple[int, int]) -> bool:
 class Progress:
     """Bytes, rate and ETA on stderr: one updating line on a terminal, else every 5 s."""
 
-    def __init__(self, total: int, nobjects: int, quiet: bool = False) -> None:
-        self.total, self.nobjects, self.quiet = total, nobjects, quiet
+    def __init__(self, total: int, nobjects: int, quiet: bool = False,
+                 label: str = "warm") -> None:
+        self.total, self.nobjects, self.quiet, self.label = total, nobjects, quiet, label
         self.done = 0
         self.objects_done = 0
         self.start = time.monotonic()
@@ -57,7 +58,7 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100 * self.done / self.total if self.total else 100.0
         eta_s = f"{eta:.0f}s" if eta != float("inf") else "?"
-        return (f"warm: {self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB ({pct:.0f}%), "
+        return (f"{self.label}: {self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB ({pct:.0f}%), "
                 f"{self.objects_done}/{self.nobjects} objects, {rate / 2**20:,.0f} MiB/s, "
                 f"ETA {eta_s}")
 
