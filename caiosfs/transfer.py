@@ -70,6 +70,7 @@ class Copier:
         self.res = Result()
         self.timeout = cfg.read_timeout
         self.xattrs = True
+        self._dirs: set[Path] = set()  # destination directories known to exist
 
     async def _call(self, op: str, fn: Any, *args: Any, write: bool = False) -> Any:
         # StoreClient's retry loop with bounded patience: a copy reports an object that
@@ -157,34 +158,65 @@ class Copier:
         dest = self.local / it.rel
         tmp = dest.parent / f"{TMP_PREFIX}{_tmp_hash(dest.name)}-{os.getpid()}{TMP_SUFFIX}"
         key = src.prefix + it.rel
-        await trio.to_thread.run_sync(lambda: dest.parent.mkdir(parents=True, exist_ok=True))
-        fd = await trio.to_thread.run_sync(
-            os.open, tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        step = max(self.cfg.max_request, math.ceil(it.size / 10_000))
+        if it.size <= step:
+            # Everything in one thread hop, retried as a whole: on two cores, each hop
+            # between the loop and a worker costs as much as a small file's write.
+            await self._call("get", self._small, key, it, dest, tmp)
+        else:
+            await self._large(key, it, dest, tmp, step)
+        self.res.copied += 1
+        self.res.bytes += it.size
+        self.progress.update(it.size if it.size <= step else 0, 1)
+
+    def _open_tmp(self, dest: Path, tmp: Path) -> int:
+        if dest.parent not in self._dirs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(dest.parent)
+        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+    def _small(self, key: str, it: Item, dest: Path, tmp: Path) -> None:
+        """In a worker thread: GET the whole object into a temp file, then finish it."""
+        fd = self._open_tmp(dest, tmp)
+        h = (0, it.size, xxhash.xxh3_64()) if self.verify else None
+        try:
+            if it.size == 0:
+                meta = self.store.head(key).metadata
+            else:
+                meta = self.store.get_range(key, 0, it.size, it.etag or None, _writer(fd, h))
+        except BaseException:
+            os.close(fd)
+            _unlink(tmp)
+            raise
+        try:
+            self._finish(fd, tmp, dest, it, self._attrs(meta, it), [h] if h else [])
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    def _attrs(self, meta: dict[str, str] | None, it: Item) -> Attrs:
+        return from_meta(meta, is_dir=False, default_mode=self.cfg.file_mode, uid=0, gid=0,
+                         mtime=it.mtime, size=it.size)
+
+    async def _large(self, key: str, it: Item, dest: Path, tmp: Path, step: int) -> None:
+        """Parallel ranged GETs written in place into one temp file."""
+        fd = await trio.to_thread.run_sync(self._open_tmp, dest, tmp)
         done = False
         hashes: dict[int, Any] = {}  # --verify: range start -> (start, length, xxh3)
+        metas: list[dict[str, str] | None] = []
         try:
-            meta: dict[str, str] | None = None
-            if it.size == 0:
-                meta = (await self._call("head", self.store.head, key)).metadata
-            else:
-                step = max(self.cfg.max_request, math.ceil(it.size / 10_000))
-                metas: list[dict[str, str] | None] = []
-
-                async def one(off: int) -> None:
-                    n = min(step, it.size - off)
-                    h = hashes[off] = (off, n, xxhash.xxh3_64()) if self.verify else None
-                    metas.append(await self._call("get", self.store.get_range, key, off, n,
-                                                  it.etag or None, _writer(fd, h)))
-                    self.progress.update(n)
-                async with trio.open_nursery() as nursery:
-                    for off in range(0, it.size, step):
-                        nursery.start_soon(one, off)
-                meta = metas[0] if metas else None
-            attrs = from_meta(meta, is_dir=False, default_mode=self.cfg.file_mode,
-                              uid=0, gid=0, mtime=it.mtime, size=it.size)
+            async def one(off: int) -> None:
+                n = min(step, it.size - off)
+                h = hashes[off] = (off, n, xxhash.xxh3_64()) if self.verify else None
+                metas.append(await self._call("get", self.store.get_range, key, off, n,
+                                              it.etag or None, _writer(fd, h)))
+                self.progress.update(n)
+            async with trio.open_nursery() as nursery:
+                for off in range(0, it.size, step):
+                    nursery.start_soon(one, off)
             owned, fd = fd, -1  # _finish closes it, whatever happens
-            await trio.to_thread.run_sync(self._finish, owned, tmp, dest, it, attrs,
-                                         list(hashes.values()))
+            await trio.to_thread.run_sync(self._finish, owned, tmp, dest, it,
+                                         self._attrs(metas[0], it), list(hashes.values()))
             done = True
         finally:
             if not done:
@@ -192,9 +224,6 @@ class Copier:
                     os.close(fd)
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_unlink, tmp)
-        self.res.copied += 1
-        self.res.bytes += it.size
-        self.progress.update(0, 1)
 
     def _finish(self, fd: int, tmp: Path, dest: Path, it: Item, attrs: Attrs,
                 hashes: list[Any]) -> None:

@@ -297,3 +297,20 @@ def test_etag_check(tmp_path: Path) -> None:
     assert etag_matches(str(p), len(body), f'"{md5}"', 64 * MiB) is False
     assert etag_matches(str(p), len(body), multi, 64 * MiB) is None  # (no part size fits)
     assert etag_matches(str(p), len(body), '"not-an-md5"', 64 * MiB) is None
+
+
+def test_four_shards_at_once_into_one_directory(s3: Any, bucket: str, tmp_path: Path,
+                                                opts: str, s3_env: dict[str, str]) -> None:
+    files = seed_tree(s3, bucket, "q/", n=60, big=3 * MiB)
+    dest = tmp_path / "one"
+    procs = [subprocess.Popen(CAIOSFS + ["cp", f"s3://{bucket}/q", str(dest), "-o",
+                                         opts + ",max_request=1M", "--shard", f"{i}/4",
+                                         "--json"],
+                              env={**os.environ, **s3_env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    copied = [json.loads(o.strip().splitlines()[-1])["copied"] for o, _ in outs]
+    assert sum(copied) == len(files) + 1 and all(copied)  # every object once, each did some
+    assert local_tree(dest) == {k: xxh(v) for k, v in files.items()}
+    assert not list(dest.rglob(".caiosfs-*"))
