@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Download s3://BUCKET/PREFIX into the block cache of "
                        "--cache-dir with parallel ranged GETs, skipping what is cached and "
                        "valid (so it resumes). If a mount owns the cache directory, the mount "
-                       "does the work.", formatter_class=fmt,
+                       "does the work; if another warm does, it takes this one's objects too, "
+                       "so several warm processes (shards) fill one cache directory.",
+                       formatter_class=fmt,
                        epilog="examples:\n  caiosfs warm s3://data/train --cache-dir /nvme/c "
                        "-o endpoint=caios\n  caiosfs warm s3://data/train --cache-dir /nvme/c "
                        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT\n")
@@ -346,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(endpoint, path_style, credentials_file, cache_size, parallel, ...)")
     w.add_argument("--shard", default="0/1", metavar="I/N", help="take shard I of N "
                    "(0-based; deterministic by key) [default: 0/1]")
+    w.add_argument("--files-from", metavar="LIST", help="warm only the paths in LIST "
+                   "(relative to the prefix; 'caiosfs ls --split' writes such lists)")
     w.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     w.set_defaults(fn=_warm)
 

@@ -145,16 +145,20 @@ def walk_local(root: Path) -> list[Item]:
 
 # Reaching the bucket -------------------------------------------------------------------
 def connect(s3_text: str, options: list[str] | None) -> tuple[MountConfig, Any]:
+    cfg = build_config(s3_text, ",".join(options or []))
+    return cfg, client_for(cfg)
+
+
+def client_for(cfg: MountConfig) -> Any:
     from .metrics import Metrics
     from .store.client import StoreClient
     from .store.s3 import S3Store
-    cfg = build_config(s3_text, ",".join(options or []))
     # (as mount.build_store, without importing the FUSE side)
     store = S3Store(cfg.source.bucket, cfg.endpoint, cfg.region, cfg.path_style,
                     cfg.credentials_file, cfg.aws_profile, max_connections=cfg.parallel * 2 + 8)
     # Uploads keep the mount's max(4, parallel / 2) requests in flight: 16 parts of 64 MiB
     # at once made SeaweedFS drop connections here (9 parts re-sent, half the rate of 8).
-    return cfg, StoreClient(store, Metrics(), cfg.parallel, cfg.read_timeout)
+    return StoreClient(store, Metrics(), cfg.parallel, cfg.read_timeout)
 
 
 async def open_bucket(cfg: MountConfig, client: Any) -> None:
