@@ -1,4 +1,5 @@
-"""The ``caiosfs`` command: mount, umount, status, flush, warm, fsck, demo, install-helper."""
+"""The ``caiosfs`` command: mount, umount, status, flush, warm, cp, ls, fsck, demo,
+install-helper."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ examples:
   caiosfs status --json
   caiosfs flush /mnt/ckpt && caiosfs umount /mnt/ckpt
   caiosfs warm s3://datasets/imagenet --cache-dir /nvme/c --shard 3/8
+  caiosfs cp s3://datasets/imagenet /mnt/data/imagenet -o endpoint=lota --shard 3/8
 
 Credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the AWS shared credentials
 file, or -o credentials_file=PATH; never from the command line. Run 'caiosfs COMMAND --help'
@@ -146,6 +148,16 @@ def _warm(a: argparse.Namespace) -> int:
     return warm_command(a)
 
 
+def _cp(a: argparse.Namespace) -> int:
+    from .transfer import cp_command
+    return cp_command(a)
+
+
+def _ls(a: argparse.Namespace) -> int:
+    from .listing import ls_command
+    return ls_command(a)
+
+
 def _fsck(a: argparse.Namespace) -> int:
     from .cache import fsck, lock_cache_dir
     d = Path(a.cache_dir)
@@ -188,6 +200,89 @@ def _install_helper(a: argparse.Namespace) -> int:
 def _demo(a: argparse.Namespace) -> int:
     from .demo import demo
     return demo(a)
+
+
+CP_DESCRIPTION = """\
+Copy every object under s3://BUCKET[/PREFIX] into a local directory (which may be a
+distributed filesystem), or every file under a local directory to s3://BUCKET[/PREFIX].
+Small objects go many at once ('parallel' requests in flight), large ones as parallel
+ranged GETs of 'max_request' bytes, or multipart uploads of 'part_size' parts.
+
+It resumes: what is already complete at the destination is skipped (a local file with the
+object's size and ETag, remembered in the user.caiosfs.etag xattr, or size and mtime where
+the filesystem has no xattrs; an object with the file's size and a Last-Modified not older
+than the file). A file being downloaded is written under a temporary name
+(.caiosfs-HASH-PID.tmp), fsynced and renamed: a partial file never has the final name, and
+the next run removes what a killed one left. Mode and mtime travel as the s3fs attributes
+x-amz-meta-mode and x-amz-meta-mtime (uid and gid are written, not applied); local symlinks
+become s3fs symlink objects and back.
+
+Shards: --shard I/N takes the paths (relative to the prefix) whose xxh64 is I modulo N,
+so N tasks copy one tree together, each object exactly once, without listing more than
+once each. 'caiosfs ls --split N' lists once and writes N lists of about equal bytes for
+--files-from: then no task lists at all. Tasks may share one destination directory.
+"""
+
+CP_EPILOG = """\
+examples:
+  caiosfs cp s3://datasets/imagenet /mnt/data/imagenet -o endpoint=lota
+  caiosfs cp /mnt/data/results s3://results/run7 -o endpoint=caios --verify
+  caiosfs cp s3://datasets/imagenet /mnt/data/imagenet --shard $SLURM_PROCID/$SLURM_NTASKS
+  caiosfs ls s3://datasets/imagenet --split 64 --output $WORK/shards
+  caiosfs cp s3://datasets/imagenet /mnt/data/imagenet --files-from $WORK/shards/shard-7.list
+
+options (-o name=value,...): the mount options that apply to a copy: endpoint (or the
+aliases caios, lota), region, path_style, credentials_file, aws_profile, parallel
+(requests in flight), max_request (ranged GET size), part_size (multipart part size and the
+size above which uploads are multipart), read_timeout (seconds one request may keep
+retrying before its object fails), file_mode (mode of downloaded files without
+x-amz-meta-mode). See 'caiosfs mount --help'.
+
+Progress (bytes, objects, rate, ETA) is shown on a terminal; otherwise one summary line.
+Exit status: 0 when everything was copied or already there; 1 when some objects failed
+(each is listed on stderr with its reason; rerun to retry them); 2 for bad usage or a
+destination, bucket or credentials that cannot be used (one line).
+"""
+
+
+def add_transfer_commands(sub: Any, fmt: Any) -> None:
+    t = sub.add_parser("cp", help="copy a prefix to a directory or a directory to a prefix",
+                       description=CP_DESCRIPTION, epilog=CP_EPILOG, formatter_class=fmt)
+    t.add_argument("src", metavar="SRC", help="s3://BUCKET[/PREFIX] or a local directory")
+    t.add_argument("dst", metavar="DST", help="a local directory or s3://BUCKET[/PREFIX]")
+    t.add_argument("-o", action="append", metavar="OPTIONS", help="comma-separated options "
+                   "(see below); may be repeated")
+    t.add_argument("--shard", default="0/1", metavar="I/N", help="copy only shard I of N "
+                   "(0-based, by a hash of the relative path) [default: 0/1]")
+    t.add_argument("--files-from", metavar="LIST", help="copy only the paths in LIST (one "
+                   "per line, relative to SRC; lines from 'caiosfs ls --long' or --split "
+                   "carry size and ETag and save a HEAD each)")
+    t.add_argument("--verify", action="store_true", help="check each copied file: against "
+                   "the ETag when it is an MD5 (single or multipart), else by reading back "
+                   "what was written; a mismatch fails the object")
+    t.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary "
+                   "line (failures are still listed)")
+    t.set_defaults(fn=_cp)
+
+    ls = sub.add_parser("ls", help="list a prefix once (and split it into N lists)",
+                        description="List every object under s3://BUCKET[/PREFIX] (or every "
+                        "file under a local directory), one path per line relative to it. "
+                        "--split N writes N lists of about equal bytes for 'caiosfs cp "
+                        "--files-from' (and 'caiosfs warm --files-from').",
+                        formatter_class=fmt, epilog="examples:\n  caiosfs ls s3://data/train "
+                        "-o endpoint=caios | wc -l\n  caiosfs ls s3://data/train --split 64 "
+                        "--output shards/   # shards/shard-0.list ... shard-63.list\n")
+    ls.add_argument("source", metavar="SOURCE", help="s3://BUCKET[/PREFIX] or a directory")
+    ls.add_argument("-o", action="append", metavar="OPTIONS", help="as for cp")
+    ls.add_argument("--long", action="store_true", help="path, size, ETag and mtime, "
+                    "tab-separated")
+    ls.add_argument("--shard", default="0/1", metavar="I/N", help="only shard I of N, as "
+                    "cp --shard [default: 0/1]")
+    ls.add_argument("--split", type=int, metavar="N", help="write N lists (long format) "
+                    "into --output instead of printing")
+    ls.add_argument("--output", metavar="DIR", help="where --split writes shard-I.list")
+    ls.set_defaults(fn=_ls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Download s3://BUCKET/PREFIX into the block cache of "
                        "--cache-dir with parallel ranged GETs, skipping what is cached and "
                        "valid (so it resumes). If a mount owns the cache directory, the mount "
-                       "does the work.", formatter_class=fmt,
+                       "does the work; if another warm does, it takes this one's objects too, "
+                       "so several warm processes (shards) fill one cache directory.",
+                       formatter_class=fmt,
                        epilog="examples:\n  caiosfs warm s3://data/train --cache-dir /nvme/c "
                        "-o endpoint=caios\n  caiosfs warm s3://data/train --cache-dir /nvme/c "
                        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT\n")
@@ -254,8 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(endpoint, path_style, credentials_file, cache_size, parallel, ...)")
     w.add_argument("--shard", default="0/1", metavar="I/N", help="take shard I of N "
                    "(0-based; deterministic by key) [default: 0/1]")
+    w.add_argument("--files-from", metavar="LIST", help="warm only the paths in LIST "
+                   "(relative to the prefix; 'caiosfs ls --split' writes such lists)")
     w.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     w.set_defaults(fn=_warm)
+
+    add_transfer_commands(sub, fmt)
 
     c = sub.add_parser("fsck", help="check (and repair) a cache directory",
                        description="Verify every cached chunk against its xxh3 checksum and "

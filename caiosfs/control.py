@@ -143,21 +143,29 @@ async def serve(path: Path, handle: Handler) -> None:
 def request(mountpoint: str | Path, req: dict[str, Any], timeout: float | None = None
             ) -> Iterator[dict[str, Any]]:
     """Send one request to a mount; yields progress messages, then the final result."""
-    path = socket_path(mountpoint)
+    try:
+        yield from request_socket(socket_path(mountpoint), req, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ConnectionError(f"{mountpoint} is not a running caiosfs mount") from None
+
+
+def request_socket(path: Path, req: dict[str, Any], timeout: float | None = None
+                   ) -> Iterator[dict[str, Any]]:
+    """The same over any control socket (``caiosfs warm`` serves one for other warms)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
+    except OSError:
         s.close()
-        raise ConnectionError(f"{mountpoint} is not a running caiosfs mount") from None
+        raise
     with s:
         s.sendall(json.dumps(req).encode() + b"\n")
         buf = b""
         while True:
             data = s.recv(65536)
             if not data:
-                raise ConnectionError("the mount closed the control connection")
+                raise ConnectionError("the control connection was closed")
             buf += data
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)

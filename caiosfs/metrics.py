@@ -123,4 +123,5 @@ class Metrics:
             "bytes_in": int(v("caiosfs_s3_bytes_in_total")),
             "bytes_out": int(v("caiosfs_s3_bytes_out_total")),
             "skipped_keys": int(v("caiosfs_skipped_keys_total")),
+            "warm_bytes": int(v("caiosfs_warm_bytes_total")),
         }

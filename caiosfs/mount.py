@@ -427,7 +427,7 @@ async def _control(fs: Any, cfg: MountConfig, mp: str, req: dict[str, Any],
         return {"ok": True}
     if cmd == "warm":
         from .warm import warm_in_mount
-        return await warm_in_mount(fs, None, progress_async=progress)
+        return await warm_in_mount(fs, None, progress_async=progress, request=req)
     raise ValueError(f"unknown control command {cmd!r}")
 
 

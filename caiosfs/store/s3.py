@@ -270,7 +270,9 @@ class S3Store:
         return page
 
     def get_range(self, key: str, start: int, length: int, etag: str | None,
-                  sink: Sink) -> None:
+                  sink: Sink) -> dict[str, str]:
+        """Stream the range into ``sink``; returns the object's x-amz-meta-* (lower-case
+        names), which the response carries anyway (``caiosfs cp`` applies mode and mtime)."""
         if self._lean is not None:
             return self._get_range_lean(key, start, length, etag, sink)
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
@@ -296,9 +298,10 @@ class S3Store:
             body.close()
         if got != length:
             raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
+        return {k.lower(): v for k, v in r.get("Metadata", {}).items()}
 
     def _get_range_lean(self, key: str, start: int, length: int, etag: str | None,
-                        sink: Sink) -> None:
+                        sink: Sink) -> dict[str, str]:
         assert self._lean is not None
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
         if etag:
@@ -334,6 +337,8 @@ class S3Store:
                 r.close()
         if got != length:
             raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
+        return {k[11:].lower(): v for k, v in r.headers.items()
+                if k.lower().startswith("x-amz-meta-")}
 
     def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str:
