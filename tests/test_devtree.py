@@ -190,3 +190,107 @@ def test_fifo_socket_and_device_nodes(s3: Any, bucket: str, mounter: Any) -> Non
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
     os.unlink(m2.path / "pipe")
     assert not (m2.path / "pipe").exists()
+
+
+def _make_wheel(out: Path, name: str, version: str, modules: dict[str, str],
+                script: str | None = None) -> Path:
+    """A pure-Python wheel written by hand (a zip with the dist-info files pip reads): no
+    network, no build backend."""
+    import base64
+    import zipfile
+    dist = f"{name}-{version}.dist-info"
+    files: dict[str, bytes] = {f"{name}/{m}": src.encode() for m, src in modules.items()}
+    files[f"{dist}/METADATA"] = (f"Metadata-Version: 2.1\nName: {name}\n"
+                                 f"Version: {version}\n").encode()
+    files[f"{dist}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                              b"Tag: py3-none-any\n")
+    if script:
+        files[f"{dist}/entry_points.txt"] = f"[console_scripts]\n{script}\n".encode()
+    record = []
+    for path, body in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(body)}")
+    record.append(f"{dist}/RECORD,,")
+    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
+    whl = out / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for path, body in files.items():
+            z.writestr(path, body)
+    return whl
+
+
+def _pip_and_git(root: Path, wheels: Path, origin: Path) -> None:
+    """The workload: pip install of the wheels into root/site, a clone of origin into
+    root/clone with a checkout of another branch."""
+    import sys
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-compile",
+                        "--disable-pip-version-check", "--find-links", str(wheels),
+                        "--target", str(root / "site"), "devpkg", "devtool"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    git(root, "clone", "-q", "--no-local", str(origin), "clone")
+    git(root / "clone", "checkout", "-q", "feature")
+
+
+def test_pip_git_import_on_mount_match_local(s3: Any, bucket: str, mounter: Any,
+                                             tmp_path: Path) -> None:
+    """pip install (wheels built here), git clone + checkout and import on the mount give
+    the same tree as on a local directory, also after a cold remount; the clone is clean
+    and intact there, and the package imports and its script runs."""
+    import sys
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    mods = {"__init__.py": "from .core import answer\n",
+            "core.py": "def answer():\n    return 42\n",
+            "data.txt": "payload\n" * 100}
+    mods.update({f"m{i}.py": f"X = {i}\n" * 50 for i in range(40)})
+    _make_wheel(wheels, "devpkg", "1.0", mods)
+    _make_wheel(wheels, "devtool", "0.3", {"__init__.py": "",
+                                           "cli.py": "def main():\n    print('tool ok')\n"},
+                script="devtool = devtool.cli:main")
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    git(origin, "init", "-q", "-b", "main")
+    for c in range(5):
+        (origin / f"f{c}.txt").write_bytes(os.urandom(3000))
+        (origin / "log.txt").write_text(f"commit {c}\n" * (c + 1))
+        git(origin, "add", "-A")
+        git(origin, "commit", "-q", "-m", f"c{c}")
+    git(origin, "checkout", "-q", "-b", "feature")
+    (origin / "run.sh").write_text("#!/bin/sh\necho run\n")
+    os.chmod(origin / "run.sh", 0o755)
+    os.symlink("f0.txt", origin / "alias")
+    (origin / "f1.txt").unlink()
+    git(origin, "add", "-A")
+    git(origin, "commit", "-q", "-m", "feature")
+    git(origin, "checkout", "-q", "main")
+
+    local = tmp_path / "local"
+    local.mkdir()
+    _pip_and_git(local, wheels, origin)
+    m = mounter(bucket)
+    _pip_and_git(m.path, wheels, origin)
+
+    def trees(root: Path) -> dict[str, tuple]:
+        state = tree_state(root / "site")
+        state.update({"clone/" + k: v for k, v in tree_state(root / "clone").items()
+                      if not k.startswith(".git")})
+        return state
+    want = trees(local)
+    assert trees(m.path) == want
+    m2 = cold_remount(mounter, m, bucket)
+    assert trees(m2.path) == want
+    clone = m2.path / "clone"
+    assert git(clone, "status", "--porcelain") == ""
+    git(clone, "fsck", "--strict", "--no-progress")
+    assert git(clone, "log", "--format=%s") == git(local / "clone", "log", "--format=%s")
+    env = {**os.environ, "PYTHONPATH": str(m2.path / "site")}
+    out = subprocess.run([sys.executable, "-B", "-c",
+                          "import devpkg, devpkg.m39; print(devpkg.answer(), devpkg.m39.X)"],
+                         capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert out.stdout.split() == ["42", "39"]
+    tool = m2.path / "site" / "bin" / "devtool"
+    assert os.access(tool, os.X_OK)
+    out = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True,
+                         env=env, timeout=60, check=True)
+    assert out.stdout.strip() == "tool ok"
