@@ -663,3 +663,8 @@ WORKLOADS: list[Workload] = [
         only_fs=("caiosfs",),
     ),
 ]
+
+# Developer-tree workloads (issue #17) live in their own file.
+from bench import devtree
+
+WORKLOADS += devtree.workloads()
