@@ -98,7 +98,8 @@ def _git_steps(ctx: Any, clone: Path, m: Any, timing: dict[str, float]) -> None:
     timing["log_p"] = _sh([*GIT, "log", "-p", "-20"], clone, t, m)
     timing["checkout"] = _sh([*GIT, "checkout", "-q", "other"], clone, t, m)
     timing["diff"] = _sh([*GIT, "diff", "main"], clone, t, m)
-    timing["tar"] = _sh(["tar", "cf", "/dev/null", "."], clone, t, m)
+    # (GNU tar reads nothing when it writes to /dev/null itself.)
+    timing["tar"] = _sh(["sh", "-c", "tar cf - . | cat >/dev/null"], clone, t, m)
 
 
 def _samples(timing: dict[str, float], n: int) -> list[Any]:
@@ -119,9 +120,10 @@ def _walk_sizes(root: Path, rel: str) -> dict[str, int]:
 def _wait_gone(ctx: Any, rel: str, timeout: float) -> float:
     from bench.procs import BenchError
     deadline = time.monotonic() + timeout
-    while ctx.store.list_sizes(rel + "/"):
+    while left := ctx.store.list_sizes(rel + "/"):
         if time.monotonic() > deadline:
-            raise BenchError(f"{rel} still in the store {timeout:.0f} s after rm -rf")
+            raise BenchError(f"{rel}: {len(left)} objects still in the store {timeout:.0f} s "
+                             f"after rm -rf, e.g. {sorted(left)[0]}")
         time.sleep(0.1)
     return time.monotonic()
 
