@@ -123,7 +123,7 @@ def _wait_gone(ctx: Any, rel: str, timeout: float) -> float:
     while left := ctx.store.list_sizes(rel + "/"):
         if time.monotonic() > deadline:
             raise BenchError(f"{rel}: {len(left)} objects still in the store {timeout:.0f} s "
-                             f"after rm -rf, e.g. {sorted(left)[0]}")
+                             f"after rm -rf, e.g. {min(left)}")
         time.sleep(0.1)
     return time.monotonic()
 
