@@ -1084,7 +1084,7 @@ WORKLOADS: list[Workload] = [
 
 
 # Workloads defined in other modules of bench/: each such module has a list WORKLOADS of
-# Workload, appended here in this order (a module that does not exist yet is skipped). To add
+# Workload (or a function workloads() returning one), appended here in this order (a module that does not exist yet is skipped). To add
 # one, add a line below: nothing else needs to change.
 EXTRA_MODULES = (
     "bench.transfer",  # caiosfs cp and friends
@@ -1102,7 +1102,8 @@ def _load_extra() -> None:
             if e.name == name:
                 continue
             raise
-        WORKLOADS.extend(mod.WORKLOADS)
+        extra = getattr(mod, "WORKLOADS", None)
+        WORKLOADS.extend(extra if extra is not None else mod.workloads())
 
 
 _load_extra()

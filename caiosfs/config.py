@@ -86,7 +86,9 @@ OPTIONS: list[Option] = [
     Option("aws_profile", str, None, "Section of the credentials file to use (default: "
            "$AWS_PROFILE, else 'default').", "NAME"),
     Option("profile", str, "default", "Preset of TTLs and behaviour: dataset (immutable data: "
-           "infinite TTLs), devbox (small files, short TTLs, metadata=head), checkpoint "
+           "infinite TTLs, metadata=list: after a listing, symlinks and modes show as the "
+           "mount's defaults until looked up by name), devbox (small files, short TTLs, "
+           "metadata=head), checkpoint "
            "(large sequential writes, long TTLs). Explicit options override the preset.", "NAME"),
     Option("cache_dir", str, None, "Local block cache and write journal (put it on NVMe). "
            "Default: /var/cache/caiosfs as root, else ~/.cache/caiosfs.", "DIR"),
@@ -130,12 +132,16 @@ OPTIONS: list[Option] = [
            "SECONDS"),
     Option("negative_ttl", parse_seconds, 5.0, "Seconds a 'no such file' answer is trusted.",
            "SECONDS"),
-    Option("metadata", str, "list", "Where stat results come from: 'list' uses the listing "
-           "(size, ETag, Last-Modified) plus x-amz-meta-* already known (written or looked up "
-           "here, remembered by ETag), else the mount defaults: no request per entry. 'head' "
-           "also reads each listed object's x-amz-meta-* once (parallel HEADs after a "
-           "listing), so modes and symlinks written by other clients show in 'ls -l' (the "
-           "devbox profile's choice).", "list|head"),
+    Option("metadata", str, "tagged", "Where stat results come from. 'tagged' (default): "
+           "the listing (size, ETag, Last-Modified) plus x-amz-meta-* already known "
+           "(remembered by ETag), and one HEAD, in parallel after a listing, of each object "
+           "whose ETag says it may carry attributes a listing would hide: what this mount "
+           "writes with a non-default type, mode or owner (symlinks, executables) is uploaded "
+           "so (a one-part multipart upload, ETag '...-N'), so it reads back the same after "
+           "a remount whatever is accessed first. 'head': HEAD every listed object once "
+           "(modes and symlinks written by other clients show too; the devbox profile's "
+           "choice). 'list': no HEAD after a listing: objects listed before they are looked "
+           "up show the mount's defaults (the dataset profile's choice).", "tagged|head|list"),
     Option("fsync", str, "store", "What fsync waits for: 'store' (durable in the object store) "
            "or 'local' (durable on the local cache disk, uploaded soon after).", "store|local"),
     Option("upload_delay", parse_seconds, 1.0, "Seconds after the last close before a file is "
@@ -163,7 +169,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                    "upload_delay": 0.5},
 }
 
-CHOICES = {"profile": tuple(PROFILES), "metadata": ("head", "list"), "fsync": ("store", "local"),
+CHOICES = {"profile": tuple(PROFILES), "metadata": ("tagged", "head", "list"),
+           "fsync": ("store", "local"),
            "warm": ("background", "blocking")}
 
 

@@ -26,9 +26,9 @@ from .config import MountConfig
 from .errors import FsError, StoreError
 from .index import Index, ident_of
 from .metrics import Metrics
-from .namespace import Entry, Listing, Namespace, Node
+from .namespace import Entry, Listing, Namespace, Node, tagged
 from .reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
-from .store import ObjectStore
+from .store import ObjectStore, PartSource
 from .store.client import StoreClient
 from .writeback import DirtyFile, WriteBack
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 MAX_TTL = 365 * 86400.0
 MAX_KEY = 1024  # S3's limit on object keys, in UTF-8 bytes
+MAX_TAGGED_COPY = 5 << 30  # one UploadPartCopy moves at most 5 GiB
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
 RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
 
@@ -115,6 +116,7 @@ class Filesystem(pyfuse3.Operations):
                             upload_delay=cfg.upload_delay, fsync_local=cfg.fsync == "local",
                             on_uploaded=self._uploaded)
         self.ns = Namespace(cfg, self.client, index, self.metrics, self.wb)
+        self.wb.tagged = self.ns.needs_tag
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
         # Stored files unlinked while open for reading: ino -> (ops id, path, key, etag).
@@ -251,10 +253,11 @@ class Filesystem(pyfuse3.Operations):
         e.st_nlink = 2 if n.is_dir else 1
         e.st_uid, e.st_gid = a.uid, a.gid
         e.st_size = 0 if n.is_dir else a.size
+        e.st_rdev = a.rdev
         e.st_blksize = 1 << 20
         e.st_blocks = (e.st_size + 511) // 512
-        ns = int(a.mtime * 1e9)
-        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
+        e.st_atime_ns = e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
         return e
 
     def _new_path(self, parent: str, name: str, is_dir: bool = False) -> str:
@@ -298,7 +301,7 @@ class Filesystem(pyfuse3.Operations):
         n = self.ns.node(inode)
         f = self._dirty_of(n, fh)
         a = f.attrs if f is not None else n.attrs
-        new = Attrs(a.mode, a.uid, a.gid, a.mtime, a.size)
+        new = a.copy()
         if fields.update_mode:
             new.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode)
         if fields.update_uid:
@@ -306,21 +309,28 @@ class Filesystem(pyfuse3.Operations):
         if fields.update_gid:
             new.gid = attr.st_gid
         if fields.update_mtime:
-            new.mtime = attr.st_mtime_ns / 1e9
+            new.mtime_ns = attr.st_mtime_ns
+        if getattr(fields, "update_ctime", False):
+            new.ctime_ns = attr.st_ctime_ns
         # The kernel (writeback cache) flushes its own mtime/ctime after writes, renames and
-        # fsyncs. What is stored is mode/uid/gid and mtime in whole seconds: when none of that
-        # changes there is nothing to write (a clean object would otherwise be copied onto
-        # itself, a dirty one uploaded again).
-        changed = new.to_meta() != a.to_meta()
+        # fsyncs. What is stored is mode/uid/gid and the times to the nanosecond (git compares
+        # them). A change of ctime alone (the kernel's flush after a rename, say) is not worth
+        # a request: it goes with the next upload of a dirty file, and on a clean object it
+        # stays in this mount (a CopyObject per rename would double its cost).
+        changed = (new.mode, new.uid, new.gid, new.mtime_ns) != (a.mode, a.uid, a.gid,
+                                                                   a.mtime_ns)
         if not fields.update_size and not changed:
-            a.mtime = new.mtime
+            a.ctime_ns = new.ctime_ns
+            if f is not None and not f.clean and self.ns.attached(n):
+                self.wb._journal(f)
             return self._entry(n)
         if not self.ns.attached(n):
             # Unlinked (or replaced by a rename) while open: the name is gone, so only the
             # open file's own attributes change; nothing is written to the store.
             if fields.update_size and f is not None:
                 await self.wb.truncate(f, attr.st_size)
-            a.mode, a.uid, a.gid, a.mtime = new.mode, new.uid, new.gid, new.mtime
+            a.mode, a.uid, a.gid = new.mode, new.uid, new.gid
+            a.mtime_ns, a.ctime_ns = new.mtime_ns, new.ctime_ns
             return self._entry(n)
         if n.is_dir:
             # (The root has no marker of its own; a directory made here whose marker is
@@ -339,7 +349,9 @@ class Filesystem(pyfuse3.Operations):
         if f is not None:
             f.attrs.mode, f.attrs.uid, f.attrs.gid = new.mode, new.uid, new.gid
             if fields.update_mtime:
-                f.attrs.mtime = new.mtime
+                f.attrs.mtime_ns = new.mtime_ns
+            if getattr(fields, "update_ctime", False):
+                f.attrs.ctime_ns = new.ctime_ns
             f.gen += 1
             if f.writers == 0:
                 self.wb.schedule(f, self.cfg.upload_delay)
@@ -353,8 +365,8 @@ class Filesystem(pyfuse3.Operations):
                 await self.ns.revalidate(n)
             if not n.entry.etag:
                 raise FsError(errno.ENOENT)
-            etag = await self.client.copy(self.ns.key(n.path), self.ns.key(n.path),
-                                          new.to_meta(), n.entry.size, patient=False)
+            etag = await self._copy(self.ns.key(n.path), self.ns.key(n.path), new.to_meta(),
+                                    n.entry.size, n.entry.etag)
             e = Entry(False, n.entry.size, etag, new.mtime, new.to_meta())
             # The copy keeps the content, so usually the ETag too: the metadata remembered
             # for this ETag must be replaced, or the next listing brings the old back.
@@ -526,7 +538,8 @@ class Filesystem(pyfuse3.Operations):
                 data = await self.reader.read(obj, ra, off, 4 << 20)
                 await trio.to_thread.run_sync(os.pwrite, fd, data, off)
                 off += len(data)
-        attrs = Attrs(n.attrs.mode, n.attrs.uid, n.attrs.gid, n.attrs.mtime, n.entry.size)
+        attrs = n.attrs.copy()
+        attrs.size = n.entry.size
         return await self.wb.open_existing(n.path, n.entry.etag, attrs,
                                            fill if keep_content else None)
 
@@ -640,6 +653,31 @@ class Filesystem(pyfuse3.Operations):
         return self._entry(n)
 
     @handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        """A fifo, a unix socket's name, or a device node: an empty object whose
+        x-amz-meta-mode carries the type (and x-amz-meta-rdev a device's number), as s3fs
+        stores them. The kernel makes them work (pipes, sockets) while the mount lives."""
+        self._check_rw()
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFREG):
+            raise FsError(errno.EINVAL)
+        parent = self.ns.node(parent_inode)
+        sname = _name(name)
+        await self._must_not_exist(parent, sname)
+        path = self._new_path(parent.path, sname)
+        await self._claim(path)
+        attrs = Attrs(kind | (mode & 0o7777 & ~ctx.umask), ctx.uid, ctx.gid, 0.0,
+                      mtime_ns=time.time_ns(), rdev=rdev if kind in (stat.S_IFCHR,
+                                                                    stat.S_IFBLK) else 0)
+        f = await self.wb.create(path, attrs)
+        self.wb.schedule(f, self.cfg.upload_delay)
+        self._add_to_listing(path, f)
+        n = self.ns._node_for(path, Entry(False, 0, "", attrs.mtime, attrs.to_meta()))
+        n.lookups += 1
+        return self._entry(n)
+
+    @handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
                    ) -> pyfuse3.EntryAttributes:
         raise FsError(errno.ENOTSUP, "hard links are not supported on object storage")
@@ -699,11 +737,40 @@ class Filesystem(pyfuse3.Operations):
             src_in_store = bool(n.entry.etag)
             # A local file at dst goes first: its upload must not land after the copy.
             await self.wb.unlink(dst)
-            etag = await self.client.copy(self.ns.key(src), self.ns.key(dst), None,
-                                          n.entry.size, patient=False)
+            etag = await self._copy(self.ns.key(src), self.ns.key(dst), None, n.entry.size,
+                                    n.entry.etag, known=n.entry.meta)
             n.entry = Entry(False, n.entry.size, etag, n.entry.mtime, n.entry.meta)
         if src_in_store:
             await self.client.delete(self.ns.key(src), patient=False)
+
+    async def _copy(self, src: str, dst: str, meta: dict[str, str] | None, size: int,
+                    src_etag: str, patient: bool = False,
+                    known: dict[str, str] | None = None) -> str:
+        """CopyObject ``src`` to ``dst`` (``meta``: new metadata, None: the source's, which
+        is ``known`` if given), keeping what a listing shows: a copy of an object that needs
+        the tag (see ``Namespace.needs_tag``) is made as a one-part multipart copy, whose
+        ETag carries the mark (a CopyObject would make it a plain one)."""
+        want = meta if meta is not None else known
+        if tagged(src_etag) or (want is not None and self.ns.needs_tag(want)):
+            if want is None:
+                want = (await self.client.head(src)).metadata or {}
+            if self.ns.needs_tag(want) and size <= MAX_TAGGED_COPY:
+                return await self._copy_tagged(src, dst, want, size)
+        return await self.client.copy(src, dst, meta, size, patient=patient)
+
+    async def _copy_tagged(self, src: str, dst: str, meta: dict[str, str], size: int) -> str:
+        upload_id = await self.client.create_multipart(dst, meta)
+        try:
+            part = (PartSource(1, None, 0, size, copy_key=src) if size
+                    else PartSource(1, None, 0, 0, data=b""))
+            etag = await self.client.upload_part(dst, upload_id, part)
+            return await self.client.complete_multipart(dst, upload_id, [etag])
+        except StoreError:
+            try:
+                await self.client.abort_multipart(dst, upload_id)
+            except StoreError:
+                pass
+            raise
 
     async def _rename_dir(self, src: str, dst: str) -> None:
         await self.wb.settle_markers(src)  # the move copies what the store holds
@@ -751,7 +818,7 @@ class Filesystem(pyfuse3.Operations):
                         await self.client.put_file(dst, None, 0, meta)
                     else:
                         try:
-                            await self.client.copy(o.key, dst, None, o.size)
+                            await self._copy(o.key, dst, None, o.size, o.etag, patient=True)
                         except StoreError as exc:
                             if exc.errno != errno.ENOENT:
                                 raise

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import trio
+import xxhash
 
 from .attrs import Attrs, from_meta
 from .config import MountConfig
@@ -31,6 +32,20 @@ log = logging.getLogger(__name__)
 ROOT_INO = 1
 MAX_NAME = 255
 HEAD_PARALLEL = 32
+# Probes of names in one directory (within list_ttl) after which it is listed instead: a
+# probe is a HEAD and a LIST; a listing of up to 1,000 entries is one LIST.
+LIST_AFTER_MISSES = 3
+INO_MASK = (1 << 63) - 1  # positive in every signed 64-bit view of st_ino
+
+
+class _TooBig(Exception):
+    """A directory with more entries than a lookup's listing is worth."""
+
+
+def tagged(etag: str) -> bool:
+    """Whether a listed ETag is a multipart upload's ("...-N"): the mark of objects that
+    carry attributes a listing must not hide (``WriteBack.tagged``), and of large objects."""
+    return "-" in etag
 
 
 def valid_name(name: str) -> bool:
@@ -82,7 +97,6 @@ class Namespace:
         self.bucket = cfg.source.bucket
         self.nodes: dict[int, Node] = {}
         self.by_path: dict[str, int] = {}
-        self._next_ino = ROOT_INO + 1
         self.listings: dict[str, Listing] = {}
         self.negative: dict[str, float] = {}
         # path -> ETag of a stored version unlinked while open (deleted at the last close):
@@ -93,6 +107,8 @@ class Namespace:
         self._listing_now: dict[str, list[dict[str, Entry | None]]] = {}
         self._heads: dict[str, trio.Event] = {}
         self._clash_logged: set[str] = set()
+        # dir path -> (since, probes of names in it); -1 probes: too big to list for that
+        self._misses: dict[str, tuple[float, int]] = {}
         root = Entry(True, mtime=time.time())
         self.nodes[ROOT_INO] = Node(ROOT_INO, "", root, self._attrs(root))
         self.by_path[""] = ROOT_INO
@@ -148,12 +164,21 @@ class Namespace:
                 n.entry, n.attrs, n.validated = e, attrs, time.monotonic()
                 return n
             self.by_path.pop(path, None)  # type or version changed: a new inode
-        ino = self._next_ino
-        self._next_ino += 1
+        ino = self.free_ino(path)
         n = Node(ino, path, e, attrs)
         self.nodes[ino] = n
         self.by_path[path] = ino
         return n
+
+    def free_ino(self, path: str) -> int:
+        """The inode number for a new inode of ``path``: a hash of the path, so an unchanged
+        file has the same number after a remount (git compares st_ino with its index), and
+        the next free number after it while that one is still in use (another version of
+        the same path the kernel still holds, or a hash collision)."""
+        ino = xxhash.xxh3_64_intdigest(path.encode("utf-8", "surrogateescape")) & INO_MASK
+        while ino <= ROOT_INO or ino in self.nodes:
+            ino = (ino + 1) & INO_MASK
+        return ino
 
     def attached(self, n: Node) -> bool:
         """Whether ``n`` still owns its path (False once unlinked or replaced by a rename,
@@ -178,8 +203,10 @@ class Namespace:
                 del self.by_path[n.path]
 
     # listing -----------------------------------------------------------------------------
-    async def list_dir(self, path: str, force: bool = False) -> dict[str, Entry]:
-        """Entries of a directory as the store has them (cached for list_ttl)."""
+    async def list_dir(self, path: str, force: bool = False,
+                       max_pages: int | None = None) -> dict[str, Entry]:
+        """Entries of a directory as the store has them (cached for list_ttl). With
+        ``max_pages``, _TooBig if it has more pages than that."""
         cached = self.listings.get(path)
         if cached and not force and time.monotonic() - cached.at < self.cfg.list_ttl:
             return cached.entries
@@ -188,7 +215,10 @@ class Namespace:
         changes: dict[str, Entry | None] = {}
         self._listing_now.setdefault(path, []).append(changes)
         try:
-            await self._list_pages(path, pre, entries)
+            await self._list_pages(path, pre, entries, max_pages)
+        except _TooBig:
+            self._misses[path] = (time.monotonic(), -1)
+            raise
         finally:
             self._listing_now[path].remove(changes)
             if not self._listing_now[path]:
@@ -208,13 +238,18 @@ class Namespace:
                 m = self.wb.markers[p]
                 entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
         self.listings[path] = Listing(entries, time.monotonic())
-        if self.cfg.metadata == "head":
-            await self._head_all(pre, entries)
+        if self.cfg.metadata != "list":
+            await self._head_all(pre, entries, every=self.cfg.metadata == "head")
         return entries
 
-    async def _list_pages(self, path: str, pre: str, entries: dict[str, Entry]) -> None:
+    async def _list_pages(self, path: str, pre: str, entries: dict[str, Entry],
+                          max_pages: int | None = None) -> None:
         token = None
+        pages = 0
         while True:
+            if max_pages is not None and pages >= max_pages:
+                raise _TooBig(path)
+            pages += 1
             page = await self.store.list(pre, "/", token)
             for o in page.objects:
                 name = o.key[len(pre):]
@@ -251,8 +286,21 @@ class Namespace:
             if not e.is_dir and e.meta is None:
                 e.meta = self.index.get_meta(ident_of(self.bucket, pre + name, e.etag))
 
-    async def _head_all(self, pre: str, entries: dict[str, Entry]) -> None:
-        todo = [(name, e) for name, e in entries.items() if not e.is_dir and e.meta is None]
+    def needs_tag(self, meta: dict[str, str]) -> bool:
+        """Whether an object with this metadata would look different if a listing's
+        defaults stood for it: another type (symlink, ...), mode or owner than the mount's
+        defaults. (Times are not: a listing's Last-Modified is shown until the object is
+        looked up or opened.)"""
+        c = self.cfg
+        a = from_meta(meta, is_dir=False, default_mode=c.file_mode, uid=c.uid, gid=c.gid,
+                      mtime=0)
+        return (a.mode != stat.S_IFREG | c.file_mode or a.uid != c.uid or a.gid != c.gid)
+
+    async def _head_all(self, pre: str, entries: dict[str, Entry], every: bool) -> None:
+        """Read the x-amz-meta-* of listed objects whose metadata is not known yet: every
+        one, or (``every`` false) those a tag marks (:func:`tagged`)."""
+        todo = [(name, e) for name, e in entries.items() if not e.is_dir and e.meta is None
+                and (every or tagged(e.etag))]
         if not todo:
             return
         limiter = trio.CapacityLimiter(HEAD_PARALLEL)
@@ -308,10 +356,20 @@ class Namespace:
         now = time.monotonic()
         listing = self.listings.get(parent_path)
         if listing and now - listing.at < self.cfg.list_ttl:
-            return listing.entries.get(name)
+            return await self._from_listing(parent_path, listing.entries.get(name), name)
         neg = self.negative.get(path)
         if neg is not None and now - neg < self.cfg.negative_ttl:
             return None
+        if self._missed(parent_path, now) > LIST_AFTER_MISSES:
+            # Several names of this directory asked for in a row (git status, a `cp -r` over
+            # an existing tree): one listing answers them all, where each probe costs a HEAD
+            # and a LIST.
+            try:
+                entries = await self.list_dir(parent_path, max_pages=1)
+            except (_TooBig, GaveUp):
+                pass
+            else:
+                return await self._from_listing(parent_path, entries.get(name), name)
         try:
             e = await self.probe(path)
         except GaveUp:
@@ -335,6 +393,40 @@ class Namespace:
         else:
             self.negative.pop(path, None)
         return e
+
+    def _missed(self, dir_path: str, now: float) -> int:
+        """Count a probe in ``dir_path``; how many it made within list_ttl (0 once a listing
+        of it turned out too big to be worth it)."""
+        start, n = self._misses.get(dir_path, (now, 0))
+        if n < 0 and now - start < self.cfg.list_ttl:
+            return 0
+        if n < 0 or now - start >= self.cfg.list_ttl:
+            start, n = now, 0
+        self._misses[dir_path] = (start, n + 1)
+        if len(self._misses) > 10_000:
+            self._misses.clear()
+        return n + 1
+
+    async def _from_listing(self, dir_path: str, e: Entry | None, name: str) -> Entry | None:
+        """A lookup answered by a listing: a file whose metadata is not known yet is HEADed
+        (one request; a listing's defaults and Last-Modified would make the answer depend
+        on the order of access, and git re-read the file), except with metadata=list."""
+        if e is None or e.is_dir or e.meta is not None or self.cfg.metadata == "list":
+            return e
+        key = self.dir_key(dir_path) + name
+        try:
+            info = await self.store.head(key)
+        except StoreError as exc:
+            if exc.errno == errno.ENOENT:
+                return None  # deleted since the listing
+            return e  # unreachable: what the listing says is the best answer there is
+        if info.etag == e.etag:
+            e.meta = info.metadata or {}
+            self.index.put_meta(ident_of(self.bucket, key, e.etag), e.meta)
+            return e
+        fresh = Entry(False, info.size, info.etag, info.mtime, info.metadata or {})
+        self.index.put_meta(ident_of(self.bucket, key, info.etag), fresh.meta or {})
+        return fresh
 
     async def probe(self, path: str) -> Entry | None:
         """Ask the store about one path: HEAD the object and list one key under ``path/``."""

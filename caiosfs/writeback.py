@@ -340,6 +340,7 @@ class WriteBack:
         return {
             "path": f.path, "key": f.key, "base_etag": f.base_etag, "mode": f.attrs.mode,
             "uid": f.attrs.uid, "gid": f.attrs.gid, "mtime": f.attrs.mtime,
+            "mtime_ns": f.attrs.mtime_ns, "ctime_ns": f.attrs.ctime_ns,
             "upload_id": f.stream.upload_id if f.stream else None, "deleted": f.deleted,
             "inline": f.inline,
         }
@@ -1012,8 +1013,31 @@ class WriteBack:
             if f.stream is not None:
                 await self._abort(f.key, f.stream.upload_id)
                 f.stream = None
+            if self.tagged(meta):
+                return await self._tagged_put(f.key, body, size, meta, cond)
             return await self.store.put_file(f.key, body, size, meta, **cond)
         return await self._multipart(f, size, meta, cond)
+
+    # Set by the filesystem: whether an object with this metadata must show it after a
+    # listing (a symlink, an executable, ...). Such an object is uploaded as a one-part
+    # multipart upload, whose ETag ("...-1") marks it in listings (namespace.tagged).
+    tagged: Callable[[dict[str, str]], bool] = staticmethod(lambda meta: False)
+
+    async def _tagged_put(self, key: str, body: Body, size: int, meta: dict[str, str],
+                          cond: dict[str, Any]) -> str:
+        """A small object as a multipart upload of one part (three requests instead of one
+        PUT: only for the few objects whose metadata a listing must not hide)."""
+        upload_id = await self.store.create_multipart(key, meta)
+        try:
+            if isinstance(body, str):
+                part = PartSource(1, body, 0, size)
+            else:
+                part = PartSource(1, None, 0, size, data=(body or b"")[:size])
+            etag = await self.store.upload_part(key, upload_id, part)
+            return await self.store.complete_multipart(key, upload_id, [etag], **cond)
+        except StoreError:
+            await self._abort(key, upload_id)  # (after a crash, replay finds orphans)
+            raise
 
     @contextlib.contextmanager
     def _body(self, f: DirtyFile) -> Iterator[tuple[Body, int]]:
@@ -1352,7 +1376,8 @@ class WriteBack:
             else:
                 fd = os.open(data_path, os.O_RDWR)
                 size = os.fstat(fd).st_size
-            attrs = Attrs(j["mode"], j["uid"], j["gid"], j["mtime"], size)
+            attrs = Attrs(j["mode"], j["uid"], j["gid"], j["mtime"], size,
+                          mtime_ns=j.get("mtime_ns"), ctime_ns=j.get("ctime_ns"))
             path = j.get("path") or j["key"][len(self.prefix):]
             f = DirtyFile(fid, path, j["key"], j["base_etag"], attrs, data_path, fd,
                           inline=inline)

@@ -52,6 +52,7 @@ class PartSource:
     length: int = 0
     copy_key: str | None = None  # server-side copy (UploadPartCopy) from this key
     copy_etag: str | None = None
+    data: bytes | None = None  # the part's bytes themselves (a small file kept in the journal)
 
 
 # What a PUT sends: the first ``size`` bytes of the local file at this path, the bytes

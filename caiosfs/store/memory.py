@@ -154,6 +154,8 @@ class MemoryStore:
             if part.copy_etag and src.etag != part.copy_etag:
                 raise PreconditionFailed(part.copy_key)
             data = src.data[part.offset:part.offset + part.length]
+        elif part.data is not None:
+            data = part.data[part.offset:part.offset + part.length]
         else:
             assert part.path is not None
             fd = os.open(part.path, os.O_RDONLY)

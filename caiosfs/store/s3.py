@@ -394,6 +394,11 @@ class S3Store:
                            CopySourceRange=f"bytes={part.offset}-{part.offset + part.length - 1}",
                            **kw)
             return r["CopyPartResult"]["ETag"]
+        if part.data is not None:
+            return self._call(self._c.upload_part, Bucket=self.bucket, Key=key,
+                              UploadId=upload_id, PartNumber=part.number,
+                              Body=part.data[part.offset:part.offset + part.length],
+                              ContentLength=part.length)["ETag"]
         assert part.path is not None
         with FileSlice(part.path, part.offset, part.length) as body:
             return self._call(self._c.upload_part, Bucket=self.bucket, Key=key,

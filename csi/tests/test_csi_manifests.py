@@ -22,7 +22,7 @@ FILES = sorted([*CSI.glob("deploy/*.yaml"), *CSI.glob("examples/*.yaml")])
 
 def docs(path: Path) -> list[dict]:
     # The devbox example is rendered with envsubst; substitute like it would.
-    text = path.read_text().replace("${USER}", "alice")
+    text = path.read_text().replace("${DEV_USERNAME}", "alice")
     return [d for d in yaml.safe_load_all(text) if d]
 
 
