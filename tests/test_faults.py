@@ -6,8 +6,9 @@
   once it heals — checked byte-for-byte against the store with s3.get_object.
 - The store unreachable for ~30 s while writing: writers see back-pressure at most.
 
-Figures (requests faulted, operations that succeeded, bytes lost) are printed and merged
-into tests/figures/faults.json for the README.
+Figures (requests faulted, operations that succeeded, bytes lost) are printed, and merged
+into tests/figures/faults.json for the README when the test passed and
+CAIOSFS_RECORD_FIGURES=1 (then run tests/figures/render_readme.py).
 """
 
 from __future__ import annotations
