@@ -134,7 +134,7 @@ def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
 
 FIGURES_DIR = Path(__file__).parent / "figures"
 # Figures are printed by every run; they are written to tests/figures/*.json (from which
-# tests/figures/readme.py makes the README's tables) only with CAIOSFS_RECORD_FIGURES=1, and
+# tests/figures/render_readme.py makes the README's tables) only with CAIOSFS_RECORD_FIGURES=1, and
 # only for a test that passed: a plain run leaves the tree as it was.
 RECORD_ENV = "CAIOSFS_RECORD_FIGURES"
 _pending: list[tuple[str, str, dict[str, Any]]] = []

@@ -4,10 +4,12 @@
   read_timeout (plus a small margin) — never hang, never return wrong data.
 - Writes under faults are never lost: they stay dirty while the store fails and are uploaded
   once it heals — checked byte-for-byte against the store with s3.get_object.
-- The store unreachable for ~30 s while writing: writers see back-pressure at most.
+- The store unreachable for 60 s while writing: writers see back-pressure at most, and
+  dirty bytes never pass dirty_limit.
 
-Figures (requests faulted, operations that succeeded, bytes lost) are printed and merged
-into tests/figures/faults.json for the README.
+Figures (requests faulted, operations that succeeded, bytes lost) are printed, and merged
+into tests/figures/faults.json for the README when the test passed and
+CAIOSFS_RECORD_FIGURES=1 (then run tests/figures/render_readme.py).
 """
 
 from __future__ import annotations
