@@ -414,11 +414,12 @@ class Reader:
             return await self.fetcher.direct(obj, offset, size)
         if seq and ra.window:
             self._readahead(obj, ra, end)
-            if ra.advised_until < end + ra.window // 2:
+            until = min(obj.size, end + ra.window)
+            if ra.advised_until < end + ra.window // 2 and until > max(end, ra.advised_until):
                 # Cached blocks ahead of us: let the kernel read them from the local disk
                 # in the background, so cache hits do not wait on one disk read at a time.
-                # (fadvise can block on the disk queue: run it off the loop.)
-                until = min(obj.size, end + ra.window)
+                # (fadvise can block on the disk queue: run it off the loop. Not for a
+                # whole small file read at once: a thread hop per file for nothing.)
                 if self.fetcher.nursery is not None:
                     self.fetcher.nursery.start_soon(
                         partial(trio.to_thread.run_sync, self.cache.advise, obj.ident,
