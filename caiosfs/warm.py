@@ -187,7 +187,8 @@ async def _warm_standalone(cfg: Any, shard: tuple[int, int], quiet: bool) -> int
     try:
         store = build_store(cfg)
         metrics = Metrics()
-        client = StoreClient(store, metrics, cfg.parallel, cfg.read_timeout, cfg.parallel_max)
+        client = StoreClient(store, metrics, cfg.parallel, cfg.read_timeout,
+                             cfg.parallel_max)
         try:
             await client.check_bucket()
             objects = await list_objects(client, cfg.source.prefix, shard)
