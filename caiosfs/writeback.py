@@ -474,8 +474,9 @@ class WriteBack:
 
     # writing -----------------------------------------------------------------------------
     async def write(self, f: DirtyFile, offset: int, data: bytes) -> int:
-        if self.dirty_limit and self.dirty_bytes() > self.dirty_limit:
-            await self._wait_for_room(f)
+        end = offset + len(data)
+        if self.dirty_limit and self.dirty_bytes() + self._growth(f, end) > self.dirty_limit:
+            await self._wait_for_room(f, end)
         n = self._pwrite(f, data, offset)
         end = offset + n
         if f.clean:
@@ -489,10 +490,17 @@ class WriteBack:
         self._last_write = time.monotonic()
         return n
 
-    async def _wait_for_room(self, f: DirtyFile) -> None:
-        # Back-pressure: start uploads of files nobody is writing to, and wait.
+    @staticmethod
+    def _growth(f: DirtyFile, end: int) -> int:
+        """How much a write ending at ``end`` adds to the dirty bytes."""
+        return max(f.size, end) if f.clean else max(0, end - f.size)
+
+    async def _wait_for_room(self, f: DirtyFile, end: int) -> None:
+        # Back-pressure: start uploads of files nobody is writing to, and wait until this
+        # write fits under the limit (checking before it, not after: dirty bytes never pass
+        # the limit, but for the two ways out below).
         with trio.move_on_after(600):
-            while self.dirty_bytes() > self.dirty_limit:
+            while self.dirty_bytes() + self._growth(f, end) > self.dirty_limit:
                 for other in self.files.values():
                     if not other.clean and not other.uploading and other.writers == 0:
                         self._set_due(other.fid, 0)

@@ -133,3 +133,14 @@ def mounter(seaweed: SeaweedServer, s3_env: dict[str, str], tmp_path: Path) -> I
         yield m
     finally:
         m.cleanup()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[None]:
+    """A test's figures (mounting.record_figures) are recorded only once it has passed."""
+    from mounting import commit_figures
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    if rep.when == "call":
+        commit_figures(rep.passed)

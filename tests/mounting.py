@@ -133,18 +133,34 @@ def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
 
 
 FIGURES_DIR = Path(__file__).parent / "figures"
+# Figures are printed by every run; they are written to tests/figures/*.json (from which
+# tests/figures/render_readme.py makes the README's tables) only with CAIOSFS_RECORD_FIGURES=1, and
+# only for a test that passed: a plain run leaves the tree as it was.
+RECORD_ENV = "CAIOSFS_RECORD_FIGURES"
+_pending: list[tuple[str, str, dict[str, Any]]] = []
 
 
 def record_figures(file: str, name: str, figures: dict[str, Any]) -> None:
-    """Print one test's figures and merge them into tests/figures/<file> (the README
-    quotes them)."""
+    """Print one test's figures; keep them for tests/figures/<file> until the test is over
+    (see :func:`commit_figures`)."""
     print(f"\nFIGURES {name}: {json.dumps(figures, sort_keys=True)}")
-    path = FIGURES_DIR / file
-    path.parent.mkdir(exist_ok=True)
-    try:
-        allf = json.loads(path.read_text())
-    except (OSError, ValueError):
-        allf = {}
-    allf[name] = {**figures, "measured": time.strftime("%Y-%m-%d"),
-                  "machine": f"{os.cpu_count()} cores, SeaweedFS on loopback"}
-    path.write_text(json.dumps(allf, indent=2, sort_keys=True) + "\n")
+    _pending.append((file, name, figures))
+
+
+def commit_figures(passed: bool) -> None:
+    """Called by conftest when a test's call phase ends: merge its figures into
+    tests/figures/*.json if it passed and recording is on; drop them otherwise."""
+    pending = list(_pending)
+    _pending.clear()
+    if not passed or os.environ.get(RECORD_ENV) != "1":
+        return
+    for file, name, figures in pending:
+        path = FIGURES_DIR / file
+        path.parent.mkdir(exist_ok=True)
+        try:
+            allf = json.loads(path.read_text())
+        except (OSError, ValueError):
+            allf = {}
+        allf[name] = {**figures, "measured": time.strftime("%Y-%m-%d"),
+                      "machine": f"{os.cpu_count()} cores, SeaweedFS on loopback"}
+        path.write_text(json.dumps(allf, indent=2, sort_keys=True) + "\n")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import data, xxh
-from mounting import run_cli
+from mounting import record_figures, run_cli
 
 ROUNDS = int(os.environ.get("CAIOSFS_CRASH_ROUNDS", "30"))
 MiB = 1 << 20
@@ -128,8 +128,10 @@ WORKER = textwrap.dedent('''
 
 
 class Model:
-    """What the store must hold: path -> (xxh, size, level) with level 'synced'/'closed';
-    absent paths are simply missing. ``unknown`` paths are not judged this round."""
+    """What the store must hold: path -> (xxh, size, level) with level 'synced' (written and
+    fsynced this round), 'closed' (written and closed this round) or 'kept' (as found in the
+    store after an earlier round); absent paths are simply missing. ``unknown`` paths are not
+    judged this round."""
 
     def __init__(self) -> None:
         self.files: dict[str, tuple[str, int, str]] = {}
@@ -260,8 +262,11 @@ def test_crash_loop(s3: Any, bucket: str, mounter: Any, tmp_path: Path) -> None:
     model = Model()
     rng = random.Random(2024)
     t_start = time.monotonic()
+    # *_checked: files compared with the store after a round, by what the workload had
+    # done to them that round: fsynced, closed (not fsynced), or nothing (kept from before).
     figures = {"rounds": 0, "ops_completed": 0, "synced_checked": 0, "closed_checked": 0,
-               "deleted_checked": 0, "orphan_block_files": 0, "in_flight_at_kill": 0,
+               "kept_checked": 0, "deleted_checked": 0, "orphan_block_files": 0,
+               "in_flight_at_kill": 0,
                "kills_during_replay": 0,
                "kills_during": {}}
     phase = dict.fromkeys(("fsck", "mount", "flush", "verify"), 0.0)
@@ -330,7 +335,7 @@ def test_crash_loop(s3: Any, bucket: str, mounter: Any, tmp_path: Path) -> None:
             assert p in store, f"round {rnd}: {level} file {p} lost"
             assert len(store[p]) == size and xxh(store[p]) == h, \
                 f"round {rnd}: {level} file {p} has other bytes in the store"
-            figures["synced_checked" if level == "synced" else "closed_checked"] += 1
+            figures[level + "_checked"] += 1
         for p in model.gone:
             if model.undetermined(p) or p in model.files:
                 continue
@@ -343,7 +348,7 @@ def test_crash_loop(s3: Any, bucket: str, mounter: Any, tmp_path: Path) -> None:
             assert xxh(seen[p]) == xxh(b), f"round {rnd}: {p} differs mount vs store"
         phase["verify"] += time.monotonic() - tp
         # continue from what is now known for sure
-        model.files = {p: (xxh(b), len(b), "synced") for p, b in store.items()}
+        model.files = {p: (xxh(b), len(b), "kept") for p, b in store.items()}
         model.unknown.clear()
         model.gone = {p for p in model.gone if p not in store}
         figures["rounds"] += 1
@@ -351,11 +356,6 @@ def test_crash_loop(s3: Any, bucket: str, mounter: Any, tmp_path: Path) -> None:
     elapsed = time.monotonic() - t_start
     figures["seconds"] = round(elapsed, 1)
     figures["phase_seconds"] = {k: round(v, 1) for k, v in phase.items()}
-    print(f"\nFIGURES crash_loop: {json.dumps(figures, sort_keys=True)}")
-    out = Path(__file__).parent / "figures" / "crash_loop.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({**figures, "measured": time.strftime("%Y-%m-%d"),
-                               "machine": f"{os.cpu_count()} cores, SeaweedFS on loopback"},
-                              indent=2, sort_keys=True) + "\n")
-    assert figures["rounds"] >= 30
-    assert figures["synced_checked"] >= 30
+    assert figures["rounds"] >= ROUNDS
+    assert figures["synced_checked"] >= ROUNDS  # fsynced files, checked in the round they were
+    record_figures("crash_loop.json", "crash_loop", figures)

@@ -104,29 +104,35 @@ def test_keys_as_long_as_the_index_allows(s3: Any, bucket: str, mounter: Any) ->
 
 
 def test_key_longer_than_the_store_allows(s3: Any, bucket: str, mounter: Any) -> None:
-    """A file whose key would pass 1,024 bytes (each name fine): refused up front, or
-    reported — never a dirty file that retries forever and blocks every flush."""
+    """A file whose key would pass 1,024 bytes (each name fine) is refused up front with
+    ENAMETOOLONG - create, mkdir and rename alike - never a dirty file that retries for ever
+    and blocks every flush."""
     m = mounter(bucket, options="upload_delay=0.1")
     d = m.path / "k"
     parts = ["d" * 250] * 4
+    deep = d.joinpath(*parts)  # key 'k/' + 4 x 251 bytes: 1,006 bytes, fine
+    deep.mkdir(parents=True)
+    (deep / "ok").write_bytes(b"a key of 1,010 bytes")
+    long_name = "f" * 100  # its key would be 1,106 bytes
+    with pytest.raises(OSError) as ei:
+        (deep / long_name).write_bytes(b"too long a key")
+    assert ei.value.errno == errno.ENAMETOOLONG, ei.value
+    with pytest.raises(OSError) as ei:
+        (deep / long_name).mkdir()
+    assert ei.value.errno == errno.ENAMETOOLONG, ei.value
+    with pytest.raises(OSError) as ei:
+        os.rename(deep / "ok", deep / long_name)
+    assert ei.value.errno == errno.ENAMETOOLONG, ei.value
+    assert sorted(os.listdir(deep)) == ["ok"]
     try:
-        for i in range(1, 5):
-            (d.joinpath(*parts[:i])).mkdir(parents=True, exist_ok=True)
-        (d.joinpath(*parts) / ("f" * 100)).write_bytes(b"too long a key")
-        created = True
-    except OSError as exc:
-        assert exc.errno == errno.ENAMETOOLONG, exc
-        created = False
-    try:
-        try:
-            r = run_cli("flush", str(m.path), "-q", "--timeout", "8", env=m.env, timeout=15)
-        except subprocess.TimeoutExpired:
-            pytest.fail("flush still waiting after 15 s (and its --timeout 8 did not fire)")
-        if created:
-            assert r.returncode == 0, "a key the store refuses blocks every flush: " + r.stderr
-        assert m.status()["pid"]
-    finally:
-        m.kill()  # an unmount would wait for that upload for ever
+        r = run_cli("flush", str(m.path), "-q", "--timeout", "8", env=m.env, timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("flush still waiting after 15 s (and its --timeout 8 did not fire)")
+    assert r.returncode == 0, "flush failed: " + r.stderr
+    ok_key = str((deep / "ok").relative_to(m.path))
+    assert keys(s3, bucket, "k/") == {ok_key, ok_key.rpartition("/")[0] + "/"} | {
+        "k/" + "/".join(parts[:i]) + "/" for i in range(1, 4)} | {"k/"}
+    assert m.status()["dirty_files"] == 0
 
 
 def listing_with(extra: list[str]) -> Any:

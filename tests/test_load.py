@@ -18,8 +18,9 @@
   seek and iomix stressors do this).
 
 Figures (processes, operations, bytes, errors, daemon peak RSS, dbench throughput,
-stress-ng bogo-ops, durations) are printed and merged into tests/figures/load.json for the
-README.
+stress-ng bogo-ops, durations) are printed, and merged into tests/figures/load.json for the
+README when the test passed and CAIOSFS_RECORD_FIGURES=1 (then run
+tests/figures/render_readme.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from caiosfs.attrs import Attrs, from_meta
 from caiosfs.cache import BlockCache, fsck, lock_cache_dir
 from caiosfs.config import build_config, parse_size, parse_source
 from caiosfs.errors import FsError, PreconditionFailed, StoreError, UserError, s3_errno
+from caiosfs.fs import Filesystem
 from caiosfs.index import Index
 from caiosfs.metrics import Metrics
 from caiosfs.reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
@@ -242,15 +246,36 @@ async def test_fetched_chunks_wait_in_memory_for_their_reader(tmp_path: Path) ->
 
 
 async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
+    """What reads really hold - the bytes the running GETs (in worker threads) may still
+    deliver, plus the fetched chunks kept in memory for their readers - stays within
+    memory_limit while six readers want more."""
     store = MemoryStore("b")
     peak = 0
-    reader, fetcher, budget = _reader(tmp_path / "r", store, memory=32 * MiB)
+    outstanding = 0  # of the GETs running now, the bytes not delivered yet
+    lock = threading.Lock()
+    reader, fetcher, _ = _reader(tmp_path / "r", store, memory=16 * MiB)
     orig = store.get_range
 
-    def spy(*a: object) -> None:
-        nonlocal peak
-        peak = max(peak, budget.used)
-        orig(*a)  # type: ignore[arg-type]
+    def spy(key: str, start: int, length: int, etag: str | None,
+            sink: Callable[[int, bytes], None]) -> None:
+        nonlocal peak, outstanding
+        delivered = 0
+
+        def counting(off: int, piece: bytes) -> None:
+            nonlocal outstanding, delivered
+            with lock:
+                outstanding -= len(piece)
+            delivered += len(piece)
+            sink(off, piece)
+        with lock:
+            outstanding += length
+            peak = max(peak, outstanding + reader.cache.fresh_bytes)
+        try:
+            time.sleep(0.005)  # long enough for the others to start theirs, if allowed
+            orig(key, start, length, etag, counting)
+        finally:
+            with lock:
+                outstanding -= length - delivered
     store.get_range = spy  # type: ignore[method-assign]
     objs = []
     for i in range(6):
@@ -269,7 +294,8 @@ async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
             for obj, body in objs:
                 inner.start_soon(readall, obj, body)
         n.cancel_scope.cancel()
-    assert 0 < peak <= 32 * MiB
+    # the readers wanted more than the limit (without it: 31-42 MiB), and never got it
+    assert 8 * MiB < peak <= 16 * MiB, peak / MiB
 
 
 async def test_changed_object_is_never_served_stale(tmp_path: Path) -> None:
@@ -767,3 +793,52 @@ async def test_a_full_journal_sends_small_files_to_data_files(tmp_path: Path) ->
         n.cancel_scope.cancel()
     assert store.objects["pre/a.txt"].data == b"first second"
     assert store.objects["pre/b.txt"].data == b"other"
+
+
+async def test_directory_metadata_reaches_the_store_but_not_a_fresh_mount(
+        tmp_path: Path) -> None:
+    """What SeaweedFS cannot show: it drops x-amz-meta-* on ``dir/`` markers, so the
+    directory-metadata checks of test_write_ops.py never run there. Against the in-memory
+    store, which keeps them as S3 does: mkdir sends the directory's mode/uid/gid/mtime with
+    its marker, and a fresh mount (empty cache, metadata=head) reads a *file's* metadata
+    back but shows a directory with dir_mode and the mount's owner - the gap documented in
+    docs/SEMANTICS.md (listings carry no metadata; markers are not HEADed)."""
+    import pyfuse3
+
+    store = MemoryStore("bkt")
+
+    def mount_fs(name: str) -> Filesystem:
+        cache = tmp_path / name
+        cache.mkdir()
+        cfg = build_config("s3://bkt", {"cache_dir": str(cache), "profile": "devbox",
+                                      "upload_delay": "0", "uid": "0", "gid": "0"})
+        return Filesystem(cfg, store, Index(cache / "index.lmdb"))
+
+    class Ctx:
+        uid, gid, pid, umask = 1234, 5678, 1, 0o022
+
+    fs = mount_fs("c1")
+    async with trio.open_nursery() as n:
+        await fs.start(n)
+        await fs.mkdir(pyfuse3.ROOT_INODE, b"d", 0o751, Ctx())
+        fh, _ = await fs.create(pyfuse3.ROOT_INODE, b"f", 0o640, os.O_WRONLY, Ctx())
+        await fs.write(fh.fh, 0, b"content")
+        await fs.release(fh.fh)
+        await fs.wb.flush_all()
+        n.cancel_scope.cancel()
+    marker = store.head("d/").metadata
+    assert int(marker["mode"]) == stat.S_IFDIR | 0o751, marker
+    assert (marker["uid"], marker["gid"]) == ("1234", "5678"), marker
+    assert abs(int(marker["mtime"]) - time.time()) < 60, marker
+    assert int(store.head("f").metadata["mode"]) == stat.S_IFREG | 0o640
+
+    fresh = mount_fs("c2")
+    async with trio.open_nursery() as n:
+        await fresh.start(n)
+        f = await fresh.lookup(pyfuse3.ROOT_INODE, b"f")
+        d = await fresh.lookup(pyfuse3.ROOT_INODE, b"d")
+        n.cancel_scope.cancel()
+    assert (stat.S_IMODE(f.st_mode), f.st_uid, f.st_gid) == (0o640, 1234, 5678)
+    assert stat.S_ISDIR(d.st_mode)
+    assert (stat.S_IMODE(d.st_mode), d.st_uid, d.st_gid) == (0o755, 0, 0), \
+        "a fresh mount now reads directory metadata: update docs/SEMANTICS.md and this test"

@@ -1,6 +1,8 @@
 """Integration tests: the CSI plugin and the mount helpers with the real caiosfs against SeaweedFS.
 
-These need root, /dev/fuse, the `caiosfs` command and the `weed` binary; they skip otherwise.
+These need root, /dev/fuse, the `caiosfs` command and the `weed` binary, as the rest of the
+suite does; without them they fail (a broken CLI must not turn the only real-caiosfs CSI tests
+into skips).
 The object store is the project's `seaweed` fixture when it is visible here, or else a
 SeaweedFS started for this module with caiosfs.seaweed (the same helper tests/conftest.py uses).
 """
@@ -35,25 +37,25 @@ import grpc
 HELPERS = CSI_DIR.parent / "mount-helpers"
 
 
-def _caiosfs_or_skip() -> str:
+def _caiosfs_or_fail() -> str:
     if os.geteuid() != 0:
-        pytest.skip("needs root for FUSE mounts")
+        pytest.fail("needs root for FUSE mounts")
     if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
-        pytest.skip("needs /dev/fuse and fusermount3")
+        pytest.fail("needs /dev/fuse and fusermount3")
     exe = find_caiosfs()
     try:
-        r = subprocess.run([exe, "mount", "--help"], capture_output=True, timeout=60,
-                           check=False)
-    except OSError:
-        pytest.skip("the caiosfs command is not installed")
+        r = subprocess.run([exe, "mount", "--help"], capture_output=True, text=True,
+                           timeout=60, check=False)
+    except OSError as exc:
+        pytest.fail(f"the caiosfs command {exe} cannot run: {exc}")
     if r.returncode != 0:
-        pytest.skip("`caiosfs mount` is not available yet")
+        pytest.fail(f"`{exe} mount --help` exited {r.returncode}: {r.stderr.strip()[-500:]}")
     return exe
 
 
 @pytest.fixture(scope="module")
 def caiosfs_bin() -> str:
-    return _caiosfs_or_skip()
+    return _caiosfs_or_fail()
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +67,8 @@ def store(request: pytest.FixtureRequest, caiosfs_bin: str,
         return
     except pytest.FixtureLookupError:
         pass
-    seaweed = pytest.importorskip("caiosfs.seaweed")
-    try:
-        seaweed.find_weed()
-    except Exception as e:  # noqa: BLE001  (any reason the binary is missing means skip)
-        pytest.skip(f"SeaweedFS not available: {e}")
+    from caiosfs import seaweed  # a broken import fails here, it does not skip
+    seaweed.find_weed()  # raises with the reason if the binary is missing
     server = seaweed.SeaweedServer(tmp_path_factory.mktemp("seaweed"),
                                    access_key="csi-test", secret_key=uuid.uuid4().hex)
     server.start()
@@ -316,7 +315,7 @@ def test_mount_survives_plugin_restart(store: Any, bucket: str, secrets: dict,
 def test_fstab_mount_and_draining_umount(store: Any, bucket: str, workdir: Path,
                                          caiosfs_bin: str) -> None:
     if not shutil.which("unshare"):
-        pytest.skip("needs unshare")
+        pytest.fail("needs unshare (util-linux)")
     creds = workdir / "creds"
     creds.write_text(f"[default]\naws_access_key_id = {store.access_key}\n"
                      f"aws_secret_access_key = {store.secret_key}\n")
