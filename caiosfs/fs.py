@@ -104,7 +104,8 @@ class Filesystem(pyfuse3.Operations):
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.index = index
-        self.client = StoreClient(store, self.metrics, cfg.parallel, cfg.read_timeout, cfg.parallel_max)
+        self.client = StoreClient(store, self.metrics, cfg.parallel, cfg.read_timeout,
+                                  cfg.parallel_max)
         self.cache = BlockCache(cfg.cache_dir, index, self.metrics, cfg.cache_size,
                                 cfg.block_size, cfg.chunk_size)
         self.budget = MemoryBudget(cfg.memory_limit, self.metrics)

@@ -154,7 +154,7 @@ class Fetcher:
         self.budget = budget
         self.max_chunks = max(1, max_request // cache.chunk_size)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
-        self.running = 0  # GETs started and not yet ended (their charge still held)
+        self.running = 0  # GETs launched and not yet ended (tests wait for them)
         self._asked = 0  # chunks asked for so far: orders the hold
         # Chunks whose fetch just failed: (ident, chunk) -> (monotonic time, error). When an
         # async readahead fails, the kernel at once retries the page with a synchronous read;
@@ -204,6 +204,7 @@ class Fetcher:
             self._asked += b - a + 1
             for c in range(a, b + 1):
                 self._inflight[(obj.ident, c)] = f
+            self.running += 1
             self.nursery.start_soon(self._fetch, obj, a, b, f, keep)
             flights.append(f)
         return flights
@@ -254,17 +255,18 @@ class Fetcher:
 
     async def _fetch(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool
                      ) -> None:
+        try:
+            await self._get(obj, a, b, flight, keep)
+        finally:
+            self.running -= 1
+
+    async def _get(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool) -> None:
         cs = self.cache.chunk_size
         start = a * cs
         length = min((b + 1) * cs, obj.size) - start
         ident = obj.ident
-        self.running += 1
         charge = min(length, self.request_charge)
-        try:
-            await self.budget.acquire(charge)
-        except BaseException:
-            self.running -= 1
-            raise
+        await self.budget.acquire(charge)
         pending = threading.Semaphore(PENDING_PIECES)
         try:
             self.metrics.readahead_window.observe(length)
@@ -349,7 +351,6 @@ class Fetcher:
             raise
         finally:
             self.budget.release(charge)
-            self.running -= 1
             for c in range(a, b + 1):
                 if self._inflight.get((ident, c)) is flight:
                     del self._inflight[(ident, c)]
@@ -414,11 +415,12 @@ class Reader:
             return await self.fetcher.direct(obj, offset, size)
         if seq and ra.window:
             self._readahead(obj, ra, end)
-            if ra.advised_until < end + ra.window // 2:
+            until = min(obj.size, end + ra.window)
+            if ra.advised_until < end + ra.window // 2 and until > max(end, ra.advised_until):
                 # Cached blocks ahead of us: let the kernel read them from the local disk
                 # in the background, so cache hits do not wait on one disk read at a time.
-                # (fadvise can block on the disk queue: run it off the loop.)
-                until = min(obj.size, end + ra.window)
+                # (fadvise can block on the disk queue: run it off the loop. Not for a
+                # whole small file read at once: a thread hop per file for nothing.)
                 if self.fetcher.nursery is not None:
                     self.fetcher.nursery.start_soon(
                         partial(trio.to_thread.run_sync, self.cache.advise, obj.ident,

@@ -290,7 +290,8 @@ async def _warm_standalone(cfg: Any, objects: list[ObjectInfo], quiet: bool,
     try:
         store = build_store(cfg)
         metrics = Metrics()
-        client = StoreClient(store, metrics, cfg.parallel, cfg.read_timeout, cfg.parallel_max)
+        client = StoreClient(store, metrics, cfg.parallel, cfg.read_timeout,
+                             cfg.parallel_max)
         cache = BlockCache(cfg.cache_dir, index, metrics, cfg.cache_size, cfg.block_size,
                            cfg.chunk_size)
         total = sum(o.size for o in objects)
