@@ -263,14 +263,15 @@ def run(args: argparse.Namespace) -> int:
     ]
     nets = [n for n in NETS if n in _split(args.net)]
     spec = args.wan or DEFAULT_WAN
-    # The rows of the report: (key, workload, net). --quick keeps its WAN case small: the
-    # workloads marked quick_wan (unless --only names others).
+    # The rows of the report: (key, workload, net). --quick keeps its WAN case next to the
+    # loopback set small: the workloads marked quick_wan (unless --only names others).
+    small_wan = args.quick and "loopback" in nets and not only
     rows: list[tuple[str, Workload, str]] = []
     for net in nets:
         for w in workloads:
             if net not in w.nets:
                 continue
-            if net == "wan" and args.quick and not only and not w.quick_wan:
+            if net == "wan" and small_wan and not w.quick_wan:
                 continue
             rows.append((w.name if net == "loopback" else f"{w.name}@wan", w, net))
     wanted = _split(args.systems)

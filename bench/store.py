@@ -12,7 +12,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,10 +178,16 @@ class Store:
         return out
 
     def wait_durable(
-        self, rel_prefix: str, expected: dict[str, int], timeout: float, interval: float = 0.1
+        self,
+        rel_prefix: str,
+        expected: dict[str, int],
+        timeout: float,
+        interval: float = 0.1,
+        gone: Callable[[str], bool] | None = None,
     ) -> float:
-        """Poll the store until every expected key exists with its size; return the monotonic
-        time at which that was first seen. Raise BenchError after ``timeout`` seconds.
+        """Poll the store until every expected key exists with its size (and, with ``gone``,
+        no key below the prefix matches it any more: temporary names of a commit); return the
+        monotonic time at which that was first seen. Raise BenchError after ``timeout`` s.
 
         Polling lists the prefix (one request per 1,000 keys) rather than HEADing each key, so
         the poll itself stays light next to the uploads it is waiting for.
@@ -192,8 +198,14 @@ class Store:
             now = time.monotonic()
             have = self.list_sizes(rel_prefix)
             missing = [k for k, s in expected.items() if have.get(k) != s]
-            if not missing:
+            left = [k for k in have if gone(k)] if gone is not None else []
+            if not missing and not left:
                 return now
+            if now >= deadline and not missing:
+                raise BenchError(
+                    f"all {len(expected)} objects durable, but after {timeout:.0f} s the store "
+                    f"still holds {len(left)} temporary object(s), e.g. {left[0]}"
+                )
             if now >= deadline:
                 raise BenchError(
                     f"not durable after {timeout:.0f} s: {len(missing)} of {len(expected)} "

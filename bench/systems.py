@@ -154,7 +154,13 @@ class FsSystem(ABC):
         return None
 
     def wait_durable(
-        self, m: Mount, store: Any, rel_prefix: str, expected: dict[str, int], timeout: float
+        self,
+        m: Mount,
+        store: Any,
+        rel_prefix: str,
+        expected: dict[str, int],
+        timeout: float,
+        gone: Any = None,
     ) -> float:
         """Return the monotonic time at which everything in ``expected`` was durable.
 
@@ -163,7 +169,7 @@ class FsSystem(ABC):
         compares the content. No system's own flush command is used (caiosfs's ``flush``
         skips its upload delay, rclone has none), so the delays each system chose count.
         """
-        return store.wait_durable(rel_prefix, expected, timeout)
+        return store.wait_durable(rel_prefix, expected, timeout, gone=gone)
 
     # ---- the common life cycle ---------------------------------------------------------------
 
