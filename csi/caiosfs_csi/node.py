@@ -97,6 +97,9 @@ class NodeConfig:
     # Where shared mounts of read-only datasets live (bind-mounted into each target); "" = no
     # sharing, one daemon per target. Must be on a mount that propagates to the host.
     shared_dir: str = ""
+    # cache_size of volumes that set none (e.g. a node's NVMe size / expected datasets);
+    # "" = caiosfs's own default (20G).
+    default_cache_size: str = ""
 
 
 class NodeService:
@@ -250,6 +253,8 @@ class NodeService:
             # the target is its own.
             self.store.save(record)
         options = spec.option_list()
+        if self.config.default_cache_size and "cache_size" not in spec.options:
+            options.append(f"cache_size={self.config.default_cache_size}")
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
             options.append(f"cache_dir={cache_dir}")
