@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-root", default=_env("CAIOSFS_CSI_CACHE_ROOT"),
                    help="parent of per-volume cache dirs, e.g. an NVMe hostPath "
                         "(env CAIOSFS_CSI_CACHE_ROOT; empty: caiosfs default)")
+    p.add_argument("--default-cache-size", default=_env("CAIOSFS_CSI_DEFAULT_CACHE_SIZE"),
+                   metavar="SIZE",
+                   help="cache_size of volumes that set no cacheSize (env "
+                        "CAIOSFS_CSI_DEFAULT_CACHE_SIZE; empty: caiosfs's default, 20G)")
     p.add_argument("--caiosfs-bin", default=_env("CAIOSFS_BIN") or None,
                    help="caiosfs executable (env CAIOSFS_BIN; default: search)")
     p.add_argument("--mount-timeout", type=float,
@@ -84,7 +88,15 @@ def serve(args: argparse.Namespace) -> int:
     """Run the gRPC server until SIGTERM/SIGINT."""
     from caiosfs_csi.fdmount import FdMounter
     from caiosfs_csi.mounter import Mounter
+    from caiosfs_csi.options import OptionError, check_option
     from caiosfs_csi.server import PluginConfig, build_server
+
+    if args.default_cache_size:
+        try:
+            check_option("cache_size", args.default_cache_size)
+        except OptionError as e:
+            print(f"caiosfs-csi: --default-cache-size: {e}", file=sys.stderr)
+            return 2
 
     timeouts = {"mount_timeout": args.mount_timeout, "blocking_warm_timeout": args.warm_timeout,
                 "umount_timeout": args.umount_timeout}
@@ -100,7 +112,8 @@ def serve(args: argparse.Namespace) -> int:
         shared_dir = os.path.join(args.state_dir, "shared")
     config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id,
                           state_dir=args.state_dir, driver_name=args.driver_name,
-                          cache_root=args.cache_root, shared_dir=shared_dir)
+                          cache_root=args.cache_root, shared_dir=shared_dir,
+                          default_cache_size=args.default_cache_size)
     server, service = build_server(config, mounter)
     service.reconcile()
     if args.metrics_address:

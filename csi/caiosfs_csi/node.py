@@ -25,7 +25,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from caiosfs_csi.cachedir import dataset_cache_dir
 from caiosfs_csi.credentials import credentials_ini
 from caiosfs_csi.mounter import Mounter, MountError, MountState, MountTimeout
 from caiosfs_csi.options import MountSpec, OptionError, build_mount_spec
@@ -97,10 +97,9 @@ class NodeConfig:
     # Where shared mounts of read-only datasets live (bind-mounted into each target); "" = no
     # sharing, one daemon per target. Must be on a mount that propagates to the host.
     shared_dir: str = ""
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:60] or "volume"
+    # cache_size of volumes that set none (e.g. a node's NVMe size / expected datasets);
+    # "" = caiosfs's own default (20G).
+    default_cache_size: str = ""
 
 
 class NodeService:
@@ -174,11 +173,8 @@ class NodeService:
         """
         if not self.config.cache_root:
             return ""
-        ident = json.dumps([spec.options.get("endpoint", ""), spec.bucket, spec.prefix])
-        base = os.path.join(
-            self.config.cache_root,
-            f"{_safe_name(spec.bucket)}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}",
-        )
+        base = dataset_cache_dir(self.config.cache_root, spec.bucket, spec.prefix,
+                                 str(spec.options.get("endpoint") or ""))
         in_use = {p.cache_dir for p in self.store.all() if p.target_path != target}
         candidate, n = base, 0
         while candidate in in_use:
@@ -257,6 +253,8 @@ class NodeService:
             # the target is its own.
             self.store.save(record)
         options = spec.option_list()
+        if self.config.default_cache_size and "cache_size" not in spec.options:
+            options.append(f"cache_size={self.config.default_cache_size}")
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
             options.append(f"cache_dir={cache_dir}")

@@ -142,6 +142,7 @@ class PluginConfig:
     cache_root: str = ""
     max_workers: int = 16
     shared_dir: str = ""
+    default_cache_size: str = ""
 
 
 def build_server(config: PluginConfig, mounter: Mounter) -> tuple[grpc.Server, NodeService]:
@@ -155,7 +156,8 @@ def build_server(config: PluginConfig, mounter: Mounter) -> tuple[grpc.Server, N
         pass
     service = NodeService(
         NodeConfig(node_id=config.node_id, state_dir=config.state_dir,
-                   cache_root=config.cache_root, shared_dir=config.shared_dir),
+                   cache_root=config.cache_root, shared_dir=config.shared_dir,
+                   default_cache_size=config.default_cache_size),
         mounter,
     )
     # Publish can block for minutes (warm=blocking) and holds a worker meanwhile; the pool is

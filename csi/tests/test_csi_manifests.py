@@ -121,6 +121,25 @@ def test_mounter_daemonset_shares_paths_with_the_plugin() -> None:
         assert p[path] == m[path], path
 
 
+def test_warm_job_names_the_cache_dir_of_the_training_volume() -> None:
+    """The warm Job's cachedir arguments are the training pod's volume attributes."""
+    import re
+    jobs = [d for d in ALL["warm-then-train.yaml"] if d["kind"] == "Job"]
+    (job,) = jobs
+    script = job["spec"]["template"]["spec"]["initContainers"][0]["command"][-1]
+    args = dict(re.findall(r"--(bucket|prefix|endpoint) ([^\s)]+)", script))
+    (pod,) = [d for d in ALL["warm-then-train.yaml"] if d["kind"] == "Pod"]
+    attrs = pod["spec"]["volumes"][0]["csi"]["volumeAttributes"]
+    assert args == {k: attrs[k] for k in ("bucket", "prefix", "endpoint")}
+    term = pod["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    label = term["matchExpressions"][0]["key"]
+    assert f"{label}=true" in job["spec"]["template"]["spec"]["containers"][0]["command"]
+    (role,) = of_kind("ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"],
+                              "verbs": ["get", "patch"]}]
+
+
 def test_kustomization_resources_exist() -> None:
     (k,) = ALL["kustomization.yaml"]
     for res in k["resources"]:

@@ -416,6 +416,17 @@ def test_publish_over_dead_mount_remounts(plugin: Plugin) -> None:
     assert plugin.fake.mounted() == [target]
 
 
+def test_default_cache_size_applies_only_when_the_volume_sets_none(plugin: Plugin) -> None:
+    plugin.service.config.default_cache_size = "300G"
+    a, b = plugin.target("pod-a"), plugin.target("pod-b")
+    plugin.node.NodePublishVolume(publish_request(a))
+    plugin.node.NodePublishVolume(publish_request(
+        b, context={"bucket": "data", "prefix": "team/b", "cacheSize": "5G"}))
+    first, second = plugin.fake.calls("mount")
+    assert opts_of(first)["cache_size"] == "300G"
+    assert opts_of(second)["cache_size"] == "5G"
+
+
 # -- Restart --------------------------------------------------------------------------------
 
 

@@ -368,6 +368,47 @@ def test_four_pods_one_dataset_one_daemon(
         "s3_bytes_ratio": round(bytes_in / size, 3)})
 
 
+def test_warm_job_fills_the_cache_pod_volumes_read(
+        sv_node: tuple[MounterProc, NsPlugin], sv_store: Any, sv_bucket: str,
+        sv_secrets: dict, sv_caiosfs_bin: str, tmp_path: Path) -> None:
+    """What the documented warm Job runs, then a pod volume of the dataset: nothing is
+    fetched again (the warm filled the very cache directory the volume's daemon uses)."""
+    mounter, plugin = sv_node
+    s3 = sv_store.client()
+    dataset = {}
+    for i in range(3):
+        body = os.urandom(4 << 20)
+        s3.put_object(Bucket=sv_bucket, Key=f"train/f{i}", Body=body)
+        dataset[f"f{i}"] = _sha(body)
+    ctx = context(sv_store, sv_bucket, "/train/", profile="dataset")
+    cache_dir = subprocess.run(
+        [sys.executable, "-m", "caiosfs_csi.cachedir", "--cache-root", str(tmp_path / "cache"),
+         "--bucket", sv_bucket, "--prefix", ctx["prefix"], "--endpoint", ctx["endpoint"]],
+        capture_output=True, text=True, check=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(CSI_DIR))).stdout.strip()
+    creds = tmp_path / "creds.ini"
+    creds.write_text(f"[default]\naws_access_key_id = {sv_secrets['accessKeyId']}\n"
+                     f"aws_secret_access_key = {sv_secrets['secretAccessKey']}\n")
+    creds.chmod(0o600)
+    opts = f"endpoint={sv_store.endpoint},path_style,credentials_file={creds}"
+    subprocess.run([sv_caiosfs_bin, "warm", f"s3://{sv_bucket}/train", "--cache-dir", cache_dir,
+                    "-q", "-o", opts], check=True, timeout=120, capture_output=True)
+
+    plugin.start()
+    req = publish_request(target_path(tmp_path, "trainer"), volume_id="vol-train",
+                          context=ctx, secrets=sv_secrets, readonly=True,
+                          cap=mount_cap(mode="MULTI_NODE_READER_ONLY"))
+    plugin.node.NodePublishVolume(req, timeout=60)
+    for name, sha in dataset.items():
+        with open(os.path.join(req.target_path, name), "rb") as f:
+            assert _sha(f.read()) == sha
+    (daemon_path,) = mounter.daemons()
+    status = _status(sv_caiosfs_bin, daemon_path)
+    assert status["cache_dir"] == cache_dir
+    assert status["bytes_in"] == 0, status["bytes_in"]  # every byte came from the warm
+    unpublish(plugin.node, req.target_path, req.volume_id)
+
+
 def test_orphaned_writes_drain_at_plugin_start(
         sv_node: tuple[MounterProc, NsPlugin], sv_store: Any, sv_bucket: str,
         sv_secrets: dict, tmp_path: Path) -> None:
