@@ -663,3 +663,8 @@ WORKLOADS: list[Workload] = [
         only_fs=("caiosfs",),
     ),
 ]
+
+# Bulk-copy workloads (caiosfs cp), kept in their own module.
+from bench.transfer import TRANSFER_WORKLOADS
+
+WORKLOADS += TRANSFER_WORKLOADS
