@@ -1083,8 +1083,8 @@ WORKLOADS: list[Workload] = [
 
 
 # Workloads defined in other modules of bench/: each such module has a list WORKLOADS of
-# Workload (or a function workloads() returning one), appended here in this order (a module that does not exist yet is skipped). To add
-# one, add a line below: nothing else needs to change.
+# Workload, appended here in this order (a module that does not exist yet is skipped). To
+# add one, add a line below: nothing else needs to change.
 EXTRA_MODULES = (
     "bench.transfer",  # caiosfs cp and friends
     "bench.devtree",  # git / pip in a mounted work tree
@@ -1101,8 +1101,7 @@ def _load_extra() -> None:
             if e.name == name:
                 continue
             raise
-        extra = getattr(mod, "WORKLOADS", None)
-        WORKLOADS.extend(extra if extra is not None else mod.workloads())
+        WORKLOADS.extend(mod.WORKLOADS)
 
 
 _load_extra()

@@ -45,6 +45,7 @@ class Result:
     skipped: int = 0
     bytes: int = 0
     invalid: int = 0  # keys that cannot be a path (a//b, .., names over 255 bytes)
+    aborted: int = 0  # stale multipart uploads of the names uploaded (a killed run's)
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 

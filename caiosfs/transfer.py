@@ -485,6 +485,14 @@ async def _cp(a: argparse.Namespace, cfg: MountConfig, client: Any, src: Source 
             have = {it.rel: ObjectInfo(it.rel, it.size, it.etag, it.mtime) for it in listed}
             todo = cp.plan_upload(items, have)
             worker = lambda it: cp.upload(dst, it)
+            # Multipart uploads a killed run left behind, of the names this run uploads
+            # (only this shard's: another task's may be running).
+            mine = {dst.prefix + it.rel for it in todo}
+            for u in await client.list_multipart(dst.prefix):
+                if u.key in mine:
+                    await cp._call("abort_multipart", client.store.abort_multipart, u.key,
+                                   u.upload_id, write=True)
+                    res.aborted += 1
     except StoreError as exc:
         raise UserError(f"listing failed: {exc}") from None
     progress.total, progress.nobjects = sum(it.size for it in todo), len(todo)
@@ -493,6 +501,7 @@ async def _cp(a: argparse.Namespace, cfg: MountConfig, client: Any, src: Source 
     el = time.monotonic() - t0
     summary = {"copied": res.copied, "skipped": res.skipped, "failed": len(res.failures),
                "bytes": res.bytes, "seconds": round(el, 3), "invalid_keys": res.invalid,
+               "aborted_uploads": res.aborted,
                "failures": [{"path": p, "error": e} for p, e in res.failures]}
     if a.json:
         print(json.dumps(summary))
@@ -501,6 +510,9 @@ async def _cp(a: argparse.Namespace, cfg: MountConfig, client: Any, src: Source 
               f"already there, {len(res.failures)} failed in {el:.1f}s "
               f"({res.bytes / 1e6 / max(el, 1e-6):,.1f} MB/s, "
               f"{res.copied / max(el, 1e-6):,.0f} files/s)", file=sys.stderr)
+        if res.aborted:
+            print(f"caiosfs cp: aborted {res.aborted} multipart uploads an interrupted run "
+                  "left", file=sys.stderr)
         if res.invalid:
             print(f"caiosfs cp: {res.invalid} keys skipped: they cannot be a path "
                   "(a//b, '.', '..', a name over 255 bytes)", file=sys.stderr)

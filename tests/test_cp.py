@@ -209,6 +209,10 @@ def test_killed_copy_resumes_nothing_partial_nothing_twice(
         proxy.heal()
         time.sleep(1)  # a PUT the proxy forwarded before the kill still lands in the store
         before = done()
+        if direction == "upload":  # as if killed in the middle of a multipart upload
+            missing = min(set(files) - before)
+            s3.create_multipart_upload(Bucket=bucket, Key="t/" + missing)
+            s3.create_multipart_upload(Bucket=bucket, Key="other/x")  # not ours: stays
         assert 40 <= len(before) < len(files)
         if direction == "download":  # what has its final name is whole
             got = local_tree(dest)
@@ -221,7 +225,8 @@ def test_killed_copy_resumes_nothing_partial_nothing_twice(
             assert not list(dest.rglob(".caiosfs-*")), "a temporary file was left"
         else:
             assert store_tree(s3, bucket, "t/") == {k: xxh(v) for k, v in files.items()}
-            assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+            left = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+            assert [u["Key"] for u in left] == ["other/x"] and s["aborted_uploads"] >= 1
     finally:
         proxy.stop()
 
