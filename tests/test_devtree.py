@@ -294,3 +294,22 @@ def test_pip_git_import_on_mount_match_local(s3: Any, bucket: str, mounter: Any,
     out = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True,
                          env=env, timeout=60, check=True)
     assert out.stdout.strip() == "tool ok"
+
+
+def test_lookups_in_one_directory_list_it_once(s3: Any, bucket: str, mounter: Any) -> None:
+    """Looking up many names of one directory (git status, cp -r over a tree) lists the
+    directory once after a few probes instead of probing every name with a HEAD and a
+    LIST; the answers stay right (modes, new names)."""
+    for i in range(40):
+        s3.put_object(Bucket=bucket, Key=f"d/f{i:02d}", Body=b"x" * i)
+    m = mounter(bucket)
+    before = m.status()["s3_requests"]
+    sizes = [os.lstat(m.path / "d" / f"f{i:02d}").st_size for i in range(40)]
+    assert sizes == list(range(40))
+    assert not (m.path / "d" / "nothere").exists()
+    used = m.status()["s3_requests"] - before
+    # 2 per name before (HEAD + one-key LIST): 82. Now: 3 probes, one LIST, a HEAD per
+    # remaining file for its metadata, none for the missing name.
+    assert used <= 40 + 10, used
+    (m.path / "d" / "new").write_text("n")
+    assert (m.path / "d" / "new").read_text() == "n"
