@@ -69,6 +69,10 @@ class Entry:
 class Listing:
     entries: dict[str, Entry]
     at: float
+    # Made to answer lookups (after several probes), not for a readdir: it answers for the
+    # names it has, and a name it lacks is still probed (a name created elsewhere since
+    # must show within negative_ttl of being asked for, as without the listing).
+    for_lookups: bool = False
 
 
 @dataclass
@@ -209,6 +213,8 @@ class Namespace:
         ``max_pages``, _TooBig if it has more pages than that."""
         cached = self.listings.get(path)
         if cached and not force and time.monotonic() - cached.at < self.cfg.list_ttl:
+            if max_pages is None:
+                cached.for_lookups = False  # a readdir of it: the listing it would make
             return cached.entries
         pre = self.dir_key(path)
         entries: dict[str, Entry] = {}
@@ -237,7 +243,7 @@ class Namespace:
             if "/" not in name and (name not in entries or not entries[name].is_dir):
                 m = self.wb.markers[p]
                 entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
-        self.listings[path] = Listing(entries, time.monotonic())
+        self.listings[path] = Listing(entries, time.monotonic(), max_pages is not None)
         if self.cfg.metadata != "list":
             await self._head_all(pre, entries, every=self.cfg.metadata == "head")
         return entries
@@ -355,12 +361,13 @@ class Namespace:
         path = self.join(parent_path, name)
         now = time.monotonic()
         listing = self.listings.get(parent_path)
-        if listing and now - listing.at < self.cfg.list_ttl:
+        fresh = listing is not None and now - listing.at < self.cfg.list_ttl
+        if listing and fresh and (not listing.for_lookups or name in listing.entries):
             return await self._from_listing(parent_path, listing.entries.get(name), name)
         neg = self.negative.get(path)
         if neg is not None and now - neg < self.cfg.negative_ttl:
             return None
-        if self._missed(parent_path, now) > LIST_AFTER_MISSES:
+        if not fresh and self._missed(parent_path, now) > LIST_AFTER_MISSES:
             # Several names of this directory asked for in a row (git status, a `cp -r` over
             # an existing tree): one listing answers them all, where each probe costs a HEAD
             # and a LIST.
@@ -369,7 +376,8 @@ class Namespace:
             except (_TooBig, GaveUp):
                 pass
             else:
-                return await self._from_listing(parent_path, entries.get(name), name)
+                if name in entries:
+                    return await self._from_listing(parent_path, entries[name], name)
         try:
             e = await self.probe(path)
         except GaveUp:
