@@ -337,7 +337,10 @@ class Namespace:
         return out
 
     # lookup ------------------------------------------------------------------------------
-    async def lookup(self, parent: Node, name: str) -> Node:
+    async def lookup(self, parent: Node, name: str, want_meta: bool = True) -> Node:
+        """The node of ``name`` in ``parent``. ``want_meta``: the attributes go to the kernel
+        (a FUSE lookup), so a file whose metadata is unknown is HEADed; unlink, rename and
+        create only need to know what is there."""
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR)
         if not valid_name(name):
@@ -352,20 +355,26 @@ class Namespace:
             return self._node_for(path, Entry(True, mtime=m.mtime, meta=m.meta, marker=True))
         if self.wb.under(path):  # only local files below it so far
             return self._node_for(path, Entry(True, mtime=time.time()))
-        e = await self._stat(parent.path, name)
+        e = await self._stat(parent.path, name, want_meta)
         if e is None:
             raise FsError(errno.ENOENT)
         return self._node_for(path, e)
 
-    async def _stat(self, parent_path: str, name: str) -> Entry | None:
+    async def _stat(self, parent_path: str, name: str, want_meta: bool = True
+                    ) -> Entry | None:
         path = self.join(parent_path, name)
         now = time.monotonic()
         listing = self.listings.get(parent_path)
         fresh = listing is not None and now - listing.at < self.cfg.list_ttl
-        if listing and fresh and (not listing.for_lookups or name in listing.entries):
-            return await self._from_listing(parent_path, listing.entries.get(name), name)
         neg = self.negative.get(path)
-        if neg is not None and now - neg < self.cfg.negative_ttl:
+        neg_fresh = neg is not None and now - neg < self.cfg.negative_ttl
+        # (A name we removed ourselves beats a listing made for lookups: SeaweedFS, for one,
+        # keeps listing an emptied directory's prefix for a while.)
+        if listing and fresh and (not listing.for_lookups or (name in listing.entries
+                                                              and not neg_fresh)):
+            return await self._from_listing(parent_path, listing.entries.get(name), name,
+                                            want_meta)
+        if neg_fresh:
             return None
         if not fresh and self._missed(parent_path, now) > LIST_AFTER_MISSES:
             # Several names of this directory asked for in a row (git status, a `cp -r` over
@@ -376,8 +385,9 @@ class Namespace:
             except (_TooBig, GaveUp):
                 pass
             else:
-                if name in entries:
-                    return await self._from_listing(parent_path, entries[name], name)
+                if name in entries and not neg_fresh:
+                    return await self._from_listing(parent_path, entries[name], name,
+                                                    want_meta)
         try:
             e = await self.probe(path)
         except GaveUp:
@@ -415,11 +425,13 @@ class Namespace:
             self._misses.clear()
         return n + 1
 
-    async def _from_listing(self, dir_path: str, e: Entry | None, name: str) -> Entry | None:
+    async def _from_listing(self, dir_path: str, e: Entry | None, name: str,
+                            want_meta: bool = True) -> Entry | None:
         """A lookup answered by a listing: a file whose metadata is not known yet is HEADed
         (one request; a listing's defaults and Last-Modified would make the answer depend
         on the order of access, and git re-read the file), except with metadata=list."""
-        if e is None or e.is_dir or e.meta is not None or self.cfg.metadata == "list":
+        if (e is None or e.is_dir or e.meta is not None or not want_meta
+                or self.cfg.metadata == "list"):
             return e
         key = self.dir_key(dir_path) + name
         try:
