@@ -351,7 +351,7 @@ class Filesystem(pyfuse3.Operations):
         elif sname == "..":
             n = self.ns.node(self.ns.by_path.get(self.ns.parent_of(parent.path), 1))
         else:
-            n = await self.ns.lookup(parent, sname, want_meta=False)
+            n = await self.ns.lookup(parent, sname)  # (the kernel gets its attributes)
         n.lookups += 1
         return self._entry(n)
 
