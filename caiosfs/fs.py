@@ -29,7 +29,7 @@ from .metrics import Metrics
 from .namespace import Entry, Listing, Namespace, Node, tagged
 from .reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
 from .store import ObjectStore, PartSource
-from .store.client import StoreClient
+from .store.client import GaveUp, StoreClient
 from .writeback import DirtyFile, WriteBack
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,11 @@ class Filesystem(pyfuse3.Operations):
                 "delete_many", self.client.store.delete_many, keys,  # type: ignore[attr-defined]
                 limiter=self.client.write_limiter, deadline=self.client.read_timeout))
         except StoreError as exc:
+            # (A store that does not know DeleteObjects answers at once: one by one then.)
+            if isinstance(exc, GaveUp):
+                log.warning("batch delete of %d objects failed (%s); retried at the next "
+                            "mount", len(keys), exc)
+                return
             log.warning("batch delete of %d objects failed (%s); deleting one by one",
                         len(keys), exc)
             failed = set(keys)
