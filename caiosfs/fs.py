@@ -37,7 +37,9 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 MAX_TTL = 365 * 86400.0
 MAX_KEY = 1024  # S3's limit on object keys, in UTF-8 bytes
 MAX_TAGGED_COPY = 5 << 30
-DELETE_GATHER = 0.005  # how long queued DELETEs wait for more to batch with  # one UploadPartCopy moves at most 5 GiB
+# How long queued DELETEs wait for more to batch with, unless something waits for them
+# (rmdir, ...). rm -rf of 10 x 100 files sent 152 batches with 5 ms on a loaded machine.
+DELETE_GATHER = 0.05  # one UploadPartCopy moves at most 5 GiB
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
 RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
 
@@ -131,6 +133,7 @@ class Filesystem(pyfuse3.Operations):
         # crash.
         self.doomed: dict[str, tuple[int, str, str]] = {}
         self._doomed_kick = trio.Event()
+        self._doomed_hurry = trio.Event()  # someone waits for them: no more gathering
         self._deleting = 0  # batches in flight
         self._deleted = trio.Event()  # set (and replaced) whenever a batch ends
 
@@ -214,7 +217,9 @@ class Filesystem(pyfuse3.Operations):
         while True:
             await self._doomed_kick.wait()
             self._doomed_kick = trio.Event()
-            await trio.sleep(DELETE_GATHER)
+            with trio.move_on_after(DELETE_GATHER):
+                await self._doomed_hurry.wait()
+            self._doomed_hurry = trio.Event()
             while self.doomed:
                 batch = dict(list(self.doomed.items())[:1000])
                 for p in batch:
@@ -259,6 +264,7 @@ class Filesystem(pyfuse3.Operations):
                        for _, k, _ in self.doomed.values()) or self._deleting > 0
         while pending():
             self._doomed_kick.set()
+            self._doomed_hurry.set()
             await self._deleted.wait()
 
     async def _claim(self, path: str) -> None:
