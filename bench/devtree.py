@@ -2,7 +2,8 @@
 
 ``python -m bench.devtree probe [--dirs 10 --files 100] [--binaries new=...,old=...]``
     round trips of name lookups on a cold mount: ``lstat`` of every file by name (what git
-    status does first), and ``cp -r`` over the existing tree, with request counts by type.
+    status does first), ``cp -r`` over the existing tree, and ``rm -rf`` of it until gone
+    from the store, with request counts by type.
 
 ``python -m bench.devtree lsl [--objects 10000] [--tagged 0.1] [--wan 20ms,50MB/s]``
     what reading metadata after a listing costs: a cold ``ls -l`` of a directory of
@@ -386,9 +387,11 @@ def probe(args: argparse.Namespace) -> int:
         bucket = server.create_bucket("probe")
         names = [f"tree/d{d:02d}/f{i:03d}.py" for d in range(args.dirs)
                  for i in range(args.files)]
-        with concurrent.futures.ThreadPoolExecutor(16) as ex:
-            list(ex.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=b"x = 1\n" * 20),
-                        names))
+
+        def seed() -> None:
+            with concurrent.futures.ThreadPoolExecutor(16) as ex:
+                list(ex.map(lambda k: s3.put_object(Bucket=bucket, Key=k,
+                                                    Body=b"x = 1\n" * 20), names))
         src = work / "src"
         for k in names:
             (src / k).parent.mkdir(parents=True, exist_ok=True)
@@ -396,7 +399,8 @@ def probe(args: argparse.Namespace) -> int:
         env = {**os.environ, **server.env()}
         env.pop("AWS_ENDPOINT_URL", None)
         for label, binary in (b.split("=", 1) for b in args.binaries.split(",")):
-            for what in ("stat", "cp"):
+            seed()
+            for what in ("stat", "cp", "rm"):
                 mnt, cache = work / f"mnt-{label}-{what}", work / f"cache-{label}-{what}"
                 mnt.mkdir()
                 with socket.socket() as sk:
@@ -412,6 +416,14 @@ def probe(args: argparse.Namespace) -> int:
                     if what == "stat":
                         for k in names:
                             os.lstat(mnt / k)
+                    elif what == "rm":
+                        subprocess.run(["rm", "-rf", str(mnt / "tree")], check=True)
+                        subprocess.run([binary, "flush", str(mnt), "-q"], env=env, check=True)
+                        left = [o["Key"] for o in s3.list_objects_v2(
+                            Bucket=bucket, Prefix="tree/").get("Contents", [])
+                            if not o["Key"].endswith("/")]
+                        if left:
+                            raise RuntimeError(f"rm -rf left {len(left)} objects")
                     else:
                         subprocess.run(["cp", "-r", f"{src}/tree/.", str(mnt / "tree")],
                                        check=True)

@@ -29,14 +29,17 @@ from .metrics import Metrics
 from .namespace import Entry, Listing, Namespace, Node, tagged
 from .reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
 from .store import ObjectStore, PartSource
-from .store.client import StoreClient
+from .store.client import GaveUp, StoreClient
 from .writeback import DirtyFile, WriteBack
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 MAX_TTL = 365 * 86400.0
 MAX_KEY = 1024  # S3's limit on object keys, in UTF-8 bytes
-MAX_TAGGED_COPY = 5 << 30  # one UploadPartCopy moves at most 5 GiB
+MAX_TAGGED_COPY = 5 << 30
+# How long queued DELETEs wait for more to batch with, unless something waits for them
+# (rmdir, ...). rm -rf of 10 x 100 files sent 152 batches with 5 ms on a loaded machine.
+DELETE_GATHER = 0.05  # one UploadPartCopy moves at most 5 GiB
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
 RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
 
@@ -126,6 +129,14 @@ class Filesystem(pyfuse3.Operations):
         self._next_fh = 1
         self.ttl = min(cfg.entry_ttl, MAX_TTL)
         self.initialized = trio.Event()
+        # Unlinked stored files whose DELETE is queued (sent in batches): path -> (ops id,
+        # key, etag). Their names are hidden meanwhile; the ops entry finishes them after a
+        # crash.
+        self.doomed: dict[str, tuple[int, str, str]] = {}
+        self._doomed_kick = trio.Event()
+        self._doomed_hurry = trio.Event()  # someone waits for them: no more gathering
+        self._deleting = 0  # batches in flight
+        self._deleted = trio.Event()  # set (and replaced) whenever a batch ends
 
     # lifecycle ---------------------------------------------------------------------------
     def init(self) -> None:
@@ -138,6 +149,7 @@ class Filesystem(pyfuse3.Operations):
         self.fetcher.nursery = nursery
         await nursery.start(self.wb.run)
         nursery.start_soon(self._housekeeping)
+        nursery.start_soon(self._delete_batches)
         for oid, op in self.index.all_ops().items():
             if op.get("op") == "delete":  # an unlink whose last close the crash prevented
                 await self._delete_version(op["key"], op["etag"], oid)
@@ -161,9 +173,9 @@ class Filesystem(pyfuse3.Operations):
             await self._move_prefix(op["src"], op["dst"], oid, journaled)
         return n
 
-    async def _delete_version(self, key: str, etag: str, oid: int) -> None:
+    async def _delete_version(self, key: str, etag: str, oid: int) -> bool:
         """Delete ``key`` if it still is version ``etag``; a failure leaves the ops entry
-        for the next mount."""
+        for the next mount (and returns False)."""
         try:
             try:
                 info = await self.client.head(key)
@@ -175,8 +187,9 @@ class Filesystem(pyfuse3.Operations):
                     await self.client.delete(key, patient=False)
         except StoreError as exc:
             log.warning("deferred delete of %s failed (%s); retried at the next mount", key, exc)
-            return
+            return False
         self.index.del_op(oid)
+        return True
 
     def _defer_delete(self, n: Node, etag: str) -> None:
         oid = self.index.next_id()
@@ -191,9 +204,75 @@ class Filesystem(pyfuse3.Operations):
         if self.ns.hidden.get(path) == etag:
             del self.ns.hidden[path]
 
+    def _queue_delete(self, path: str, key: str, etag: str) -> None:
+        """unlink of a stored file: its DELETE joins the next batch (DeleteObjects, up to
+        1,000 keys). `rm -rf` of a tree paid a DELETE round trip per file; now a directory's
+        files go in one request, sent before its rmdir returns."""
+        oid = self.index.next_id()
+        self.index.put_op(oid, {"op": "delete", "key": key, "etag": etag}, sync=False)
+        self.doomed[path] = (oid, key, etag)
+        self.ns.hidden[path] = etag
+        self._doomed_kick.set()
+
+    async def _delete_batches(self) -> None:
+        while True:
+            await self._doomed_kick.wait()
+            self._doomed_kick = trio.Event()
+            with trio.move_on_after(DELETE_GATHER):
+                await self._doomed_hurry.wait()
+            self._doomed_hurry = trio.Event()
+            while self.doomed:
+                batch = dict(list(self.doomed.items())[:1000])
+                for p in batch:
+                    del self.doomed[p]
+                self._deleting += 1
+                try:
+                    await self._send_deletes(batch)
+                finally:
+                    self._deleting -= 1
+                    self._deleted.set()
+                    self._deleted = trio.Event()
+
+    async def _send_deletes(self, batch: dict[str, tuple[int, str, str]]) -> None:
+        keys = [k for _, k, _ in batch.values()]
+        try:
+            failed = set(await self.client._run(
+                "delete_many", self.client.store.delete_many, keys,  # type: ignore[attr-defined]
+                limiter=self.client.write_limiter, deadline=self.client.read_timeout))
+        except StoreError as exc:
+            # (A store that does not know DeleteObjects answers at once: one by one then.)
+            if isinstance(exc, GaveUp):
+                log.warning("batch delete of %d objects failed (%s); retried at the next "
+                            "mount", len(keys), exc)
+                return
+            log.warning("batch delete of %d objects failed (%s); deleting one by one",
+                        len(keys), exc)
+            failed = set(keys)
+        for path, (oid, key, etag) in batch.items():
+            if key in failed and not await self._delete_version(key, etag, oid):
+                # The store keeps failing (bounded: rmdir and the others wait for this):
+                # the name stays hidden here, the ops entry retries it at the next mount.
+                continue
+            if key not in failed:
+                self.index.del_op(oid)
+            if self.ns.hidden.get(path) == etag:
+                del self.ns.hidden[path]
+
+    async def settle_deletes(self, prefix: str | None = None) -> None:
+        """Wait until queued DELETEs (of keys under ``prefix``, or all) are sent."""
+        def pending() -> bool:
+            return any(prefix is None or k.startswith(prefix)
+                       for _, k, _ in self.doomed.values()) or self._deleting > 0
+        while pending():
+            self._doomed_kick.set()
+            self._doomed_hurry.set()
+            await self._deleted.wait()
+
     async def _claim(self, path: str) -> None:
         """A name is being reused: a deferred delete of the old object there happens now
         (handles still open on it may then fail to read what is not cached)."""
+        if path in self.doomed or self._deleting:
+            await self.settle_deletes(self.ns.key(path))
         if path in self.ns.hidden:
             for ino, d in list(self.deferred.items()):
                 if d[1] == path:
@@ -286,7 +365,7 @@ class Filesystem(pyfuse3.Operations):
         elif sname == "..":
             n = self.ns.node(self.ns.by_path.get(self.ns.parent_of(parent.path), 1))
         else:
-            n = await self.ns.lookup(parent, sname)
+            n = await self.ns.lookup(parent, sname)  # (the kernel gets its attributes)
         n.lookups += 1
         return self._entry(n)
 
@@ -422,6 +501,7 @@ class Filesystem(pyfuse3.Operations):
         # Directories made below it here whose markers are not in the store yet land now
         # (every other directory operation reached the store before it returned).
         await self.wb.settle_markers(self.dir_handles[fh].node.path)
+        await self.settle_deletes(self.ns.dir_key(self.dir_handles[fh].node.path))
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -461,7 +541,7 @@ class Filesystem(pyfuse3.Operations):
 
     async def _must_not_exist(self, parent: Node, name: str) -> None:
         try:
-            await self.ns.lookup(parent, name)
+            await self.ns.lookup(parent, name, want_meta=False)
         except FsError as exc:
             if exc.errno == errno.ENOENT:
                 return
@@ -473,7 +553,7 @@ class Filesystem(pyfuse3.Operations):
         self._check_rw()
         parent = self.ns.node(parent_inode)
         try:
-            n = await self.ns.lookup(parent, _name(name))
+            n = await self.ns.lookup(parent, _name(name), want_meta=False)
         except FsError as exc:
             # A directory without a marker object vanishes from the store with its last
             # entry while the kernel still shows it (rm -r unlinks the children first): it
@@ -486,6 +566,9 @@ class Filesystem(pyfuse3.Operations):
             raise
         if not n.is_dir:
             raise FsError(errno.ENOTDIR)
+        # Files unlinked below it leave the store before it does (else its prefix, listed
+        # by a parent's listing, would bring it back for a moment).
+        await self.settle_deletes(self.ns.dir_key(n.path))
         if (self.wb.under(n.path) or self.wb.markers_below(n.path)
                 or await self.ns.list_dir(n.path, force=True)):
             raise FsError(errno.ENOTEMPTY)
@@ -504,7 +587,7 @@ class Filesystem(pyfuse3.Operations):
         await self._claim(path)
         base = None
         try:
-            existing = await self.ns.lookup(parent, sname)
+            existing = await self.ns.lookup(parent, sname, want_meta=False)
             if existing.is_dir:
                 raise FsError(errno.EISDIR)
             base = existing.entry.etag or None
@@ -622,7 +705,7 @@ class Filesystem(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._check_rw()
         parent = self.ns.node(parent_inode)
-        n = await self.ns.lookup(parent, _name(name))
+        n = await self.ns.lookup(parent, _name(name), want_meta=False)
         if n.is_dir:
             raise FsError(errno.EISDIR)
         f = await self.wb.unlink(n.path)
@@ -631,7 +714,7 @@ class Filesystem(pyfuse3.Operations):
             # Open for reading from the store: delete at the last close, hide the name now.
             self._defer_delete(n, store_etag)
         elif store_etag:
-            await self.client.delete(self.ns.key(n.path), patient=False)
+            self._queue_delete(n.path, self.ns.key(n.path), store_etag)
         self.ns.set_entry(n.path, None)
         self.ns.by_path.pop(n.path, None)
 
@@ -692,14 +775,15 @@ class Filesystem(pyfuse3.Operations):
         old_parent = self.ns.node(parent_inode_old)
         new_parent = self.ns.node(parent_inode_new)
         src_name, dst_name = _name(name_old), _name(name_new)
-        n = await self.ns.lookup(old_parent, src_name)
+        n = await self.ns.lookup(old_parent, src_name, want_meta=False)
         src = n.path
         dst = self._new_path(new_parent.path, dst_name, is_dir=n.is_dir)
         if src == dst:
             return
         await self._claim(dst)
         try:
-            target: Node | None = await self.ns.lookup(new_parent, dst_name)
+            target: Node | None = await self.ns.lookup(new_parent, dst_name,
+                                                             want_meta=False)
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -775,6 +859,7 @@ class Filesystem(pyfuse3.Operations):
 
     async def _rename_dir(self, src: str, dst: str) -> None:
         await self.wb.settle_markers(src)  # the move copies what the store holds
+        await self.settle_deletes(self.ns.dir_key(src))  # ... and must not copy unlinked files
         oid = self.index.next_id()
         src_key, dst_key = self.ns.dir_key(src), self.ns.dir_key(dst)
         self.index.put_op(oid, {"op": "rename_dir", "src": src_key, "dst": dst_key})

@@ -391,6 +391,7 @@ async def drain(fs: Any, limit: float = DRAIN_LIMIT) -> bool:
             log.info("draining: %d file(s), %d bytes left to upload", p["files"], p["bytes"])
     with trio.move_on_after(limit):
         await fs.wb.flush_all(progress)
+        await fs.settle_deletes()
         log.info("drained in %.1fs", time.monotonic() - start)
         fs.wb.close_spares()
         return True
@@ -424,6 +425,7 @@ async def _control(fs: Any, cfg: MountConfig, mp: str, req: dict[str, Any],
         return snap
     if cmd == "flush":
         await fs.wb.flush_all(progress)
+        await fs.settle_deletes()
         return {"ok": True}
     if cmd == "warm":
         from .warm import warm_in_mount

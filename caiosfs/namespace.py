@@ -69,6 +69,10 @@ class Entry:
 class Listing:
     entries: dict[str, Entry]
     at: float
+    # Made to answer lookups (after several probes), not for a readdir: it answers for the
+    # names it has, and a name it lacks is still probed (a name created elsewhere since
+    # must show within negative_ttl of being asked for, as without the listing).
+    for_lookups: bool = False
 
 
 @dataclass
@@ -209,6 +213,8 @@ class Namespace:
         ``max_pages``, _TooBig if it has more pages than that."""
         cached = self.listings.get(path)
         if cached and not force and time.monotonic() - cached.at < self.cfg.list_ttl:
+            if max_pages is None:
+                cached.for_lookups = False  # a readdir of it: the listing it would make
             return cached.entries
         pre = self.dir_key(path)
         entries: dict[str, Entry] = {}
@@ -237,7 +243,7 @@ class Namespace:
             if "/" not in name and (name not in entries or not entries[name].is_dir):
                 m = self.wb.markers[p]
                 entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
-        self.listings[path] = Listing(entries, time.monotonic())
+        self.listings[path] = Listing(entries, time.monotonic(), max_pages is not None)
         if self.cfg.metadata != "list":
             await self._head_all(pre, entries, every=self.cfg.metadata == "head")
         return entries
@@ -331,7 +337,10 @@ class Namespace:
         return out
 
     # lookup ------------------------------------------------------------------------------
-    async def lookup(self, parent: Node, name: str) -> Node:
+    async def lookup(self, parent: Node, name: str, want_meta: bool = True) -> Node:
+        """The node of ``name`` in ``parent``. ``want_meta``: the attributes go to the kernel
+        (a FUSE lookup), so a file whose metadata is unknown is HEADed; unlink, rename and
+        create only need to know what is there."""
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR)
         if not valid_name(name):
@@ -346,21 +355,28 @@ class Namespace:
             return self._node_for(path, Entry(True, mtime=m.mtime, meta=m.meta, marker=True))
         if self.wb.under(path):  # only local files below it so far
             return self._node_for(path, Entry(True, mtime=time.time()))
-        e = await self._stat(parent.path, name)
+        e = await self._stat(parent.path, name, want_meta)
         if e is None:
             raise FsError(errno.ENOENT)
         return self._node_for(path, e)
 
-    async def _stat(self, parent_path: str, name: str) -> Entry | None:
+    async def _stat(self, parent_path: str, name: str, want_meta: bool = True
+                    ) -> Entry | None:
         path = self.join(parent_path, name)
         now = time.monotonic()
         listing = self.listings.get(parent_path)
-        if listing and now - listing.at < self.cfg.list_ttl:
-            return await self._from_listing(parent_path, listing.entries.get(name), name)
+        fresh = listing is not None and now - listing.at < self.cfg.list_ttl
         neg = self.negative.get(path)
-        if neg is not None and now - neg < self.cfg.negative_ttl:
+        neg_fresh = neg is not None and now - neg < self.cfg.negative_ttl
+        # (A name we removed ourselves beats a listing made for lookups: SeaweedFS, for one,
+        # keeps listing an emptied directory's prefix for a while.)
+        if listing and fresh and (not listing.for_lookups or (name in listing.entries
+                                                              and not neg_fresh)):
+            return await self._from_listing(parent_path, listing.entries.get(name), name,
+                                            want_meta)
+        if neg_fresh:
             return None
-        if self._missed(parent_path, now) > LIST_AFTER_MISSES:
+        if not fresh and self._missed(parent_path, now) > LIST_AFTER_MISSES:
             # Several names of this directory asked for in a row (git status, a `cp -r` over
             # an existing tree): one listing answers them all, where each probe costs a HEAD
             # and a LIST.
@@ -369,7 +385,9 @@ class Namespace:
             except (_TooBig, GaveUp):
                 pass
             else:
-                return await self._from_listing(parent_path, entries.get(name), name)
+                if name in entries and not neg_fresh:
+                    return await self._from_listing(parent_path, entries[name], name,
+                                                    want_meta)
         try:
             e = await self.probe(path)
         except GaveUp:
@@ -407,11 +425,13 @@ class Namespace:
             self._misses.clear()
         return n + 1
 
-    async def _from_listing(self, dir_path: str, e: Entry | None, name: str) -> Entry | None:
+    async def _from_listing(self, dir_path: str, e: Entry | None, name: str,
+                            want_meta: bool = True) -> Entry | None:
         """A lookup answered by a listing: a file whose metadata is not known yet is HEADed
         (one request; a listing's defaults and Last-Modified would make the answer depend
         on the order of access, and git re-read the file), except with metadata=list."""
-        if e is None or e.is_dir or e.meta is not None or self.cfg.metadata == "list":
+        if (e is None or e.is_dir or e.meta is not None or not want_meta
+                or self.cfg.metadata == "list"):
             return e
         key = self.dir_key(dir_path) + name
         try:

@@ -313,3 +313,31 @@ def test_lookups_in_one_directory_list_it_once(s3: Any, bucket: str, mounter: An
     assert used <= 40 + 10, used
     (m.path / "d" / "new").write_text("n")
     assert (m.path / "d" / "new").read_text() == "n"
+
+
+def test_rm_rf_batches_deletes_and_names_reused_at_once(s3: Any, bucket: str,
+                                                        mounter: Any) -> None:
+    """rm -rf sends a directory's DELETEs as one DeleteObjects (not a round trip per file),
+    everything is gone from the store when rmdir returns, and a name reused right after its
+    unlink gets the new content, never a late delete."""
+    from mounting import keys
+    for d in range(3):
+        for i in range(30):
+            s3.put_object(Bucket=bucket, Key=f"t/d{d}/f{i}", Body=b"old")
+    s3.put_object(Bucket=bucket, Key="keep", Body=b"old")
+    m = mounter(bucket)
+    assert len(os.listdir(m.path / "t" / "d0")) == 30
+    before = m.status()["s3_requests"]
+    subprocess.run(["rm", "-rf", str(m.path / "t")], check=True, timeout=120)
+    used = m.status()["s3_requests"] - before
+    assert keys(s3, bucket) == {"keep"}  # nothing left once rm -rf returned
+    assert used < 90, used  # a DELETE per file alone would be 90
+    os.unlink(m.path / "keep")
+    (m.path / "keep").write_bytes(b"new")  # reused at once: the old DELETE goes first
+    (m.path / "t").mkdir()
+    (m.path / "t" / "d0").mkdir()
+    (m.path / "t" / "d0" / "f0").write_bytes(b"new")
+    m.flush()
+    assert s3.get_object(Bucket=bucket, Key="keep")["Body"].read() == b"new"
+    assert s3.get_object(Bucket=bucket, Key="t/d0/f0")["Body"].read() == b"new"
+    assert sorted(os.listdir(m.path / "t")) == ["d0"]

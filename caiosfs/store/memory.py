@@ -200,6 +200,13 @@ class MemoryStore:
             o = self._get(src)
             return self._store(dst, o.data, o.metadata if metadata is None else metadata)
 
+    def delete_many(self, keys: list[str]) -> list[str]:
+        self._check("delete_many", keys[0] if keys else "")
+        with self._lock:
+            for k in keys:
+                self.objects.pop(k, None)
+        return []
+
     def delete(self, key: str) -> None:
         self._check("delete", key)
         with self._lock:

@@ -456,6 +456,13 @@ class S3Store:
                 pass
             raise
 
+    def delete_many(self, keys: list[str]) -> list[str]:
+        """DeleteObjects of up to 1,000 keys in one request; returns the keys it could not
+        delete (a missing key counts as deleted)."""
+        r = self._call(self._c.delete_objects, Bucket=self.bucket,
+                       Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
+        return [e["Key"] for e in r.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+
     def delete(self, key: str) -> None:
         if self._lean is not None:
             self._lean.request("DELETE", key, {})
