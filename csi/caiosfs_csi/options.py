@@ -20,7 +20,7 @@ CAIOSFS_OPTIONS = frozenset(
     {
         "endpoint", "region", "path_style", "credentials_file", "aws_profile", "profile",
         "cache_dir", "cache_size", "dirty_limit", "memory_limit", "block_size", "max_request",
-        "readahead_max", "part_size", "read_ahead_kb", "parallel", "ro", "rw", "uid", "gid",
+        "readahead_max", "part_size", "read_ahead_kb", "parallel", "parallel_max", "ro", "rw", "uid", "gid",
         "file_mode", "dir_mode", "allow_other", "entry_ttl", "list_ttl", "negative_ttl",
         "metadata", "fsync", "upload_delay", "read_timeout", "metrics", "warm", "debug",
         "log_file",
@@ -74,6 +74,7 @@ _VALUE_RULES: dict[str, tuple[re.Pattern[str] | tuple[str, ...], str]] = {
     "readahead_max": (_SIZE, "a size such as 128M"),
     "part_size": (_SIZE, "a size such as 64M"),
     "parallel": (_UINT, "a number of requests"),
+    "parallel_max": (_UINT, "a number of requests"),
     "metadata": (METADATA_MODES, "one of " + ", ".join(METADATA_MODES)),
     "upload_delay": (_SECONDS, "seconds"),
     "read_timeout": (_SECONDS, "seconds"),
@@ -117,6 +118,7 @@ _ATTR_TO_OPTION = {
     "readaheadmax": "readahead_max",
     "partsize": "part_size",
     "parallel": "parallel",
+    "parallelmax": "parallel_max",
     "metadata": "metadata",
     "uploaddelay": "upload_delay",
     "readtimeout": "read_timeout",
@@ -132,7 +134,7 @@ _ATTR_TO_OPTION = {
 KNOWN_ATTRIBUTES = sorted(
     ["bucket", "prefix", "endpoint", "region", "pathStyle", "profile", "cacheSize", "readOnly",
      "warm", "fsync", "dirtyLimit", "memoryLimit", "blockSize", "maxRequest", "readaheadMax",
-     "partSize", "parallel", "metadata", "uploadDelay", "readTimeout", "uid", "gid", "fileMode",
+     "partSize", "parallel", "parallelMax", "metadata", "uploadDelay", "readTimeout", "uid", "gid", "fileMode",
      "dirMode", "entryTTL", "listTTL", "negativeTTL", "readAheadKb", "allowOther", "debug",
      "mountOptions"]
 )
