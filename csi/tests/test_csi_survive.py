@@ -409,6 +409,49 @@ def test_warm_job_fills_the_cache_pod_volumes_read(
     unpublish(plugin.node, req.target_path, req.volume_id)
 
 
+def test_cache_budget_evicts_the_least_recently_used_idle_dataset(
+        sv_node: tuple[MounterProc, NsPlugin], sv_store: Any, sv_bucket: str,
+        sv_secrets: dict, sv_caiosfs_bin: str, tmp_path: Path) -> None:
+    """--cache-budget: datasets A then B used and unpublished (idle caches), then C needs
+    room: A (least recently used) is evicted, B stays cached."""
+    from caiosfs_csi.budget import disk_usage
+    from caiosfs_csi.cachedir import dataset_cache_dir
+    mounter, plugin = sv_node
+    s3 = sv_store.client()
+    for name in ("a", "b", "c"):
+        s3.put_object(Bucket=sv_bucket, Key=f"{name}/blob", Body=os.urandom(8 << 20))
+
+    def use(name: str, check_bytes_in: int | None = None) -> str:
+        req = publish_request(target_path(tmp_path, f"pod-{name}"), volume_id=f"vol-{name}",
+                              context=context(sv_store, sv_bucket, name, profile="dataset",
+                                              cacheSize="20M"),
+                              secrets=sv_secrets, readonly=True,
+                              cap=mount_cap(mode="MULTI_NODE_READER_ONLY"))
+        plugin.node.NodePublishVolume(req, timeout=60)
+        with open(os.path.join(req.target_path, "blob"), "rb") as f:
+            f.read()
+        if check_bytes_in is not None:
+            (daemon,) = mounter.daemons()
+            got = _status(sv_caiosfs_bin, daemon)["bytes_in"]
+            assert got == check_bytes_in, (name, got)
+        unpublish(plugin.node, req.target_path, req.volume_id)
+        return dataset_cache_dir(str(tmp_path / "cache"), sv_bucket, name, sv_store.endpoint)
+
+    plugin.start()
+    dir_a = use("a")
+    time.sleep(1.1)  # distinct stamp times
+    dir_b = use("b")
+    plugin.kill_namespace()
+    # A budget that holds C's 20M and B's idle cache but not A's as well.
+    budget = (20 << 20) + disk_usage(dir_b) + disk_usage(dir_a) // 2
+    plugin.extra = ["--cache-budget", str(budget)]
+    plugin.start()
+    use("c")
+    assert not os.path.exists(dir_a) and os.path.isdir(dir_b)  # A was the older one
+    assert "evicted idle cache" in plugin.log.read_text()
+    use("b", check_bytes_in=0)  # B is still cached: nothing fetched
+
+
 def test_orphaned_writes_drain_at_plugin_start(
         sv_node: tuple[MounterProc, NsPlugin], sv_store: Any, sv_bucket: str,
         sv_secrets: dict, tmp_path: Path) -> None:
