@@ -428,6 +428,12 @@ class NodeService:
         target = self._check_target(req.target_path)
         with self.inflight.hold(target):
             record = self.store.load(target)
+            owner = record.shared if record is not None and record.shared else target
+            if self.mounter.busy(owner):
+                # A publish that a killed plugin started is still bringing the daemon up; a
+                # stat of the mount would wait for it. kubelet retries.
+                raise CsiError(grpc.StatusCode.ABORTED,
+                               f"the mount of {target} is still starting; retry")
             if record is not None and record.shared:
                 self._unpublish_shared(target, record)
                 log.info("unpublished %s (volume %s)", target, req.volume_id)
