@@ -521,7 +521,14 @@ class NodeService:
             if pub.shared or pub.volume_id.startswith(SHARED_PREFIX) or "ro" in pub.options:
                 continue
             try:
+                # Live targets (the usual case) are checked without holding them: kubelet's
+                # republish of a live volume must not get ABORTED because of this pass.
+                if self.mounter.busy(pub.target_path) or self.mounter.state(
+                        pub.target_path) in (MountState.MOUNTED, MountState.FOREIGN):
+                    continue
                 with self.inflight.hold(pub.target_path):
+                    if self.store.load(pub.target_path) is None:
+                        continue  # unpublished meanwhile
                     state = self.mounter.state(pub.target_path)
                     if state in (MountState.MOUNTED, MountState.FOREIGN):
                         continue
