@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    metavar="SIZE",
                    help="cache_size of volumes that set no cacheSize (env "
                         "CAIOSFS_CSI_DEFAULT_CACHE_SIZE; empty: caiosfs's default, 20G)")
+    p.add_argument("--cache-budget", default=_env("CAIOSFS_CSI_CACHE_BUDGET"), metavar="SIZE",
+                   help="cap the cache root across datasets: live mounts' cache sizes plus idle "
+                        "caches; idle datasets' caches are evicted, least recently used first "
+                        "(env CAIOSFS_CSI_CACHE_BUDGET; empty: no cap)")
     p.add_argument("--caiosfs-bin", default=_env("CAIOSFS_BIN") or None,
                    help="caiosfs executable (env CAIOSFS_BIN; default: search)")
     p.add_argument("--mount-timeout", type=float,
@@ -91,11 +95,13 @@ def serve(args: argparse.Namespace) -> int:
     from caiosfs_csi.options import OptionError, check_option
     from caiosfs_csi.server import PluginConfig, build_server
 
-    if args.default_cache_size:
+    for flag, value in (("--default-cache-size", args.default_cache_size),
+                        ("--cache-budget", args.cache_budget)):
         try:
-            check_option("cache_size", args.default_cache_size)
+            if value:
+                check_option("cache_size", value)
         except OptionError as e:
-            print(f"caiosfs-csi: --default-cache-size: {e}", file=sys.stderr)
+            print(f"caiosfs-csi: {flag}: {e}", file=sys.stderr)
             return 2
 
     timeouts = {"mount_timeout": args.mount_timeout, "blocking_warm_timeout": args.warm_timeout,
@@ -113,7 +119,8 @@ def serve(args: argparse.Namespace) -> int:
     config = PluginConfig(endpoint=args.endpoint, node_id=args.node_id,
                           state_dir=args.state_dir, driver_name=args.driver_name,
                           cache_root=args.cache_root, shared_dir=shared_dir,
-                          default_cache_size=args.default_cache_size)
+                          default_cache_size=args.default_cache_size,
+                          cache_budget=args.cache_budget)
     server, service = build_server(config, mounter)
     service.reconcile()
     if args.metrics_address:

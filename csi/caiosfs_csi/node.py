@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from caiosfs_csi import budget
 from caiosfs_csi.cachedir import dataset_cache_dir
 from caiosfs_csi.credentials import credentials_ini
 from caiosfs_csi.mounter import Mounter, MountError, MountState, MountTimeout
@@ -100,6 +101,8 @@ class NodeConfig:
     # cache_size of volumes that set none (e.g. a node's NVMe size / expected datasets);
     # "" = caiosfs's own default (20G).
     default_cache_size: str = ""
+    # Node-wide cap on the cache root across datasets (budget.py); "" = none.
+    cache_budget: str = ""
 
 
 class NodeService:
@@ -256,7 +259,9 @@ class NodeService:
         if self.config.default_cache_size and "cache_size" not in spec.options:
             options.append(f"cache_size={self.config.default_cache_size}")
         if cache_dir:
+            self._fit_budget()
             os.makedirs(cache_dir, exist_ok=True)
+            budget.mark_busy(cache_dir)
             options.append(f"cache_dir={cache_dir}")
         if creds is not None:
             record.creds_file = str(self.store.write_creds(target, creds))
@@ -276,6 +281,28 @@ class NodeService:
             raise CsiError(code, f"caiosfs mount {spec.source} failed: {e}") from None
         log.info("published %s at %s (volume %s, cache %s)", spec.source, target, volume_id,
                  cache_dir or "default")
+
+    # -- node-wide cache budget ----------------------------------------------------------------
+
+    def _cache_size_of(self, pub: Publication) -> int:
+        for o in pub.options:
+            if o.startswith("cache_size="):
+                return budget.parse_size(o.split("=", 1)[1])
+        if self.config.default_cache_size:
+            return budget.parse_size(self.config.default_cache_size)
+        return budget.CAIOSFS_DEFAULT_CACHE_SIZE
+
+    def _fit_budget(self) -> None:
+        """Make room under the cache budget for the mounts recorded now (the new one
+        included): evict idle datasets' caches, least recently used first."""
+        if not self.config.cache_budget or not self.config.cache_root:
+            return
+        owners = [p for p in self.store.all() if p.cache_dir and not p.shared]
+        with self._alloc_lock:
+            evicted = budget.enforce(self.config.cache_root,
+                                     budget.parse_size(self.config.cache_budget),
+                                     [(p.cache_dir, self._cache_size_of(p)) for p in owners])
+        self.metrics["cache_evictions"] += len(evicted)
 
     # -- shared mounts (one daemon and one cache per read-only dataset) ------------------------
 
@@ -362,6 +389,9 @@ class NodeService:
             except MountError as e:
                 raise CsiError(grpc.StatusCode.INTERNAL,
                                f"caiosfs umount {shared} failed: {e}") from None
+            owner = self.store.load(shared)
+            if owner is not None:
+                budget.mark_idle(owner.cache_dir)
         elif state is MountState.DEAD:
             self._force_unmount(shared)
         self.store.delete(shared)
@@ -398,6 +428,12 @@ class NodeService:
         target = self._check_target(req.target_path)
         with self.inflight.hold(target):
             record = self.store.load(target)
+            owner = record.shared if record is not None and record.shared else target
+            if self.mounter.busy(owner):
+                # A publish that a killed plugin started is still bringing the daemon up; a
+                # stat of the mount would wait for it. kubelet retries.
+                raise CsiError(grpc.StatusCode.ABORTED,
+                               f"the mount of {target} is still starting; retry")
             if record is not None and record.shared:
                 self._unpublish_shared(target, record)
                 log.info("unpublished %s (volume %s)", target, req.volume_id)
@@ -415,6 +451,8 @@ class NodeService:
             elif state is MountState.MOUNTED:
                 try:
                     self.mounter.unmount(target)
+                    if record is not None:
+                        budget.mark_idle(record.cache_dir)
                 except MountError as e:
                     # The daemon may have died during the drain: then detach; otherwise keep the
                     # mount (and its unsaved data) and let the CO retry.
@@ -468,6 +506,7 @@ class NodeService:
             with contextlib.suppress(OSError):
                 os.rmdir(tmp)
         self.metrics["orphan_drains"] += 1
+        budget.mark_idle(pub.cache_dir)
         log.info("orphaned writes of volume %s (%s, cache %s): journal replayed and uploaded "
                  "in %.1fs", pub.volume_id, pub.source, pub.cache_dir or "default",
                  time.monotonic() - t0)
@@ -482,7 +521,14 @@ class NodeService:
             if pub.shared or pub.volume_id.startswith(SHARED_PREFIX) or "ro" in pub.options:
                 continue
             try:
+                # Live targets (the usual case) are checked without holding them: kubelet's
+                # republish of a live volume must not get ABORTED because of this pass.
+                if self.mounter.busy(pub.target_path) or self.mounter.state(
+                        pub.target_path) in (MountState.MOUNTED, MountState.FOREIGN):
+                    continue
                 with self.inflight.hold(pub.target_path):
+                    if self.store.load(pub.target_path) is None:
+                        continue  # unpublished meanwhile
                     state = self.mounter.state(pub.target_path)
                     if state in (MountState.MOUNTED, MountState.FOREIGN):
                         continue

@@ -143,6 +143,7 @@ class PluginConfig:
     max_workers: int = 16
     shared_dir: str = ""
     default_cache_size: str = ""
+    cache_budget: str = ""
 
 
 def build_server(config: PluginConfig, mounter: Mounter) -> tuple[grpc.Server, NodeService]:
@@ -157,7 +158,8 @@ def build_server(config: PluginConfig, mounter: Mounter) -> tuple[grpc.Server, N
     service = NodeService(
         NodeConfig(node_id=config.node_id, state_dir=config.state_dir,
                    cache_root=config.cache_root, shared_dir=config.shared_dir,
-                   default_cache_size=config.default_cache_size),
+                   default_cache_size=config.default_cache_size,
+                   cache_budget=config.cache_budget),
         mounter,
     )
     # Publish can block for minutes (warm=blocking) and holds a worker meanwhile; the pool is

@@ -427,6 +427,27 @@ def test_default_cache_size_applies_only_when_the_volume_sets_none(plugin: Plugi
     assert opts_of(second)["cache_size"] == "5G"
 
 
+class StartingMounter(Mounter):
+    """The mounter still brings up the daemon of a publish that a killed plugin started."""
+
+    def busy(self, target: str) -> bool:
+        return True
+
+    def _stat(self, path: str) -> os.stat_result:
+        raise AssertionError("stat of a mount whose daemon is starting would block")
+
+
+def test_mount_still_starting_answers_aborted(plugin: Plugin) -> None:
+    target = plugin.target()
+    plugin.node.NodePublishVolume(publish_request(target))
+    stop_plugin(plugin)
+    start_plugin(plugin, make_mounter(plugin.fake, StartingMounter))
+    assert code_of(plugin.node.NodePublishVolume, publish_request(target)) == \
+        grpc.StatusCode.ABORTED
+    assert code_of(unpublish, plugin, target) == grpc.StatusCode.ABORTED
+    assert plugin.fake.mounted() == [target]  # nothing touched
+
+
 # -- Restart --------------------------------------------------------------------------------
 
 
