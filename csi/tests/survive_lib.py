@@ -267,8 +267,12 @@ def target_path(root: Path, pod: str) -> str:
 
 
 def record_figures(name: str, figures: dict[str, Any]) -> None:
-    """Print figures and merge them into tests/figures/csi_restart.json (README's source)."""
+    """Print figures; with CAIOSFS_RECORD_FIGURES=1 also merge them into
+    tests/figures/csi_restart.json (README's source), as tests/mounting.py does: a plain run
+    leaves the tree as it was. Called after the test's assertions."""
     print(f"\nFIGURES {name}: {json.dumps(figures, sort_keys=True)}")
+    if os.environ.get("CAIOSFS_RECORD_FIGURES") != "1":
+        return
     path = FIGURES / "csi_restart.json"
     try:
         allf = json.loads(path.read_text())
