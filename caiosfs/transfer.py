@@ -49,6 +49,7 @@ from .listing import (
     list_s3,
     open_bucket,
     parse_side,
+    quiet_logs,
     read_list,
     select_shard,
     valid_rel,
@@ -457,6 +458,9 @@ def cp_command(a: argparse.Namespace) -> int:
     assert isinstance(s3side, Source) and isinstance(local, Path)
     if isinstance(src, Path) and not src.is_dir():
         raise UserError(f"source {a.src} is not a directory")
+    from .warm import parse_shard
+    parse_shard(a.shard)  # (bad input fails before anything is contacted)
+    quiet_logs()
     cfg, client = connect(f"s3://{s3side.bucket}/{s3side.prefix}", a.o)
     return trio.run(_cp, a, cfg, client, src, dst, local)
 
