@@ -212,7 +212,7 @@ def ls_command(a: argparse.Namespace) -> int:
 
 
 def _shard(a: argparse.Namespace) -> tuple[int, int]:
-    from .warm import parse_shard
+    from .progress import parse_shard
     return parse_shard(a.shard)
 
 
