@@ -121,7 +121,7 @@ class Copier:
             path = self.local / d
             try:
                 entries = {e.name: e for e in os.scandir(path)}
-            except FileNotFoundError:
+            except OSError:  # not there yet (or not a directory: each file fails, listed)
                 todo += its
                 continue
             ours = {_tmp_hash(os.path.basename(it.rel)) for it in its}
