@@ -150,6 +150,18 @@ def connect(s3_text: str, options: list[str] | None) -> tuple[MountConfig, Any]:
     return cfg, client_for(cfg)
 
 
+# How long the first request may keep retrying: an endpoint that cannot be reached (LOTA
+# off the GPU nodes) should fail the command soon, so that a fallback endpoint can be tried.
+BUCKET_CHECK_SECONDS = 10.0
+
+
+def quiet_logs() -> None:
+    """Retried requests are not the user's business on a terminal: only what finally
+    failed is reported (in the failure list or as the one-line error)."""
+    import logging
+    logging.getLogger("caiosfs").setLevel(logging.ERROR)
+
+
 def client_for(cfg: MountConfig) -> Any:
     from .metrics import Metrics
     from .store.client import StoreClient
@@ -166,7 +178,8 @@ async def open_bucket(cfg: MountConfig, client: Any) -> None:
     from .mount import describe_store_error
     try:  # (retried like any request: a transient fault must not fail the whole copy)
         await client._run("head_bucket", client.store.check_bucket,
-                          limiter=client.meta_limiter, deadline=cfg.read_timeout)
+                          limiter=client.meta_limiter, deadline=min(cfg.read_timeout,
+                                                                    BUCKET_CHECK_SECONDS))
     except StoreError as exc:
         raise UserError(describe_store_error(cfg, exc)) from None
 
@@ -179,10 +192,12 @@ def ls_command(a: argparse.Namespace) -> int:
     side = parse_side(a.source)
     if a.split is not None and (a.split < 1 or not a.output):
         raise UserError("--split N needs N >= 1 and --output DIR")
+    shard = _shard(a)
     if isinstance(side, Path):
         if not side.is_dir():
             raise UserError(f"{a.source} is not a directory")
-        return _ls_out(a, select_shard(walk_local(side), _shard(a)), Result())
+        return _ls_out(a, select_shard(walk_local(side), shard), Result())
+    quiet_logs()
     cfg, client = connect(a.source, a.o)
 
     async def main() -> int:
@@ -197,7 +212,7 @@ def ls_command(a: argparse.Namespace) -> int:
 
 
 def _shard(a: argparse.Namespace) -> tuple[int, int]:
-    from .warm import parse_shard
+    from .progress import parse_shard
     return parse_shard(a.shard)
 
 
@@ -206,8 +221,13 @@ def _ls_out(a: argparse.Namespace, items: list[Item], res: Result) -> int:
     skipped = res.invalid + len(items) - len(listable)
     if a.split is None:
         out = sys.stdout
-        for it in sorted(listable, key=lambda x: x.rel):
-            out.write((format_line(it) if a.long else it.rel) + "\n")
+        try:
+            for it in sorted(listable, key=lambda x: x.rel):
+                out.write((format_line(it) if a.long else it.rel) + "\n")
+            out.flush()
+        except BrokenPipeError:  # `caiosfs ls ... | head`: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         if skipped:
             print(f"caiosfs ls: {skipped} keys left out: they cannot be a path or a line",
                   file=sys.stderr)

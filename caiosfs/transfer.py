@@ -49,6 +49,7 @@ from .listing import (
     list_s3,
     open_bucket,
     parse_side,
+    quiet_logs,
     read_list,
     select_shard,
     valid_rel,
@@ -71,13 +72,16 @@ class Copier:
         self.timeout = cfg.read_timeout
         self.xattrs = True
         self._dirs: set[Path] = set()  # destination directories known to exist
+        self._put_limiter = trio.CapacityLimiter(cfg.parallel)
 
-    async def _call(self, op: str, fn: Any, *args: Any, write: bool = False) -> Any:
-        # StoreClient's retry loop with bounded patience: a copy reports an object that
-        # keeps failing instead of waiting for the store forever, as dirty data must.
+    async def _call(self, op: str, fn: Any, *args: Any, write: bool | None = False) -> Any:
+        """StoreClient's retry loop with bounded patience: a copy reports an object that
+        keeps failing instead of waiting for the store forever, as dirty data must.
+        ``write``: True for multipart calls (the write limiter), None for whole-file PUTs
+        (a limiter of ``parallel``), False for reads."""
         c = self.client
-        return await c._run(op, fn, *args, limiter=c.write_limiter if write
-                            else c.read_limiter, deadline=self.timeout)
+        limiter = {True: c.write_limiter, None: self._put_limiter}.get(write, c.read_limiter)
+        return await c._run(op, fn, *args, limiter=limiter, deadline=self.timeout)
 
     def fail(self, rel: str, exc: BaseException) -> None:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -117,7 +121,7 @@ class Copier:
             path = self.local / d
             try:
                 entries = {e.name: e for e in os.scandir(path)}
-            except FileNotFoundError:
+            except OSError:  # not there yet (or not a directory: each file fails, listed)
                 todo += its
                 continue
             ours = {_tmp_hash(os.path.basename(it.rel)) for it in its}
@@ -277,14 +281,17 @@ class Copier:
         meta = Attrs(st.st_mode, st.st_uid, st.st_gid, st.st_mtime).to_meta()
         if stat.S_ISLNK(st.st_mode):
             body = os.fsencode(await trio.to_thread.run_sync(os.readlink, path))
-            await self.client.put_file(key, body, len(body), meta, patient=False)
+            await self._call("put", self.store.put_file, key, body, len(body), meta,
+                             write=None)
             size = len(body)
         elif not stat.S_ISREG(st.st_mode):
             raise ValueError("not a regular file")
         elif st.st_size <= self.cfg.part_size:
             size = st.st_size
-            etag = await self.client.put_file(key, path if size else None, size, meta,
-                                              patient=False)
+            # Whole files go as many at once as downloads do: the halved write limiter is
+            # for the 64 MiB parts (see listing.client_for).
+            etag = await self._call("put", self.store.put_file, key, path if size else None,
+                                    size, meta, write=None)
             if self.verify and not await trio.to_thread.run_sync(
                     etag_matches, path, size, etag, self.cfg.part_size):
                 raise ValueError(f"verify: the store's ETag {etag} does not match the file")
@@ -412,7 +419,7 @@ def _xattrs_work(d: Path) -> bool:
 async def _source_items(a: argparse.Namespace, cp: Copier | None, client: Any,
                         side: Source | Path, res: Result) -> list[Item]:
     """The source's items for this shard: listed once, or from --files-from."""
-    from .warm import parse_shard
+    from .progress import parse_shard
     shard = parse_shard(a.shard)
     if getattr(a, "files_from", None):
         wanted = [it for it in read_list(a.files_from) if valid_rel(it.rel) or
@@ -457,13 +464,16 @@ def cp_command(a: argparse.Namespace) -> int:
     assert isinstance(s3side, Source) and isinstance(local, Path)
     if isinstance(src, Path) and not src.is_dir():
         raise UserError(f"source {a.src} is not a directory")
+    from .progress import parse_shard
+    parse_shard(a.shard)  # (bad input fails before anything is contacted)
+    quiet_logs()
     cfg, client = connect(f"s3://{s3side.bucket}/{s3side.prefix}", a.o)
     return trio.run(_cp, a, cfg, client, src, dst, local)
 
 
 async def _cp(a: argparse.Namespace, cfg: MountConfig, client: Any, src: Source | Path,
               dst: Source | Path, local: Path) -> int:
-    from .warm import Progress
+    from .progress import Progress
     t0 = time.monotonic()
     res = Result()
     progress = Progress(0, 0, quiet=a.quiet or not sys.stderr.isatty(), label="cp")

@@ -273,6 +273,10 @@ def test_bad_input_one_line_nonzero(s3: Any, bucket: str, tmp_path: Path, opts: 
         "source": ([str(tmp_path / "nope"), f"s3://{bucket}/x", "-o", opts],
                    "not a directory"),
         "two local": ([str(tmp_path), str(tmp_path / "o3")], "one of each"),
+        "shard": ([f"s3://{bucket}/x", str(tmp_path / "o4"), "--shard", "4/4"], "--shard"),
+        "unreachable": ([f"s3://{bucket}/x", str(tmp_path / "o5"), "-o",
+                         "endpoint=http://127.0.0.1:1,path_style,read_timeout=2"],
+                        "cannot reach"),
     }
     for name, (args, words) in cases.items():
         e = dict(env)
