@@ -25,7 +25,7 @@ from caiosfs.fs import Filesystem
 from caiosfs.index import Index
 from caiosfs.metrics import Metrics
 from caiosfs.reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
-from caiosfs.store.client import StoreClient
+from caiosfs.store.client import GAVE_UP_MEMORY, GaveUp, StoreClient
 from caiosfs.store.memory import MemoryStore
 from caiosfs.writeback import INLINE_MAX, SPARES, DirtyFile, WriteBack, part_size_for
 
@@ -349,6 +349,15 @@ async def test_reads_retry_then_give_up_in_bounded_time() -> None:
         await client.head("k")
     assert trio.current_time() - t0 <= 5
     store._faults.clear()
+    # Right after giving up, the same key fails at once (an open's lookup and its read are
+    # back to back: a dead store must not cost read_timeout twice) ...
+    t0 = trio.current_time()
+    with pytest.raises(GaveUp):
+        await client.head("k")
+    assert trio.current_time() - t0 < 0.01
+    # ... and is asked again once GAVE_UP_MEMORY has passed.
+    await trio.sleep(GAVE_UP_MEMORY)
+    assert (await client.head("k")).size == 10
     store.inject("head", StoreError("AccessDenied", status=403), times=1)
     with pytest.raises(StoreError) as ei:
         await client.head("k")

@@ -31,6 +31,10 @@ T = TypeVar("T")
 
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 10.0
+# Seconds a key whose read (HEAD or GET) just gave up fails at once. A lookup's HEAD and the
+# read after it are two requests for one key, back to back: without this memory a dead
+# store made open + read wait out read_timeout twice.
+GAVE_UP_MEMORY = 1.0
 
 
 def _what(args: tuple[Any, ...]) -> str:
@@ -77,6 +81,7 @@ class StoreClient:
         # Ranged GETs: from ``parallel`` up to ``parallel_max`` in flight, as measured.
         self.pipe = ReadPipe(self.read_limiter, parallel, parallel_max or parallel, metrics)
         self.stopping = False
+        self._gave_up: dict[str, tuple[float, GaveUp]] = {}  # key -> (when, error)
 
     async def _run(self, op: str, fn: Callable[..., T], *args: Any,
                    limiter: trio.CapacityLimiter, deadline: float | None,
@@ -151,9 +156,28 @@ class StoreClient:
         await self._run("head_bucket", self.store.check_bucket, limiter=self.meta_limiter,
                         deadline=0)
 
+    async def _read_of(self, key: str, op: str, fn: Callable[..., T], *args: Any,
+                       limiter: trio.CapacityLimiter, what: tuple[Any, ...] | None = None
+                       ) -> T:
+        """A bounded read of one key (see GAVE_UP_MEMORY)."""
+        if self._gave_up:
+            now = trio.current_time()
+            hit = self._gave_up.get(key)
+            if hit is not None and now - hit[0] < GAVE_UP_MEMORY:
+                raise hit[1]
+            if len(self._gave_up) > 1000 or hit is not None:
+                self._gave_up = {k: v for k, v in self._gave_up.items()
+                                 if now - v[0] < GAVE_UP_MEMORY}
+        try:
+            return await self._run(op, fn, *args, limiter=limiter,
+                                   deadline=self.read_timeout, what=what)
+        except GaveUp as exc:
+            self._gave_up[key] = (trio.current_time(), exc)
+            raise
+
     async def head(self, key: str) -> ObjectInfo:
-        return await self._run("head", self.store.head, key, limiter=self.meta_limiter,
-                               deadline=self.read_timeout)
+        return await self._read_of(key, "head", self.store.head, key,
+                                   limiter=self.meta_limiter)
 
     async def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
                    max_keys: int = 1000) -> ListPage:
@@ -181,8 +205,8 @@ class StoreClient:
             self.store.get_range(key, start, length, etag, counted)
             return sent
         first = [-1.0]
-        sent = await self._run("get", timed, first, limiter=self.read_limiter,
-                               deadline=self.read_timeout, what=(key, start, length))
+        sent = await self._read_of(key, "get", timed, first, limiter=self.read_limiter,
+                                   what=(key, start, length))
         pipe.finished(length, sent, first[0], time.monotonic())
 
     async def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
