@@ -408,6 +408,8 @@ def probe(args: argparse.Namespace) -> int:
                     port = sk.getsockname()[1]
                 opts = (f"endpoint={server.endpoint},path_style,cache_dir={cache},"
                         f"metrics=127.0.0.1:{port}")
+                if args.caiosfs_opts and label != "old":
+                    opts += "," + args.caiosfs_opts
                 subprocess.run([binary, "mount", f"s3://{bucket}", str(mnt), "-o", opts],
                                env=env, check=True)
                 try:
@@ -456,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=100)
     p.add_argument("--binaries", default=f"new={CAIOSFS}",
                    help="LABEL=CAIOSFS_EXECUTABLE,... to compare builds")
+    p.add_argument("--caiosfs-opts", default="", help="extra -o options (not for 'old')")
     args = ap.parse_args(argv)
     return lsl(args) if args.cmd == "lsl" else probe(args)
 
