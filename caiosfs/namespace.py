@@ -376,19 +376,19 @@ class Namespace:
                                             want_meta)
         if neg_fresh:
             return None
-        if not fresh and self._missed(parent_path, now) > LIST_AFTER_MISSES:
-            # Several names of this directory asked for in a row (git status, a `cp -r` over
-            # an existing tree): one listing answers them all, where each probe costs a HEAD
-            # and a LIST.
-            try:
-                entries = await self.list_dir(parent_path, max_pages=1)
-            except (_TooBig, GaveUp):
-                pass
-            else:
-                if name in entries and not neg_fresh:
+        try:
+            if not fresh and self._missed(parent_path, now) > LIST_AFTER_MISSES:
+                # Several names of this directory asked for in a row (git status, a `cp -r`
+                # over an existing tree): one listing answers them all, where each probe
+                # costs a HEAD and a LIST. (A store that does not answer it is not asked
+                # again for the probe: GaveUp below.)
+                try:
+                    entries = await self.list_dir(parent_path, max_pages=1)
+                except _TooBig:
+                    entries = {}
+                if name in entries:
                     return await self._from_listing(parent_path, entries[name], name,
                                                     want_meta)
-        try:
             e = await self.probe(path)
         except GaveUp:
             # The store is unreachable: what we last knew is the best answer there is (a
