@@ -149,7 +149,8 @@ def dev_git_fs(ctx: Any, s: Any) -> Any:
             _git_steps(ctx, m.path(d), m, timing)
             t0 = time.monotonic()
             _sh(["rm", "-rf", str(m.path(d))], None, ctx.scale.op_timeout, m)
-            timing["rm"] = _wait_gone(ctx, d, ctx.scale.durable_timeout) - t0
+            # (rclone leaves a few objects for good: do not wait the whole durable_timeout)
+            timing["rm"] = _wait_gone(ctx, d, min(60.0, ctx.scale.durable_timeout)) - t0
     finally:
         ctx.store.delete_prefix(d + "/")
     return _finish(_samples(timing, n), m)
@@ -408,6 +409,8 @@ def probe(args: argparse.Namespace) -> int:
                     port = sk.getsockname()[1]
                 opts = (f"endpoint={server.endpoint},path_style,cache_dir={cache},"
                         f"metrics=127.0.0.1:{port}")
+                if args.caiosfs_opts and label != "old":
+                    opts += "," + args.caiosfs_opts
                 subprocess.run([binary, "mount", f"s3://{bucket}", str(mnt), "-o", opts],
                                env=env, check=True)
                 try:
@@ -456,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=100)
     p.add_argument("--binaries", default=f"new={CAIOSFS}",
                    help="LABEL=CAIOSFS_EXECUTABLE,... to compare builds")
+    p.add_argument("--caiosfs-opts", default="", help="extra -o options (not for 'old')")
     args = ap.parse_args(argv)
     return lsl(args) if args.cmd == "lsl" else probe(args)
 

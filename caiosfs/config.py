@@ -142,6 +142,10 @@ OPTIONS: list[Option] = [
            "(modes and symlinks written by other clients show too; the devbox profile's "
            "choice). 'list': no HEAD after a listing: objects listed before they are looked "
            "up show the mount's defaults (the dataset profile's choice).", "tagged|head|list"),
+    Option("unlink", str, "wait", "What unlink waits for: 'wait' (the object's DELETE is done "
+           "when it returns) or 'batch' (the name goes at once; DELETEs are journaled and sent "
+           "batched as DeleteObjects: rm -rf makes a request per directory instead of per "
+           "file; rmdir, flush and unmount wait for them).", "wait|batch"),
     Option("fsync", str, "store", "What fsync waits for: 'store' (durable in the object store) "
            "or 'local' (durable on the local cache disk, uploaded soon after).", "store|local"),
     Option("upload_delay", parse_seconds, 1.0, "Seconds after the last close before a file is "
@@ -170,7 +174,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {"profile": tuple(PROFILES), "metadata": ("tagged", "head", "list"),
-           "fsync": ("store", "local"),
+           "fsync": ("store", "local"), "unlink": ("wait", "batch"),
            "warm": ("background", "blocking")}
 
 
@@ -250,6 +254,7 @@ class MountConfig:
     debug: bool
     log_file: str | None
     rw: bool = False
+    unlink: str = "wait"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -713,8 +713,10 @@ class Filesystem(pyfuse3.Operations):
         if store_etag and f is None and any(h.node is n for h in self.handles.values()):
             # Open for reading from the store: delete at the last close, hide the name now.
             self._defer_delete(n, store_etag)
-        elif store_etag:
+        elif store_etag and self.cfg.unlink == "batch":
             self._queue_delete(n.path, self.ns.key(n.path), store_etag)
+        elif store_etag:
+            await self.client.delete(self.ns.key(n.path), patient=False)
         self.ns.set_entry(n.path, None)
         self.ns.by_path.pop(n.path, None)
 

@@ -376,30 +376,33 @@ class Namespace:
                                             want_meta)
         if neg_fresh:
             return None
-        if not fresh and self._missed(parent_path, now) > LIST_AFTER_MISSES:
-            # Several names of this directory asked for in a row (git status, a `cp -r` over
-            # an existing tree): one listing answers them all, where each probe costs a HEAD
-            # and a LIST.
-            try:
-                entries = await self.list_dir(parent_path, max_pages=1)
-            except _TooBig:
-                pass
-            except GaveUp:
-                # Unreachable: a probe would wait out read_timeout a second time.
-                known, e = self._last_known(path, name, listing, now)
-                if known:
-                    return e
-                raise
-            else:
-                if name in entries and not neg_fresh:
+        try:
+            if not fresh and self._missed(parent_path, now) > LIST_AFTER_MISSES:
+                # Several names of this directory asked for in a row (git status, a `cp -r`
+                # over an existing tree): one listing answers them all, where each probe
+                # costs a HEAD and a LIST. (A store that does not answer it is not asked
+                # again for the probe: GaveUp below.)
+                try:
+                    entries = await self.list_dir(parent_path, max_pages=1)
+                except _TooBig:
+                    entries = {}
+                if name in entries:
                     return await self._from_listing(parent_path, entries[name], name,
                                                     want_meta)
-        try:
             e = await self.probe(path)
         except GaveUp:
-            known, e = self._last_known(path, name, listing, now)
-            if known:
-                return e
+            # The store is unreachable: what we last knew is the best answer there is (a
+            # create then goes ahead; its upload is conditional, so a name someone else
+            # made meanwhile ends up as a conflict copy, never overwritten).
+            ino = self.by_path.get(path)
+            known = self.nodes.get(ino) if ino is not None else None
+            if listing is not None:
+                log.warning("store unreachable; answering %s from a listing %.0fs old",
+                            path, now - listing.at)
+                return listing.entries.get(name)
+            if known is not None:
+                log.warning("store unreachable; answering %s from what was known", path)
+                return known.entry
             raise
         if e is None:
             self.negative[path] = now
@@ -408,22 +411,6 @@ class Namespace:
         else:
             self.negative.pop(path, None)
         return e
-
-    def _last_known(self, path: str, name: str, listing: Listing | None, now: float
-                    ) -> tuple[bool, Entry | None]:
-        """The store is unreachable: what we last knew is the best answer there is (a
-        create then goes ahead; its upload is conditional, so a name someone else made
-        meanwhile ends up as a conflict copy, never overwritten). (False, None): nothing."""
-        ino = self.by_path.get(path)
-        known = self.nodes.get(ino) if ino is not None else None
-        if listing is not None:
-            log.warning("store unreachable; answering %s from a listing %.0fs old",
-                        path, now - listing.at)
-            return True, listing.entries.get(name)
-        if known is not None:
-            log.warning("store unreachable; answering %s from what was known", path)
-            return True, known.entry
-        return False, None
 
     def _missed(self, dir_path: str, now: float) -> int:
         """Count a probe in ``dir_path``; how many it made within list_ttl (0 once a listing

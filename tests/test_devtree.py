@@ -317,7 +317,7 @@ def test_lookups_in_one_directory_list_it_once(s3: Any, bucket: str, mounter: An
 
 def test_rm_rf_batches_deletes_and_names_reused_at_once(s3: Any, bucket: str,
                                                         mounter: Any) -> None:
-    """rm -rf sends a directory's DELETEs as one DeleteObjects (not a round trip per file),
+    """unlink=batch: rm -rf sends a directory's DELETEs as one DeleteObjects (not a round trip per file),
     everything is gone from the store when rmdir returns, and a name reused right after its
     unlink gets the new content, never a late delete."""
     from mounting import keys
@@ -325,7 +325,7 @@ def test_rm_rf_batches_deletes_and_names_reused_at_once(s3: Any, bucket: str,
         for i in range(30):
             s3.put_object(Bucket=bucket, Key=f"t/d{d}/f{i}", Body=b"old")
     s3.put_object(Bucket=bucket, Key="keep", Body=b"old")
-    m = mounter(bucket)
+    m = mounter(bucket, options="unlink=batch")
     assert len(os.listdir(m.path / "t" / "d0")) == 30
     before = m.status()["s3_requests"]
     subprocess.run(["rm", "-rf", str(m.path / "t")], check=True, timeout=120)

@@ -384,6 +384,7 @@ def test_symlink_readlink(s3: Any, bucket: str, mounter: Any) -> None:
     assert os.readlink(m2.path / "dangling") == "../does/not/exist"
     assert (m2.path / "ln").read_bytes() == b"pointed at"
     os.unlink(m2.path / "ln")
+    m2.flush()  # DELETEs are batched a few ms after the unlink; flush waits for them
     assert "ln" not in keys(s3, bucket)
 
 
