@@ -198,6 +198,22 @@ def command_line(argv: list[str]) -> str:
     return " ".join(out)
 
 
+def _git_rev() -> str:
+    """The repository's revision, marked when tracked files differ from it."""
+    rev = _version(["git", "-C", str(procs.REPO), "rev-parse", "--short", "HEAD"])
+    try:
+        dirty = subprocess.run(
+            ["git", "-C", str(procs.REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        dirty = ""
+    return rev + (" (+uncommitted changes)" if dirty else "")
+
+
 def machine() -> str:
     model = "?"
     try:
@@ -290,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         "date": date,
         "machine": machine(),
         "command": command_line(sys.argv[1:]),
-        "git": _version(["git", "-C", str(procs.REPO), "rev-parse", "--short", "HEAD"]),
+        "git": _git_rev(),
         "scale": scale.to_json(),
         "nets": nets,
         "wan": spec if "wan" in nets else "",

@@ -125,13 +125,13 @@ class CpuMeter:
         out: dict[str, float] = {"bytes": nbytes}
         if self.m is not None and self.m.pids:
             d, loop = self.m.cpu()
-            out["daemon_s"] = d - self.d0
+            out["daemon_s"] = round(d - self.d0, 3)
             if loop is not None and self.l0 is not None:
-                out["loop_s"] = loop - self.l0
+                out["loop_s"] = round(loop - self.l0, 3)
         if client_s is not None:
-            out["client_s"] = client_s
+            out["client_s"] = round(client_s, 3)
         if self.ctx.proxy_pid:
-            out["proxy_s"] = procs.tree_cpu(self.ctx.proxy_pid) - self.p0
+            out["proxy_s"] = round(procs.tree_cpu(self.ctx.proxy_pid) - self.p0, 3)
         return out
 
 
