@@ -27,7 +27,7 @@ from typing import Any
 from bench import procs, report
 from bench.procs import BenchError
 from bench.scale import MiB, make_scale
-from bench.store import BUCKET, PREFIX, Store
+from bench.store import BUCKET, PARTS, PREFIX, Store
 from bench.systems import Caiosfs, Env, FsSystem, Rclone, S3fs, base_env
 from bench.workloads import WORKLOADS, Ctx, Workload
 
@@ -319,7 +319,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         store.start()
         log(f"store: {store.endpoint}")
-        ds = store.seed(scale, log)
+        parts: set[str] = set()
+        for _key, w, _net in rows:
+            parts.update(PARTS if w.needs is None else w.needs)
+        ds = store.seed(scale, log, parts)
         endpoints = {"loopback": store.endpoint}
         if "wan" in nets:
             wan_proc, endpoints["wan"] = start_wan_proxy(spec, store.endpoint, workdir)
