@@ -79,3 +79,25 @@ class Stream(io.RawIOBase):
         self._buf = self._buf[n:]
         self.pos += n
         return n
+
+
+def range_bytes(seed: str, off: int, n: int) -> bytes:
+    """Bytes ``[off, off + n)`` of stream ``seed`` (the caller keeps the range inside the
+    object: a stream's MiB ``i`` does not depend on the object's size, only its length does)."""
+    out = []
+    pos = off
+    end = off + n
+    for _ in range(n // MiB + 2):
+        if pos >= end:
+            break
+        idx = pos // MiB
+        lo = pos - idx * MiB
+        hi = min(MiB, end - idx * MiB)
+        out.append(chunk(seed, idx, hi)[lo:hi])
+        pos = idx * MiB + hi
+    return b"".join(out)
+
+
+def range_digest(seed: str, off: int, n: int) -> str:
+    """xxh3-64 hex digest of ``range_bytes(seed, off, n)``."""
+    return xxhash.xxh3_64(range_bytes(seed, off, n)).hexdigest()

@@ -64,7 +64,7 @@ class MemoryFloor(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=ino), self._entry(ino)
 
     async def write(self, fh, off, buf):  # type: ignore[no-untyped-def]
-        self._data[fh][off:off + len(buf)] = buf
+        self._data[fh][off : off + len(buf)] = buf
         return len(buf)
 
     async def setattr(self, inode, attr, fields, fh, ctx):  # type: ignore[no-untyped-def]
@@ -78,8 +78,9 @@ class MemoryFloor(pyfuse3.Operations):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("mountpoint")
     a = ap.parse_args()
     opts = set(pyfuse3.default_options) | {"fsname=caiosfs-floor", "default_permissions"}

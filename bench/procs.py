@@ -351,3 +351,37 @@ class RssSampler:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         return max(self.peak_kib, self.hwm_kib) / 1024
+
+
+# ---- CPU time ----------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_cpu(path: str, with_children: bool) -> float:
+    """utime + stime (and, with_children, cutime + cstime) of a /proc .../stat file, in
+    seconds; 0 if it is gone. The fields after the command name, which may hold spaces."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return 0.0
+    f = text[text.rfind(")") + 2 :].split()
+    try:
+        # f[0] is field 3 (state): utime, stime, cutime, cstime are fields 14-17.
+        ticks = int(f[11]) + int(f[12])
+        if with_children:
+            ticks += int(f[13]) + int(f[14])
+    except (IndexError, ValueError):
+        return 0.0
+    return ticks / _TICK
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread, reaped children included) of pid and all its
+    descendants: what a daemon has cost the machine so far."""
+    return sum(_stat_cpu(f"/proc/{p}/stat", True) for p in process_tree(pid))
+
+
+def thread_cpu(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) of one thread (/proc/PID/task/TID/stat)."""
+    return _stat_cpu(f"/proc/{pid}/task/{tid}/stat", False)

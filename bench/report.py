@@ -11,6 +11,8 @@ from typing import Any
 from bench.workloads import Outcome, Workload
 
 SYSTEM_ORDER = ("caiosfs", "rclone", "s3fs", "boto3")
+GiB = 1 << 30
+NET_TITLES = {"loopback": "Loopback (the server straight)", "wan": "Behind the WAN proxy"}
 COLORS = {"caiosfs": "#1f77b4", "rclone": "#ff7f0e", "s3fs": "#2ca02c", "boto3": "#7f7f7f"}
 
 
@@ -25,6 +27,19 @@ class Cell:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     counters: list[dict[str, Any]] = field(default_factory=list)
+    cpu: list[dict[str, float]] = field(default_factory=list)
+
+    def cpu_per_gib(self) -> dict[str, float]:
+        """{"daemon_s": median CPU seconds per GiB moved, ...} over the repetitions."""
+        out: dict[str, list[float]] = {}
+        for c in self.cpu:
+            gib = c.get("bytes", 0) / GiB
+            if gib <= 0:
+                continue
+            for k, v in c.items():
+                if k.endswith("_s"):
+                    out.setdefault(k, []).append(v / gib)
+        return {k: statistics.median(v) for k, v in out.items()}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,6 +53,8 @@ class Cell:
             "summary": {m: summarize(v) for m, v in self.values.items()},
             "seconds_median": {m: statistics.median(v) for m, v in self.seconds.items() if v},
             "peak_rss_mib": max(self.rss_mib) if self.rss_mib else None,
+            "cpu": self.cpu,
+            "cpu_s_per_gib": self.cpu_per_gib(),
         }
 
 
@@ -51,11 +68,14 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 class Results:
-    def __init__(self, workloads: list[Workload], systems: list[str]) -> None:
-        self.workloads = workloads
+    """Cells by row key and system. A row is one workload on one network: its key is the
+    workload's name on loopback and ``name@wan`` behind the WAN proxy."""
+
+    def __init__(self, rows: list[tuple[str, Workload, str]], systems: list[str]) -> None:
+        self.rows = rows
         self.systems = [s for s in SYSTEM_ORDER if s in systems]
         self.cells: dict[str, dict[str, Cell]] = {
-            w.name: {s: Cell() for s in self.systems if w.applies(s)} for w in workloads
+            key: {s: Cell() for s in self.systems if w.applies(s)} for key, w, _ in rows
         }
 
     def add(self, workload: str, system: str, out: Outcome) -> None:
@@ -68,6 +88,8 @@ class Results:
             c.rss_mib.append(out.rss_mib)
         if out.counters:
             c.counters.append(out.counters)
+        if out.cpu:
+            c.cpu.append(out.cpu)
         for n in out.notes:
             if n not in c.notes:
                 c.notes.append(n)
@@ -125,13 +147,16 @@ class Results:
             "meta": meta,
             "systems": self.systems,
             "workloads": {
-                w.name: {
+                key: {
+                    "workload": w.name,
+                    "net": net,
                     "title": w.title,
-                    "systems": {s: c.to_json() for s, c in self.cells[w.name].items()},
-                    "ratios": {m: self.ratios(w.name, m) for m, _ in self.metrics(w.name)},
+                    "systems": {s: c.to_json() for s, c in self.cells[key].items()},
+                    "ratios": {m: self.ratios(key, m) for m, _ in self.metrics(key)},
                 }
-                for w in self.workloads
+                for key, w, net in self.rows
             },
+            "targets": targets(self),
         }
 
 
@@ -147,50 +172,19 @@ def _fmt_s(s: float) -> str:
     return f"{s:.1f} s" if s >= 10 else (f"{s:.2f} s" if s >= 0.1 else f"{s * 1000:.0f} ms")
 
 
-def markdown(res: Results, meta: dict[str, Any]) -> str:
-    """The report: how it was made, the main table, ratios, memory, failures."""
+def _main_table(res: Results, net: str) -> list[str]:
     L: list[str] = []
-    L.append(f"# caiosfs benchmark — {meta['date']}")
-    L.append("")
-    L.append(f"- Machine: {meta['machine']}")
-    if meta.get("loadavg_1min"):
-        la = meta["loadavg_1min"]
-        L.append(
-            f"- Load average (1 min) at the start of each measurement: median {la['median']:.1f},"
-            f" min {la['min']:.1f}, max {la['max']:.1f} (on {meta['machine'].split()[0]} cores;"
-            " anything well above the benchmark's own ~2 means other work was running)"
-        )
-    L.append(f"- Command: `{meta['command']}`")
-    L.append(
-        f"- Store: {meta['store']}"
-        + (
-            f"; WAN simulation: {meta['wan']}"
-            if meta.get("wan")
-            else "; no WAN simulation (loopback speed)"
-        )
-    )
-    L.append(
-        f"- Repetitions: {meta['scale']['reps']}, interleaved (systems rotate order every "
-        "round); page cache dropped before every cold measurement"
-        + ("" if meta.get("drop_caches") else " — **NOT dropped: not root**")
-    )
-    for name, v in meta.get("versions", {}).items():
-        L.append(f"- {name}: {v}")
-    L.append("")
-    L.append(
-        "Each cell: median rate (min–max over repetitions) · median seconds. Rates are "
-        "higher-is-better; a ratio a/b > 1 means a is faster. Blank: not applicable."
-    )
-    L.append("")
     head = ["workload", "metric"] + res.systems
     ratio_cols = ["caiosfs/boto3", "caiosfs/rclone", "caiosfs/s3fs", "rclone/boto3", "s3fs/boto3"]
     L.append("| " + " | ".join(head + ratio_cols) + " |")
     L.append("|" + "---|" * (len(head) + len(ratio_cols)))
-    for w in res.workloads:
-        for metric, unit in res.metrics(w.name):
-            row = [f"{w.name}", f"{metric} ({unit})"]
+    for key, _w, n in res.rows:
+        if n != net:
+            continue
+        for metric, unit in res.metrics(key):
+            row = [key, f"{metric} ({unit})"]
             for s in res.systems:
-                c = res.cells[w.name].get(s)
+                c = res.cells[key].get(s)
                 if c is None:
                     row.append("")
                 elif c.values.get(metric):
@@ -202,20 +196,230 @@ def markdown(res: Results, meta: dict[str, Any]) -> str:
                     row.append("FAILED")
                 else:
                     row.append("")
-            ratios = res.ratios(w.name, metric)
+            ratios = res.ratios(key, metric)
             row += [f"{ratios[k]:.2f}×" if k in ratios else "" for k in ratio_cols]
             L.append("| " + " | ".join(row) + " |")
+    return L
+
+
+def _cpu_table(res: Results) -> list[str]:
+    """CPU seconds per GiB moved, per system; caiosfs's loop thread and its ceiling."""
+    rows = []
+    for key, _w, _net in res.rows:
+        per = {s: c.cpu_per_gib() for s, c in res.cells[key].items() if c.cpu}
+        if not any(per.values()):
+            continue
+        cells = []
+        for s in res.systems:
+            v = per.get(s, {})
+            x = v.get("client_s" if s == "boto3" else "daemon_s")
+            cells.append("" if x is None else f"{x:.2f}")
+        loop = per.get("caiosfs", {}).get("loop_s")
+        cells.append("" if loop is None else f"{loop:.2f}")
+        cells.append("" if not loop else f"{1 / loop:.2f}")
+        d, r = per.get("caiosfs", {}).get("daemon_s"), per.get("rclone", {}).get("daemon_s")
+        cells.append(f"{d / r:.2f}×" if d is not None and r else "")
+        proxies = [v["proxy_s"] for v in per.values() if "proxy_s" in v]
+        cells.append(f"{statistics.median(proxies):.2f}" if proxies else "")
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "## CPU seconds per GiB moved (median over repetitions)",
+        "",
+        "For a mount: its daemon's process tree, every thread, user + system, from",
+        "`/proc/PID/stat` before and after the timed part (for writes: until durable). For raw",
+        "boto3: the client process itself (it has no daemon). caiosfs loop: its main thread (the",
+        "trio event loop, `/proc/PID/task/PID/stat`); loop ceiling = GiB/s one loop core could",
+        "carry at that cost. Proxy: the WAN proxy's CPU per GiB (median over the systems).",
+        "",
+        "| workload | "
+        + " | ".join(res.systems)
+        + " | caiosfs loop | loop ceiling (GiB/s) | caiosfs/rclone CPU | proxy |",
+        "|---|" + "---|" * (len(res.systems) + 4),
+        *rows,
+        "",
+    ]
+
+
+# Issue 15's targets, judged on this run. (workload row, metric, a, b, op, bound): the
+# median rate of a over that of b, or for "le_time" the time ratio a/b (= b/a on rates).
+TARGETS: list[tuple[str, str, str, str, str, float, str]] = [
+    ("seq_read_cold@wan", "read", "caiosfs", "boto3", "ge", 0.85, "cold 1 GiB read ≥ 0.85× raw"),
+    ("seq_read_cold@wan", "read", "caiosfs", "s3fs", "ge", 1.3, "cold read ≥ 1.3× s3fs"),
+    ("seq_read_cold@wan", "read", "caiosfs", "rclone", "ge", 2.0, "cold read ≥ 2× rclone"),
+    ("ckpt_restore@wan", "read", "caiosfs", "boto3", "ge", 0.85, "restore ≥ 0.85× raw"),
+    ("seq_write@wan", "durable", "caiosfs", "boto3", "le_time", 1.1, "write durable ≤ 1.1× raw"),
+    ("ckpt_write@wan", "durable", "caiosfs", "boto3", "le_time", 1.2, "DCP durable ≤ 1.2× raw"),
+    ("ckpt_hf@wan", "durable", "caiosfs", "boto3", "le_time", 1.2, "HF rename durable ≤ 1.2× raw"),
+    ("rand_read_1m@wan", "ops", "caiosfs", "boto3", "ge", 1.0, "random 1 MiB ≥ 1.0× raw"),
+    ("loader@wan", "files", "caiosfs", "boto3", "ge", 0.85, "16 readers of 100 KB ≥ 0.85× raw"),
+]
+CPU_TARGETS = [
+    ("seq_read_cold", "cold read CPU/GiB ≤ 0.25× rclone's"),
+    ("seq_read_warm", "warm read CPU/GiB ≤ 0.25× rclone's"),
+    ("seq_write", "write CPU/GiB ≤ 0.25× rclone's"),
+]
+
+
+def targets(res: Results) -> list[dict[str, Any]]:
+    """Every target of issue 15 that this run has the numbers for, met or not."""
+    out: list[dict[str, Any]] = []
+    for key, metric, a, b, op, bound, label in TARGETS:
+        va, vb = res.median(key, a, metric), res.median(key, b, metric)
+        if va is None or not vb:
+            continue
+        n = min(len(res.cells[key][x].values[metric]) for x in (a, b))
+        ratio = vb / va if op == "le_time" else va / vb
+        met = ratio <= bound if op == "le_time" else ratio >= bound
+        out.append({"target": label, "row": key, "ratio": ratio, "met": met, "n": n})
+    for w, label in CPU_TARGETS:
+        for key in (w, f"{w}@wan"):
+            cells = res.cells.get(key, {})
+            if "caiosfs" not in cells or "rclone" not in cells:
+                continue
+            d = cells["caiosfs"].cpu_per_gib().get("daemon_s")
+            r = cells["rclone"].cpu_per_gib().get("daemon_s")
+            if d is None or not r:
+                continue
+            n = min(len(cells["caiosfs"].cpu), len(cells["rclone"].cpu))
+            out.append({"target": label, "row": key, "ratio": d / r, "met": d / r <= 0.25, "n": n})
+    for key in ("seq_read_cold", "seq_read_cold@wan"):
+        c = res.cells.get(key, {}).get("caiosfs")
+        loop = c.cpu_per_gib().get("loop_s") if c else None
+        if loop:
+            out.append(
+                {
+                    "target": "loop ceiling ≥ 2 GiB/s of cold streaming",
+                    "row": key,
+                    "ratio": 1 / loop,
+                    "met": 1 / loop >= 2,
+                    "n": len(c.cpu) if c else 0,
+                    "unit": "GiB/s",
+                }
+            )
+    return out
+
+
+def readme_block(res: Results, meta: dict[str, Any], report_name: str) -> str:
+    """What the project README shows of a run (between ``<!-- BENCH-RUN:START -->`` and
+    ``<!-- BENCH-RUN:END -->``, written there by ``python -m bench.readme``): the exact
+    command, where and when it ran, the tables, and the targets judged on this same run."""
+    L = [
+        f"Run {meta['date']}, git {meta.get('git', '?')}, {meta['machine']}; "
+        f"{meta['scale']['reps']} repetition(s), interleaved"
+        + (
+            f"; load average median {meta['loadavg_1min']['median']:.1f}"
+            if meta.get("loadavg_1min")
+            else ""
+        )
+        + ". The exact command:",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+    ]
+    nets = meta.get("nets") or ["loopback"]
+    for net in nets:
+        if not any(n == net for _, _, n in res.rows):
+            continue
+        title = NET_TITLES.get(net, net)
+        if net == "wan" and meta.get("wan"):
+            title += f" ({meta['wan']})"
+        L += [f"**{title}**", "", *_main_table(res, net), ""]
+    tg = targets(res)
+    if tg:
+        L += ["**Issue 15's targets, judged on this run**", "", "| target | row | measured | |"]
+        L.append("|---|---|---|---|")
+        for t in tg:
+            few = "" if t["n"] >= 3 else f" (n={t['n']}, indicative)"
+            L.append(
+                f"| {t['target']} | {t['row']} | {t['ratio']:.2f}{t.get('unit', '×')} | "
+                f"{'met' if t['met'] else 'missed'}{few} |"
+            )
+        L.append("")
+    L += [x.replace("## ", "**", 1) + "**" if x.startswith("## ") else x for x in _cpu_table(res)]
+    L.append(f"Full report: [bench/results/{report_name}.md](bench/results/{report_name}.md).")
+    return "\n".join(L)
+
+
+def markdown(res: Results, meta: dict[str, Any]) -> str:
+    """The report: how it was made, the main tables, ratios, CPU, memory, targets, failures."""
+    L: list[str] = []
+    L.append(f"# caiosfs benchmark — {meta['date']}")
     L.append("")
+    L.append(f"- Command: `{meta['command']}` (git {meta.get('git', '?')})")
+    L.append(f"- Machine: {meta['machine']}")
+    if meta.get("loadavg_1min"):
+        la = meta["loadavg_1min"]
+        L.append(
+            f"- Load average (1 min) at the start of each measurement: median {la['median']:.1f},"
+            f" min {la['min']:.1f}, max {la['max']:.1f} (on {meta['machine'].split()[0]} cores;"
+            " anything well above the benchmark's own ~2 means other work was running)"
+        )
+    nets = meta.get("nets") or ["loopback"]
+    L.append(
+        f"- Store: {meta.get('store', '?')}; networks: "
+        + ", ".join(
+            f"{n} ({meta['wan']} per connection)" if n == "wan" and meta.get("wan") else n
+            for n in nets
+        )
+    )
+    L.append(
+        f"- Repetitions: {meta['scale']['reps']}, interleaved (systems rotate order every "
+        "round); page cache dropped before every cold measurement, raw boto3 included"
+        + ("" if meta.get("drop_caches") else " — **NOT dropped: not root**")
+    )
+    if meta.get("durable"):
+        L.append(f"- Durable: {meta['durable']}")
+    L.append(
+        "- Read data: every read workload hashes what it read (xxh3) and compares it with "
+        "the source, raw boto3 included; wrong data fails the measurement"
+    )
+    for name, v in meta.get("versions", {}).items():
+        L.append(f"- {name}: {v}")
+    L.append("")
+    L.append(
+        "Each cell: median rate (min–max over repetitions) · median seconds. Rates are "
+        "higher-is-better; a ratio a/b > 1 means a is faster. Blank: not applicable."
+    )
+    L.append("")
+    for net in nets:
+        if not any(n == net for _, _, n in res.rows):
+            continue
+        title = NET_TITLES.get(net, net)
+        if net == "wan" and meta.get("wan"):
+            title += f" ({meta['wan']})"
+        L.append(f"## {title}")
+        L.append("")
+        L.extend(_main_table(res, net))
+        L.append("")
+    tg = targets(res)
+    if tg:
+        L.append("## Issue 15's targets, judged on this run")
+        L.append("")
+        L.append("| target | row | measured | |")
+        L.append("|---|---|---|---|")
+        for t in tg:
+            unit = t.get("unit", "×")
+            few = "" if t["n"] >= 3 else f" (n={t['n']}: < 3 repetitions, indicative only)"
+            L.append(
+                f"| {t['target']} | {t['row']} | {t['ratio']:.2f}{unit} | "
+                f"{'met' if t['met'] else 'missed'}{few} |"
+            )
+        L.append("")
+    L.extend(_cpu_table(res))
     L.append("## Peak RSS of the mount daemon (MiB, max over repetitions)")
     L.append("")
     fs = [s for s in res.systems if s != "boto3"]
     L.append("| workload | " + " | ".join(fs) + " |")
     L.append("|---|" + "---|" * len(fs))
     overall: dict[str, float] = {}
-    for w in res.workloads:
-        row = [w.name]
+    for key, _w, _n in res.rows:
+        row = [key]
         for s in fs:
-            c = res.cells[w.name].get(s)
+            c = res.cells[key].get(s)
             if c is None or not c.rss_mib:
                 row.append("")
             else:
@@ -231,8 +435,11 @@ def markdown(res: Results, meta: dict[str, Any]) -> str:
     L.extend(_traffic_table(res))
     L.append("## Workloads")
     L.append("")
-    for w in res.workloads:
-        L.append(f"- `{w.name}`: {w.title}")
+    seen = set()
+    for _key, w, _n in res.rows:
+        if w.name not in seen:
+            seen.add(w.name)
+            L.append(f"- `{w.name}`: {w.title}")
     L.append("")
     L.append("## Configuration of each system")
     L.append("")
@@ -260,8 +467,8 @@ def _traffic_table(res: Results) -> list[str]:
     """caiosfs's own counters per workload (median over repetitions): how many requests and
     bytes a workload cost, and any errors the daemon counted."""
     rows = []
-    for w in res.workloads:
-        c = res.cells[w.name].get("caiosfs")
+    for key, _w, _n in res.rows:
+        c = res.cells[key].get("caiosfs")
         if c is None or not c.counters:
             continue
 
@@ -272,7 +479,7 @@ def _traffic_table(res: Results) -> list[str]:
             return max(x.get(key, 0) for x in c.counters)
 
         rows.append(
-            f"| {w.name} | {med('s3_requests'):,.0f} | {med('s3_get_requests'):,.0f} | "
+            f"| {key} | {med('s3_requests'):,.0f} | {med('s3_get_requests'):,.0f} | "
             f"{med('bytes_in') / 2**20:,.1f} | {med('bytes_out') / 2**20:,.1f} | "
             f"{worst('s3_errors'):,.0f} | {worst('fuse_errors'):,.0f} | "
             f"{worst('checksum_failures') + worst('uploads_failed'):,.0f} |"
@@ -303,16 +510,16 @@ def chart(res: Results, meta: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(w, m, u) for w in res.workloads for m, u in res.metrics(w.name)]
+    panels = [(key, m, u) for key, _w, _n in res.rows for m, u in res.metrics(key)]
     if not panels:
         return
     cols = 4
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, (w, metric, unit) in zip(axes.flat, panels):
+    for ax, (key, metric, unit) in zip(axes.flat, panels):
         names, med, lo, hi = [], [], [], []
         for s in res.systems:
-            c = res.cells[w.name].get(s)
+            c = res.cells[key].get(s)
             if c is None or not c.values.get(metric):
                 continue
             sm = summarize(c.values[metric])
@@ -323,7 +530,7 @@ def chart(res: Results, meta: dict[str, Any], path: Path) -> None:
         ax.bar(
             names, med, yerr=[lo, hi], capsize=3, color=[COLORS.get(n, "#999999") for n in names]
         )
-        ax.set_title(f"{w.name}: {metric}", fontsize=9)
+        ax.set_title(f"{key}: {metric}", fontsize=9)
         ax.set_ylabel(unit, fontsize=8)
         ax.tick_params(labelsize=8)
         for i, v in enumerate(med):
@@ -351,6 +558,8 @@ def write_all(res: Results, meta: dict[str, Any], out_dir: Path, names: list[str
         j.write_text(json.dumps(doc, indent=1, sort_keys=False))
         m = out_dir / f"{name}.md"
         m.write_text(md)
+        (out_dir / f"{name}.readme.md").write_text(readme_block(res, meta, name))
+        written.append(out_dir / f"{name}.readme.md")
         p = out_dir / f"{name}.png"
         try:
             chart(res, meta, p)

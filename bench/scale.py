@@ -32,6 +32,9 @@ class Scale:
     fio_rand_seconds: int = 15
     warm_objects: int = 8
     warm_object_bytes: int = 512 * MiB  # 8 x 512 MiB = the 4 GiB prefix of issue 6
+    loader_objects: int = 10_000  # the data loader's prefix of ~100 KB objects
+    loader_reads: int = 2_000  # random files read per measurement (16 threads)
+    loader_seconds: float = 60.0  # ...or stop starting new files after this long
     reps: int = 3
     op_timeout: float = 900.0  # one measured operation (a 1 GiB upload at ~10 MB/s still fits)
     durable_timeout: float = 900.0  # waiting for data to show up in the store
@@ -57,6 +60,9 @@ def make_scale(quick: bool, size_scale: float | None, reps: int | None) -> Scale
             fio_rand_seconds=3,
             warm_objects=4,
             warm_object_bytes=8 * MiB,
+            loader_objects=500,
+            loader_reads=200,
+            loader_seconds=20.0,
             reps=1,
             op_timeout=180.0,
             durable_timeout=180.0,
@@ -87,6 +93,9 @@ def make_scale(quick: bool, size_scale: float | None, reps: int | None) -> Scale
             fio_rand_seconds=base.fio_rand_seconds,
             warm_objects=base.warm_objects,
             warm_object_bytes=b(base.warm_object_bytes),
+            loader_objects=c(base.loader_objects, 100),
+            loader_reads=c(base.loader_reads, 50),
+            loader_seconds=base.loader_seconds,
             reps=base.reps,
             op_timeout=base.op_timeout,
             durable_timeout=base.durable_timeout,
