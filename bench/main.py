@@ -27,7 +27,7 @@ from typing import Any
 from bench import procs, report
 from bench.procs import BenchError
 from bench.scale import MiB, make_scale
-from bench.store import BUCKET, PREFIX, Store
+from bench.store import BUCKET, PARTS, PREFIX, Store
 from bench.systems import Caiosfs, Env, FsSystem, Rclone, S3fs, base_env
 from bench.workloads import WORKLOADS, Ctx, Workload
 
@@ -198,6 +198,22 @@ def command_line(argv: list[str]) -> str:
     return " ".join(out)
 
 
+def _git_rev() -> str:
+    """The repository's revision, marked when tracked files differ from it."""
+    rev = _version(["git", "-C", str(procs.REPO), "rev-parse", "--short", "HEAD"])
+    try:
+        dirty = subprocess.run(
+            ["git", "-C", str(procs.REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        dirty = ""
+    return rev + (" (+uncommitted changes)" if dirty else "")
+
+
 def machine() -> str:
     model = "?"
     try:
@@ -290,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         "date": date,
         "machine": machine(),
         "command": command_line(sys.argv[1:]),
-        "git": _version(["git", "-C", str(procs.REPO), "rev-parse", "--short", "HEAD"]),
+        "git": _git_rev(),
         "scale": scale.to_json(),
         "nets": nets,
         "wan": spec if "wan" in nets else "",
@@ -303,7 +319,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         store.start()
         log(f"store: {store.endpoint}")
-        ds = store.seed(scale, log)
+        parts: set[str] = set()
+        for _key, w, _net in rows:
+            parts.update(PARTS if w.needs is None else w.needs)
+        ds = store.seed(scale, log, parts)
         endpoints = {"loopback": store.endpoint}
         if "wan" in nets:
             wan_proc, endpoints["wan"] = start_wan_proxy(spec, store.endpoint, workdir)

@@ -34,7 +34,9 @@ PREFIX = "root"
 # Outside the mounted prefix: what was seeded, so a rerun against --endpoint can skip it.
 MANIFEST_KEY = "bench-manifest.json"
 # Bump when the layout or content of the seeded data changes.
-SEED_VERSION = 3
+SEED_VERSION = 4
+# The parts of the data set, each seeded only when a chosen workload reads it.
+PARTS = ("seq", "tree", "stat", "ckpt", "loader", "warm")
 
 
 def make_client(endpoint: str, access_key: str, secret_key: str, pool: int = 32) -> Any:
@@ -268,42 +270,69 @@ class Store:
         except (ClientError, ValueError):
             return {}
 
-    def seed(self, scale: Scale, log: Any) -> Dataset:
-        """Create every object the read workloads need (skipping what an earlier run against
-        the same --endpoint already made) and the local tree the copy workload copies."""
+    def seed(self, scale: Scale, log: Any, parts: Iterable[str] = PARTS) -> Dataset:
+        """Create the objects of the data set ``parts`` the chosen workloads read (skipping
+        what an earlier run against the same --endpoint already made) and the local tree the
+        copy workload copies. A part not asked for is left out: ``--only`` runs seed only
+        what they read."""
         ds = Dataset()
         ds.local_tree = str(make_local_tree(self.workdir / "tree-src", scale))
+        tree_root = Path(ds.local_tree)
         manifest = self._load_manifest()
         want = {"version": SEED_VERSION, "scale": scale.to_json()}
+        have: list[str] = []
         if manifest.get("want") == want:
             ds = Dataset(**{**manifest["dataset"], "local_tree": ds.local_tree})
-            # Trust the manifest only if the objects are all really there.
-            if self._dataset_present(ds):
-                log(f"seed: reusing data seeded earlier ({self.endpoint})")
-                return ds
-            ds = Dataset(local_tree=ds.local_tree)
+            # Trust the manifest only for the parts whose objects are all really there.
+            have = [p for p in manifest.get("parts", []) if self._part_present(ds, p)]
+        # The tree's names and sizes come from the local copy: tree_copy needs them even
+        # when the store's copy is not seeded.
+        ds.tree_files = {
+            str(p.relative_to(tree_root)): p.stat().st_size
+            for p in sorted(tree_root.rglob("*"))
+            if p.is_file()
+        }
+        todo = [p for p in PARTS if p in set(parts) and p not in have]
+        if not todo:
+            log(f"seed: reusing data seeded earlier ({', '.join(have) or 'none needed'})")
+            return ds
+        if have:
+            log(f"seed: reusing {', '.join(have)} seeded earlier")
         t0 = time.monotonic()
         self._client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/", Body=b"")
+        for part in todo:
+            t1 = time.monotonic()
+            what = getattr(self, f"_seed_{part}")(ds, scale)
+            log(f"seed: {what} in {time.monotonic() - t1:.0f} s")
+        fields = {k: v for k, v in ds.__dict__.items() if k != "local_tree"}
+        self._client.put_object(
+            Bucket=BUCKET,
+            Key=MANIFEST_KEY,
+            Body=json.dumps({"want": want, "dataset": fields, "parts": have + todo}).encode(),
+        )
+        log(f"seed: done in {time.monotonic() - t0:.0f} s")
+        return ds
+
+    def _seed_seq(self, ds: Dataset, scale: Scale) -> str:
         ds.seq_size = scale.seq_bytes
         ds.seq_digest = self._put_stream(ds.seq_key, "seq", scale.seq_bytes)
-        log(f"seed: {ds.seq_key} {scale.seq_bytes / MiB:.0f} MiB")
+        return f"{ds.seq_key} {scale.seq_bytes / MiB:.0f} MiB"
 
-        tree_root = Path(ds.local_tree)
-        for p in sorted(tree_root.rglob("*")):
-            if p.is_file():
-                ds.tree_files[str(p.relative_to(tree_root))] = p.stat().st_size
-        self._put_many(
-            (f"{ds.tree_dir}/{rel}", (tree_root / rel).read_bytes()) for rel in ds.tree_files
-        )
-        log(f"seed: {ds.tree_dir}/ {len(ds.tree_files)} files, {ds.tree_bytes / 1e6:.1f} MB")
+    def _seed_tree(self, ds: Dataset, scale: Scale) -> str:
+        root = Path(ds.local_tree)
+        self._put_many((f"{ds.tree_dir}/{rel}", (root / rel).read_bytes()) for rel in ds.tree_files)
+        return f"{ds.tree_dir}/ {len(ds.tree_files)} files, {ds.tree_bytes / 1e6:.1f} MB"
 
+    def _seed_stat(self, ds: Dataset, scale: Scale) -> str:
         ds.stat_count = scale.stat_objects
         self._put_many(
             (f"{ds.stat_dir}/f{i:05d}.dat", data.make_bytes(f"stat{i}", 100))
             for i in range(scale.stat_objects)
         )
-        log(f"seed: {ds.stat_dir}/ {scale.stat_objects} objects")
+        return f"{ds.stat_dir}/ {scale.stat_objects} objects"
 
+    def _seed_ckpt(self, ds: Dataset, scale: Scale) -> str:
+        ds.ckpt_shards = {}
         for i in range(scale.ckpt_writers):
             name = f"shard-{i:03d}.distcp"
             self._put_stream(f"{ds.ckpt_dir}/{name}", f"ckpt{i}", scale.ckpt_shard_bytes)
@@ -316,8 +345,9 @@ class Store:
             Key=f"{PREFIX}/{ds.ckpt_root}/step-2/shard-000.distcp",
             Body=data.make_bytes("ckpt-uncommitted", 4096),
         )
-        log(f"seed: {ds.ckpt_dir}/ {scale.ckpt_writers} shards")
+        return f"{ds.ckpt_dir}/ {scale.ckpt_writers} shards (and an uncommitted step-2/)"
 
+    def _seed_loader(self, ds: Dataset, scale: Scale) -> str:
         t1 = time.monotonic()
         ds.loader_count = scale.loader_objects
         self._put_many(
@@ -327,41 +357,43 @@ class Store:
             )
             for i in range(scale.loader_objects)
         )
-        dt = time.monotonic() - t1
-        log(
-            f"seed: {ds.loader_dir}/ {scale.loader_objects} objects of ~100 KB in {dt:.0f} s "
-            f"({scale.loader_objects / max(dt, 1e-9):.0f} PUTs/s)"
-        )
+        rate = scale.loader_objects / max(time.monotonic() - t1, 1e-9)
+        return f"{ds.loader_dir}/ {scale.loader_objects} objects of ~100 KB ({rate:.0f} PUTs/s)"
 
+    def _seed_warm(self, ds: Dataset, scale: Scale) -> str:
+        ds.warm_objects = {}
         for i in range(scale.warm_objects):
             name = f"part-{i:03d}.bin"
             self._put_stream(f"{ds.warm_dir}/{name}", f"warm{i}", scale.warm_object_bytes)
             ds.warm_objects[name] = scale.warm_object_bytes
-        log(f"seed: {ds.warm_dir}/ {ds.warm_bytes / MiB:.0f} MiB in {scale.warm_objects} objects")
+        return f"{ds.warm_dir}/ {ds.warm_bytes / MiB:.0f} MiB in {scale.warm_objects} objects"
 
-        fields = {k: v for k, v in ds.__dict__.items() if k != "local_tree"}
-        self._client.put_object(
-            Bucket=BUCKET,
-            Key=MANIFEST_KEY,
-            Body=json.dumps({"want": want, "dataset": fields}).encode(),
-        )
-        log(f"seed: done in {time.monotonic() - t0:.0f} s")
-        return ds
-
-    def _dataset_present(self, ds: Dataset) -> bool:
-        checks = [
-            ({ds.seq_key: ds.seq_size}, "seq/"),
-            ({f"{ds.tree_dir}/{k}": v for k, v in ds.tree_files.items()}, ds.tree_dir + "/"),
-            ({f"{ds.ckpt_dir}/{k}": v for k, v in ds.ckpt_shards.items()}, ds.ckpt_dir + "/"),
-            ({f"{ds.warm_dir}/{k}": v for k, v in ds.warm_objects.items()}, ds.warm_dir + "/"),
-        ]
-        for expected, prefix in checks:
-            have = self.list_sizes(prefix)
-            if any(have.get(k) != s for k, s in expected.items()):
-                return False
-        if len(self.list_sizes(ds.loader_dir + "/")) != ds.loader_count:
+    def _part_present(self, ds: Dataset, part: str) -> bool:
+        """Whether the objects of one seeded part are all in the store with their sizes."""
+        if part == "stat":
+            return ds.stat_count > 0 and len(self.list_sizes(ds.stat_dir + "/")) == ds.stat_count
+        if part == "loader":
+            n = ds.loader_count
+            return n > 0 and len(self.list_sizes(ds.loader_dir + "/")) == n
+        expected, prefix = {
+            "seq": ({ds.seq_key: ds.seq_size}, "seq/"),
+            "tree": (
+                {f"{ds.tree_dir}/{k}": v for k, v in ds.tree_files.items()},
+                ds.tree_dir + "/",
+            ),
+            "ckpt": (
+                {f"{ds.ckpt_dir}/{k}": v for k, v in ds.ckpt_shards.items()},
+                ds.ckpt_dir + "/",
+            ),
+            "warm": (
+                {f"{ds.warm_dir}/{k}": v for k, v in ds.warm_objects.items()},
+                ds.warm_dir + "/",
+            ),
+        }.get(part, ({}, ""))
+        if not expected or not prefix:
             return False
-        return len(self.list_sizes(ds.stat_dir + "/")) == ds.stat_count
+        have = self.list_sizes(prefix)
+        return all(have.get(k) == s for k, s in expected.items())
 
 
 def make_local_tree(root: Path, scale: Scale) -> Path:

@@ -79,6 +79,8 @@ class Workload:
     only_fs: tuple[str, ...] | None = None  # fs systems it applies to (None: all)
     nets: tuple[str, ...] = ("loopback", "wan")  # where it runs (see main.py --net)
     quick_wan: bool = False  # part of the small WAN case of --quick
+    # Parts of the seeded data set it reads (store.PARTS); None: all of them.
+    needs: tuple[str, ...] | None = None
 
     def applies(self, system: str) -> bool:
         if system == "boto3":
@@ -125,13 +127,13 @@ class CpuMeter:
         out: dict[str, float] = {"bytes": nbytes}
         if self.m is not None and self.m.pids:
             d, loop = self.m.cpu()
-            out["daemon_s"] = d - self.d0
+            out["daemon_s"] = round(d - self.d0, 3)
             if loop is not None and self.l0 is not None:
-                out["loop_s"] = loop - self.l0
+                out["loop_s"] = round(loop - self.l0, 3)
         if client_s is not None:
-            out["client_s"] = client_s
+            out["client_s"] = round(client_s, 3)
         if self.ctx.proxy_pid:
-            out["proxy_s"] = procs.tree_cpu(self.ctx.proxy_pid) - self.p0
+            out["proxy_s"] = round(procs.tree_cpu(self.ctx.proxy_pid) - self.p0, 3)
         return out
 
 
@@ -1007,45 +1009,71 @@ WORKLOADS: list[Workload] = [
         seq_read_cold_fs,
         seq_read_b3,
         quick_wan=True,
+        needs=("seq",),
     ),
     Workload(
         "seq_read_warm",
         "sequential read, warm (local cache full, page cache dropped)",
         seq_read_warm_fs,
         None,
-    ),
-    Workload("rand_read_1m", "random 1 MiB reads, cold", rand_1m_fs, rand_1m_b3, quick_wan=True),
-    Workload("rand_read_4k", "random 4 KiB reads, cold", rand_4k_fs, rand_4k_b3),
-    Workload(
-        "seq_write", "sequential write + close, and until durable", seq_write_fs, seq_write_b3
+        needs=("seq",),
     ),
     Workload(
-        "tree_copy", "copy of a source tree (cp -r), close and durable", tree_copy_fs, tree_copy_b3
+        "rand_read_1m",
+        "random 1 MiB reads, cold",
+        rand_1m_fs,
+        rand_1m_b3,
+        needs=("seq",),
+    ),
+    Workload("rand_read_4k", "random 4 KiB reads, cold", rand_4k_fs, rand_4k_b3, needs=("seq",)),
+    Workload(
+        "seq_write",
+        "sequential write + close, and until durable",
+        seq_write_fs,
+        seq_write_b3,
+        needs=(),
+    ),
+    Workload(
+        "tree_copy",
+        "copy of a source tree (cp -r), close and durable",
+        tree_copy_fs,
+        tree_copy_b3,
+        needs=(),
     ),
     Workload(
         "tree_restore",
         "restore of that tree on a fresh mount (find + read all)",
         tree_restore_fs,
         tree_restore_b3,
+        needs=("tree",),
     ),
-    Workload("stat", "ls -l of a directory of many objects, cold and warm", stat_fs, stat_b3),
+    Workload(
+        "stat",
+        "ls -l of a directory of many objects, cold and warm",
+        stat_fs,
+        stat_b3,
+        needs=("stat",),
+    ),
     Workload(
         "ckpt_write",
         "checkpoint: N writers x shard + fsync, then rename commit",
         ckpt_write_fs,
         ckpt_write_b3,
+        needs=(),
     ),
     Workload(
         "ckpt_save",
         "checkpoint, torch.save pattern: N ranks write rank-I.pt.tmp + fsync + os.replace",
         ckpt_save_fs,
         ckpt_save_b3,
+        needs=(),
     ),
     Workload(
         "ckpt_hf",
         "checkpoint, Hugging Face Trainer: files into tmp-checkpoint-N/, rename to checkpoint-N/",
         ckpt_hf_fs,
         ckpt_hf_b3,
+        needs=(),
     ),
     Workload(
         "ckpt_restore",
@@ -1053,6 +1081,7 @@ WORKLOADS: list[Workload] = [
         ckpt_restore_fs,
         ckpt_restore_b3,
         quick_wan=True,
+        needs=("ckpt",),
     ),
     Workload(
         "loader",
@@ -1060,15 +1089,17 @@ WORKLOADS: list[Workload] = [
         loader_fs,
         loader_b3,
         quick_wan=True,
+        needs=("loader",),
     ),
-    Workload("fio_seq", "fio sequential read 1 MiB, cold", fio_seq_fs, None),
-    Workload("fio_rand", "fio random read 4 KiB x 4 jobs, cold", fio_rand_fs, None),
+    Workload("fio_seq", "fio sequential read 1 MiB, cold", fio_seq_fs, None, needs=("seq",)),
+    Workload("fio_rand", "fio random read 4 KiB x 4 jobs, cold", fio_rand_fs, None, needs=("seq",)),
     Workload(
         "warm",
         "pre-warm a prefix into the local cache (caiosfs warm)",
         warm_fs,
         warm_b3,
         only_fs=("caiosfs",),
+        needs=("warm",),
     ),
     Workload(
         "wan_ceiling",
@@ -1078,6 +1109,7 @@ WORKLOADS: list[Workload] = [
         wan_ceiling_b3,
         nets=("wan",),
         quick_wan=True,
+        needs=("seq",),
     ),
 ]
 

@@ -254,3 +254,49 @@ def test_report_judges_targets_and_cpu_on_its_own_run() -> None:
     assert "bench/run --only seq_read_cold" in block and "| missed |" in block
     md = report.markdown(res, meta)
     assert "## Behind the WAN proxy (20ms,50MB/s)" in md and "| seq_read_cold | 0.50 | 4.00 |" in md
+
+
+def test_store_seeds_only_what_is_read_and_durable_waits_for_temporaries(seaweed, tmp_path) -> None:
+    """Against a real server: seeding the 'seq' part makes only the sequential object (with
+    the content the workloads compare against); a second seed reuses it and adds 'stat';
+    wait_durable(gone=...) returns only once a temporary object is deleted, and names it
+    when it never is."""
+    import dataclasses
+
+    from bench.procs import BenchError
+    from bench.scale import MiB, make_scale
+    from bench.store import PREFIX, Store
+
+    scale = dataclasses.replace(
+        make_scale(True, None, None), seq_bytes=2 * MiB, stat_objects=20, loader_objects=20
+    )
+    store = Store(tmp_path, seaweed.endpoint, seaweed.access_key, seaweed.secret_key)
+    store.start()
+    logs: list[str] = []
+    ds = store.seed(scale, logs.append, {"seq"})
+    assert store.object_digest(ds.seq_key) == ds.seq_digest == data.digest("seq", 2 * MiB)
+    assert store.list_sizes("stat/") == {} and store.list_sizes("loader/") == {}
+    logs.clear()
+    ds = store.seed(scale, logs.append, {"seq", "stat"})
+    assert any("reusing seq" in x for x in logs), logs
+    assert len(store.list_sizes("stat/")) == 20 and ds.stat_count == 20
+
+    c = store.client
+    c.put_object(Bucket="caiosfs-bench", Key=f"{PREFIX}/d/final", Body=b"x" * 10)
+    c.put_object(Bucket="caiosfs-bench", Key=f"{PREFIX}/d/final.tmp", Body=b"x")
+    t_del: list[float] = []
+
+    def delete_later() -> None:
+        time.sleep(0.6)
+        c.delete_object(Bucket="caiosfs-bench", Key=f"{PREFIX}/d/final.tmp")
+        t_del.append(time.monotonic())
+
+    th = threading.Thread(target=delete_later)
+    th.start()
+    t = store.wait_durable("d/", {"d/final": 10}, 20, gone=lambda k: k.endswith(".tmp"))
+    th.join()
+    assert t >= t_del[0] - 0.01
+    c.put_object(Bucket="caiosfs-bench", Key=f"{PREFIX}/d/stuck.tmp", Body=b"x")
+    with pytest.raises(BenchError, match=r"temporary object.*d/stuck\.tmp"):
+        store.wait_durable("d/", {"d/final": 10}, 1, gone=lambda k: k.endswith(".tmp"))
+    store.delete_prefix("")

@@ -116,3 +116,42 @@ def test_a_full_hold_keeps_the_chunks_nearest_their_readers(tmp_path: Path) -> N
     cache.hold(b"x", 7, b"d" * 10, 10, 7)
     assert cache.drop_farther(7, 10) == 0  # nothing was asked for after 7
     assert cache.fresh_bytes == 10
+
+
+def test_a_large_server_side_copy_goes_as_parallel_parts() -> None:
+    # The rename of an uploaded checkpoint file: UploadPartCopy of 64 MiB parts in parallel,
+    # same bytes and metadata as the source; a source that changed meanwhile is refused.
+    from caiosfs.errors import PreconditionFailed
+    from caiosfs.store.client import COPY_PART, StoreClient
+    from caiosfs.store.memory import MemoryStore
+
+    async def main() -> None:
+        store = MemoryStore("b")
+        body = bytes(range(256)) * (5 * COPY_PART // 256 // 2)  # 2.5 parts
+        store.put_bytes("src", body, {"mode": "33188"})
+        client = StoreClient(store, Metrics(), read_timeout=5)
+        before = client.metrics.value("caiosfs_s3_requests_total", op="upload_part")
+        await client.copy("src", "dst", None, len(body))
+        assert store.objects["dst"].data == body
+        assert store.objects["dst"].metadata == {"mode": "33188"}
+        assert client.metrics.value("caiosfs_s3_requests_total", op="upload_part") \
+            - before == 3
+        small = b"x" * 1000
+        store.put_bytes("s", small)
+        await client.copy("s", "t", {"mode": "33261"}, len(small))  # one CopyObject
+        assert store.objects["t"].data == small and store.objects["t"].metadata == {
+            "mode": "33261"}
+        orig = store.upload_part
+
+        def changing(*a: object) -> str:
+            store.put_bytes("src", b"new", {})
+            return orig(*a)  # type: ignore[arg-type]
+        store.upload_part = changing  # type: ignore[method-assign]
+        try:
+            await client.copy("src", "dst2", None, len(body))
+        except PreconditionFailed:
+            pass
+        else:
+            raise AssertionError("a copy from a source that changed went through")
+        assert "dst2" not in store.objects and not store.list_multipart("")
+    trio.run(main)

@@ -35,6 +35,7 @@ BACKOFF_CAP = 10.0
 # read after it are two requests for one key, back to back: without this memory a dead
 # store made open + read wait out read_timeout twice.
 GAVE_UP_MEMORY = 1.0
+COPY_PART = 64 << 20  # part of a server-side copy of a large object (copied in parallel)
 
 
 def _what(args: tuple[Any, ...]) -> str:
@@ -283,9 +284,49 @@ class StoreClient:
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str] | None, size: int,
                    patient: bool = True) -> str:
-        return await self._run("copy", self.store.copy, src, dst, metadata, size,
-                               limiter=self.write_limiter,
-                               deadline=None if patient else self.read_timeout)
+        """Server-side copy (``metadata`` None: the source's). A large object is copied as
+        parts (UploadPartCopy) in parallel: one CopyObject copies it as one sequential
+        stream inside the store - the rename of a 1 GiB checkpoint file that had already
+        been uploaded (torch.save's tmp + os.replace, Hugging Face's directory rename)."""
+        deadline = None if patient else self.read_timeout
+        if size < 2 * COPY_PART:
+            return await self._run("copy", self.store.copy, src, dst, metadata, size,
+                                   limiter=self.write_limiter, deadline=deadline)
+        info = await self._run("head", self.store.head, src, limiter=self.meta_limiter,
+                               deadline=deadline)
+        if metadata is None:
+            metadata = info.metadata or {}
+        part = max(COPY_PART, -(-info.size // 10_000))
+        upload_id = await self._run("create_multipart", self.store.create_multipart, dst,
+                                    metadata, limiter=self.write_limiter, deadline=deadline)
+        etags: dict[int, str] = {}
+        failed: list[StoreError] = []
+
+        async def one(n: int, off: int) -> None:
+            try:
+                etags[n] = await self._run(
+                    "upload_part", self.store.upload_part, dst, upload_id,
+                    PartSource(n, None, off, min(part, info.size - off), copy_key=src,
+                               copy_etag=info.etag),
+                    limiter=self.write_limiter, deadline=deadline)
+            except StoreError as exc:  # the caller gets a StoreError, not a group
+                failed.append(exc)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, off in enumerate(range(0, info.size, part)):
+                    nursery.start_soon(one, i + 1, off)
+            if failed:
+                raise failed[0]
+            return await self._run("complete_multipart", self.store.complete_multipart, dst,
+                                   upload_id, [etags[n] for n in sorted(etags)], None, False,
+                                   limiter=self.write_limiter, deadline=deadline)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.abort_multipart(dst, upload_id)
+                except StoreError:
+                    pass
+            raise
 
     async def delete(self, key: str, patient: bool = True) -> None:
         await self._run("delete", self.store.delete, key, limiter=self.write_limiter,
