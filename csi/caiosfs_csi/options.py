@@ -20,7 +20,7 @@ CAIOSFS_OPTIONS = frozenset(
     {
         "endpoint", "region", "path_style", "credentials_file", "aws_profile", "profile",
         "cache_dir", "cache_size", "dirty_limit", "memory_limit", "block_size", "max_request",
-        "readahead_max", "part_size", "read_ahead_kb", "parallel", "parallel_max", "ro", "rw", "uid", "gid",
+        "readahead_max", "part_size", "read_ahead_kb", "parallel", "parallel_max", "unlink", "ro", "rw", "uid", "gid",
         "file_mode", "dir_mode", "allow_other", "entry_ttl", "list_ttl", "negative_ttl",
         "metadata", "fsync", "upload_delay", "read_timeout", "metrics", "warm", "debug",
         "log_file",
@@ -46,7 +46,7 @@ GENERIC_OPTIONS = frozenset(
 GENERIC_PREFIXES = ("x-", "comment=", "context=", "fscontext=", "defcontext=", "rootcontext=")
 
 PROFILES = ("default", "dataset", "devbox", "checkpoint")
-METADATA_MODES = ("head", "list")
+METADATA_MODES = ("tagged", "head", "list")
 WARM_MODES = ("background", "blocking")
 FSYNC_MODES = ("store", "local")
 
@@ -75,6 +75,7 @@ _VALUE_RULES: dict[str, tuple[re.Pattern[str] | tuple[str, ...], str]] = {
     "part_size": (_SIZE, "a size such as 64M"),
     "parallel": (_UINT, "a number of requests"),
     "parallel_max": (_UINT, "a number of requests"),
+    "unlink": (("wait", "batch"), "one of wait, batch"),
     "metadata": (METADATA_MODES, "one of " + ", ".join(METADATA_MODES)),
     "upload_delay": (_SECONDS, "seconds"),
     "read_timeout": (_SECONDS, "seconds"),
@@ -119,6 +120,7 @@ _ATTR_TO_OPTION = {
     "partsize": "part_size",
     "parallel": "parallel",
     "parallelmax": "parallel_max",
+    "unlink": "unlink",
     "metadata": "metadata",
     "uploaddelay": "upload_delay",
     "readtimeout": "read_timeout",
@@ -134,7 +136,7 @@ _ATTR_TO_OPTION = {
 KNOWN_ATTRIBUTES = sorted(
     ["bucket", "prefix", "endpoint", "region", "pathStyle", "profile", "cacheSize", "readOnly",
      "warm", "fsync", "dirtyLimit", "memoryLimit", "blockSize", "maxRequest", "readaheadMax",
-     "partSize", "parallel", "parallelMax", "metadata", "uploadDelay", "readTimeout", "uid", "gid", "fileMode",
+     "partSize", "parallel", "parallelMax", "unlink", "metadata", "uploadDelay", "readTimeout", "uid", "gid", "fileMode",
      "dirMode", "entryTTL", "listTTL", "negativeTTL", "readAheadKb", "allowOther", "debug",
      "mountOptions"]
 )
