@@ -645,7 +645,13 @@ class Filesystem(pyfuse3.Operations):
         obj = None
         if f is None:
             # No revalidation here: the lookup before open did it (entry_ttl), and a new
-            # store version is a new inode, so this inode's page cache is always valid.
+            # store version is a new inode, so this inode's page cache is always valid -
+            # except after a rename moved the inode (Namespace.move): the kernel keeps its
+            # dentries and sends no lookup, and the ETag the node holds may be the one the
+            # move copied while an upload landed under the new name (a read then met 412,
+            # ESTALE: test_directory_rename_keeps_changes_uploaded_during_the_move).
+            if n.validated == float("-inf"):
+                await self.ns.revalidate(n)
             obj = ObjRef(self.cfg.source.bucket, self.ns.key(n.path), n.entry.etag,
                          n.entry.size)
         fh = self._new_fh()
