@@ -402,7 +402,7 @@ class Filesystem(pyfuse3.Operations):
         if not fields.update_size and not changed:
             a.ctime_ns = new.ctime_ns
             if f is not None and not f.clean and self.ns.attached(n):
-                self.wb._journal(f)
+                self.wb.journal(f)
             return self._entry(n)
         if not self.ns.attached(n):
             # Unlinked (or replaced by a rename) while open: the name is gone, so only the
@@ -435,7 +435,7 @@ class Filesystem(pyfuse3.Operations):
             f.gen += 1
             if f.writers == 0:
                 self.wb.schedule(f, self.cfg.upload_delay)
-            self.wb._journal(f)
+            self.wb.journal(f)
         else:
             # Metadata only: a server-side copy onto itself, no data moves.
             if not n.entry.etag:
@@ -535,7 +535,7 @@ class Filesystem(pyfuse3.Operations):
         e = Entry(True, mtime=attrs.mtime, meta=attrs.to_meta(), marker=True)
         self.ns.set_entry(path, e)
         self.ns.listings[path] = Listing({}, time.monotonic())
-        n = self.ns._node_for(path, e)
+        n = self.ns.node_for(path, e)
         n.lookups += 1
         return self._entry(n)
 
@@ -597,7 +597,7 @@ class Filesystem(pyfuse3.Operations):
         attrs = Attrs(stat.S_IFREG | (mode & 0o7777 & ~ctx.umask), ctx.uid, ctx.gid,
                       time.time())
         f = await self.wb.create(path, attrs, base_etag=base)
-        n = self.ns._node_for(path, Entry(False, 0, base or "", attrs.mtime, attrs.to_meta()))
+        n = self.ns.node_for(path, Entry(False, 0, base or "", attrs.mtime, attrs.to_meta()))
         self.ns.negative.pop(path, None)
         self._add_to_listing(path, f)
         n.lookups += 1
@@ -740,7 +740,7 @@ class Filesystem(pyfuse3.Operations):
         await self.wb.write(f, 0, target)
         self.wb.schedule(f, self.cfg.upload_delay)
         self._add_to_listing(path, f)
-        n = self.ns._node_for(path, Entry(False, len(target), "", attrs.mtime, attrs.to_meta()))
+        n = self.ns.node_for(path, Entry(False, len(target), "", attrs.mtime, attrs.to_meta()))
         n.lookups += 1
         return self._entry(n)
 
@@ -765,7 +765,7 @@ class Filesystem(pyfuse3.Operations):
         f = await self.wb.create(path, attrs)
         self.wb.schedule(f, self.cfg.upload_delay)
         self._add_to_listing(path, f)
-        n = self.ns._node_for(path, Entry(False, 0, "", attrs.mtime, attrs.to_meta()))
+        n = self.ns.node_for(path, Entry(False, 0, "", attrs.mtime, attrs.to_meta()))
         n.lookups += 1
         return self._entry(n)
 

@@ -145,7 +145,7 @@ class Namespace:
                          else c.file_mode, uid=c.uid, gid=c.gid, mtime=e.mtime,
                          size=0 if e.is_dir else e.size)
 
-    def _node_for(self, path: str, e: Entry, from_store: bool = True) -> Node:
+    def node_for(self, path: str, e: Entry, from_store: bool = True) -> Node:
         """The inode for ``path`` as ``e`` describes it.
 
         A new version of a file in the store (another ETag, no local changes) gets a *new*
@@ -332,7 +332,7 @@ class Namespace:
         local = self.wb.children(dnode.path)
         out = []
         for name in sorted(entries):
-            out.append((name, self._node_for(self.join(dnode.path, name), entries[name],
+            out.append((name, self.node_for(self.join(dnode.path, name), entries[name],
                                              from_store=name not in local)))
         return out
 
@@ -349,16 +349,16 @@ class Namespace:
         f = self.wb.files.get(path)
         if f is not None and not f.deleted:
             e = Entry(False, f.size, f.base_etag or "", f.attrs.mtime, f.attrs.to_meta())
-            return self._node_for(path, e, from_store=False)
+            return self.node_for(path, e, from_store=False)
         m = self.wb.markers.get(path)
         if m is not None:  # made here, its marker not in the store yet
-            return self._node_for(path, Entry(True, mtime=m.mtime, meta=m.meta, marker=True))
+            return self.node_for(path, Entry(True, mtime=m.mtime, meta=m.meta, marker=True))
         if self.wb.under(path):  # only local files below it so far
-            return self._node_for(path, Entry(True, mtime=time.time()))
+            return self.node_for(path, Entry(True, mtime=time.time()))
         e = await self._stat(parent.path, name, want_meta)
         if e is None:
             raise FsError(errno.ENOENT)
-        return self._node_for(path, e)
+        return self.node_for(path, e)
 
     async def _stat(self, parent_path: str, name: str, want_meta: bool = True
                     ) -> Entry | None:
@@ -538,9 +538,6 @@ class Namespace:
                 self.nodes[ino].validated = float("-inf")
         for p in [p for p in self.listings if p == src or p.startswith(src + "/")]:
             del self.listings[p]
-
-    def meta_attrs_entry(self, path: str, attrs: Attrs, etag: str, is_dir: bool) -> Entry:
-        return Entry(is_dir, attrs.size, etag, attrs.mtime, attrs.to_meta())
 
     def file_type(self, n: Node) -> int:
         return stat.S_IFMT(self.overlay(n).mode)

@@ -300,7 +300,6 @@ class WriteBack:
         self._progress = trio.Event()
         self.nursery: trio.Nursery | None = None
         self.file_limiter = trio.CapacityLimiter(8)
-        self.errors = 0
 
     # bookkeeping -------------------------------------------------------------------------
     def key_of(self, path: str) -> str:
@@ -329,7 +328,7 @@ class WriteBack:
         oldest = min((f.dirty_since for f in dirty), default=None)
         self.metrics.oldest_dirty_seconds.set(time.time() - oldest if oldest else 0)
 
-    def _journal(self, f: DirtyFile) -> None:
+    def journal(self, f: DirtyFile) -> None:
         # Committed now (a killed daemon loses nothing); flushed to disk by _sync_journal
         # moments later, one fdatasync per burst (a `cp -r` creates a file a millisecond).
         self._journal_unsynced.set()
@@ -445,7 +444,7 @@ class WriteBack:
             await self._retire(old)
             base_etag = old.base_etag  # what the store holds now (its upload may have landed)
         f = self._new(path, base_etag, attrs, inline=True)
-        self._journal(f)
+        self.journal(f)
         self.update_gauges()
         self._last_write = time.monotonic()
         return f
@@ -469,7 +468,7 @@ class WriteBack:
         f.uploaded_gen = f.gen if fill is not None else 0
         if fill is not None:
             f.touched, f.base_size = set(), f.attrs.size
-        self._journal(f)
+        self.journal(f)
         self.update_gauges()
         return f
 
@@ -682,7 +681,7 @@ class WriteBack:
                 f.stream = None
             await self._abort(key, st.upload_id)
             return
-        self._journal(f)
+        self.journal(f)
         self._maybe_stream(f, f.last_write_end, f.last_write_end)
 
     async def _send_part(self, f: DirtyFile, st: _Stream, p: int, length: int) -> None:
@@ -966,7 +965,6 @@ class WriteBack:
                 self.schedule(f, self.upload_delay)
                 return
             # Not retryable as such (e.g. AccessDenied): keep the data, try again later.
-            self.errors += 1
             self.metrics.uploads_failed.inc()
             log.error("upload of %s failed: %s; data kept locally, retrying in 30s", f.path, exc)
             self._back_off(f)
@@ -975,13 +973,11 @@ class WriteBack:
                 log.info("%s changed during its upload; trying again", f.path)
                 self.schedule(f, self.upload_delay)
             else:
-                self.errors += 1
                 self.metrics.uploads_failed.inc()
                 log.error("upload of %s failed reading the cache: %s", f.path, exc)
                 self._back_off(f)
         except Exception:
             # A bug must not take the whole mount down: the data stays in the journal.
-            self.errors += 1
             self.metrics.uploads_failed.inc()
             log.exception("upload of %s failed unexpectedly; retrying in 30s", f.path)
             self._back_off(f)
@@ -1100,7 +1096,7 @@ class WriteBack:
             if f.handles == 0:
                 self._release_clean(f)
         else:
-            self._journal(f)
+            self.journal(f)
             if f.writers == 0:
                 self.schedule(f, self.upload_delay)
 
@@ -1117,7 +1113,7 @@ class WriteBack:
             if old is not None and old.upload_id:
                 await self._abort(f.key, old.upload_id)
             st = f.stream = _Stream(new_id, ps)
-            self._journal(f)
+            self.journal(f)
         nparts = (size + ps - 1) // ps
         for _ in range(3):
             # Wait for parts already being sent, then send what is missing in parallel. A
@@ -1185,7 +1181,7 @@ class WriteBack:
         log.warning("%s was deleted in the store while it had local changes; uploading ours "
                     "as a new object", f.key)
         f.base_etag = None
-        self._journal(f)
+        self.journal(f)
         self.schedule(f, 0)
 
     async def _conflict(self, f: DirtyFile, body: Body, size: int, meta: dict[str, str]
@@ -1290,7 +1286,7 @@ class WriteBack:
     async def _retire(self, f: DirtyFile) -> None:
         """Drop a dirty file whose path is being replaced or deleted."""
         f.deleted = True
-        self._journal(f)
+        self.journal(f)
         await self._wait_upload(f)  # its upload must not land after what replaces it
         if f.stream is not None and f.stream.upload_id:
             await self._abort(f.key, f.stream.upload_id)
@@ -1335,7 +1331,7 @@ class WriteBack:
         f.uploaded_gen = 0  # the new key has none of it yet
         f.gen += 1
         self.files[dst] = f
-        self._journal(f)
+        self.journal(f)
         if f.writers == 0:
             self.schedule(f, self.upload_delay)
         if st is not None and st.upload_id:
@@ -1382,7 +1378,7 @@ class WriteBack:
             f = DirtyFile(fid, path, j["key"], j["base_etag"], attrs, data_path, fd,
                           inline=inline)
             self.files[path] = f
-            self._journal(f)
+            self.journal(f)
             self.schedule(f, 0)
             n += 1
         # Data files no journal entry names: empty files kept for reuse (IDLE_MAX), spares
