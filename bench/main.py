@@ -32,6 +32,7 @@ from bench.systems import Caiosfs, Env, FsSystem, Rclone, S3fs, base_env
 from bench.workloads import WORKLOADS, Ctx, Workload
 
 ALL_SYSTEMS = ("caiosfs", "rclone", "s3fs", "boto3")
+BASE = "caiosfs-base"  # with --caiosfs-base
 NETS = ("loopback", "wan")
 DEFAULT_WAN = "20ms,50MB/s"  # issue 15: a remote store's first-byte delay, one stream's rate
 T0 = time.monotonic()
@@ -96,6 +97,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--caiosfs",
         default=str(procs.REPO / ".venv" / "bin" / "caiosfs"),
         help="the caiosfs executable (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--caiosfs-base",
+        default=None,
+        metavar="EXECUTABLE",
+        help="also measure this other caiosfs build as system 'caiosfs-base' (e.g. the "
+        "venv of a worktree at an older commit: /path/.venv/bin/caiosfs), side by side in "
+        "the same run, with the ratio caiosfs/caiosfs-base in the tables",
     )
     ap.add_argument(
         "--caiosfs-opts",
@@ -291,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             rows.append((w.name if net == "loopback" else f"{w.name}@wan", w, net))
     wanted = _split(args.systems)
+    if args.caiosfs_base:
+        wanted.insert(wanted.index("caiosfs") + 1 if "caiosfs" in wanted else 0, BASE)
     if os.geteuid() != 0:
         log("warning: not root: page cache cannot be dropped, FUSE mounts may fail")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="caiosfs-bench-", dir="/var/tmp"))
@@ -346,6 +357,10 @@ def run(args: argparse.Namespace) -> int:
             for name in wanted:
                 if name == "caiosfs":
                     systems.append(Caiosfs(env, Path(args.caiosfs), args.caiosfs_opts))
+                elif name == BASE:
+                    systems.append(
+                        Caiosfs(env, Path(args.caiosfs_base), args.caiosfs_opts, name=BASE)
+                    )
                 elif name == "rclone":
                     systems.append(Rclone(env))
                 elif name == "s3fs":
@@ -396,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
         for name, why in unavailable.items():
             if why:
                 log(f"{name}: unavailable: {why}")
-        order = [n for n in ALL_SYSTEMS if n in wanted]
+        order = [n for n in (*ALL_SYSTEMS, BASE) if n in wanted]
         for rep in range(scale.reps):
             for wi, (key, w, net) in enumerate(rows):
                 ctx, by_name = per_net[net]
@@ -441,6 +456,7 @@ def run(args: argparse.Namespace) -> int:
             args.reps,
             args.loader_objects,
             args.caiosfs_opts,
+            args.caiosfs_base,
             args.systems != ",".join(ALL_SYSTEMS),
         )
     ):

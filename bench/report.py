@@ -10,10 +10,11 @@ from typing import Any
 
 from bench.workloads import Outcome, Workload
 
-SYSTEM_ORDER = ("caiosfs", "rclone", "s3fs", "boto3")
+SYSTEM_ORDER = ("caiosfs", "caiosfs-base", "rclone", "s3fs", "boto3")
 GiB = 1 << 30
 NET_TITLES = {"loopback": "Loopback (the server straight)", "wan": "Behind the WAN proxy"}
-COLORS = {"caiosfs": "#1f77b4", "rclone": "#ff7f0e", "s3fs": "#2ca02c", "boto3": "#7f7f7f"}
+COLORS = {"caiosfs": "#1f77b4", "rclone": "#ff7f0e", "s3fs": "#2ca02c", "boto3": "#7f7f7f",
+          "caiosfs-base": "#9edae5"}
 
 
 @dataclass
@@ -134,7 +135,7 @@ class Results:
         """{"a/b": median(a) / median(b)} for caiosfs against every other system, and for
         the peers against boto3. Higher than 1 means a is faster (all metrics are rates)."""
         pairs = [("caiosfs", o) for o in ("boto3", "rclone", "s3fs")]
-        pairs += [("rclone", "boto3"), ("s3fs", "boto3")]
+        pairs += [("rclone", "boto3"), ("s3fs", "boto3"), ("caiosfs", "caiosfs-base")]
         out = {}
         for a, b in pairs:
             va, vb = self.median(workload, a, metric), self.median(workload, b, metric)
@@ -176,6 +177,8 @@ def _main_table(res: Results, net: str) -> list[str]:
     L: list[str] = []
     head = ["workload", "metric"] + res.systems
     ratio_cols = ["caiosfs/boto3", "caiosfs/rclone", "caiosfs/s3fs", "rclone/boto3", "s3fs/boto3"]
+    if "caiosfs-base" in res.systems:
+        ratio_cols.append("caiosfs/caiosfs-base")
     L.append("| " + " | ".join(head + ratio_cols) + " |")
     L.append("|" + "---|" * (len(head) + len(ratio_cols)))
     for key, _w, n in res.rows:

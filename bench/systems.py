@@ -331,7 +331,11 @@ class Caiosfs(FsSystem):
     name = "caiosfs"
     loop_thread = True
 
-    def __init__(self, env: Env, binary: Path, extra_opts: str = "") -> None:
+    def __init__(self, env: Env, binary: Path, extra_opts: str = "", name: str = "caiosfs"
+                 ) -> None:
+        # name "caiosfs-base": another build (an older commit's venv) measured in the same
+        # run, so a refactoring is judged by ratios taken side by side, not across runs.
+        self.name = name
         super().__init__(env)
         self.binary = binary
         self.extra_opts = extra_opts
@@ -342,9 +346,11 @@ class Caiosfs(FsSystem):
         return None
 
     def version(self) -> str:
-        rev = _first_line(["git", "-C", str(procs.REPO), "rev-parse", "--short", "HEAD"])
+        # The checkout the executable belongs to (REPO/.venv/bin/caiosfs).
+        repo = str(self.binary.parent.parent.parent)
+        rev = _first_line(["git", "-C", repo, "rev-parse", "--short", "HEAD"])
         dirty = subprocess.run(
-            ["git", "-C", str(procs.REPO), "status", "--porcelain", "caiosfs"],
+            ["git", "-C", repo, "status", "--porcelain", "caiosfs"],
             capture_output=True,
             text=True,
             timeout=30,
