@@ -849,6 +849,35 @@ def dir_mtime_on_create(d: Path) -> None:
     check(os.stat(d / "s").st_mtime_ns > 10**18, "directory mtime unchanged")
 
 
+@case("dir", "find and du see every level of a tree (whatever nlink says)")
+def find_descends(d: Path) -> None:
+    os.makedirs(d / "s" / "a" / "b" / "c")
+    put(d / "s" / "a" / "b" / "c" / "f", b"x" * 5000)
+    out = subprocess.run(["find", "s"], cwd=d, capture_output=True, text=True, check=True)
+    got = sorted(out.stdout.split())
+    want = ["s", "s/a", "s/a/b", "s/a/b/c", "s/a/b/c/f"]
+    check(got == want, f"find: {got}")
+    du = subprocess.run(["du", "-a", "--apparent-size", "-b", "s"], cwd=d, capture_output=True,
+                        text=True, check=True).stdout
+    check("s/a/b/c/f" in du, f"du: {du.split()}")
+
+
+@case("dir", "Python imports a module created after its directory was scanned (dir mtime)")
+def import_new_module(d: Path) -> None:
+    import importlib
+
+    put(d / "first_posix_mod.py", b"X = 1\n")
+    sys.path.insert(0, str(d))
+    importlib.import_module("first_posix_mod")  # the FileFinder caches the listing of d
+    time.sleep(0.05)
+    put(d / "second_posix_mod.py", b"X = 2\n")
+    try:
+        importlib.import_module("second_posix_mod")
+    except ModuleNotFoundError:
+        # importlib rescans a directory only when its mtime changed
+        raise Wrong("ModuleNotFoundError (directory mtime did not change)") from None
+
+
 @case("dir", f"readdir of {MANY} files: each once, no other names")
 def readdir_many(d: Path) -> None:
     names = {f"n{i:05d}" for i in range(MANY)}
@@ -1525,7 +1554,7 @@ def select_cases(only: str, user_cases: bool = True) -> list[Case]:
 
 def text_table(results: dict[str, dict[str, str]], cases: list[Case]) -> str:
     systems = list(results)
-    w = max(len(c.name) for c in cases) + 2
+    w = max(len("matches the reference"), *(len(c.name) for c in cases)) + 2
     widths = [max(12, len(s) + 2) for s in systems]
     lines = ["case".ljust(w) + "".join(s.ljust(x) for s, x in zip(systems, widths, strict=True))]
     ref = results[systems[0]]
