@@ -1746,8 +1746,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
 
     ref = fresh_dir(Path(args.reference), "caiosfs-posix-ref")
-    fstype = subprocess.run(["stat", "-f", "-c", "%T", str(ref)], capture_output=True,
-                            text=True, check=False).stdout.strip() or "?"
+    fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(ref)],
+                            capture_output=True, text=True, check=False).stdout.strip() or "?"
     log(f"reference: {ref} ({fstype})")
     try:
         results["reference"] = run_suite(ref, cases, args.timeout, log)
@@ -1815,7 +1815,7 @@ def _run_mounted(names: list[str], args: argparse.Namespace, cases: list[Case],
                 with s.mounted(cold=True) as m:
                     d = fresh_dir(m.mountpoint, f"posix-{s.name}")
                     results[s.name] = run_suite(d, cases, args.timeout, log)
-                described[s.name] = f"{s.version()}: {s.describe()}, allow_other"
+                described[s.name] = f"{s.version()}: {s.describe()}"
             except BenchError as e:
                 log(f"posix: {s.name} failed: {e}")
                 described[s.name] = f"failed: {e}"
