@@ -1648,15 +1648,19 @@ docs/SEMANTICS.md ("POSIX conformance") explains each of them."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    cats = sorted({c.category for c in CASES})
+    epilog = EPILOG + f"\n\ncategories ({len(CASES)} cases): " + ", ".join(
+        f"{k} ({sum(c.category == k for c in CASES)})" for k in cats)
     ap = argparse.ArgumentParser(prog="python -m bench.posix", description=DESCRIPTION,
-                                 epilog=EPILOG,
+                                 epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default="caiosfs,rclone,s3fs", metavar="LIST",
                     help="comma-separated systems to mount and test: caiosfs, rclone, s3fs, "
                     "or none (default: %(default)s)")
     ap.add_argument("--path", action="append", default=[], metavar="NAME=DIR",
                     help="also test DIR, a directory on a filesystem mounted already, as "
-                    "system NAME (repeatable); the suite works in a new subdirectory of it")
+                    "system NAME (repeatable); the suite works in a new subdirectory of it. "
+                    "For the cases as nobody, uid 65534 must be able to reach DIR")
     ap.add_argument("--reference", metavar="DIR", default="/var/tmp",
                     help="where the reference run makes its directory (default: %(default)s)")
     ap.add_argument("--only", default="", metavar="LIST",
@@ -1672,7 +1676,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--caiosfs-opts", default="", metavar="OPTS",
                     help="extra -o options for caiosfs, e.g. profile=devbox")
     ap.add_argument("--endpoint", help="an S3 server on 127.0.0.1 to use instead of starting one "
-                    "(it must have the bucket caiosfs-bench)")
+                    "(the bucket caiosfs-bench is made if missing; the suite works below "
+                    "root/posix-SYSTEM-*)")
     ap.add_argument("--access-key", help="with --endpoint")
     ap.add_argument("--secret-key", help="with --endpoint")
     ap.add_argument("--workdir", metavar="DIR",
