@@ -35,6 +35,7 @@ from .attrs import Attrs
 from .errors import FsError, PreconditionFailed, StoreError
 from .index import Index
 from .metrics import Metrics
+from .records import JournalEntry, MkdirOp
 from .store import Body, PartSource
 from .store.client import StoreClient
 
@@ -335,14 +336,13 @@ class WriteBack:
         self.index.put_journal(f.fid, self._journal_value(f), sync=False)
 
     @staticmethod
-    def _journal_value(f: DirtyFile) -> dict[str, Any]:
-        return {
-            "path": f.path, "key": f.key, "base_etag": f.base_etag, "mode": f.attrs.mode,
-            "uid": f.attrs.uid, "gid": f.attrs.gid, "mtime": f.attrs.mtime,
-            "mtime_ns": f.attrs.mtime_ns, "ctime_ns": f.attrs.ctime_ns,
-            "upload_id": f.stream.upload_id if f.stream else None, "deleted": f.deleted,
-            "inline": f.inline,
-        }
+    def _journal_value(f: DirtyFile) -> JournalEntry:
+        return JournalEntry(
+            path=f.path, key=f.key, base_etag=f.base_etag, mode=f.attrs.mode,
+            uid=f.attrs.uid, gid=f.attrs.gid, mtime=f.attrs.mtime,
+            mtime_ns=f.attrs.mtime_ns, ctime_ns=f.attrs.ctime_ns,
+            upload_id=f.stream.upload_id if f.stream else None, deleted=f.deleted,
+            inline=f.inline)
 
     def children(self, dir_path: str) -> dict[str, DirtyFile]:
         """Local files directly inside ``dir_path`` ('' is the root)."""
@@ -857,7 +857,7 @@ class WriteBack:
         resumed = oid is not None
         if oid is None:
             oid = self.index.next_id()
-            self.index.put_op(oid, {"op": "mkdir", "key": key, "meta": meta, "mtime": mtime},
+            self.index.put_op(oid, MkdirOp(key, meta, mtime),
                               sync=False)
             self._journal_unsynced.set()
         m = self.markers[path] = Marker(oid, key, meta, mtime)
@@ -922,7 +922,7 @@ class WriteBack:
         if m is None:
             return False
         m.meta, m.mtime = meta, mtime
-        self.index.put_op(m.oid, {"op": "mkdir", "key": m.key, "meta": meta, "mtime": mtime},
+        self.index.put_op(m.oid, MkdirOp(m.key, meta, mtime),
                           sync=False)
         self._journal_unsynced.set()
         return True
@@ -1343,12 +1343,12 @@ class WriteBack:
         """Before replay: journaled files under ``src_key`` belong under ``dst_key`` (a
         directory rename the crash interrupted)."""
         for fid, j in self.index.all_journal().items():
-            if not j["key"].startswith(src_key) or j.get("deleted"):
+            if not j.key.startswith(src_key) or j.deleted:
                 continue
-            if j.get("upload_id"):
-                await self._abort(j["key"], j["upload_id"])
-            key = dst_key + j["key"][len(src_key):]
-            j.update(key=key, path=key[len(self.prefix):], base_etag=None, upload_id=None)
+            if j.upload_id:
+                await self._abort(j.key, j.upload_id)
+            key = dst_key + j.key[len(src_key):]
+            j.key, j.path, j.base_etag, j.upload_id = key, key[len(self.prefix):], None, None
             self.index.put_journal(fid, j)
 
     async def replay(self) -> int:
@@ -1356,12 +1356,12 @@ class WriteBack:
         n = 0
         for fid, j in self.index.all_journal().items():
             data_path = self.dir / str(fid)
-            inline = bool(j.get("inline"))
-            if j.get("upload_id"):
-                await self._abort(j["key"], j["upload_id"])
+            inline = j.inline
+            if j.upload_id:
+                await self._abort(j.key, j.upload_id)
             have = inline or data_path.exists()
-            if j.get("deleted") or not have or not j["key"].startswith(self.prefix):
-                if j.get("deleted") or not have:
+            if j.deleted or not have or not j.key.startswith(self.prefix):
+                if j.deleted or not have:
                     self.index.del_journal(fid)
                     self.index.del_inline(fid)
                     data_path.unlink(missing_ok=True)
@@ -1372,10 +1372,10 @@ class WriteBack:
             else:
                 fd = os.open(data_path, os.O_RDWR)
                 size = os.fstat(fd).st_size
-            attrs = Attrs(j["mode"], j["uid"], j["gid"], j["mtime"], size,
-                          mtime_ns=j.get("mtime_ns"), ctime_ns=j.get("ctime_ns"))
-            path = j.get("path") or j["key"][len(self.prefix):]
-            f = DirtyFile(fid, path, j["key"], j["base_etag"], attrs, data_path, fd,
+            attrs = Attrs(j.mode, j.uid, j.gid, j.mtime, size,
+                          mtime_ns=j.mtime_ns, ctime_ns=j.ctime_ns)
+            path = j.path or j.key[len(self.prefix):]
+            f = DirtyFile(fid, path, j.key, j.base_etag, attrs, data_path, fd,
                           inline=inline)
             self.files[path] = f
             self.journal(f)
@@ -1389,7 +1389,7 @@ class WriteBack:
         journaled = set(journal)
         # Inline contents whose journal entry is gone (removed just before a crash).
         for fid in self.index.inline_ids():
-            if not journal.get(fid, {}).get("inline"):
+            if (j := journal.get(fid)) is None or not j.inline:
                 self.index.del_inline(fid)
         taken = {fid for fid, _ in self._spares} | set(self._idle)
         for p in self.dir.iterdir():
