@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import data, xxh
+from test_units import _wb, _write_closed
 
 from caiosfs.attrs import Attrs
-from caiosfs.index import Index
-from caiosfs.metrics import Metrics
-from caiosfs.store.client import StoreClient
 from caiosfs.store.memory import MemoryStore
-from caiosfs.writeback import DirtyFile, IllegalTransition, Phase, Storage, WriteBack
+from caiosfs.writeback import DirtyFile, IllegalTransition, Phase, Storage
 
 MiB = 1 << 20
 
@@ -85,26 +83,13 @@ def test_initial_storage_follows_the_constructor() -> None:
     assert DirtyFile(1, "a", "k", None, attrs, Path("/x"), -1).storage is Storage.CLOSED
 
 
-def _wb(tmp: Path, store: MemoryStore, **kw: object) -> WriteBack:
-    tmp.mkdir(exist_ok=True)
-    m = Metrics()
-    args: dict = {"part_size": 5 * MiB, "dirty_limit": 1 << 30, "upload_delay": 0.05,
-                  "fsync_local": False, "on_uploaded": lambda f, e: None}
-    args.update(kw)
-    return WriteBack(StoreClient(store, m, read_timeout=5), Index(tmp / "index.lmdb"), m, tmp,
-                     "pre/", **args)
-
-
 async def test_states_through_upload_unlink_and_release(tmp_path: Path) -> None:
     store = MemoryStore("b")
     wb = _wb(tmp_path / "w", store)
     async with trio.open_nursery() as n:
         await n.start(wb.run)
-        up = await wb.create("up.txt", Attrs(0o100644, 0, 0, 1.0))
-        assert (up.phase, up.storage) == (Phase.IDLE, Storage.INLINE)
-        wb.opened(up, True)
-        await wb.write(up, 0, b"uploaded")
-        wb.released(up, True)
+        up = await _write_closed(wb, "up.txt", b"uploaded")
+        assert up.storage is Storage.INLINE and up.phase in (Phase.IDLE, Phase.UPLOADING)
         await wb.flush_all()
         assert (up.phase, up.storage) == (Phase.RELEASED, Storage.CLOSED)
         assert "up.txt" not in wb.files

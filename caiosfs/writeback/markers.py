@@ -37,16 +37,15 @@ class Marker:
         self.hurry.set()
 
 
+@dataclass
 class DirMarkers:
-    def __init__(self, store: StoreClient, index: Index, journal: Journal, sched: Scheduler,
-                 upload_delay: float) -> None:
-        self.store = store
-        self.index = index
-        self.journal = journal
-        self.sched = sched
-        self.upload_delay = upload_delay
-        self.pending: dict[str, Marker] = {}  # dir path -> marker not in the store yet
-        self.nursery: trio.Nursery | None = None  # set while WriteBack.run runs
+    store: StoreClient
+    index: Index
+    journal: Journal
+    sched: Scheduler
+    upload_delay: float
+    pending: dict[str, Marker] = field(default_factory=dict)  # dir path -> marker not sent
+    nursery: trio.Nursery | None = None  # set while WriteBack.run runs
 
     def mkdir(self, path: str, key: str, meta: dict[str, str], mtime: float,
               oid: int | None = None) -> None:
