@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -84,11 +85,11 @@ class WriteBack:
         return self.uploader.limiter
 
     @property
-    def _spares(self) -> object:
+    def _spares(self) -> deque[tuple[int, int]]:  # (tests look at the pool)
         return self.local.spares
 
     @property
-    def _idle(self) -> object:
+    def _idle(self) -> deque[int]:
         return self.local.idle
 
     def key_of(self, path: str) -> str:
