@@ -525,7 +525,7 @@ def fsck(cache_dir: Path, repair: bool, chunk_size: int = 1 << 20) -> dict[str, 
         for fid, j in index.all_journal().items():
             stats["journal_entries"] += 1
             # An inline file's content is in the journal itself (absent: empty).
-            if not j.get("deleted") and not j.get("inline") and not (
+            if not j.deleted and not j.inline and not (
                     cache_dir / "dirty" / str(fid)).exists():
                 stats["journal_missing_data"] += 1
     except OSError as exc:

@@ -28,6 +28,7 @@ from .index import Index, ident_of
 from .metrics import Metrics
 from .namespace import Entry, Listing, Namespace, Node, tagged
 from .reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
+from .records import DeleteOp, MkdirOp, RenameDirOp
 from .store import ObjectStore, PartSource
 from .store.client import GaveUp, StoreClient
 from .writeback import DirtyFile, WriteBack
@@ -151,26 +152,26 @@ class Filesystem(pyfuse3.Operations):
         nursery.start_soon(self._housekeeping)
         nursery.start_soon(self._delete_batches)
         for oid, op in self.index.all_ops().items():
-            if op.get("op") == "delete":  # an unlink whose last close the crash prevented
-                await self._delete_version(op["key"], op["etag"], oid)
-            elif op.get("op") == "mkdir" and op["key"].startswith(self.ns.prefix):
+            if isinstance(op, DeleteOp):  # an unlink whose last close the crash prevented
+                await self._delete_version(op.key, op.etag, oid)
+            elif isinstance(op, MkdirOp) and op.key.startswith(self.ns.prefix):
                 # A directory whose marker the crash kept from the store.
-                path = op["key"][len(self.ns.prefix):].rstrip("/")
-                self.wb.mkdir(path, op["key"], op["meta"], op.get("mtime", time.time()), oid)
+                path = op.key[len(self.ns.prefix):].rstrip("/")
+                self.wb.mkdir(path, op.key, op.meta,
+                              time.time() if op.mtime is None else op.mtime, oid)
         ops = {oid: op for oid, op in self.index.all_ops().items()
-               if op.get("op") == "rename_dir"}
+               if isinstance(op, RenameDirOp)}
         if ops:
             await self.wb.settle_markers("")  # the moves below copy what the store holds
         for op in ops.values():  # local files the crash left under the old name move too
-            await self.wb.rekey_journal(op["src"], op["dst"])
+            await self.wb.rekey_journal(op.src, op.dst)
         # What is journaled now is newer than the store's objects of the old names (replayed
         # uploads may land, and leave the table, before the moves below copy those).
-        journaled = {j["key"] for j in self.index.all_journal().values()
-                     if not j.get("deleted")}
+        journaled = {j.key for j in self.index.all_journal().values() if not j.deleted}
         n = await self.wb.replay()
         for oid, op in ops.items():
-            log.info("resuming rename of %s to %s", op["src"], op["dst"])
-            await self._move_prefix(op["src"], op["dst"], oid, journaled)
+            log.info("resuming rename of %s to %s", op.src, op.dst)
+            await self._move_prefix(op.src, op.dst, oid, journaled)
         return n
 
     async def _delete_version(self, key: str, etag: str, oid: int) -> bool:
@@ -194,7 +195,7 @@ class Filesystem(pyfuse3.Operations):
     def _defer_delete(self, n: Node, etag: str) -> None:
         oid = self.index.next_id()
         key = self.ns.key(n.path)
-        self.index.put_op(oid, {"op": "delete", "key": key, "etag": etag})
+        self.index.put_op(oid, DeleteOp(key, etag))
         self.deferred[n.ino] = (oid, n.path, key, etag)
         self.ns.hidden[n.path] = etag
 
@@ -209,7 +210,7 @@ class Filesystem(pyfuse3.Operations):
         1,000 keys). `rm -rf` of a tree paid a DELETE round trip per file; now a directory's
         files go in one request, sent before its rmdir returns."""
         oid = self.index.next_id()
-        self.index.put_op(oid, {"op": "delete", "key": key, "etag": etag}, sync=False)
+        self.index.put_op(oid, DeleteOp(key, etag), sync=False)
         self.doomed[path] = (oid, key, etag)
         self.ns.hidden[path] = etag
         self._doomed_kick.set()
@@ -870,7 +871,7 @@ class Filesystem(pyfuse3.Operations):
         await self.settle_deletes(self.ns.dir_key(src))  # ... and must not copy unlinked files
         oid = self.index.next_id()
         src_key, dst_key = self.ns.dir_key(src), self.ns.dir_key(dst)
-        self.index.put_op(oid, {"op": "rename_dir", "src": src_key, "dst": dst_key})
+        self.index.put_op(oid, RenameDirOp(src_key, dst_key))
         moved: set[str] = set()
         for f in self.wb.under(src):
             new = dst + f.path[len(src):]

@@ -27,23 +27,30 @@ Sub-databases
                     then one xxh3_64 (u64) per chunk of the block (0 where absent).
             The bytes live in ``blocks/<aa>/<hash(ident)>.<blockno>`` (a sparse file).
 ``journal`` key   = dirty-file id (u64, big-endian).
-            value = JSON: {"key", "base_etag", "size", "mode", "uid", "gid", "mtime",
-                    "upload_id", "deleted", "created"} — a file with local changes whose
-                    data is ``dirty/<id>`` — or, with "inline": true, the ``inline``
-                    value of the same id; deleted when the upload has completed.
+            value = JSON (:class:`caiosfs.records.JournalEntry`): {"path", "key",
+                    "base_etag", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns",
+                    "upload_id", "deleted", "inline"} — a file with local changes whose data
+                    is ``dirty/<id>`` — or, with "inline": true, the ``inline`` value of the
+                    same id; deleted when the upload has completed. ``path`` is relative to
+                    the mount root; ``upload_id`` names a multipart upload in progress;
+                    ``deleted``: unlinked or replaced, dropped at replay.
 ``inline``  key   = dirty-file id.  value = the whole content of a small dirty file (at most
                     ``writeback.INLINE_MAX`` bytes; absent: empty). Kept here instead of a
                     data file of its own: a new inode can cost a millisecond of kernel time,
                     a commit tens of microseconds. Values no journal entry names are leftovers
                     of a crash and are dropped at replay.
 ``ops``     key   = operation id (u64, big-endian).
-            value = JSON: {"op": "rename_dir", "src": prefix, "dst": prefix} — multi-object
-                    operations in progress, replayed (resumed) at mount; {"op": "mkdir",
-                    "key", "meta", "mtime"} — a directory marker not PUT yet;
+            value = JSON (:mod:`caiosfs.records`), one of:
+                    {"op": "rename_dir", "src", "dst"} — a directory rename in progress
+                    (key prefixes), resumed at mount;
+                    {"op": "mkdir", "key", "meta", "mtime"} — a directory marker not PUT yet;
                     {"op": "delete", "key", "etag"} — a delete deferred to the last close.
 ``meta``    key   = ident.  value = JSON of the object's x-amz-meta-* (so remounts need no
                     HEAD for attributes already seen).
-``state``   key   = name.  value = bytes (``next_id``: u64 counter for journal/ops ids).
+``state``   key   = name.  value = bytes: ``next_id`` (u64 counter for journal/ops ids) and
+                    ``format`` (u32, :data:`caiosfs.records.FORMAT`; absent: written before
+                    it was recorded, which is format 1). A cache directory of another format
+                    is refused at open.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ from typing import Any
 
 import lmdb
 import xxhash
+
+from .errors import UserError
+from .records import FORMAT, JournalEntry, Op, decode_op, encode_op
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +143,29 @@ class Index:
         self.state = self.jenv.open_db(b"state")
         self.inline = self.jenv.open_db(b"inline")
         self._ids = iter(())  # ids reserved but not yet handed out
+        try:
+            self._check_format(path.parent)
+        except BaseException:
+            self.env.close()
+            self.jenv.close()
+            raise
+
+    def _check_format(self, cache_dir: Path) -> None:
+        """Refuse a cache directory whose records this version cannot read; record the
+        format in one that has none yet (written before it was recorded: format 1)."""
+        with self.jenv.begin(db=self.state) as txn:
+            raw = txn.get(b"format")
+        if raw is None:
+            with _os_errors(), self.jenv.begin(db=self.state, write=True) as txn:
+                txn.put(b"format", struct.pack(">I", FORMAT))
+            with _os_errors():
+                self.jenv.sync(True)
+            return
+        found = struct.unpack(">I", bytes(raw))[0] if len(raw) == 4 else -1
+        if found != FORMAT:
+            raise UserError(f"cache directory {cache_dir} holds format {found}, this caiosfs "
+                            f"reads format {FORMAT}: mount it with the version that wrote it, "
+                            "or use another cache_dir")
 
     @staticmethod
     def _open_cache_env(path: Path, map_size: int) -> lmdb.Environment:
@@ -209,11 +242,10 @@ class Index:
         return n
 
     # journal / ops -----------------------------------------------------------------------
-    def _put_json(self, db: Any, ident: int, value: dict[str, Any], sync: bool = True
-                  ) -> None:
+    def _put(self, db: Any, ident: int, value: bytes, sync: bool = True) -> None:
         with _os_errors():
             with self.jenv.begin(db=db, write=True) as txn:
-                txn.put(struct.pack(">Q", ident), json.dumps(value).encode())
+                txn.put(struct.pack(">Q", ident), value)
             if sync:
                 self.jenv.sync(True)
 
@@ -222,23 +254,23 @@ class Index:
         with _os_errors():
             self.jenv.sync(True)
 
-    def _all_json(self, db: Any) -> dict[int, dict[str, Any]]:
+    def _all(self, db: Any) -> dict[int, bytes]:
         with self.jenv.begin(db=db) as txn:
-            return {struct.unpack(">Q", k)[0]: json.loads(bytes(v)) for k, v in txn.cursor()}
+            return {struct.unpack(">Q", k)[0]: bytes(v) for k, v in txn.cursor()}
 
     def _del(self, db: Any, ident: int) -> None:
         with _os_errors(), self.jenv.begin(db=db, write=True) as txn:
             txn.delete(struct.pack(">Q", ident))
 
-    def put_journal(self, fid: int, value: dict[str, Any], sync: bool = True) -> None:
+    def put_journal(self, fid: int, entry: JournalEntry, sync: bool = True) -> None:
         """Commit a journal entry; ``sync=False`` leaves the flush to ``sync_journal``."""
-        self._put_json(self.journal, fid, value, sync)
+        self._put(self.journal, fid, entry.encode(), sync)
 
     def del_journal(self, fid: int) -> None:
         self._del(self.journal, fid)
 
-    def all_journal(self) -> dict[int, dict[str, Any]]:
-        return self._all_json(self.journal)
+    def all_journal(self) -> dict[int, JournalEntry]:
+        return {fid: JournalEntry.decode(v) for fid, v in self._all(self.journal).items()}
 
     # inline file contents (see the module docstring) ---------------------------------------
     def get_inline(self, fid: int) -> bytes:
@@ -257,27 +289,33 @@ class Index:
     def del_inline(self, fid: int) -> None:
         self._del(self.inline, fid)
 
-    def end_inline(self, fid: int, value: dict[str, Any]) -> None:
-        """One commit: the journal entry ``value`` (its data now in ``dirty/<fid>``) replaces
-        the inline content, so a crash sees one or the other, never neither."""
+    def end_inline(self, fid: int, entry: JournalEntry) -> None:
+        """One commit: the journal entry (its data now in ``dirty/<fid>``) replaces the
+        inline content, so a crash sees one or the other, never neither."""
         k = struct.pack(">Q", fid)
         with _os_errors(), self.jenv.begin(write=True) as txn:
-            txn.put(k, json.dumps(value).encode(), db=self.journal)
+            txn.put(k, entry.encode(), db=self.journal)
             txn.delete(k, db=self.inline)
 
     def inline_ids(self) -> list[int]:
         with self.jenv.begin(db=self.inline) as txn:
             return [struct.unpack(">Q", k)[0] for k in txn.cursor().iternext(values=False)]
 
-    def put_op(self, oid: int, value: dict[str, Any], sync: bool = True) -> None:
+    def put_op(self, oid: int, op: Op, sync: bool = True) -> None:
         """Commit an ``ops`` entry; ``sync=False`` leaves the flush to ``sync_journal``."""
-        self._put_json(self.ops, oid, value, sync)
+        self._put(self.ops, oid, encode_op(op), sync)
 
     def del_op(self, oid: int) -> None:
         self._del(self.ops, oid)
 
-    def all_ops(self) -> dict[int, dict[str, Any]]:
-        return self._all_json(self.ops)
+    def all_ops(self) -> dict[int, Op]:
+        """Every ops entry this version knows the kind of (others are left alone)."""
+        out = {}
+        for oid, raw in self._all(self.ops).items():
+            op = decode_op(raw)
+            if op is not None:
+                out[oid] = op
+        return out
 
     # meta --------------------------------------------------------------------------------
     def get_meta(self, ident: bytes) -> dict[str, str] | None:

@@ -740,7 +740,7 @@ async def test_small_new_files_live_in_the_journal(tmp_path: Path) -> None:
         assert wb.read(small, 100, 0) == want and wb.read(small, 5, 6) == b"WORLD"
         await wb.truncate(small, 11)
         assert wb.read(small, 100, 0) == b"hello WORLD"
-        assert wb.index.all_journal()[small.fid]["inline"] is True
+        assert wb.index.all_journal()[small.fid].inline is True
 
         big = await wb.create("grows.bin", Attrs(0o100644, 0, 0, 1.0))
         wb.opened(big, True)
@@ -749,7 +749,7 @@ async def test_small_new_files_live_in_the_journal(tmp_path: Path) -> None:
             await wb.write(big, off, body[off:off + (64 << 10)])
         assert not big.inline and big.fd >= 0 and big.data_path.stat().st_size == len(body)
         assert wb.index.get_inline(big.fid) == b""  # the journal copy is gone
-        assert wb.index.all_journal()[big.fid]["inline"] is False
+        assert wb.index.all_journal()[big.fid].inline is False
         assert wb.read(big, len(body), 0) == body
 
         for f in (small, big):
