@@ -475,10 +475,10 @@ class BlockCache:
         return shutil.disk_usage(self.dir).free
 
 
-def fsck(cache_dir: Path, repair: bool, chunk_size: int = 1 << 20) -> dict[str, int]:
+def fsck(index: Index, cache_dir: Path, repair: bool, chunk_size: int = 1 << 20
+         ) -> dict[str, int]:
     """Check every indexed chunk against its block file; with ``repair`` drop bad entries
-    and delete block files the index does not know."""
-    index = Index(cache_dir / "index.lmdb")
+    and delete block files the index does not know. The caller owns ``index``."""
     metrics = Metrics()
     stats = {"blocks": 0, "chunks_ok": 0, "chunks_bad": 0, "orphan_files": 0,
              "journal_entries": 0, "journal_missing_data": 0}
@@ -530,6 +530,4 @@ def fsck(cache_dir: Path, repair: bool, chunk_size: int = 1 << 20) -> dict[str, 
                 stats["journal_missing_data"] += 1
     except OSError as exc:
         raise UserError(f"fsck of {cache_dir} failed: {exc.strerror or errno.errorcode}") from None
-    finally:
-        index.close()
     return stats

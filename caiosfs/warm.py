@@ -20,8 +20,10 @@ from typing import Any
 import trio
 import xxhash
 
-from . import control
+from . import compose, control
+from .config import MountConfig
 from .errors import StoreError, UserError
+from .metrics import Metrics
 from .progress import Progress, in_shard, parse_shard
 from .reader import ObjRef
 from .store import ObjectInfo
@@ -224,30 +226,19 @@ async def serve_request(fetcher: Any, cache: Any, cfg: Any, req: dict[str, Any],
     return await warm_objects(fetcher, cache, cfg.source.bucket, objects, prog, tick)
 
 
-async def _warm_standalone(cfg: Any, objects: list[ObjectInfo], quiet: bool,
+async def _warm_standalone(cfg: MountConfig, objects: list[ObjectInfo], quiet: bool,
                            lockfd: int) -> int:
-    from .cache import BlockCache
-    from .index import Index
-    from .metrics import Metrics
-    from .mount import build_store
-    from .reader import Fetcher, MemoryBudget
-    from .store.client import StoreClient
-    index = Index(cfg.cache_dir / "index.lmdb")
+    index = compose.open_index(cfg.cache_dir)
     sock = warm_socket(cfg.cache_dir)
     try:
-        store = build_store(cfg)
         metrics = Metrics()
-        client = StoreClient(store, metrics, cfg.parallel, cfg.read_timeout,
-                             cfg.parallel_max)
-        cache = BlockCache(cfg.cache_dir, index, metrics, cfg.cache_size, cfg.block_size,
-                           cfg.chunk_size)
+        parts = compose.build_read_parts(cfg, compose.build_store(cfg), index, metrics)
+        fetcher, cache = parts.fetcher, parts.cache
         total = sum(o.size for o in objects)
         if total > cfg.cache_size:
             print(f"caiosfs: warning: the shard holds {total / 2**30:.1f} GiB but cache_size is "
                   f"{cfg.cache_size / 2**30:.1f} GiB; older blocks will be evicted",
                   file=sys.stderr)
-        fetcher = Fetcher(client, cache, metrics, MemoryBudget(cfg.memory_limit, metrics),
-                          cfg.max_request)
         prog = Progress(total, len(objects), quiet)
         served = {"active": 0, "idle": trio.Event()}
 
