@@ -3,11 +3,17 @@
 Starts SeaweedFS on 127.0.0.1, seeds a bucket (small files and one big file), mounts it
 with caiosfs, and prints what to try. ``--check`` reads everything back, compares hashes,
 writes a file and checks it reached the store, then tears everything down.
+
+The bucket's content is deterministic (:func:`random_bytes`): the tests use the same
+generator, so any object's bytes can be made again to compare with.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
 import os
 import secrets
 import signal
@@ -15,12 +21,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import xxhash
+from boto3.s3.transfer import TransferConfig
 
 from .errors import UserError
+from .seaweed import S3Client, SeaweedError, SeaweedServer
 
 BUCKET = "caiosfs-demo"
+MiB = 1 << 20
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -29,7 +39,6 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def demo(a: argparse.Namespace) -> int:
-    from .seaweed import SeaweedError, SeaweedServer, seed_demo
     base = Path(a.dir).absolute()
     mnt, cache = base / "mnt", base / "cache"
     if mnt.exists() and os.path.ismount(mnt):
@@ -113,3 +122,95 @@ def _check(mnt: Path, hashes: dict[str, str], client: object, say: object) -> in
           f"{len(hashes) - len(bad)} match the store; a written file reached the store: "
           f"{body == b'hello from caiosfs' + bytes([10])}", flush=True)
     return 0 if ok else 1
+
+
+def random_bytes(size: int, seed: int | str = 0) -> bytes:
+    """Deterministic pseudo-random bytes: SHAKE-128 of (seed, MiB index), ~300 MB/s.
+
+    Each MiB is generated independently, so two offsets never hold the same bytes by accident
+    (a read from the wrong offset is caught) and a slice can be regenerated alone.
+    """
+    out = bytearray()
+    for i in range(0, size, MiB):
+        out += _chunk(seed, i // MiB, min(MiB, size - i))
+    return bytes(out)
+
+
+def _chunk(seed: int | str, index: int, n: int) -> bytes:
+    return hashlib.shake_128(f"caiosfs:{seed}:{index}".encode()).digest(n)
+
+
+class _RandomStream(io.RawIOBase):
+    """A read-only stream of `random_bytes(size, seed)` that hashes what it hands out."""
+
+    def __init__(self, size: int, seed: int | str) -> None:
+        self.size = size
+        self.seed = seed
+        self.pos = 0
+        self.hasher = xxhash.xxh3_64()
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.pos >= self.size:
+            return 0
+        if not self._buf:
+            idx = self.pos // MiB
+            self._buf = memoryview(_chunk(self.seed, idx, min(MiB, self.size - idx * MiB)))
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self.hasher.update(self._buf[:n])
+        self._buf = self._buf[n:]  # a view: no copy
+        self.pos += n
+        return n
+
+
+def xxh3_hex(data: bytes | bytearray | memoryview) -> str:
+    """xxh3_64 hex digest, the checksum caiosfs uses (the demo's and the tests')."""
+    return xxhash.xxh3_64(data).hexdigest()
+
+
+def seed_demo(
+    client: S3Client, bucket: str, big_size: int = 300 * MiB, prefix: str = ""
+) -> dict[str, str]:
+    """Upload a small demo tree plus one big file; return {key: xxh3_64 hexdigest}.
+
+    The big file (``models/llama-tiny/weights.bin``) goes through boto3's managed multipart
+    transfer, streamed from a generator, so it never sits in memory as a whole.
+    """
+    small: dict[str, bytes] = {
+        "README.txt": (
+            b"caiosfs demo bucket\n\n"
+            b"data/    a toy dataset: shards and a label file\n"
+            b"models/  a toy model: config and one big weights file\n"
+        ),
+        "data/labels.csv": b"id,label\n" + b"".join(b"%d,%d\n" % (i, i % 10) for i in range(1000)),
+        "data/train/shard-00000.bin": random_bytes(256 * 1024, "shard-0"),
+        "data/train/shard-00001.bin": random_bytes(300 * 1024 + 7, "shard-1"),
+        "data/val/shard-00000.bin": random_bytes(64 * 1024, "val-0"),
+        "models/llama-tiny/config.json": json.dumps(
+            {"hidden_size": 64, "layers": 2, "vocab": 32000}, indent=2
+        ).encode(),
+    }
+    out: dict[str, str] = {}
+    for key, body in small.items():
+        client.put_object(Bucket=bucket, Key=prefix + key, Body=body)
+        out[prefix + key] = xxh3_hex(body)
+    big_key = prefix + "models/llama-tiny/weights.bin"
+    stream = _RandomStream(big_size, "weights")
+    client.upload_fileobj(
+        io.BufferedReader(stream, buffer_size=MiB),
+        bucket,
+        big_key,
+        Config=TransferConfig(
+            multipart_threshold=16 * MiB,
+            multipart_chunksize=16 * MiB,
+            max_concurrency=4,
+        ),
+    )
+    if stream.pos != big_size:
+        raise SeaweedError(f"uploaded {stream.pos} of {big_size} bytes for {big_key}")
+    out[big_key] = stream.hasher.hexdigest()
+    return out
