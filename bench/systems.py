@@ -289,8 +289,8 @@ def set_read_ahead(mountpoint: Path, kb: int, m: Mount) -> None:
     """Raise the kernel readahead of a FUSE mount (the bdi of its anonymous device).
 
     FUSE caps readahead at the bdi's read_ahead_kb, 128 KiB by default; caiosfs raises it
-    itself (DESIGN.md), and a careful rclone or s3fs user would do the same, so the peers get
-    the same setting here.
+    itself (docs/DESIGN.md, "Kernel readahead of the mount"), and a careful rclone or s3fs
+    user would do the same, so the peers get the same setting here.
     """
     if kb <= 0:
         return

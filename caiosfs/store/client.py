@@ -3,7 +3,7 @@
 Runs each blocking call in a worker thread under a CapacityLimiter (the trio loop never
 blocks), retries with exponential backoff and full jitter, and counts every request.
 
-Two kinds of patience (DESIGN.md "Object store access"):
+Two kinds of patience (docs/DESIGN.md, "Object store access: two kinds of patience"):
 - ``deadline``: reads give up after ``read_timeout`` seconds in total (then EIO);
 - ``deadline=None``: dirty data is retried forever — a store that fails for minutes delays
   the upload, never loses it.
