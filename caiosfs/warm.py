@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,14 @@ async def serve_request(fetcher: Any, cache: Any, cfg: Any, req: dict[str, Any],
     return await warm_objects(fetcher, cache, cfg.source.bucket, objects, prog, tick)
 
 
+@dataclass
+class _Served:
+    """Requests from other warm processes being served; ``idle`` is set when none is."""
+
+    active: int = 0
+    idle: trio.Event = field(default_factory=trio.Event)
+
+
 async def _warm_standalone(cfg: MountConfig, objects: list[ObjectInfo], quiet: bool,
                            lockfd: int) -> int:
     index = compose.open_index(cfg.cache_dir)
@@ -240,19 +249,19 @@ async def _warm_standalone(cfg: MountConfig, objects: list[ObjectInfo], quiet: b
                   f"{cfg.cache_size / 2**30:.1f} GiB; older blocks will be evicted",
                   file=sys.stderr)
         prog = Progress(total, len(objects), quiet)
-        served = {"active": 0, "idle": trio.Event()}
+        served = _Served()
 
         async def handle(req: dict[str, Any], progress: Any) -> dict[str, Any]:
             if req.get("cmd") != "warm":
                 raise ValueError(f"unknown request {req.get('cmd')!r}")
-            served["active"] += 1
+            served.active += 1
             try:
                 return await serve_request(fetcher, cache, cfg, req, progress)
             finally:
-                served["active"] -= 1
-                if not served["active"]:
-                    served["idle"].set()
-                    served["idle"] = trio.Event()
+                served.active -= 1
+                if not served.active:
+                    served.idle.set()
+                    served.idle = trio.Event()
 
         async with trio.open_nursery() as n:
             fetcher.nursery = n
@@ -263,8 +272,8 @@ async def _warm_standalone(cfg: MountConfig, objects: list[ObjectInfo], quiet: b
             # stop listening (no await between the check and the cancel, so no request
             # slips in between; one that connected but was not read yet gets EOF and
             # takes the lock itself).
-            while served["active"]:
-                await served["idle"].wait()
+            while served.active:
+                await served.idle.wait()
             serving.cancel()
             n.cancel_scope.cancel()
         cache.flush_atimes()
