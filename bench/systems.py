@@ -105,8 +105,6 @@ class FsSystem(ABC):
     """A FUSE filesystem under test."""
 
     name: str = ""
-    #: close() already means "in the store" (s3fs uploads in flush/release).
-    durable_on_close: bool = False
     #: The daemon's main thread is its event loop (caiosfs: trio); its CPU is reported apart.
     loop_thread: bool = False
 
@@ -581,7 +579,6 @@ class S3fs(FsSystem):
     """s3fs-fuse with its local file cache, parallel multipart up- and downloads."""
 
     name = "s3fs"
-    durable_on_close = True  # s3fs uploads the whole file in flush/release
 
     OPTS = (
         "use_path_request_style",
