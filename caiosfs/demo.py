@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import secrets
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import xxhash
 from boto3.s3.transfer import TransferConfig
@@ -140,31 +138,35 @@ def _chunk(seed: int | str, index: int, n: int) -> bytes:
     return hashlib.shake_128(f"caiosfs:{seed}:{index}".encode()).digest(n)
 
 
-class _RandomStream(io.RawIOBase):
-    """A read-only stream of `random_bytes(size, seed)` that hashes what it hands out."""
+class _Body:
+    """``random_bytes(size, seed)`` as a file object for boto3's managed upload.
+
+    Made 1 MiB at a time as boto3 reads it (a 300 MB body never sits in memory whole) and
+    hashed on the way; it has no ``seek``, so boto3 reads it once, in order.
+    """
 
     def __init__(self, size: int, seed: int | str) -> None:
         self.size = size
-        self.seed = seed
-        self.pos = 0
+        self.sent = 0
         self.hasher = xxhash.xxh3_64()
-        self._buf = memoryview(b"")
+        self._pieces = (_chunk(seed, i, min(MiB, size - i * MiB)) for i in range(-(-size // MiB)))
+        self._left = b""
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if self.pos >= self.size:
-            return 0
-        if not self._buf:
-            idx = self.pos // MiB
-            self._buf = memoryview(_chunk(self.seed, idx, min(MiB, self.size - idx * MiB)))
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self.hasher.update(self._buf[:n])
-        self._buf = self._buf[n:]  # a view: no copy
-        self.pos += n
-        return n
+    def read(self, n: int = -1) -> bytes:
+        want = self.size - self.sent if n is None or n < 0 else n
+        got: list[bytes] = []
+        while want > 0:
+            if not self._left:
+                self._left = next(self._pieces, b"")
+                if not self._left:
+                    break
+            got.append(self._left[:want])
+            want -= len(got[-1])
+            self._left = self._left[len(got[-1]):]
+        out = b"".join(got)
+        self.hasher.update(out)
+        self.sent += len(out)
+        return out
 
 
 def xxh3_hex(data: bytes | bytearray | memoryview) -> str:
@@ -178,7 +180,7 @@ def seed_demo(
     """Upload a small demo tree plus one big file; return {key: xxh3_64 hexdigest}.
 
     The big file (``models/llama-tiny/weights.bin``) goes through boto3's managed multipart
-    transfer, streamed from a generator, so it never sits in memory as a whole.
+    transfer, made as it is read (:class:`_Body`).
     """
     small: dict[str, bytes] = {
         "README.txt": (
@@ -199,9 +201,9 @@ def seed_demo(
         client.put_object(Bucket=bucket, Key=prefix + key, Body=body)
         out[prefix + key] = xxh3_hex(body)
     big_key = prefix + "models/llama-tiny/weights.bin"
-    stream = _RandomStream(big_size, "weights")
+    big = _Body(big_size, "weights")
     client.upload_fileobj(
-        io.BufferedReader(stream, buffer_size=MiB),
+        big,
         bucket,
         big_key,
         Config=TransferConfig(
@@ -210,7 +212,7 @@ def seed_demo(
             max_concurrency=4,
         ),
     )
-    if stream.pos != big_size:
-        raise SeaweedError(f"uploaded {stream.pos} of {big_size} bytes for {big_key}")
-    out[big_key] = stream.hasher.hexdigest()
+    if big.sent != big_size:
+        raise SeaweedError(f"uploaded {big.sent} of {big_size} bytes for {big_key}")
+    out[big_key] = big.hasher.hexdigest()
     return out
