@@ -22,17 +22,20 @@ import trio
 import xxhash
 
 from . import compose, control
+from .cache import BlockCache
 from .config import MountConfig
 from .errors import StoreError, UserError
 from .metrics import Metrics
 from .progress import Progress, in_shard, parse_shard
-from .reader import ObjRef
+from .reader import Fetcher, ObjRef
 from .store import ObjectInfo
+from .store.client import StoreClient
 
 OBJECTS_IN_PARALLEL = 8
 
 
-async def list_objects(client: Any, prefix: str, shard: tuple[int, int]) -> list[ObjectInfo]:
+async def list_objects(client: StoreClient, prefix: str, shard: tuple[int, int]
+                       ) -> list[ObjectInfo]:
     out: list[ObjectInfo] = []
     token = None
     while True:
@@ -43,7 +46,7 @@ async def list_objects(client: Any, prefix: str, shard: tuple[int, int]) -> list
             return out
 
 
-async def warm_objects(fetcher: Any, cache: Any, bucket: str, objects: list[ObjectInfo],
+async def warm_objects(fetcher: Fetcher, cache: BlockCache, bucket: str, objects: list[ObjectInfo],
                        progress: Progress,
                        tick: Callable[[], Awaitable[None]] | None = None) -> dict[str, int]:
     """Make every object local. Returns counts; one failing object does not stop the rest."""
@@ -153,7 +156,7 @@ def warm_socket(cache_dir: Path) -> Path:
     return control.runtime_dir() / f"warm-{xxhash.xxh64_hexdigest(str(cache_dir).encode())}.sock"
 
 
-async def _objects(cfg: Any, shard: tuple[int, int], files_from: str | None
+async def _objects(cfg: MountConfig, shard: tuple[int, int], files_from: str | None
                    ) -> list[ObjectInfo]:
     from .listing import client_for, open_bucket, read_list, valid_rel
     client = client_for(cfg)
@@ -182,7 +185,7 @@ async def _objects(cfg: Any, shard: tuple[int, int], files_from: str | None
         raise UserError(f"listing failed: {exc}") from None
 
 
-def _submit(send: Callable[[dict[str, Any]], Any], cfg: Any, objects: list[ObjectInfo],
+def _submit(send: Callable[[dict[str, Any]], Any], cfg: MountConfig, objects: list[ObjectInfo],
             quiet: bool) -> int:
     """Hand the objects over in batches; print the owner's progress; 1 if any failed."""
     failed = 0
@@ -208,7 +211,8 @@ def _submit(send: Callable[[dict[str, Any]], Any], cfg: Any, objects: list[Objec
     return 1 if failed else 0
 
 
-async def serve_request(fetcher: Any, cache: Any, cfg: Any, req: dict[str, Any],
+async def serve_request(fetcher: Fetcher, cache: BlockCache, cfg: MountConfig,
+                        req: dict[str, Any],
                         progress: Callable[[dict[str, Any]], Awaitable[None]] | None
                         ) -> dict[str, Any]:
     """Warm the objects another ``caiosfs warm`` sent, with this process's fetcher."""
