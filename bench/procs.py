@@ -174,28 +174,16 @@ def kernel_stacks(pid: int, limit: int = 8) -> str:
 
 def mount_entry(mountpoint: Path) -> dict[str, str] | None:
     """The /proc/self/mountinfo entry of a mountpoint (keys: id, dev, fstype, source)."""
+    from caiosfs import mountinfo  # bench's helpers import caiosfs only where they use it
+
     target = str(mountpoint.resolve()) if mountpoint.exists() else str(mountpoint)
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        m = mountinfo.find(target)
     except OSError:
         return None
-    found = None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        parts = left.split()
-        if len(parts) < 5:
-            continue
-        # mountinfo escapes spaces as \040; our paths have none, so a plain compare is enough.
-        if parts[4] == target:
-            r = right.split()
-            # The last entry for a path is the one on top (mounts can stack).
-            found = {
-                "id": parts[0],
-                "dev": parts[2],
-                "fstype": r[0] if r else "",
-                "source": r[1] if len(r) > 1 else "",
-            }
-    return found
+    if m is None:
+        return None
+    return {"id": str(m.mount_id), "dev": m.device, "fstype": m.fstype, "source": m.source}
 
 
 def is_fuse_mounted(mountpoint: Path) -> bool:

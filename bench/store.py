@@ -119,7 +119,6 @@ class Store:
         self.secret_key = secret_key or ("s" + os.urandom(12).hex())
         self._external = endpoint is not None
         self._client: Any = None
-        self.weed_version = ""
 
     # ---- life cycle ---------------------------------------------------------------------
 

@@ -105,8 +105,6 @@ class FsSystem(ABC):
     """A FUSE filesystem under test."""
 
     name: str = ""
-    #: close() already means "in the store" (s3fs uploads in flush/release).
-    durable_on_close: bool = False
     #: The daemon's main thread is its event loop (caiosfs: trio); its CPU is reported apart.
     loop_thread: bool = False
 
@@ -289,8 +287,8 @@ def set_read_ahead(mountpoint: Path, kb: int, m: Mount) -> None:
     """Raise the kernel readahead of a FUSE mount (the bdi of its anonymous device).
 
     FUSE caps readahead at the bdi's read_ahead_kb, 128 KiB by default; caiosfs raises it
-    itself (DESIGN.md), and a careful rclone or s3fs user would do the same, so the peers get
-    the same setting here.
+    itself (docs/DESIGN.md, "Kernel readahead of the mount"), and a careful rclone or s3fs
+    user would do the same, so the peers get the same setting here.
     """
     if kb <= 0:
         return
@@ -587,7 +585,6 @@ class S3fs(FsSystem):
     """s3fs-fuse with its local file cache, parallel multipart up- and downloads."""
 
     name = "s3fs"
-    durable_on_close = True  # s3fs uploads the whole file in flush/release
 
     OPTS = (
         "use_path_request_style",

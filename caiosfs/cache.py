@@ -379,25 +379,7 @@ class BlockCache:
         self.used += added
         self.metrics.cache_bytes.set(self.used)
 
-    # invalidation and eviction -----------------------------------------------------------
-    def invalidate(self, ident: bytes) -> None:
-        """Forget every block of one object version (its ETag changed)."""
-        self.drop_fresh(1 << 62, ident)
-        blocks = self.index.blocks_of(ident)
-        if not blocks:
-            return
-        updates: dict[tuple[bytes, int], BlockEntry | None] = {}
-        for b in blocks:
-            e = self.index.get_block(ident, b)
-            if e:
-                self.used -= e.nbytes
-            updates[(ident, b)] = None
-            self._unlink(self.block_path(ident, b))
-        self.index.update_blocks(updates)
-        for k in [k for k in self._verified if k[0] == ident]:
-            self._verified_bytes -= len(self._verified.pop(k))
-        self.metrics.cache_bytes.set(self.used)
-
+    # access times and eviction -----------------------------------------------------------
     def flush_atimes(self) -> None:
         """Write batched access times (reads do not write to LMDB one by one)."""
         if not self._atimes:
@@ -471,14 +453,11 @@ class BlockCache:
         except FileNotFoundError:
             pass
 
-    def free_disk(self) -> int:
-        return shutil.disk_usage(self.dir).free
 
-
-def fsck(cache_dir: Path, repair: bool, chunk_size: int = 1 << 20) -> dict[str, int]:
+def fsck(index: Index, cache_dir: Path, repair: bool, chunk_size: int = 1 << 20
+         ) -> dict[str, int]:
     """Check every indexed chunk against its block file; with ``repair`` drop bad entries
-    and delete block files the index does not know."""
-    index = Index(cache_dir / "index.lmdb")
+    and delete block files the index does not know. The caller owns ``index``."""
     metrics = Metrics()
     stats = {"blocks": 0, "chunks_ok": 0, "chunks_bad": 0, "orphan_files": 0,
              "journal_entries": 0, "journal_missing_data": 0}
@@ -530,6 +509,4 @@ def fsck(cache_dir: Path, repair: bool, chunk_size: int = 1 << 20) -> dict[str, 
                 stats["journal_missing_data"] += 1
     except OSError as exc:
         raise UserError(f"fsck of {cache_dir} failed: {exc.strerror or errno.errorcode}") from None
-    finally:
-        index.close()
     return stats

@@ -160,12 +160,17 @@ def _ls(a: argparse.Namespace) -> int:
 
 def _fsck(a: argparse.Namespace) -> int:
     from .cache import fsck, lock_cache_dir
+    from .compose import INDEX_ENV, open_index
     d = Path(a.cache_dir)
-    if not (d / "index.lmdb").exists():
+    if not (d / INDEX_ENV).exists():
         raise UserError(f"{a.cache_dir} is not a caiosfs cache directory")
     fd = lock_cache_dir(d)
     try:
-        stats = fsck(d, repair=a.repair)
+        index = open_index(d)
+        try:
+            stats = fsck(index, d, repair=a.repair)
+        finally:
+            index.close()
     finally:
         os.close(fd)
     print(json.dumps(stats) if a.json else "\n".join(f"{k:22} {v}" for k, v in stats.items()))

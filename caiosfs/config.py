@@ -10,7 +10,7 @@ import os
 import re
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -345,7 +345,3 @@ def options_help() -> str:
                              subsequent_indent=" " * 6)
         lines.append(f"  {left}\n{body}")
     return "\n".join(lines)
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(MountConfig)]

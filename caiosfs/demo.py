@@ -3,11 +3,16 @@
 Starts SeaweedFS on 127.0.0.1, seeds a bucket (small files and one big file), mounts it
 with caiosfs, and prints what to try. ``--check`` reads everything back, compares hashes,
 writes a file and checks it reached the store, then tears everything down.
+
+The bucket's content is deterministic (:func:`random_bytes`): the tests use the same
+generator, so any object's bytes can be made again to compare with.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import secrets
 import signal
@@ -17,10 +22,13 @@ import time
 from pathlib import Path
 
 import xxhash
+from boto3.s3.transfer import TransferConfig
 
 from .errors import UserError
+from .seaweed import S3Client, SeaweedError, SeaweedServer
 
 BUCKET = "caiosfs-demo"
+MiB = 1 << 20
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -29,7 +37,6 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def demo(a: argparse.Namespace) -> int:
-    from .seaweed import SeaweedError, SeaweedServer, seed_demo
     base = Path(a.dir).absolute()
     mnt, cache = base / "mnt", base / "cache"
     if mnt.exists() and os.path.ismount(mnt):
@@ -113,3 +120,99 @@ def _check(mnt: Path, hashes: dict[str, str], client: object, say: object) -> in
           f"{len(hashes) - len(bad)} match the store; a written file reached the store: "
           f"{body == b'hello from caiosfs' + bytes([10])}", flush=True)
     return 0 if ok else 1
+
+
+def random_bytes(size: int, seed: int | str = 0) -> bytes:
+    """Deterministic pseudo-random bytes: SHAKE-128 of (seed, MiB index), ~300 MB/s.
+
+    Each MiB is generated independently, so two offsets never hold the same bytes by accident
+    (a read from the wrong offset is caught) and a slice can be regenerated alone.
+    """
+    out = bytearray()
+    for i in range(0, size, MiB):
+        out += _chunk(seed, i // MiB, min(MiB, size - i))
+    return bytes(out)
+
+
+def _chunk(seed: int | str, index: int, n: int) -> bytes:
+    return hashlib.shake_128(f"caiosfs:{seed}:{index}".encode()).digest(n)
+
+
+class _Body:
+    """``random_bytes(size, seed)`` as a file object for boto3's managed upload.
+
+    Made 1 MiB at a time as boto3 reads it (a 300 MB body never sits in memory whole) and
+    hashed on the way; it has no ``seek``, so boto3 reads it once, in order.
+    """
+
+    def __init__(self, size: int, seed: int | str) -> None:
+        self.size = size
+        self.sent = 0
+        self.hasher = xxhash.xxh3_64()
+        self._pieces = (_chunk(seed, i, min(MiB, size - i * MiB)) for i in range(-(-size // MiB)))
+        self._left = b""
+
+    def read(self, n: int = -1) -> bytes:
+        want = self.size - self.sent if n is None or n < 0 else n
+        got: list[bytes] = []
+        while want > 0:
+            if not self._left:
+                self._left = next(self._pieces, b"")
+                if not self._left:
+                    break
+            got.append(self._left[:want])
+            want -= len(got[-1])
+            self._left = self._left[len(got[-1]):]
+        out = b"".join(got)
+        self.hasher.update(out)
+        self.sent += len(out)
+        return out
+
+
+def xxh3_hex(data: bytes | bytearray | memoryview) -> str:
+    """xxh3_64 hex digest, the checksum caiosfs uses (the demo's and the tests')."""
+    return xxhash.xxh3_64(data).hexdigest()
+
+
+def seed_demo(
+    client: S3Client, bucket: str, big_size: int = 300 * MiB, prefix: str = ""
+) -> dict[str, str]:
+    """Upload a small demo tree plus one big file; return {key: xxh3_64 hexdigest}.
+
+    The big file (``models/llama-tiny/weights.bin``) goes through boto3's managed multipart
+    transfer, made as it is read (:class:`_Body`).
+    """
+    small: dict[str, bytes] = {
+        "README.txt": (
+            b"caiosfs demo bucket\n\n"
+            b"data/    a toy dataset: shards and a label file\n"
+            b"models/  a toy model: config and one big weights file\n"
+        ),
+        "data/labels.csv": b"id,label\n" + b"".join(b"%d,%d\n" % (i, i % 10) for i in range(1000)),
+        "data/train/shard-00000.bin": random_bytes(256 * 1024, "shard-0"),
+        "data/train/shard-00001.bin": random_bytes(300 * 1024 + 7, "shard-1"),
+        "data/val/shard-00000.bin": random_bytes(64 * 1024, "val-0"),
+        "models/llama-tiny/config.json": json.dumps(
+            {"hidden_size": 64, "layers": 2, "vocab": 32000}, indent=2
+        ).encode(),
+    }
+    out: dict[str, str] = {}
+    for key, body in small.items():
+        client.put_object(Bucket=bucket, Key=prefix + key, Body=body)
+        out[prefix + key] = xxh3_hex(body)
+    big_key = prefix + "models/llama-tiny/weights.bin"
+    big = _Body(big_size, "weights")
+    client.upload_fileobj(
+        big,
+        bucket,
+        big_key,
+        Config=TransferConfig(
+            multipart_threshold=16 * MiB,
+            multipart_chunksize=16 * MiB,
+            max_concurrency=4,
+        ),
+    )
+    if big.sent != big_size:
+        raise SeaweedError(f"uploaded {big.sent} of {big_size} bytes for {big_key}")
+    out[big_key] = big.hasher.hexdigest()
+    return out

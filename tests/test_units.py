@@ -19,6 +19,7 @@ from conftest import data, xxh
 
 from caiosfs.attrs import Attrs, from_meta
 from caiosfs.cache import BlockCache, fsck, lock_cache_dir
+from caiosfs.compose import open_index
 from caiosfs.config import build_config, parse_size, parse_source
 from caiosfs.errors import FsError, PreconditionFailed, StoreError, UserError, s3_errno
 from caiosfs.fs import Filesystem
@@ -127,10 +128,14 @@ def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
     (c.blocks_dir / "zz").mkdir()
     (c.blocks_dir / "zz" / "orphan.0").write_bytes(b"x")
     c.index.close()
-    s = fsck(tmp_path / "f", repair=True)
-    assert s["chunks_bad"] == 1 and s["chunks_ok"] == 2 and s["orphan_files"] == 1
-    s = fsck(tmp_path / "f", repair=False)
-    assert s["chunks_bad"] == 0 and s["orphan_files"] == 0
+    index = open_index(tmp_path / "f")
+    try:
+        s = fsck(index, tmp_path / "f", repair=True)
+        assert s["chunks_bad"] == 1 and s["chunks_ok"] == 2 and s["orphan_files"] == 1
+        s = fsck(index, tmp_path / "f", repair=False)
+        assert s["chunks_bad"] == 0 and s["orphan_files"] == 0
+    finally:
+        index.close()
 
 
 def test_cache_dir_lock_refuses_second_user(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 Runs each blocking call in a worker thread under a CapacityLimiter (the trio loop never
 blocks), retries with exponential backoff and full jitter, and counts every request.
 
-Two kinds of patience (DESIGN.md "Object store access"):
+Two kinds of patience (docs/DESIGN.md, "Object store access: two kinds of patience"):
 - ``deadline``: reads give up after ``read_timeout`` seconds in total (then EIO);
 - ``deadline=None``: dirty data is retried forever — a store that fails for minutes delays
   the upload, never loses it.
@@ -11,6 +11,7 @@ Two kinds of patience (DESIGN.md "Object store access"):
 
 from __future__ import annotations
 
+import builtins  # the class's own list() method hides the type name in its signatures
 import errno
 import hashlib
 import logging
@@ -238,7 +239,7 @@ class StoreClient:
                                limiter=self.write_limiter, deadline=None,
                                nbytes_out=0 if part.copy_key else part.length)
 
-    async def complete_multipart(self, key: str, upload_id: str, etags: list[str],
+    async def complete_multipart(self, key: str, upload_id: str, etags: builtins.list[str],
                                  if_match: str | None = None,
                                  if_none_match: bool = False) -> str:
         failed: list[StoreError] = []
@@ -278,7 +279,7 @@ class StoreClient:
         await self._run("abort_multipart", self.store.abort_multipart, key, upload_id,
                         limiter=self.write_limiter, deadline=self.read_timeout)
 
-    async def list_multipart(self, prefix: str) -> list[MultipartUpload]:
+    async def list_multipart(self, prefix: str) -> builtins.list[MultipartUpload]:
         return await self._run("list_multipart", self.store.list_multipart, prefix,
                                limiter=self.meta_limiter, deadline=self.read_timeout)
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import builtins  # the class's own list() method hides the type name in its signatures
 import hashlib
 import os
 import threading
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import PreconditionFailed, StoreError
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink
@@ -40,7 +42,7 @@ class MemoryStore:
         self.objects: dict[str, _Obj] = {}
         self.uploads: dict[str, _Upload] = {}
         self.calls: Counter[str] = Counter()
-        self._faults: list[list] = []  # [op, error, remaining, key_substring]
+        self._faults: list[list[Any]] = []  # [op, error, remaining, key_substring]
         self._lock = threading.Lock()
 
     # -- test helpers ------------------------------------------------------------------
@@ -170,7 +172,7 @@ class MemoryStore:
             up.parts[part.number] = data
         return '"' + hashlib.md5(data).hexdigest() + '"'
 
-    def complete_multipart(self, key: str, upload_id: str, etags: list[str],
+    def complete_multipart(self, key: str, upload_id: str, etags: builtins.list[str],
                            if_match: str | None = None, if_none_match: bool = False) -> str:
         self._check("complete_multipart", key)
         with self._lock:
@@ -188,7 +190,7 @@ class MemoryStore:
             if self.uploads.pop(upload_id, None) is None:
                 raise StoreError("NoSuchUpload", upload_id, 404)
 
-    def list_multipart(self, prefix: str) -> list[MultipartUpload]:
+    def list_multipart(self, prefix: str) -> builtins.list[MultipartUpload]:
         self._check("list_multipart", prefix)
         with self._lock:
             return [MultipartUpload(u.key, uid, u.initiated) for uid, u in self.uploads.items()
@@ -200,7 +202,7 @@ class MemoryStore:
             o = self._get(src)
             return self._store(dst, o.data, o.metadata if metadata is None else metadata)
 
-    def delete_many(self, keys: list[str]) -> list[str]:
+    def delete_many(self, keys: builtins.list[str]) -> builtins.list[str]:
         self._check("delete_many", keys[0] if keys else "")
         with self._lock:
             for k in keys:

@@ -7,6 +7,7 @@ policy, because reads and dirty-data uploads need different patience.
 from __future__ import annotations
 
 import base64
+import builtins  # the class's own list() method hides the type name in its signatures
 import configparser
 import io
 import os
@@ -405,7 +406,7 @@ class S3Store:
                               UploadId=upload_id, PartNumber=part.number, Body=body,
                               ContentLength=part.length)["ETag"]
 
-    def complete_multipart(self, key: str, upload_id: str, etags: list[str],
+    def complete_multipart(self, key: str, upload_id: str, etags: builtins.list[str],
                            if_match: str | None = None, if_none_match: bool = False) -> str:
         kw: dict[str, Any] = {}
         if if_match:
@@ -421,7 +422,7 @@ class S3Store:
         self._call(self._c.abort_multipart_upload, Bucket=self.bucket, Key=key,
                    UploadId=upload_id)
 
-    def list_multipart(self, prefix: str) -> list[MultipartUpload]:
+    def list_multipart(self, prefix: str) -> builtins.list[MultipartUpload]:
         out: list[MultipartUpload] = []
         kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         while True:
@@ -456,7 +457,7 @@ class S3Store:
                 pass
             raise
 
-    def delete_many(self, keys: list[str]) -> list[str]:
+    def delete_many(self, keys: builtins.list[str]) -> builtins.list[str]:
         """DeleteObjects of up to 1,000 keys in one request; returns the keys it could not
         delete (a missing key counts as deleted)."""
         r = self._call(self._c.delete_objects, Bucket=self.bucket,

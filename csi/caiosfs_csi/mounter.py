@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,14 +287,3 @@ class Mounter:
             except (MountError, OSError) as e:
                 errors.append(f"{cmd[0]}: {e}")
         raise MountError("lazy unmount failed: " + "; ".join(errors))
-
-
-def wait_until(pred, timeout: float, interval: float = 0.05) -> bool:
-    """Poll `pred()` until true or `timeout` seconds pass; return the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)

@@ -28,7 +28,7 @@ if str(CSI_DIR) not in sys.path:
 grpc = pytest.importorskip("grpc", reason="the CSI plugin needs the `csi` extra (grpcio)")
 
 from caiosfs_csi import DEFAULT_DRIVER_NAME, __version__  # noqa: F401  (re-exported for tests)
-from caiosfs_csi.mounter import Mounter
+from caiosfs_csi.mounter import Mounter, parse_mountinfo
 from caiosfs_csi.server import PluginConfig, build_server
 from caiosfs_csi.stubs import load
 
@@ -61,7 +61,7 @@ class FakeCaiosfs:
 
     def mounted(self) -> list[str]:
         """Mount points currently in the fake mount table."""
-        return [ln.split()[4] for ln in self.mountinfo.read_text().splitlines() if ln]
+        return [m.mount_point for m in parse_mountinfo(self.mountinfo.read_text())]
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from csi_testlib import CSI_DIR, csi_pb2, csi_pb2_grpc, wait_serving
 assert CSI_DIR  # csi_testlib put csi/ on sys.path
 
 from caiosfs_csi import fdpass
-from caiosfs_csi.mounter import find_caiosfs
+from caiosfs_csi.mounter import find_caiosfs, parse_mountinfo
 
 FIGURES = CSI_DIR.parent / "tests" / "figures"
 
@@ -162,12 +162,8 @@ class NsPlugin:
 
 
 def mounts_under(root: Path) -> list[str]:
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mp = line.split()[4].replace("\\040", " ")
-        if mp.startswith(str(root)):
-            out.append(mp)
-    return out
+    mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    return [m.mount_point for m in mounts if m.mount_point.startswith(str(root))]
 
 
 def detach_all(root: Path) -> None:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from csi_testlib import CSI_DIR, csi_pb2, csi_pb2_grpc, publish_request, wait_serving
+from csi_testlib import (
+    CSI_DIR,
+    csi_pb2,
+    csi_pb2_grpc,
+    parse_mountinfo,
+    publish_request,
+    wait_serving,
+)
 
 FAKE_FUSE = Path(__file__).resolve().parent / "fake_caiosfs_fuse.py"
 
@@ -93,9 +100,9 @@ def proc(tmp_path: Path) -> Iterator[Proc]:
         if p.proc is not None and p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            if str(tmp_path) in line:
-                subprocess.run(["fusermount3", "-u", "-z", line.split()[4]], check=False)
+        for m in parse_mountinfo(Path("/proc/self/mountinfo").read_text()):
+            if m.mount_point.startswith(str(tmp_path)):
+                subprocess.run(["fusermount3", "-u", "-z", m.mount_point], check=False)
         for pid in p.daemons():
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -29,7 +29,7 @@ from csi_testlib import CSI_DIR, csi_pb2, csi_pb2_grpc, mount_cap, publish_reque
 
 assert CSI_DIR  # csi_testlib put csi/ on sys.path
 
-from caiosfs_csi.mounter import Mounter, find_caiosfs  # noqa: I001
+from caiosfs_csi.mounter import Mounter, find_caiosfs, parse_mountinfo  # noqa: I001
 from caiosfs_csi.server import PluginConfig, build_server
 
 import grpc
@@ -96,12 +96,8 @@ def _context(store: Any, bucket: str, **extra: str) -> dict[str, str]:
 
 
 def _mounts_under(root: Path) -> list[str]:
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mp = line.split()[4].replace("\\040", " ")
-        if mp.startswith(str(root)):
-            out.append(mp)
-    return out
+    mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    return [m.mount_point for m in mounts if m.mount_point.startswith(str(root))]
 
 
 def _daemon_pids(target: str) -> list[int]:

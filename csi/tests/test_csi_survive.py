@@ -43,6 +43,7 @@ assert CSI_DIR  # csi_testlib put csi/ on sys.path
 
 from caiosfs_csi import fdpass
 from caiosfs_csi.fdmount import mount_fuse
+from caiosfs_csi.mounter import parse_mountinfo
 
 pytest_plugins = ("survive_lib",)
 
@@ -285,8 +286,8 @@ def test_plugin_killed_during_publish_retry_succeeds(
             time.sleep(0.2)
     with open(os.path.join(target, "f"), "rb") as f:
         assert _sha(f.read()) == _sha(body)
-    mine = [mp for mp in Path("/proc/self/mountinfo").read_text().split("\n")
-            if f" {target} " in mp]
+    mine = [m for m in parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+            if m.mount_point == target]
     assert len(mine) == 1, mine  # one mount, one daemon: the retry adopted the first one
     assert list(mounter.daemons()) == [target]
 

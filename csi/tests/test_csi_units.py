@@ -102,6 +102,20 @@ def test_parse_mountinfo_unescapes_and_finds_type() -> None:
     assert not is_caiosfs(MountEntry("/m", "fuse.sshfs", "host:/"))
 
 
+def test_parse_mountinfo_decodes_every_escape_the_kernel_writes() -> None:
+    # The kernel escapes blank, tab, newline and backslash; the fake caiosfs writes its mount
+    # table with the same escapes (fake_caiosfs.escape), and both must round-trip.
+    from fake_caiosfs import escape
+
+    odd = "/pods/a b\tc\\d\ne"
+    text = (f"95 22 0:52 / {escape(odd)} rw shared:61 master:1 - fuse.caiosfs "
+            r"s3://b/x\040y rw" "\n")
+    [entry] = parse_mountinfo(text)
+    assert entry.mount_point == odd
+    assert entry.source == "s3://b/x y"
+    assert entry.device == "0:52"
+
+
 def test_redact_strips_every_secret_field() -> None:
     req = csi_pb2.NodePublishVolumeRequest(volume_id="v", secrets={"k": "v1", "k2": "v2"},
                                            volume_context={"bucket": "b"})
