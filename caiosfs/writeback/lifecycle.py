@@ -9,6 +9,7 @@ import os
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -236,7 +237,7 @@ class WriteBack:
             self.sched.urgent(f)
             await ev.wait()
 
-    async def flush_all(self, progress: Callable[[dict], Awaitable[None]] | None = None
+    async def flush_all(self, progress: Callable[[dict[str, Any]], Awaitable[None]] | None = None
                         ) -> None:
         """Upload everything dirty now and wait until it is durable."""
         while True:

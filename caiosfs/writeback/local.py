@@ -146,7 +146,7 @@ class LocalData:
         while True:
             want = SPARES - len(self.spares)
             if want > 0:
-                ids = []
+                ids: list[tuple[int, bool]] = []
                 while self.idle and len(ids) < want:
                     ids.append((self.idle.popleft(), True))
                 try:

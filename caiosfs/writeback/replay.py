@@ -77,7 +77,7 @@ class Recovery:
         journal = self.index.all_journal()
         # Inline contents whose journal entry is gone (removed just before a crash).
         for fid in self.index.inline_ids():
-            if (j := journal.get(fid)) is None or not j.inline:
+            if (entry := journal.get(fid)) is None or not entry.inline:
                 self.index.del_inline(fid)
         self.local.reclaim(set(journal) | {f.fid for f in self.files.values()})
         if nursery is not None:

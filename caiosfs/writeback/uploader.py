@@ -210,7 +210,7 @@ class Uploader:
 
     # multipart uploads -------------------------------------------------------------------
     async def _multipart(self, f: DirtyFile, size: int, meta: dict[str, str],
-                         cond: dict) -> str:
+                         cond: dict[str, Any]) -> str:
         ps = part_size_for(size, self.part_size)
         while f.stream is not None and not f.stream.upload_id:
             ev = f.progress  # a streaming upload is being created: use it
