@@ -90,7 +90,7 @@ class Pool:
             if not first and not second:
                 continue
             t = threading.Thread(target=self._work, args=(first, second), daemon=True,
-                                 name="cp")
+                                 name="cp-large" if first is self.large else "cp-small")
             t.start()
             threads.append(t)
         for t in threads:
