@@ -262,9 +262,7 @@ class Copier:
                 h = (off, n, xxhash.xxh3_64()) if self.verify else None
                 meta = self._call("get", self.store.get_range, src.prefix + it.rel, off, n,
                                   it.etag or None, _writer(job.fd, h))
-                # Start writing this range back now (not waiting): the final sync then
-                # finds little left to write.
-                os.posix_fadvise(job.fd, off, n, os.POSIX_FADV_DONTNEED)
+                _start_writeback(job.fd, off, n)
                 with job.lock:
                     if off == 0:
                         job.meta = meta
@@ -519,6 +517,17 @@ def _xattrs_work(d: Path) -> bool:
         raise UserError(f"destination {d} is not writable: {exc.strerror}") from None
 
 
+def _start_writeback(fd: int, off: int, n: int) -> None:
+    """Have the kernel start writing a range to disk now, without waiting (Linux's
+    POSIX_FADV_DONTNEED writes dirty pages back asynchronously, then drops the clean ones):
+    the final syncfs then finds little left to write, and the copy does not fill the page
+    cache with what it will not read."""
+    try:
+        os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass  # (advice: a filesystem may refuse it)
+
+
 def _syncfs(fd: int) -> None:
     """syncfs(2): write back every dirty page of the filesystem holding ``fd`` and wait
     (one call, where an fsync per file costs a journal commit each); os.sync() where the C
@@ -564,8 +573,7 @@ def _source_items(a: argparse.Namespace, cfg: MountConfig, store: Any,
                 out.append(Item(it.rel, st.st_size, "", st.st_mtime, stat.S_ISLNK(st.st_mode)))
             return out
         missing = [it for it in wanted if it.size < 0]
-        if missing:
-            _check_bucket(cfg, store, side)
+        _check_bucket(cfg, store, side)  # (nothing lists: a bad bucket is still one line)
         lock = threading.Lock()
 
         def head(it: Item) -> None:
