@@ -207,7 +207,9 @@ def store_for(cfg: MountConfig) -> Any:
     from .store.s3 import S3Store
     store = S3Store(cfg.source.bucket, cfg.endpoint, cfg.region, cfg.path_style,
                     cfg.credentials_file, cfg.aws_profile,
-                    max_connections=cfg.parallel * 2 + 8,
+                    # (one connection per copy thread: parallel + 2 x parallel, see
+                    # Copier.download_all; a full urllib3 pool discards the surplus)
+                    max_connections=cfg.parallel * 3 + 8,
                     read_timeout=min(30.0, cfg.read_timeout))
     # botocore parses each LastModified of a listing with dateutil's general parser: for a
     # page of 1,000 keys 0.23-0.42 s of CPU on the 2-core VM, 0.08-0.12 s with this one
