@@ -45,10 +45,12 @@ class GaveUp(StoreError):
                          f"{elapsed:.1f}s ({last})", last.status, retryable=False)
 
 
-def retrying(op: str, deadline: float, fn: Callable[..., T], *args: Any) -> T:
+def retrying(op: str, deadline: float, fn: Callable[..., T], *args: Any,
+             on_retry: Callable[[StoreError], None] | None = None) -> T:
     """``fn(*args)`` retried while it raises a retryable StoreError, for at most
     ``deadline`` seconds in all (each attempt is bounded by the store's socket timeout).
-    Errors of anything else (a full disk: the sink's OSError) pass through at once."""
+    Errors of anything else (a full disk: the sink's OSError) pass through at once.
+    ``on_retry`` is told of each error that is retried."""
     start = time.monotonic()
     attempt = 0
     while True:
@@ -64,6 +66,8 @@ def retrying(op: str, deadline: float, fn: Callable[..., T], *args: Any) -> T:
             delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
             if elapsed + delay > deadline:
                 delay = (deadline - elapsed) / 2  # one or two more tries in what is left
+            if on_retry is not None:
+                on_retry(exc)
             time.sleep(delay)
 
 

@@ -102,11 +102,16 @@ class Copier:
         self.xattrs = True
         self._dirs: set[Path] = set()  # destination directories known to exist
         self._lock = threading.Lock()  # the counters and the progress line
+        self.retries: dict[str, int] = {}  # error code -> requests retried after it
 
     def _call(self, op: str, fn: Any, *args: Any) -> Any:
         """One request with bounded patience: a copy reports an object that keeps failing
         instead of waiting for the store forever."""
-        return retrying(op, self.timeout, fn, *args)
+        return retrying(op, self.timeout, fn, *args, on_retry=self._retried)
+
+    def _retried(self, exc: StoreError) -> None:
+        with self._lock:
+            self.retries[exc.code] = self.retries.get(exc.code, 0) + 1
 
     def fail(self, rel: str, exc: BaseException) -> None:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -681,7 +686,7 @@ def _cp(a: argparse.Namespace, cfg: MountConfig, store: Any, src: Source | Path,
     el = time.monotonic() - t0
     summary = {"copied": res.copied, "skipped": res.skipped, "failed": len(res.failures),
                "bytes": res.bytes, "seconds": round(el, 3), "invalid_keys": res.invalid,
-               "aborted_uploads": res.aborted,
+               "aborted_uploads": res.aborted, "retries": cp.retries,
                "failures": [{"path": p, "error": e} for p, e in res.failures]}
     if a.json:
         print(json.dumps(summary))

@@ -394,7 +394,9 @@ def test_retrying_backs_off_then_gives_up() -> None:
         if len(calls) < n:
             raise StoreError("SlowDown", "try later", 503, retryable=True)
         return "done"
-    assert retrying("get", 30, flaky, 3) == "done" and len(calls) == 3
+    seen: list[str] = []
+    assert retrying("get", 30, flaky, 3, on_retry=lambda e: seen.append(e.code)) == "done"
+    assert len(calls) == 3 and seen == ["SlowDown", "SlowDown"]
     calls.clear()
     with pytest.raises(StoreError) as ei:  # not retryable: at once
         retrying("get", 30, lambda: (calls.append(0.0),
