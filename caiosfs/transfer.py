@@ -1,17 +1,20 @@
 """Bulk copies between an S3 prefix and a local directory: ``caiosfs cp`` and ``caiosfs ls``.
 
-One process copies a whole tree with many requests in flight: small objects one GET (or PUT)
-each, ``parallel`` at a time; large ones as parallel ranged GETs of ``max_request`` bytes
-written in place into the destination file, or as multipart uploads of ``part_size`` parts.
-Every request goes through the package's :class:`StoreClient` (retries with backoff, the
-S3-code table, endpoint aliases and credentials exactly as for ``mount``), each with bounded
-patience (``read_timeout``): a store that keeps failing fails that object, listed at the end.
+One process copies a whole tree with many requests in flight, on plain threads
+(:mod:`caiosfs.copypool`: why no event loop): small objects one GET (or PUT) each, written
+by the thread that fetched them; large ones as parallel ranged GETs of ``max_request``
+bytes written in place (``os.pwrite``) into one temp file, or as multipart uploads of
+``part_size`` parts. Every request goes through :class:`caiosfs.store.s3.S3Store` (endpoint
+aliases and credentials exactly as for ``mount``) and is retried with backoff for at most
+``read_timeout`` seconds: a store that keeps failing fails that object, listed at the end.
 
 Resumable and safe to run side by side:
 
 - a download is written to ``.caiosfs-<hash>-<pid>.tmp`` in the destination directory,
-  fsynced, given its mode and mtime, and renamed: a partial file never has the final name.
-  Temp files left by a killed run are removed by the next run that copies the same names;
+  given its mode, mtime and ETag xattr, and renamed: a partial file never has the final
+  name. Temp files left by a killed run are removed by the next run that copies the same
+  names. No fsync per file: one syncfs of the destination before the summary (docs/cp.md,
+  "Durability": why);
 - an object already complete at the destination is skipped: a local file with the object's
   size and ETag (kept in the ``user.caiosfs.etag`` xattr; on filesystems without user xattrs,
   size and mtime), an object with the file's size and a Last-Modified not older than it;
@@ -30,28 +33,29 @@ import os
 import socket
 import stat
 import sys
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import trio
 import xxhash
 
 from .attrs import Attrs, from_meta
-from .config import MountConfig, Source
+from .config import MountConfig, Source, build_config
+from .copypool import Pool, retrying
 from .errors import PreconditionFailed, StoreError, UserError
 from .etag import etag_matches
 from .listing import (
     Item,
     Result,
-    connect,
-    list_s3,
-    open_bucket,
+    list_prefix,
     parse_side,
     quiet_logs,
     read_list,
     select_shard,
+    store_for,
     valid_rel,
     walk_local,
 )
@@ -62,57 +66,87 @@ MAX_PARTS = 10_000
 TMP_PREFIX, TMP_SUFFIX = ".caiosfs-", ".tmp"
 
 
+class _Job:
+    """One large object in flight: a download's temp file or an upload's multipart id, the
+    pieces still to come, and the first error (the others are not reported)."""
+
+    def __init__(self, it: Item, pieces: int) -> None:
+        self.it = it
+        self.lock = threading.Lock()
+        self.left = pieces
+        self.fd = -1  # download: the temp file, opened by the first piece to run
+        self.upload_id = ""  # upload: created by the first part to run
+        self.error: BaseException | None = None
+        self.meta: dict[str, str] | None = None  # download: the first GET's x-amz-meta-*
+        self.hashes: list[Any] = []  # --verify: (start, length, xxh3) per range
+        self.etags: dict[int, str] = {}  # upload: part index -> ETag
+
+    def piece_done(self, exc: BaseException | None) -> bool:
+        """Count one piece finished (or failed); True for the caller that must finish or
+        clean up the whole object (the last one)."""
+        with self.lock:
+            if exc is not None and self.error is None:
+                self.error = exc
+            self.left -= 1
+            return self.left == 0
+
+
 # The copy ------------------------------------------------------------------------------
 class Copier:
-    def __init__(self, cfg: MountConfig, client: Any, local: Path, verify: bool,
+    def __init__(self, cfg: MountConfig, store: Any, local: Path, verify: bool,
                  progress: Any) -> None:
-        self.cfg, self.client, self.store = cfg, client, client.store
+        self.cfg, self.store = cfg, store
         self.local, self.verify, self.progress = local, verify, progress
         self.res = Result()
         self.timeout = cfg.read_timeout
         self.xattrs = True
         self._dirs: set[Path] = set()  # destination directories known to exist
-        self._put_limiter = trio.CapacityLimiter(cfg.parallel)
+        self._lock = threading.Lock()  # the counters and the progress line
+        self.retries: dict[str, int] = {}  # error code -> requests retried after it
 
-    async def _call(self, op: str, fn: Any, *args: Any, write: bool | None = False) -> Any:
-        """StoreClient's retry loop with bounded patience: a copy reports an object that
-        keeps failing instead of waiting for the store forever, as dirty data must.
-        ``write``: True for multipart calls (the write limiter), None for whole-file PUTs
-        (a limiter of ``parallel``), False for reads."""
-        c = self.client
-        limiter = {True: c.write_limiter, None: self._put_limiter}.get(write, c.read_limiter)
-        return await c._run(op, fn, *args, limiter=limiter, deadline=self.timeout)
+    def _call(self, op: str, fn: Any, *args: Any) -> Any:
+        """One request with bounded patience: a copy reports an object that keeps failing
+        instead of waiting for the store forever."""
+        return retrying(op, self.timeout, fn, *args, on_retry=self._retried)
+
+    def _retried(self, exc: StoreError) -> None:
+        with self._lock:
+            self.retries[exc.code] = self.retries.get(exc.code, 0) + 1
 
     def fail(self, rel: str, exc: BaseException) -> None:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if isinstance(exc, PreconditionFailed):
             why = "changed in the store since it was listed (run again to copy it)"
-        self.res.failures.append((rel, why or exc.__class__.__name__))
-        self.progress.update(0, 0)
+        with self._lock:
+            self.res.failures.append((rel, why or exc.__class__.__name__))
+            self.progress.update(0, 0)
 
-    async def run(self, items: list[Item], worker: Any) -> None:
-        send, recv = trio.open_memory_channel[Item](0)
+    def _copied(self, size: int, nbytes: int) -> None:
+        with self._lock:
+            self.res.copied += 1
+            self.res.bytes += size
+            self.progress.update(nbytes, 1)
 
-        async def work() -> None:
-            async for it in recv:
-                try:
-                    await worker(it)
-                except (StoreError, OSError, ValueError) as exc:
-                    self.fail(it.rel, exc)
+    def _moved(self, nbytes: int) -> None:
+        with self._lock:
+            self.progress.update(nbytes)
 
-        async with trio.open_nursery() as n:
-            for _ in range(max(4, self.cfg.parallel * 2)):
-                n.start_soon(work)
-            async with send:
-                # Largest first: the long transfers overlap with the many small ones.
-                for it in sorted(items, key=lambda x: -x.size):
-                    await send.send(it)
-            # (workers end when the channel closes)
+    def _guard(self, rel: str, fn: Callable[[], None]) -> Callable[[], None]:
+        def task() -> None:
+            try:
+                fn()
+            except (StoreError, OSError, ValueError) as exc:
+                self.fail(rel, exc)
+        return task
+
+    def step(self, it: Item) -> int:
+        """Size of one ranged GET of this object (at most MAX_PARTS of them)."""
+        return max(self.cfg.max_request, math.ceil(it.size / MAX_PARTS))
 
     # S3 -> local ---------------------------------------------------------------------
     def plan_download(self, src: Source, items: list[Item]) -> list[Item]:
         """What is not complete at the destination yet; stale temp files of those names
-        removed. One directory scan per directory (in a thread)."""
+        removed. One directory scan per directory."""
         by_dir: dict[str, list[Item]] = defaultdict(list)
         for it in items:
             by_dir[os.path.dirname(it.rel)].append(it)
@@ -158,20 +192,32 @@ class Copier:
         # object's Last-Modified or later means it was written from this version or after.
         return not self.xattrs and st.st_mtime >= it.mtime - 1
 
-    async def download(self, src: Source, it: Item) -> None:
+    def download_all(self, src: Source, items: list[Item]) -> None:
+        """Every item copied or in the failure list; then the destination synced."""
+        large: list[Callable[[], None]] = []
+        small: list[Callable[[], None]] = []
+        # Largest first: the long transfers overlap with the many small ones.
+        for it in sorted(items, key=lambda x: -x.size):
+            step = self.step(it)
+            if it.size <= step:
+                small.append(self._guard(it.rel, lambda it=it: self._small(src, it)))
+                continue
+            job = _Job(it, math.ceil(it.size / step))
+            large += [lambda job=job, off=off, step=step: self._range(src, job, off, step)
+                      for off in range(0, it.size, step)]
+        # Ranged GETs: ``parallel`` in flight (16 x 50 MB/s behind the WAN proxy is more
+        # than the 2-core VM moves). Small objects: twice that, as a small GET is mostly
+        # waiting for its first byte (20 ms behind the proxy: 1,000 files / 16 in flight
+        # would take 1.25 s of waiting alone); the ranged-GET threads join them when no
+        # range is left, the small-object threads never take ranges.
+        Pool(self.cfg.parallel, 2 * self.cfg.parallel, small_takes_large=False).run(
+            large, small)
+        self._sync()
+
+    def _paths(self, it: Item) -> tuple[Path, Path]:
         dest = self.local / it.rel
         tmp = dest.parent / f"{TMP_PREFIX}{_tmp_hash(dest.name)}-{os.getpid()}{TMP_SUFFIX}"
-        key = src.prefix + it.rel
-        step = max(self.cfg.max_request, math.ceil(it.size / 10_000))
-        if it.size <= step:
-            # Everything in one thread hop, retried as a whole: on two cores, each hop
-            # between the loop and a worker costs as much as a small file's write.
-            await self._call("get", self._small, key, it, dest, tmp)
-        else:
-            await self._large(key, it, dest, tmp, step)
-        self.res.copied += 1
-        self.res.bytes += it.size
-        self.progress.update(it.size if it.size <= step else 0, 1)
+        return dest, tmp
 
     def _open_tmp(self, dest: Path, tmp: Path) -> int:
         if dest.parent not in self._dirs:
@@ -179,15 +225,18 @@ class Copier:
             self._dirs.add(dest.parent)
         return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
-    def _small(self, key: str, it: Item, dest: Path, tmp: Path) -> None:
-        """In a worker thread: GET the whole object into a temp file, then finish it."""
+    def _small(self, src: Source, it: Item) -> None:
+        """GET the whole object into a temp file, then finish it (in this thread)."""
+        dest, tmp = self._paths(it)
+        key = src.prefix + it.rel
         fd = self._open_tmp(dest, tmp)
         h = (0, it.size, xxhash.xxh3_64()) if self.verify else None
         try:
             if it.size == 0:
-                meta = self.store.head(key).metadata
+                meta = self._call("head", self.store.head, key).metadata
             else:
-                meta = self.store.get_range(key, 0, it.size, it.etag or None, _writer(fd, h))
+                meta = self._call("get", self.store.get_range, key, 0, it.size,
+                                  it.etag or None, _writer(fd, h))
         except BaseException:
             os.close(fd)
             _unlink(tmp)
@@ -197,41 +246,56 @@ class Copier:
         except BaseException:
             _unlink(tmp)
             raise
+        self._copied(it.size, it.size)
 
     def _attrs(self, meta: dict[str, str] | None, it: Item) -> Attrs:
         return from_meta(meta, is_dir=False, default_mode=self.cfg.file_mode, uid=0, gid=0,
                          mtime=it.mtime, size=it.size)
 
-    async def _large(self, key: str, it: Item, dest: Path, tmp: Path, step: int) -> None:
-        """Parallel ranged GETs written in place into one temp file."""
-        fd = await trio.to_thread.run_sync(self._open_tmp, dest, tmp)
-        done = False
-        hashes: dict[int, Any] = {}  # --verify: range start -> (start, length, xxh3)
-        metas: list[dict[str, str] | None] = []
+    def _range(self, src: Source, job: _Job, off: int, step: int) -> None:
+        """One ranged GET of a large object, written in place into its temp file; the last
+        range to finish finishes the file (or removes it, if any range failed)."""
+        it = job.it
+        dest, tmp = self._paths(it)
+        exc: BaseException | None = None
         try:
-            async def one(off: int) -> None:
+            with job.lock:
+                if job.error is None and job.fd < 0:
+                    job.fd = self._open_tmp(dest, tmp)
+            if job.error is None:  # (once one range failed, the others are not fetched)
                 n = min(step, it.size - off)
-                h = hashes[off] = (off, n, xxhash.xxh3_64()) if self.verify else None
-                metas.append(await self._call("get", self.store.get_range, key, off, n,
-                                              it.etag or None, _writer(fd, h)))
-                self.progress.update(n)
-            async with trio.open_nursery() as nursery:
-                for off in range(0, it.size, step):
-                    nursery.start_soon(one, off)
-            owned, fd = fd, -1  # _finish closes it, whatever happens
-            await trio.to_thread.run_sync(self._finish, owned, tmp, dest, it,
-                                         self._attrs(metas[0], it), list(hashes.values()))
-            done = True
-        finally:
-            if not done:
-                if fd >= 0:
-                    os.close(fd)
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(_unlink, tmp)
+                h = (off, n, xxhash.xxh3_64()) if self.verify else None
+                meta = self._call("get", self.store.get_range, src.prefix + it.rel, off, n,
+                                  it.etag or None, _writer(job.fd, h))
+                _start_writeback(job.fd, off, n)
+                with job.lock:
+                    if off == 0:
+                        job.meta = meta
+                    if h:
+                        job.hashes.append(h)
+                self._moved(n)
+        except (StoreError, OSError, ValueError) as e:
+            exc = e
+        if not job.piece_done(exc):
+            return
+        fd, job.fd = job.fd, -1
+        if job.error is not None:
+            if fd >= 0:
+                os.close(fd)
+            _unlink(tmp)
+            self.fail(it.rel, job.error)
+            return
+        try:
+            self._finish(fd, tmp, dest, it, self._attrs(job.meta, it), job.hashes)
+        except (StoreError, OSError, ValueError) as e:
+            _unlink(tmp)
+            self.fail(it.rel, e)
+            return
+        self._copied(it.size, 0)
 
     def _finish(self, fd: int, tmp: Path, dest: Path, it: Item, attrs: Attrs,
                 hashes: list[Any]) -> None:
-        """In a thread: check, persist, then give the file its name (and close ``fd``)."""
+        """Check, then give the file its attributes and its name (and close ``fd``)."""
         try:
             if self.verify:
                 if os.fstat(fd).st_size != it.size:
@@ -255,13 +319,29 @@ class Copier:
                 os.symlink(target, tmp)
             else:
                 os.fchmod(fd, stat.S_IMODE(attrs.mode))
-                os.fsync(fd)
             _set_etag(tmp, it.etag)
             os.utime(tmp, (attrs.mtime, attrs.mtime), follow_symlinks=False)
+            # (every byte is written: a killed process cannot leave this name partial)
             os.rename(tmp, dest)
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _sync(self) -> None:
+        """One syncfs of the destination's filesystem: when cp reports a file copied, it
+        is on disk (docs/cp.md, "Durability")."""
+        try:
+            fd = os.open(self.local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.fail(".", exc)
+            return
+        try:
+            _syncfs(fd)
+        except OSError as exc:
+            self.fail(".", OSError(exc.errno, "writing the copied files back to the "
+                                   f"destination's disk failed: {exc.strerror}"))
+        finally:
+            os.close(fd)
 
     # local -> S3 ---------------------------------------------------------------------
     def plan_upload(self, items: list[Item], have: dict[str, ObjectInfo]) -> list[Item]:
@@ -274,73 +354,100 @@ class Copier:
                 todo.append(it)
         return todo
 
-    async def upload(self, dst: Source, it: Item) -> None:
+    def upload_all(self, dst: Source, items: list[Item]) -> None:
+        large: list[Callable[[], None]] = []
+        small: list[Callable[[], None]] = []
+        for it in sorted(items, key=lambda x: -x.size):
+            if it.link or it.size <= self.cfg.part_size:
+                small.append(self._guard(it.rel, lambda it=it: self._put(dst, it)))
+                continue
+            part = max(self.cfg.part_size, math.ceil(it.size / MAX_PARTS / (1 << 20)) << 20)
+            job = _Job(it, math.ceil(it.size / part))
+            large += [lambda job=job, i=i, off=off, part=part: self._part(dst, job, i, off, part)
+                      for i, off in enumerate(range(0, it.size, part))]
+        # Parts of 64 MiB: max(4, parallel / 2) in flight (16 at once made SeaweedFS drop
+        # connections here: 9 parts re-sent, half the rate of 8); whole files: parallel.
+        Pool(max(4, self.cfg.parallel // 2), self.cfg.parallel,
+             small_takes_large=False).run(large, small)
+
+    def _put(self, dst: Source, it: Item) -> None:
         path = str(self.local / it.rel)
         key = dst.prefix + it.rel
-        st = await trio.to_thread.run_sync(os.lstat, path)
+        st = os.lstat(path)
         meta = Attrs(st.st_mode, st.st_uid, st.st_gid, st.st_mtime).to_meta()
         if stat.S_ISLNK(st.st_mode):
-            body = os.fsencode(await trio.to_thread.run_sync(os.readlink, path))
-            await self._call("put", self.store.put_file, key, body, len(body), meta,
-                             write=None)
+            body = os.fsencode(os.readlink(path))
+            self._call("put", self.store.put_file, key, body, len(body), meta)
             size = len(body)
         elif not stat.S_ISREG(st.st_mode):
             raise ValueError("not a regular file")
         elif st.st_size <= self.cfg.part_size:
             size = st.st_size
-            # Whole files go as many at once as downloads do: the halved write limiter is
-            # for the 64 MiB parts (see listing.client_for).
-            etag = await self._call("put", self.store.put_file, key, path if size else None,
-                                    size, meta, write=None)
-            if self.verify and not await trio.to_thread.run_sync(
-                    etag_matches, path, size, etag, self.cfg.part_size):
+            etag = self._call("put", self.store.put_file, key, path if size else None,
+                              size, meta)
+            if self.verify and not etag_matches(path, size, etag, self.cfg.part_size):
                 raise ValueError(f"verify: the store's ETag {etag} does not match the file")
-        else:
-            size = st.st_size
-            await self._multipart(key, path, size, meta)
-        self.progress.update(size, 1)
-        self.res.copied += 1
-        self.res.bytes += size
+        else:  # (grew since it was listed: still one object, as multipart)
+            raise ValueError("the file grew while it was being copied (run again)")
+        self._copied(size, size)
 
-    async def _multipart(self, key: str, path: str, size: int, meta: dict[str, str]) -> None:
-        part = max(self.cfg.part_size, math.ceil(size / MAX_PARTS / (1 << 20)) << 20)
-        upload_id = await self._call("create_multipart", self.store.create_multipart, key,
-                                     meta, write=True)
-        etags: dict[int, str] = {}
-        ok = False
+    def _part(self, dst: Source, job: _Job, i: int, off: int, part: int) -> None:
+        """One part of a multipart upload; the first part to run creates the upload (the
+        others of that file wait for it), the last one to finish completes it."""
+        it = job.it
+        path = str(self.local / it.rel)
+        key = dst.prefix + it.rel
+        exc: BaseException | None = None
         try:
-            async def one(i: int, off: int) -> None:
-                src = PartSource(i + 1, path=path, offset=off, length=min(part, size - off))
-                etags[i] = await self._call("upload_part", self.store.upload_part, key,
-                                            upload_id, src, write=True)
-                if self.verify:
-                    want = await trio.to_thread.run_sync(_md5_range, path, off, src.length)
-                    if etags[i].strip('"') != want:
-                        raise ValueError(f"verify: part {i + 1} ETag mismatch")
-            async with trio.open_nursery() as n:
-                for i, off in enumerate(range(0, size, part)):
-                    n.start_soon(one, i, off)
-            tags = [etags[i] for i in range(len(etags))]
+            with job.lock:
+                if job.error is None and not job.upload_id:
+                    st = os.lstat(path)
+                    if st.st_size != it.size:
+                        raise ValueError("the file changed size while it was being copied")
+                    job.meta = Attrs(st.st_mode, st.st_uid, st.st_gid, st.st_mtime).to_meta()
+                    job.upload_id = self._call("create_multipart",
+                                               self.store.create_multipart, key, job.meta)
+            if job.error is None:
+                src = PartSource(i + 1, path=path, offset=off, length=min(part, it.size - off))
+                etag = self._call("upload_part", self.store.upload_part, key, job.upload_id,
+                                  src)
+                if self.verify and etag.strip('"') != _md5_range(path, off, src.length):
+                    raise ValueError(f"verify: part {i + 1} ETag mismatch")
+                with job.lock:
+                    job.etags[i] = etag
+                self._moved(src.length)
+        except (StoreError, OSError, ValueError) as e:
+            exc = e
+        if not job.piece_done(exc):
+            return
+        if job.error is None:
             try:
-                await self._call("complete_multipart", self.store.complete_multipart, key,
-                                 upload_id, tags, write=True)
-            except StoreError as exc:
-                # A retried complete after a lost answer: done if the object is ours.
-                if exc.code != "NoSuchUpload":
-                    raise
-                want = hashlib.md5(b"".join(bytes.fromhex(t.strip('"')) for t in tags))
-                have = await self._call("head", self.store.head, key)
-                if have.etag.strip('"') != f"{want.hexdigest()}-{len(tags)}":
-                    raise
-            ok = True
-        finally:
-            if not ok:
-                with trio.move_on_after(10, shield=True):
-                    try:
-                        await self._call("abort_multipart", self.store.abort_multipart, key,
-                                         upload_id, write=True)
-                    except StoreError:
-                        pass
+                self._complete_multipart(key, job)
+                self._copied(it.size, 0)
+                return
+            except (StoreError, OSError, ValueError) as e:
+                job.error = e
+        if job.upload_id:
+            try:
+                retrying("abort_multipart", 10, self.store.abort_multipart, key,
+                         job.upload_id)
+            except StoreError:
+                pass
+        self.fail(it.rel, job.error)
+
+    def _complete_multipart(self, key: str, job: _Job) -> None:
+        tags = [job.etags[i] for i in range(len(job.etags))]
+        try:
+            self._call("complete_multipart", self.store.complete_multipart, key,
+                       job.upload_id, tags)
+        except StoreError as exc:
+            # A retried complete after a lost answer: done if the object is ours.
+            if exc.code != "NoSuchUpload":
+                raise
+            want = hashlib.md5(b"".join(bytes.fromhex(t.strip('"')) for t in tags))
+            have = self._call("head", self.store.head, key)
+            if have.etag.strip('"') != f"{want.hexdigest()}-{len(tags)}":
+                raise
 
 
 def _tmp_hash(name: str) -> str:
@@ -415,9 +522,44 @@ def _xattrs_work(d: Path) -> bool:
         raise UserError(f"destination {d} is not writable: {exc.strerror}") from None
 
 
+def _start_writeback(fd: int, off: int, n: int) -> None:
+    """Have the kernel start writing a range to disk now, without waiting (Linux's
+    POSIX_FADV_DONTNEED writes dirty pages back asynchronously, then drops the clean ones):
+    the final syncfs then finds little left to write, and the copy does not fill the page
+    cache with what it will not read."""
+    try:
+        os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass  # (advice: a filesystem may refuse it)
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2): write back every dirty page of the filesystem holding ``fd`` and wait
+    (one call, where an fsync per file costs a journal commit each); os.sync() where the C
+    library lacks it."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.syncfs  # noqa: B018 (AttributeError: not there)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc is False:
+        os.sync()
+        return
+    if _libc.syncfs(fd) != 0:
+        import ctypes
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+_libc: Any = None
+
+
 # Commands ------------------------------------------------------------------------------
-async def _source_items(a: argparse.Namespace, cp: Copier | None, client: Any,
-                        side: Source | Path, res: Result) -> list[Item]:
+def _source_items(a: argparse.Namespace, cfg: MountConfig, store: Any,
+                  side: Source | Path, res: Result) -> list[Item]:
     """The source's items for this shard: listed once, or from --files-from."""
     from .progress import parse_shard
     shard = parse_shard(a.shard)
@@ -436,25 +578,39 @@ async def _source_items(a: argparse.Namespace, cp: Copier | None, client: Any,
                 out.append(Item(it.rel, st.st_size, "", st.st_mtime, stat.S_ISLNK(st.st_mode)))
             return out
         missing = [it for it in wanted if it.size < 0]
+        _check_bucket(cfg, store, side)  # (nothing lists: a bad bucket is still one line)
+        lock = threading.Lock()
 
-        async def head(it: Item) -> None:
+        def head(it: Item) -> None:
             try:
-                o = await client.head(side.prefix + it.rel)
+                o = retrying("head", cfg.read_timeout, store.head, side.prefix + it.rel)
                 it.size, it.etag, it.mtime = o.size, o.etag, o.mtime
             except StoreError as exc:
-                res.failures.append((it.rel, "not found" if exc.code in (
-                    "NoSuchKey", "404", "NotFound") else str(exc)))
-        async with trio.open_nursery() as n:
-            for it in missing:
-                n.start_soon(head, it)
+                with lock:
+                    res.failures.append((it.rel, "not found" if exc.code in (
+                        "NoSuchKey", "404", "NotFound") else str(exc)))
+        Pool(cfg.parallel, 1).run([lambda it=it: head(it) for it in missing], [])
         return [it for it in wanted if it.size >= 0]
     if isinstance(side, Path):
-        return select_shard(await trio.to_thread.run_sync(walk_local, side), shard)
-    items, _dirs = await list_s3(client, side, res)
+        return select_shard(walk_local(side), shard)
+    items, _dirs = list_prefix(store, side, res, cfg)
     return select_shard(items, shard)
 
 
+def _check_bucket(cfg: MountConfig, store: Any, side: Source) -> None:
+    """A listing of one key: the bucket check where nothing else lists (one line on
+    failure, as for mount)."""
+    from .listing import BUCKET_CHECK_SECONDS
+    try:
+        retrying("list", min(cfg.read_timeout, BUCKET_CHECK_SECONDS), store.list,
+                 side.prefix, "/", None, 1)
+    except StoreError as exc:
+        from .mount import describe_store_error
+        raise UserError(describe_store_error(cfg, exc)) from None
+
+
 def cp_command(a: argparse.Namespace) -> int:
+    t0 = time.monotonic()
     src, dst = parse_side(a.src), parse_side(a.dst)
     if isinstance(src, Path) == isinstance(dst, Path):
         raise UserError("cp copies between s3://BUCKET[/PREFIX] and a local directory: "
@@ -467,51 +623,70 @@ def cp_command(a: argparse.Namespace) -> int:
     from .progress import parse_shard
     parse_shard(a.shard)  # (bad input fails before anything is contacted)
     quiet_logs()
-    cfg, client = connect(f"s3://{s3side.bucket}/{s3side.prefix}", a.o)
-    return trio.run(_cp, a, cfg, client, src, dst, local)
+    cfg = build_config(f"s3://{s3side.bucket}/{s3side.prefix}", ",".join(a.o or []))
+    # Building the boto3 client loads its service model (0.3-1.5 s on the 2-core VM): in
+    # a thread, while this one prepares the local side.
+    made: list[Any] = []
+
+    def make() -> None:
+        try:
+            made.append(store_for(cfg))
+        except BaseException as exc:  # noqa: BLE001 (re-raised below, in this thread)
+            made.append(exc)
+    maker = threading.Thread(target=make, daemon=True, name="cp-client")
+    maker.start()
+    xattrs = True
+    if isinstance(dst, Path):
+        _mkdir(dst)
+        xattrs = _xattrs_work(dst)
+    maker.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return _cp(a, cfg, made[0], src, dst, local, xattrs, t0)
 
 
-async def _cp(a: argparse.Namespace, cfg: MountConfig, client: Any, src: Source | Path,
-              dst: Source | Path, local: Path) -> int:
+def _cp(a: argparse.Namespace, cfg: MountConfig, store: Any, src: Source | Path,
+        dst: Source | Path, local: Path, xattrs: bool, t0: float) -> int:
     from .progress import Progress
-    t0 = time.monotonic()
     res = Result()
     progress = Progress(0, 0, quiet=a.quiet or not sys.stderr.isatty(), label="cp")
-    cp = Copier(cfg, client, local, a.verify, progress)
+    cp = Copier(cfg, store, local, a.verify, progress)
     cp.res = res
-    if isinstance(dst, Path):
-        await trio.to_thread.run_sync(lambda: _mkdir(dst))
-        cp.xattrs = await trio.to_thread.run_sync(_xattrs_work, dst)
-    await open_bucket(cfg, client)
+    cp.xattrs = xattrs
     try:
-        items = await _source_items(a, cp, client, src, res)
         if isinstance(src, Source):
-            todo = await trio.to_thread.run_sync(cp.plan_download, src, items)
-            worker: Any = lambda it: cp.download(src, it)
+            items = _source_items(a, cfg, store, src, res)
+            todo = cp.plan_download(src, items)
         else:
             assert isinstance(dst, Source)
-            have: dict[str, ObjectInfo] = {}
-            listed, _ = await list_s3(client, dst, Result())
+            # (the destination's listing is the bucket check: first)
+            listed, _ = list_prefix(store, dst, Result(), cfg)
+            items = _source_items(a, cfg, store, src, res)
             have = {it.rel: ObjectInfo(it.rel, it.size, it.etag, it.mtime) for it in listed}
             todo = cp.plan_upload(items, have)
-            worker = lambda it: cp.upload(dst, it)
             # Multipart uploads a killed run left behind, of the names this run uploads
             # (only this shard's: another task's may be running).
             mine = {dst.prefix + it.rel for it in todo}
-            for u in await client.list_multipart(dst.prefix):
-                if u.key in mine:
-                    await cp._call("abort_multipart", client.store.abort_multipart, u.key,
-                                   u.upload_id, write=True)
-                    res.aborted += 1
+            if mine:
+                for u in retrying("list_multipart", cfg.read_timeout, store.list_multipart,
+                                  dst.prefix):
+                    if u.key in mine:
+                        retrying("abort_multipart", cfg.read_timeout,
+                                 store.abort_multipart, u.key, u.upload_id)
+                        res.aborted += 1
     except StoreError as exc:
         raise UserError(f"listing failed: {exc}") from None
     progress.total, progress.nobjects = sum(it.size for it in todo), len(todo)
-    await cp.run(todo, worker)
+    if isinstance(src, Source):
+        cp.download_all(src, todo)
+    else:
+        assert isinstance(dst, Source)
+        cp.upload_all(dst, todo)
     progress.finish() if not progress.quiet else None
     el = time.monotonic() - t0
     summary = {"copied": res.copied, "skipped": res.skipped, "failed": len(res.failures),
                "bytes": res.bytes, "seconds": round(el, 3), "invalid_keys": res.invalid,
-               "aborted_uploads": res.aborted,
+               "aborted_uploads": res.aborted, "retries": cp.retries,
                "failures": [{"path": p, "error": e} for p, e in res.failures]}
     if a.json:
         print(json.dumps(summary))
@@ -538,5 +713,3 @@ def _mkdir(d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"destination {d} is not writable: {exc.strerror}") from None
-
-

@@ -323,3 +323,109 @@ def test_four_shards_at_once_into_one_directory(s3: Any, bucket: str, tmp_path: 
     assert sum(copied) == len(files) + 1 and all(copied)  # every object once, each did some
     assert local_tree(dest) == {k: xxh(v) for k, v in files.items()}
     assert not list(dest.rglob(".caiosfs-*"))
+
+
+def test_stale_listing_fails_that_object_only_nothing_left(s3: Any, bucket: str,
+                                                          tmp_path: Path, opts: str) -> None:
+    """A fault in the middle of the thread path: objects changed since they were listed
+    (a small one, fetched whole, and a large one, as 1 MiB ranges in flight at once) fail
+    with the reason; no temp file, no final name; the others are byte-identical."""
+    files = {f"ok/{i}": data(30_000 + i, f"ok{i}") for i in range(20)}
+    files["big"] = data(5 * MiB + 7, "big0")
+    files["small"] = data(1000, "small0")
+    for rel, body in files.items():
+        s3.put_object(Bucket=bucket, Key="st/" + rel, Body=body)
+    listing = tmp_path / "list"
+    rc = main(["ls", f"s3://{bucket}/st", "--split", "1", "--output", str(listing), "-o", opts])
+    assert rc == 0
+    # Both change after the listing: their ETags in the list are now stale.
+    s3.put_object(Bucket=bucket, Key="st/big", Body=data(5 * MiB + 7, "big1"))
+    s3.put_object(Bucket=bucket, Key="st/small", Body=data(1000, "small1"))
+    dest = tmp_path / "d"
+    rc, s, err = cp(f"s3://{bucket}/st", str(dest), "-o", opts + ",max_request=1M",
+                    "--files-from", str(listing / "shard-0.list"))
+    assert rc == 1 and s["copied"] == 20, err
+    assert sorted(f["path"] for f in s["failures"]) == ["big", "small"]
+    assert all("changed in the store" in f["error"] for f in s["failures"])
+    assert local_tree(dest) == {k: xxh(v) for k, v in files.items() if k.startswith("ok/")}
+    assert not list(dest.rglob(".caiosfs-*")), "a temporary file was left"
+
+
+def test_destination_synced_once_after_every_name(s3: Any, bucket: str, tmp_path: Path,
+                                                  opts: str, monkeypatch: Any) -> None:
+    """No fsync per file: one syncfs of the destination, once every file has its name
+    (docs/cp.md, "Durability")."""
+    from caiosfs import transfer
+    files = seed_tree(s3, bucket, "sy/", n=12, big=3 * MiB)
+    dest = tmp_path / "d"
+    seen: list[dict[str, str]] = []
+
+    def syncfs(fd: int) -> None:
+        assert os.path.samefile(f"/proc/self/fd/{fd}", dest)
+        seen.append(local_tree(dest))
+    monkeypatch.setattr(transfer, "_syncfs", syncfs)
+    monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync per file"))
+    rc, _, err = cp(f"s3://{bucket}/sy", str(dest), "-o", opts + ",max_request=1M")
+    assert rc == 0, err
+    assert seen == [{k: xxh(v) for k, v in files.items()}]
+
+
+def test_syncfs_failure_is_reported(s3: Any, bucket: str, tmp_path: Path, opts: str,
+                                    monkeypatch: Any) -> None:
+    import errno
+
+    from caiosfs import transfer
+    s3.put_object(Bucket=bucket, Key="se/a", Body=b"a")
+
+    def syncfs(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(transfer, "_syncfs", syncfs)
+    rc, s, err = cp(f"s3://{bucket}/se", str(tmp_path / "d"), "-o", opts)
+    assert rc == 1 and s["failed"] == 1 and "writing the copied files back" in err, err
+
+
+def test_retrying_backs_off_then_gives_up() -> None:
+    from caiosfs.copypool import GaveUp, retrying
+    from caiosfs.errors import StoreError
+    calls: list[float] = []
+
+    def flaky(n: int) -> str:
+        calls.append(time.monotonic())
+        if len(calls) < n:
+            raise StoreError("SlowDown", "try later", 503, retryable=True)
+        return "done"
+    seen: list[str] = []
+    assert retrying("get", 30, flaky, 3, on_retry=lambda e: seen.append(e.code)) == "done"
+    assert len(calls) == 3 and seen == ["SlowDown", "SlowDown"]
+    calls.clear()
+    with pytest.raises(StoreError) as ei:  # not retryable: at once
+        retrying("get", 30, lambda: (calls.append(0.0),
+                                     (_ for _ in ()).throw(StoreError("NoSuchKey"))))
+    assert ei.value.code == "NoSuchKey" and len(calls) == 1
+    calls.clear()
+    t0 = time.monotonic()
+    with pytest.raises(GaveUp) as gu:
+        retrying("get", 0.5, flaky, 10**9)
+    assert 0.4 < time.monotonic() - t0 < 2 and len(calls) >= 2
+    assert gu.value.code == "SlowDown" and "gave up" in str(gu.value)
+
+
+def test_pool_runs_every_task_each_kind_on_its_threads() -> None:
+    import threading
+
+    from caiosfs.copypool import Pool
+    ran: dict[str, list[str]] = {"large": [], "small": []}
+    lock = threading.Lock()
+
+    def task(kind: str) -> None:
+        time.sleep(0.002)
+        with lock:
+            ran[kind].append(threading.current_thread().name)
+    Pool(2, 3, small_takes_large=False).run([lambda: task("large")] * 4,
+                                            [lambda: task("small")] * 300)
+    assert len(ran["large"]) == 4 and len(ran["small"]) == 300
+    assert set(ran["large"]) == {"cp-large"}  # small-object threads never take large work
+    assert set(ran["small"]) == {"cp-large", "cp-small"}  # (idle large ones help)
+    with pytest.raises(ZeroDivisionError):  # a bug in a task is raised, after the rest
+        Pool(1, 1).run([lambda: 1 / 0], [lambda: task("small")] * 5)
+    assert len(ran["small"]) == 305
