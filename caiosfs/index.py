@@ -142,7 +142,7 @@ class Index:
         self.ops = self.jenv.open_db(b"ops")
         self.state = self.jenv.open_db(b"state")
         self.inline = self.jenv.open_db(b"inline")
-        self._ids = iter(())  # ids reserved but not yet handed out
+        self._ids: Iterator[int] = iter(())  # ids reserved but not yet handed out
         try:
             self._check_format(path.parent)
         except BaseException:

@@ -23,7 +23,7 @@ from typing import Any
 import xxhash
 
 from .config import MountConfig, Source, build_config
-from .errors import StoreError, UserError
+from .errors import StoreError, UserError, describe_store_error
 
 
 @dataclass
@@ -131,7 +131,6 @@ def list_prefix(store: Any, src: Source, res: Result, cfg: MountConfig,
         page = retrying("list", min(cfg.read_timeout, BUCKET_CHECK_SECONDS), store.list,
                         src.prefix, None, None)
     except StoreError as exc:
-        from .mount import describe_store_error  # (heavy: only on this error)
         raise UserError(describe_store_error(cfg, exc)) from None
     while True:
         token = _add_page(page, src, items, dirs, res)
@@ -151,7 +150,7 @@ def _add_page(page: Any, src: Source, items: list[Item], dirs: list[str],
             items.append(Item(rel, o.size, o.etag, o.mtime))
         else:
             res.invalid += 1
-    return page.next_token  # type: ignore[no-any-return]
+    return page.next_token
 
 
 def walk_local(root: Path) -> list[Item]:
@@ -239,7 +238,6 @@ def _iso_timestamp(value: Any) -> Any:
 
 
 async def open_bucket(cfg: MountConfig, client: Any) -> None:
-    from .mount import describe_store_error
     try:  # (retried like any request: a transient fault must not fail the whole copy)
         await client._run("head_bucket", client.store.check_bucket,
                           limiter=client.meta_limiter, deadline=min(cfg.read_timeout,

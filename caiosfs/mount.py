@@ -26,9 +26,8 @@ from . import __version__, compose, control, mountinfo
 from .cache import lock_cache_dir
 from .config import MountConfig
 
-# describe_store_error: listing.py still imports it from here; lead removes after merge
 # (see PENDING in tests/test_layout.py)
-from .errors import UserError, describe_store_error  # noqa: F401
+from .errors import UserError
 from .metrics import Metrics
 from .warm import warm_in_mount
 

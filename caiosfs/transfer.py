@@ -37,6 +37,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ import xxhash
 from .attrs import Attrs, from_meta
 from .config import MountConfig, Source, build_config
 from .copypool import Pool, retrying
-from .errors import PreconditionFailed, StoreError, UserError
+from .errors import PreconditionFailed, StoreError, UserError, describe_store_error
 from .etag import etag_matches
 from .listing import (
     Item,
@@ -200,10 +201,10 @@ class Copier:
         for it in sorted(items, key=lambda x: -x.size):
             step = self.step(it)
             if it.size <= step:
-                small.append(self._guard(it.rel, lambda it=it: self._small(src, it)))
+                small.append(self._guard(it.rel, partial(self._small, src, it)))
                 continue
             job = _Job(it, math.ceil(it.size / step))
-            large += [lambda job=job, off=off, step=step: self._range(src, job, off, step)
+            large += [partial(self._range, src, job, off, step)
                       for off in range(0, it.size, step)]
         # Ranged GETs: ``parallel`` in flight (16 x 50 MB/s behind the WAN proxy is more
         # than the 2-core VM moves). Small objects: twice that, as a small GET is mostly
@@ -359,11 +360,11 @@ class Copier:
         small: list[Callable[[], None]] = []
         for it in sorted(items, key=lambda x: -x.size):
             if it.link or it.size <= self.cfg.part_size:
-                small.append(self._guard(it.rel, lambda it=it: self._put(dst, it)))
+                small.append(self._guard(it.rel, partial(self._put, dst, it)))
                 continue
             part = max(self.cfg.part_size, math.ceil(it.size / MAX_PARTS / (1 << 20)) << 20)
             job = _Job(it, math.ceil(it.size / part))
-            large += [lambda job=job, i=i, off=off, part=part: self._part(dst, job, i, off, part)
+            large += [partial(self._part, dst, job, i, off, part)
                       for i, off in enumerate(range(0, it.size, part))]
         # Parts of 64 MiB: max(4, parallel / 2) in flight (16 at once made SeaweedFS drop
         # connections here: 9 parts re-sent, half the rate of 8); whole files: parallel.
@@ -564,8 +565,12 @@ def _source_items(a: argparse.Namespace, cfg: MountConfig, store: Any,
     from .progress import parse_shard
     shard = parse_shard(a.shard)
     if getattr(a, "files_from", None):
-        wanted = [it for it in read_list(a.files_from) if valid_rel(it.rel) or
-                  res.failures.append((it.rel, "not a valid relative path"))]
+        wanted = []
+        for it in read_list(a.files_from):
+            if valid_rel(it.rel):
+                wanted.append(it)
+            else:
+                res.failures.append((it.rel, "not a valid relative path"))
         wanted = select_shard(wanted, shard)
         if isinstance(side, Path):
             out = []
@@ -589,7 +594,7 @@ def _source_items(a: argparse.Namespace, cfg: MountConfig, store: Any,
                 with lock:
                     res.failures.append((it.rel, "not found" if exc.code in (
                         "NoSuchKey", "404", "NotFound") else str(exc)))
-        Pool(cfg.parallel, 1).run([lambda it=it: head(it) for it in missing], [])
+        Pool(cfg.parallel, 1).run([partial(head, it) for it in missing], [])
         return [it for it in wanted if it.size >= 0]
     if isinstance(side, Path):
         return select_shard(walk_local(side), shard)
@@ -605,7 +610,6 @@ def _check_bucket(cfg: MountConfig, store: Any, side: Source) -> None:
         retrying("list", min(cfg.read_timeout, BUCKET_CHECK_SECONDS), store.list,
                  side.prefix, "/", None, 1)
     except StoreError as exc:
-        from .mount import describe_store_error
         raise UserError(describe_store_error(cfg, exc)) from None
 
 
