@@ -1,0 +1,371 @@
+"""The filesystem core driven directly, without FUSE, on the in-memory store: what each
+operation leaves in the store and shows to the next mount, including the crash resume of a
+directory rename and the deferred delete of a file unlinked while open."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import data, xxh
+
+from caiosfs.config import build_config
+from caiosfs.core import AttrChange, Caller, Core, build_core
+from caiosfs.errors import FsError
+from caiosfs.index import Index
+from caiosfs.namespace import ROOT_INO
+from caiosfs.store.memory import MemoryStore
+
+ME = Caller(1000, 1000, 0o022)
+
+
+class Cores:
+    """Cores on the in-memory store, each on its own cache directory and in its own
+    nursery, so that one can die as a crashed daemon does (:meth:`crash`)."""
+
+    def __init__(self, tmp: Path, nursery: trio.Nursery) -> None:
+        self.tmp = tmp
+        self.nursery = nursery
+        self.running: dict[int, tuple[trio.CancelScope, trio.Event, Index]] = {}
+
+    async def __call__(self, store: MemoryStore, name: str = "c1", **opts: str) -> Core:
+        """A started core (``name``: a new one is an empty cache, an old one the cache a
+        crashed core left)."""
+        cache = self.tmp / name
+        cache.mkdir(exist_ok=True)
+        cfg = build_config("s3://bkt", {"cache_dir": str(cache), "profile": "devbox",
+                                      "upload_delay": "0", "uid": "0", "gid": "0", **opts})
+        index = Index(cache / "index.lmdb")
+        core = build_core(cfg, store, index)
+        done = trio.Event()
+
+        async def run(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+            try:
+                with trio.CancelScope() as scope:
+                    async with trio.open_nursery() as n:
+                        await core.start(n)
+                        task_status.started(scope)
+                        await trio.sleep_forever()
+            finally:
+                done.set()
+        scope = await self.nursery.start(run)
+        self.running[id(core)] = (scope, done, index)
+        return core
+
+    async def crash(self, core: Core) -> None:
+        """Stop ``core`` where it stands: nothing is drained, its index is closed."""
+        scope, done, index = self.running.pop(id(core))
+        scope.cancel()
+        await done.wait()
+        index.close()
+
+
+@pytest.fixture
+async def make(tmp_path: Path) -> AsyncIterator[Cores]:
+    async with trio.open_nursery() as nursery:
+        cores = Cores(tmp_path, nursery)
+        yield cores
+        for c in list(cores.running.values()):
+            c[0].cancel()
+        nursery.cancel_scope.cancel()
+    for _, _, index in cores.running.values():
+        index.close()
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore("bkt")
+
+
+async def settle(core: Core) -> None:
+    """Everything this core owes the store is there."""
+    await core.wb.flush_all()
+    await core.settle_deletes()
+
+
+async def node_of(core: Core, path: str) -> int:
+    ino = ROOT_INO
+    for name in path.split("/"):
+        ino = (await core.lookup(ino, name)).ino
+    return ino
+
+
+async def write_file(core: Core, path: str, body: bytes, parent: int = ROOT_INO) -> int:
+    fh, n = await core.create(parent, path, 0o644, ME)
+    assert await core.files.write(fh, 0, body) == len(body)
+    await core.files.release(fh)
+    return n.ino
+
+
+async def read_all(core: Core, path: str) -> bytes:
+    fh = await core.open(await node_of(core, path), os.O_RDONLY)
+    try:
+        out = b""
+        while True:
+            chunk = await core.files.read(fh, len(out), 1 << 20)
+            if not chunk:
+                return out
+            out += chunk
+    finally:
+        await core.files.release(fh)
+
+
+async def errno_of(fn: Awaitable[object]) -> int:
+    try:
+        await fn
+    except FsError as exc:
+        return exc.errno
+    return 0
+
+
+def stored(store: MemoryStore) -> dict[str, str]:
+    """key -> xxh of the body, what the store holds."""
+    return {k: xxh(o.data) for k, o in store.objects.items()}
+
+
+# files ---------------------------------------------------------------------------------
+async def test_create_write_read_reaches_the_store_and_a_fresh_cache(
+        store: MemoryStore, make: Cores) -> None:
+    body = data(3 * (1 << 20) + 17, "body")
+    core = await make(store)
+    ino = await write_file(core, "f", body)
+    assert xxh(await read_all(core, "f")) == xxh(body)  # (the local file, not uploaded yet)
+    assert core.attrs_of(core.getattr(ino)).size == len(body)
+    await settle(core)
+    assert stored(store) == {"f": xxh(body)}
+    assert int(store.objects["f"].metadata["mode"]) == stat.S_IFREG | 0o644 & ~0o022
+    fresh = await make(store, "c2")
+    assert xxh(await read_all(fresh, "f")) == xxh(body)
+
+
+async def test_write_through_a_read_only_handle_is_refused(store: MemoryStore,
+                                                          make: Cores) -> None:
+    store.put_bytes("f", b"stored")
+    core = await make(store)
+    fh = await core.open(await node_of(core, "f"), os.O_RDONLY)
+    assert await errno_of(core.files.write(fh, 0, b"x")) == errno.EBADF
+    assert await errno_of(core.create(ROOT_INO, "d" * 2000, 0o644, ME)) == errno.ENAMETOOLONG
+
+
+async def test_read_only_mount_refuses_changes(store: MemoryStore, make: Cores) -> None:
+    store.put_bytes("f", b"stored")
+    core = await make(store, ro="")
+    ino = await node_of(core, "f")
+    assert await errno_of(core.create(ROOT_INO, "g", 0o644, ME)) == errno.EROFS
+    assert await errno_of(core.open(ino, os.O_WRONLY)) == errno.EROFS
+    assert await errno_of(core.unlink(ROOT_INO, "f")) == errno.EROFS
+    assert await errno_of(core.rename(ROOT_INO, "f", ROOT_INO, "g")) == errno.EROFS
+    assert await read_all(core, "f") == b"stored"
+
+
+async def test_unlink_while_open_for_reading_deletes_at_the_last_close(
+        store: MemoryStore, make: Cores) -> None:
+    body = data(200_000, "open")
+    store.put_bytes("f", body)
+    core = await make(store)
+    ino = await node_of(core, "f")
+    fh = await core.open(ino, os.O_RDONLY)
+    await core.unlink(ROOT_INO, "f")
+    assert await errno_of(core.lookup(ROOT_INO, "f")) == errno.ENOENT
+    assert "f" in store.objects, "deleted while a handle still reads it"
+    assert [op["op"] for op in core.index.all_ops().values()] == ["delete"]
+    assert xxh(await core.files.read(fh, 0, len(body) + 1)) == xxh(body)
+    await core.files.release(fh)
+    assert "f" not in store.objects
+    assert core.index.all_ops() == {}
+
+
+async def test_unlink_of_a_file_being_written_keeps_the_handle_working(
+        store: MemoryStore, make: Cores) -> None:
+    core = await make(store)
+    fh, n = await core.create(ROOT_INO, "f", 0o644, ME)
+    await core.files.write(fh, 0, b"hello ")
+    await core.unlink(ROOT_INO, "f")
+    await core.files.write(fh, 6, b"world")
+    assert await core.files.read(fh, 0, 100) == b"hello world"
+    # setattr through the handle of an unlinked file changes only that file
+    await core.setattr(n.ino, AttrChange(size=5), fh)
+    assert await core.files.read(fh, 0, 100) == b"hello"
+    await core.files.release(fh)
+    await settle(core)
+    assert store.objects == {}
+
+
+async def test_batched_unlinks_leave_the_store_before_rmdir_returns(
+        store: MemoryStore, make: Cores) -> None:
+    for i in range(5):
+        store.put_bytes(f"d/{i}", data(10, i))
+    core = await make(store, unlink="batch")
+    d = await node_of(core, "d")
+    for i in range(5):
+        await core.unlink(d, str(i))
+    assert await errno_of(core.lookup(d, "0")) == errno.ENOENT  # hidden while queued
+    await core.rmdir(ROOT_INO, "d")
+    assert store.objects == {} and core.index.all_ops() == {}
+    # one DeleteObjects for the files; the one DELETE is rmdir's, of the directory marker
+    assert store.calls["delete_many"] == 1 and store.calls["delete"] == 1
+
+
+# attributes ----------------------------------------------------------------------------
+async def test_setattr_of_a_stored_file_copies_metadata_and_truncates(
+        store: MemoryStore, make: Cores) -> None:
+    body = data(50_000, "attrs")
+    store.put_bytes("f", body)
+    core = await make(store)
+    ino = await node_of(core, "f")
+    n = await core.setattr(ino, AttrChange(mode=0o600, uid=7))
+    assert stat.S_IMODE(core.attrs_of(n).mode) == 0o600
+    meta = store.objects["f"].metadata
+    assert (int(meta["mode"]), meta["uid"]) == (stat.S_IFREG | 0o600, "7")
+    assert xxh(store.objects["f"].data) == xxh(body), "a chmod must not change the content"
+    await core.setattr(ino, AttrChange(size=1000))
+    await settle(core)
+    assert xxh(store.objects["f"].data) == xxh(body[:1000])
+    assert int(store.objects["f"].metadata["mode"]) == stat.S_IFREG | 0o600
+    fresh = await make(store, "c2")
+    a = fresh.attrs_of(fresh.getattr(await node_of(fresh, "f")))
+    assert (stat.S_IMODE(a.mode), a.uid, a.size) == (0o600, 7, 1000)
+
+
+async def test_setattr_of_a_directory_rewrites_its_marker(store: MemoryStore,
+                                                          make: Cores) -> None:
+    core = await make(store)
+    d = await core.mkdir(ROOT_INO, "d", 0o755, ME)
+    await settle(core)
+    assert store.objects["d/"].data == b""
+    await core.setattr(d.ino, AttrChange(mode=0o700))
+    assert int(store.objects["d/"].metadata["mode"]) == stat.S_IFDIR | 0o700
+
+
+# directories, symlinks, special files ---------------------------------------------------
+async def test_mkdir_rmdir_and_their_errors(store: MemoryStore, make: Cores) -> None:
+    core = await make(store)
+    d = await core.mkdir(ROOT_INO, "d", 0o777, ME)
+    assert d.is_dir and stat.S_IMODE(core.attrs_of(d).mode) == 0o755
+    assert await errno_of(core.mkdir(ROOT_INO, "d", 0o755, ME)) == errno.EEXIST
+    await write_file(core, "x", b"file", parent=d.ino)
+    assert await errno_of(core.rmdir(ROOT_INO, "d")) == errno.ENOTEMPTY
+    assert await errno_of(core.rmdir(d.ino, "x")) == errno.ENOTDIR
+    assert await errno_of(core.unlink(ROOT_INO, "d")) == errno.EISDIR
+    await settle(core)
+    assert set(store.objects) == {"d/", "d/x"}
+    await core.unlink(d.ino, "x")
+    await core.rmdir(ROOT_INO, "d")
+    assert store.objects == {}
+    fh = core.opendir(ROOT_INO)
+    assert await core.readdir(fh, 0) == []
+    core.releasedir(fh)
+
+
+async def test_readdir_lists_local_and_stored_entries(store: MemoryStore,
+                                                      make: Cores) -> None:
+    store.put_bytes("s", b"stored")
+    core = await make(store)
+    await write_file(core, "l", b"local")
+    await core.mkdir(ROOT_INO, "d", 0o755, ME)
+    fh = core.opendir(ROOT_INO)
+    names = [name for name, _ in await core.readdir(fh, 0)]
+    assert sorted(names) == ["d", "l", "s"]
+    assert [name for name, _ in await core.readdir(fh, 1)] == names[1:]
+
+
+async def test_symlink_and_mknod_are_stored_as_s3fs_does(store: MemoryStore,
+                                                         make: Cores) -> None:
+    core = await make(store)
+    n = await core.symlink(ROOT_INO, "l", b"../some/target", ME)
+    assert stat.S_ISLNK(core.attrs_of(n).mode)
+    assert await core.readlink(n.ino) == b"../some/target"
+    fifo = await core.mknod(ROOT_INO, "p", stat.S_IFIFO | 0o644, 0, ME)
+    assert await errno_of(core.readlink(fifo.ino)) == errno.EINVAL
+    assert await errno_of(core.mknod(ROOT_INO, "q", stat.S_IFDIR | 0o755, 0, ME)) \
+        == errno.EINVAL
+    await settle(core)
+    assert store.objects["l"].data == b"../some/target"
+    assert int(store.objects["l"].metadata["mode"]) == stat.S_IFLNK | 0o777
+    assert int(store.objects["p"].metadata["mode"]) == stat.S_IFIFO | 0o644
+    fresh = await make(store, "c2")
+    assert await fresh.readlink(await node_of(fresh, "l")) == b"../some/target"
+
+
+# renames -------------------------------------------------------------------------------
+async def test_rename_of_a_stored_and_of_a_local_file(store: MemoryStore,
+                                                      make: Cores) -> None:
+    stored_body, local_body = data(70_000, "s"), data(5000, "l")
+    store.put_bytes("s", stored_body)
+    store.put_bytes("victim", b"replaced")
+    core = await make(store)
+    await write_file(core, "l", local_body)
+    await node_of(core, "s")
+    await core.rename(ROOT_INO, "s", ROOT_INO, "victim")
+    await core.rename(ROOT_INO, "l", ROOT_INO, "l2")
+    assert await errno_of(core.lookup(ROOT_INO, "s")) == errno.ENOENT
+    assert xxh(await read_all(core, "victim")) == xxh(stored_body)
+    assert await errno_of(core.rename(ROOT_INO, "l2", ROOT_INO, "victim", 1)) == errno.EEXIST
+    assert await errno_of(core.rename(ROOT_INO, "l2", ROOT_INO, "x", 2)) == errno.EINVAL
+    await settle(core)
+    assert stored(store) == {"victim": xxh(stored_body), "l2": xxh(local_body)}
+
+
+async def test_rename_of_a_directory_moves_stored_and_local_children(
+        store: MemoryStore, make: Cores) -> None:
+    bodies = {f"d/{n}": data(1000 + i, n) for i, n in enumerate(["a", "b", "sub/c"])}
+    for k, b in bodies.items():
+        store.put_bytes(k, b)
+    store.put_bytes("d/", b"")
+    core = await make(store)
+    d = await node_of(core, "d")
+    await write_file(core, "new", b"written here", parent=d)
+    sub = await core.mkdir(d, "empty", 0o755, ME)  # (its marker may not be sent yet)
+    assert await errno_of(core.rename(ROOT_INO, "d", sub.ino, "x")) == errno.EINVAL
+    await core.rename(ROOT_INO, "d", ROOT_INO, "e")
+    await settle(core)
+    want = {"e" + k[1:]: xxh(b) for k, b in bodies.items()}
+    want.update({"e/": xxh(b""), "e/new": xxh(b"written here"), "e/empty/": xxh(b"")})
+    assert stored(store) == want
+    assert core.index.all_ops() == {}
+    assert xxh(await read_all(core, "e/sub/c")) == xxh(bodies["d/sub/c"])
+    assert await errno_of(core.lookup(ROOT_INO, "d")) == errno.ENOENT
+
+
+async def test_an_interrupted_directory_rename_is_finished_by_the_next_start(
+        store: MemoryStore, make: Cores) -> None:
+    """A crash after half of the children moved: the ops entry written before the move
+    makes the next start finish it, and a child that was written locally under the old name
+    (still in the journal) lands under the new one with its new content."""
+    bodies = {n: data(3000 + i, n) for i, n in enumerate(["a", "b", "c", "deep/d"])}
+    for n, b in bodies.items():
+        store.put_bytes(f"d/{n}", b)
+    crashed = await make(store, "crashed")
+    await settle(crashed)
+    fh = await crashed.open(await node_of(crashed, "d/c"), os.O_RDWR)
+    await crashed.files.write(fh, 0, b"NEW")  # journaled, not uploaded (the handle is open)
+    oid = crashed.index.next_id()
+    crashed.index.put_op(oid, {"op": "rename_dir", "src": "d/", "dst": "e/"})
+    # The crash came after "a" was copied and deleted and "b" was copied only.
+    store.objects["e/a"] = store.objects.pop("d/a")
+    store.put_bytes("e/b", bodies["b"])
+    await make.crash(crashed)
+
+    core = await make(store, "crashed")
+    await settle(core)
+    want = {f"e/{n}": xxh(b) for n, b in bodies.items()}
+    want["e/c"] = xxh(b"NEW" + bodies["c"][3:])
+    assert stored(store) == want
+    assert core.index.all_ops() == {}
+    assert xxh(await read_all(core, "e/c")) == want["e/c"]
+
+
+async def test_setattr_after_a_rename_finds_the_moved_object(store: MemoryStore,
+                                                             make: Cores) -> None:
+    store.put_bytes("d/f", b"content")
+    core = await make(store)
+    await core.rename(ROOT_INO, "d", ROOT_INO, "e")
+    ino = await node_of(core, "e/f")
+    await core.setattr(ino, AttrChange(mode=0o640))
+    assert int(store.objects["e/f"].metadata["mode"]) == stat.S_IFREG | 0o640
+    assert store.objects["e/f"].data == b"content"
