@@ -13,56 +13,14 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import data, xxh
+from coretree import Cores
 
-from caiosfs.config import build_config
-from caiosfs.core import AttrChange, Caller, Core, build_core
+from caiosfs.core import AttrChange, Caller, Core
 from caiosfs.errors import FsError
-from caiosfs.index import Index
 from caiosfs.namespace import ROOT_INO
 from caiosfs.store.memory import MemoryStore
 
 ME = Caller(1000, 1000, 0o022)
-
-
-class Cores:
-    """Cores on the in-memory store, each on its own cache directory and in its own
-    nursery, so that one can die as a crashed daemon does (:meth:`crash`)."""
-
-    def __init__(self, tmp: Path, nursery: trio.Nursery) -> None:
-        self.tmp = tmp
-        self.nursery = nursery
-        self.running: dict[int, tuple[trio.CancelScope, trio.Event, Index]] = {}
-
-    async def __call__(self, store: MemoryStore, name: str = "c1", **opts: str) -> Core:
-        """A started core (``name``: a new one is an empty cache, an old one the cache a
-        crashed core left)."""
-        cache = self.tmp / name
-        cache.mkdir(exist_ok=True)
-        cfg = build_config("s3://bkt", {"cache_dir": str(cache), "profile": "devbox",
-                                      "upload_delay": "0", "uid": "0", "gid": "0", **opts})
-        index = Index(cache / "index.lmdb")
-        core = build_core(cfg, store, index)
-        done = trio.Event()
-
-        async def run(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
-            try:
-                with trio.CancelScope() as scope:
-                    async with trio.open_nursery() as n:
-                        await core.start(n)
-                        task_status.started(scope)
-                        await trio.sleep_forever()
-            finally:
-                done.set()
-        scope = await self.nursery.start(run)
-        self.running[id(core)] = (scope, done, index)
-        return core
-
-    async def crash(self, core: Core) -> None:
-        """Stop ``core`` where it stands: nothing is drained, its index is closed."""
-        scope, done, index = self.running.pop(id(core))
-        scope.cancel()
-        await done.wait()
-        index.close()
 
 
 @pytest.fixture
@@ -70,11 +28,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Cores]:
     async with trio.open_nursery() as nursery:
         cores = Cores(tmp_path, nursery)
         yield cores
-        for c in list(cores.running.values()):
-            c[0].cancel()
-        nursery.cancel_scope.cancel()
-    for _, _, index in cores.running.values():
-        index.close()
+        await cores.stop_all()
 
 
 @pytest.fixture
@@ -265,7 +219,9 @@ async def test_mkdir_rmdir_and_their_errors(store: MemoryStore, make: Cores) -> 
 async def test_readdir_lists_local_and_stored_entries(store: MemoryStore,
                                                       make: Cores) -> None:
     store.put_bytes("s", b"stored")
-    core = await make(store)
+    # (upload_delay: the marker of d stays local. A LIST that starts before a marker's PUT
+    # lands and ends after it may miss the directory: a race of its own, not tested here.)
+    core = await make(store, upload_delay="60")
     await write_file(core, "l", b"local")
     await core.mkdir(ROOT_INO, "d", 0o755, ME)
     fh = core.opendir(ROOT_INO)
