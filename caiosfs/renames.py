@@ -80,8 +80,12 @@ class Renames:
         if n.is_dir:
             if dst.startswith(src + "/"):
                 raise FsError(errno.EINVAL)
-            if target is not None and not await self.wb.rmdir(dst):
-                await self.client.delete(self.ns.dir_key(dst), patient=False)
+            if target is not None:
+                if not await self.wb.rmdir(dst):
+                    await self.client.delete(self.ns.dir_key(dst), patient=False)
+                # Its listing (empty, cached by mkdir, say) must not answer for what moves
+                # in: lookups below it met ENOENT for list_ttl.
+                self.ns.drop_path(dst)
             await self._rename_dir(src, dst)
         else:
             await self._rename_file(n, src, dst, target)

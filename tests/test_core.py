@@ -288,6 +288,19 @@ async def test_rename_of_a_directory_moves_stored_and_local_children(
     assert await errno_of(core.lookup(ROOT_INO, "d")) == errno.ENOENT
 
 
+async def test_rename_of_a_directory_over_an_empty_one_shows_what_moved(
+        store: MemoryStore, make: Cores) -> None:
+    """Found by the model test on the core: mkdir cached an empty listing of the target,
+    which went on answering lookups below it after the rename replaced it."""
+    store.put_bytes("a/x", b"moved")
+    core = await make(store)
+    await core.mkdir(ROOT_INO, "b", 0o755, ME)
+    await core.rename(ROOT_INO, "a", ROOT_INO, "b")
+    assert await read_all(core, "b/x") == b"moved"
+    await settle(core)
+    assert stored(store) == {"b/x": xxh(b"moved")}
+
+
 async def test_an_interrupted_directory_rename_is_finished_by_the_next_start(
         store: MemoryStore, make: Cores) -> None:
     """A crash after half of the children moved: the ops entry written before the move
