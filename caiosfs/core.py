@@ -93,25 +93,26 @@ def build_core(cfg: MountConfig, store: ObjectStore, index: Index,
     return Core(cfg, index, metrics, client, cache, fetcher, reader, wb, ns)
 
 
+@dataclass(eq=False)
 class Core:
-    def __init__(self, cfg: MountConfig, index: Index, metrics: Metrics, client: StoreClient,
-                 cache: BlockCache, fetcher: Fetcher, reader: Reader, wb: WriteBack,
-                 ns: Namespace) -> None:
-        self.cfg = cfg
-        self.index = index
-        self.metrics = metrics
-        self.client = client
-        self.cache = cache
-        self.fetcher = fetcher
-        self.reader = reader
-        self.wb = wb
-        self.ns = ns
-        wb.on_uploaded = self._uploaded
-        self.deletes = Deletes(client, index, ns)
-        self.renames = Renames(client, index, ns, wb, self.deletes)
-        self.files = Files(cfg, ns, wb, reader, self.deletes)
+    """The filesystem, from its parts (see the module's docstring)."""
+    cfg: MountConfig
+    index: Index
+    metrics: Metrics
+    client: StoreClient
+    cache: BlockCache
+    fetcher: Fetcher
+    reader: Reader
+    wb: WriteBack
+    ns: Namespace
+
+    def __post_init__(self) -> None:
+        self.wb.on_uploaded = self._uploaded
+        self.deletes = Deletes(self.client, self.index, self.ns)
+        self.renames = Renames(self.client, self.index, self.ns, self.wb, self.deletes)
+        self.files = Files(self.cfg, self.ns, self.wb, self.reader, self.deletes)
         self.dir_handles: dict[int, DirHandle] = {}
-        self.ttl = min(cfg.entry_ttl, MAX_TTL)
+        self.ttl = min(self.cfg.entry_ttl, MAX_TTL)
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from dataclasses import dataclass, field
 
 import trio
 
@@ -31,20 +32,22 @@ DELETE_GATHER = 0.05
 BATCH_MAX = 1000  # DeleteObjects takes at most 1,000 keys
 
 
+@dataclass(eq=False)
 class Deletes:
-    def __init__(self, client: StoreClient, index: Index, ns: Namespace) -> None:
-        self.client = client
-        self.index = index
-        self.ns = ns
-        # Stored files unlinked while open for reading: ino -> (ops id, path, key, etag).
-        self.deferred: dict[int, tuple[int, str, str, str]] = {}
-        # Unlinked stored files whose DELETE is queued: path -> (ops id, key, etag). Their
-        # names are hidden meanwhile.
-        self.doomed: dict[str, tuple[int, str, str]] = {}
-        self._kick = trio.Event()
-        self._hurry = trio.Event()  # someone waits for them: no more gathering
-        self._deleting = 0  # batches in flight
-        self._deleted = trio.Event()  # set (and replaced) whenever a batch ends
+    client: StoreClient
+    index: Index
+    ns: Namespace
+    # Stored files unlinked while open for reading: ino -> (ops id, path, key, etag).
+    deferred: dict[int, tuple[int, str, str, str]] = field(default_factory=dict)
+    # Unlinked stored files whose DELETE is queued: path -> (ops id, key, etag). Their
+    # names are hidden meanwhile.
+    doomed: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    _kick: trio.Event = field(default_factory=trio.Event)
+    # someone waits for them: no more gathering
+    _hurry: trio.Event = field(default_factory=trio.Event)
+    _deleting: int = 0  # batches in flight
+    # set (and replaced) whenever a batch ends
+    _deleted: trio.Event = field(default_factory=trio.Event)
 
     async def resume(self, oid: int, op: dict[str, str]) -> None:
         """An unlink whose last close (or batch) a crash prevented."""

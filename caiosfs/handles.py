@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -32,16 +32,15 @@ class Handle:
     dirty: DirtyFile | None = None
 
 
+@dataclass(eq=False)
 class Files:
-    def __init__(self, cfg: MountConfig, ns: Namespace, wb: WriteBack, reader: Reader,
-                 deletes: Deletes) -> None:
-        self.cfg = cfg
-        self.ns = ns
-        self.wb = wb
-        self.reader = reader
-        self.deletes = deletes
-        self.handles: dict[int, Handle] = {}
-        self._next_fh = 1
+    cfg: MountConfig
+    ns: Namespace
+    wb: WriteBack
+    reader: Reader
+    deletes: Deletes
+    handles: dict[int, Handle] = field(default_factory=dict)
+    _next_fh: int = 1
 
     def new_fh(self) -> int:
         """A handle number (file and directory handles share the numbers)."""

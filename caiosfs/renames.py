@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -40,14 +41,13 @@ def new_path(ns: Namespace, parent: str, name: str, is_dir: bool = False) -> str
     return path
 
 
+@dataclass(eq=False)
 class Renames:
-    def __init__(self, client: StoreClient, index: Index, ns: Namespace, wb: WriteBack,
-                 deletes: Deletes) -> None:
-        self.client = client
-        self.index = index
-        self.ns = ns
-        self.wb = wb
-        self.deletes = deletes
+    client: StoreClient
+    index: Index
+    ns: Namespace
+    wb: WriteBack
+    deletes: Deletes
 
     async def not_empty(self, path: str) -> bool:
         """Whether the directory ``path`` has anything below it, here or in the store."""

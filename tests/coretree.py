@@ -199,24 +199,18 @@ class CoreTree:
         self._run(op)
 
     def unlink(self, path: str) -> None:
-        async def op() -> None:
-            d, name, n = await self._walk(path, follow=False)
-            if n is None:
-                raise FsError(errno.ENOENT)
-            if n.is_dir:
-                raise FsError(errno.EISDIR)
-            await self.core.unlink(d, name)
-        self._run(op)
+        self._run(self._remove, path, False)
 
     def rmdir(self, path: str) -> None:
-        async def op() -> None:
-            d, name, n = await self._walk(path, follow=False)
-            if n is None:
-                raise FsError(errno.ENOENT)
-            if not n.is_dir:
-                raise FsError(errno.ENOTDIR)
-            await self.core.rmdir(d, name)
-        self._run(op)
+        self._run(self._remove, path, True)
+
+    async def _remove(self, path: str, is_dir: bool) -> None:
+        d, name, n = await self._walk(path, follow=False)
+        if n is None:
+            raise FsError(errno.ENOENT)
+        if n.is_dir != is_dir:
+            raise FsError(errno.ENOTDIR if is_dir else errno.EISDIR)
+        await (self.core.rmdir if is_dir else self.core.unlink)(d, name)
 
     def rename(self, src: str, dst: str) -> None:
         async def op() -> None:
@@ -243,22 +237,18 @@ class CoreTree:
         self._run(op)
 
     def truncate(self, path: str, size: int) -> None:
-        async def op() -> None:
-            _, _, n = await self._walk(path, follow=True)
-            if n is None:
-                raise FsError(errno.ENOENT)
-            if n.is_dir:
-                raise FsError(errno.EISDIR)
-            await self.core.setattr(n.ino, AttrChange(size=size))
-        self._run(op)
+        self._run(self._setattr, path, AttrChange(size=size))
 
     def chmod(self, path: str, mode: int) -> None:
-        async def op() -> None:
-            _, _, n = await self._walk(path, follow=True)
-            if n is None:
-                raise FsError(errno.ENOENT)
-            await self.core.setattr(n.ino, AttrChange(mode=mode))
-        self._run(op)
+        self._run(self._setattr, path, AttrChange(mode=mode))
+
+    async def _setattr(self, path: str, ch: AttrChange) -> None:
+        _, _, n = await self._walk(path, follow=True)
+        if n is None:
+            raise FsError(errno.ENOENT)
+        if n.is_dir and ch.size is not None:
+            raise FsError(errno.EISDIR)
+        await self.core.setattr(n.ino, ch)
 
     def symlink(self, dest: str, path: str) -> None:
         async def op() -> None:

@@ -69,6 +69,13 @@ async def read_all(core: Core, path: str) -> bytes:
         await core.files.release(fh)
 
 
+async def with_stored(store: MemoryStore, make: Cores, body: bytes) -> tuple[Core, int]:
+    """A core whose store holds ``body`` as "f", and the inode of f."""
+    store.put_bytes("f", body)
+    core = await make(store)
+    return core, await node_of(core, "f")
+
+
 async def errno_of(fn: Awaitable[object]) -> int:
     try:
         await fn
@@ -120,9 +127,7 @@ async def test_read_only_mount_refuses_changes(store: MemoryStore, make: Cores) 
 async def test_unlink_while_open_for_reading_deletes_at_the_last_close(
         store: MemoryStore, make: Cores) -> None:
     body = data(200_000, "open")
-    store.put_bytes("f", body)
-    core = await make(store)
-    ino = await node_of(core, "f")
+    core, ino = await with_stored(store, make, body)
     fh = await core.open(ino, os.O_RDONLY)
     await core.unlink(ROOT_INO, "f")
     assert await errno_of(core.lookup(ROOT_INO, "f")) == errno.ENOENT
@@ -169,9 +174,7 @@ async def test_batched_unlinks_leave_the_store_before_rmdir_returns(
 async def test_setattr_of_a_stored_file_copies_metadata_and_truncates(
         store: MemoryStore, make: Cores) -> None:
     body = data(50_000, "attrs")
-    store.put_bytes("f", body)
-    core = await make(store)
-    ino = await node_of(core, "f")
+    core, ino = await with_stored(store, make, body)
     n = await core.setattr(ino, AttrChange(mode=0o600, uid=7))
     assert stat.S_IMODE(core.attrs_of(n).mode) == 0o600
     meta = store.objects["f"].metadata
