@@ -87,15 +87,25 @@ class Renames:
                 # in: lookups below it met ENOENT for list_ttl.
                 self.ns.drop_path(dst)
             await self._rename_dir(src, dst)
+            local = False
         else:
-            await self._rename_file(n, src, dst, target)
+            local = await self._rename_file(n, src, dst, target)
         self.ns.set_entry(src, None)
         self.ns.move(src, dst)
         moved = self.ns.nodes.get(self.ns.by_path.get(dst, 0))
-        if moved is not None:
+        if moved is None:
+            return
+        if local and dst not in self.wb.files:
+            # BEHAVIOUR FIX: the local file's upload under dst landed while this rename
+            # waited (deleting src), before the inode moved there, so the inode still holds
+            # src's ETag: recording it made the next open or truncate ask the store for a
+            # version dst never had (ESTALE). The next open asks the store instead.
+            moved.validated = float("-inf")
+        else:
             self.ns.set_entry(dst, moved.entry)
 
-    async def _rename_file(self, n: Node, src: str, dst: str, target: Node | None) -> None:
+    async def _rename_file(self, n: Node, src: str, dst: str, target: Node | None) -> bool:
+        """Rename a file; True if it was a local (dirty) file that moved with it."""
         dst_etag = target.entry.etag if target is not None and target.entry.etag else None
         # wb.rename waits for an upload of src in flight and says what the store holds at src.
         moved, src_etag = await self.wb.rename(src, dst, dst_etag)
@@ -110,6 +120,7 @@ class Renames:
             n.entry = Entry(False, n.entry.size, etag, n.entry.mtime, n.entry.meta)
         if src_in_store:
             await self.client.delete(self.ns.key(src), patient=False)
+        return moved
 
     async def _rename_dir(self, src: str, dst: str) -> None:
         await self.wb.settle_markers(src)  # the move copies what the store holds

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
@@ -302,6 +303,33 @@ async def test_rename_of_a_directory_over_an_empty_one_shows_what_moved(
     assert await read_all(core, "b/x") == b"moved"
     await settle(core)
     assert stored(store) == {"b/x": xxh(b"moved")}
+
+
+class SlowDeletes(MemoryStore):
+    def delete(self, key: str) -> None:
+        time.sleep(0.3)  # (in a worker thread: uploads land meanwhile)
+        super().delete(key)
+
+
+async def test_a_file_uploaded_under_its_new_name_during_its_rename_stays_readable(
+        make: Cores) -> None:
+    """Found by the model test on the core: the upload of a renamed local file landed
+    under the new name while rename deleted the old object, before the inode moved there;
+    the inode kept the old ETag and the next truncate (a copy of that version) met ESTALE."""
+    store = SlowDeletes("bkt")
+    core = await make(store)
+    await write_file(core, "f", b"first version")
+    await settle(core)
+    ino = await node_of(core, "f")
+    fh = await core.open(ino, os.O_WRONLY)
+    await core.files.write(fh, 0, b"FIRST")
+    await core.files.release(fh)
+    await core.rename(ROOT_INO, "f", ROOT_INO, "g")
+    assert "g" not in core.wb.files, "the upload was to land during the rename"
+    await core.setattr(ino, AttrChange(size=9))
+    assert await read_all(core, "g") == b"FIRST ver"
+    await settle(core)
+    assert stored(store) == {"g": xxh(b"FIRST ver")}
 
 
 async def test_an_interrupted_directory_rename_is_finished_by_the_next_start(
