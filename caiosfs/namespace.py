@@ -219,6 +219,9 @@ class Namespace:
         pre = self.dir_key(path)
         entries: dict[str, Entry] = {}
         changes: dict[str, Entry | None] = {}
+        # A marker that lands while the LIST runs may be missing from its result and gone
+        # from the write-back's table by its end (the directory vanished for list_ttl).
+        landing = {p: self.wb.markers[p] for p in self.wb.markers_below(path)}
         self._listing_now.setdefault(path, []).append(changes)
         try:
             await self._list_pages(path, pre, entries, max_pages)
@@ -238,6 +241,11 @@ class Namespace:
                      and self.hidden.get(self.join(path, k)) == e.etag]:
             del entries[name]
         self._load_meta(entries, pre)
+        for p, m in landing.items():
+            name = p[len(path) + 1:] if path else p
+            if ("/" not in name and p not in self.wb.markers and name not in changes
+                    and name not in entries):
+                entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
         for p in self.wb.markers_below(path):  # made here, markers not in the store yet
             name = p[len(path) + 1:] if path else p
             if "/" not in name and (name not in entries or not entries[name].is_dir):
