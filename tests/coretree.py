@@ -6,7 +6,6 @@ itself before it asks the filesystem) so that path operations behave as on a mou
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import posixpath
 import stat
@@ -27,6 +26,7 @@ from caiosfs.store.memory import MemoryStore
 
 T = TypeVar("T")
 MAX_LINKS = 40  # the kernel's limit on symlinks followed in one path walk
+OP_TIMEOUT = 120.0  # seconds: no operation on the in-memory store takes nearly that long
 KERNEL_WRITE = 1 << 20  # the kernel sends writes of at most this much (max_write)
 
 
@@ -102,8 +102,12 @@ class Loop:
             nursery.cancel_scope.cancel()
 
     def run(self, fn: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
-        return trio.from_thread.run(functools.partial(fn, *args, **kw),
-                                    trio_token=self._token)
+        """``fn(*args, **kw)`` on the loop; a hang fails (trio.TooSlowError) instead of
+        stalling the test run."""
+        async def bounded() -> T:
+            with trio.fail_after(OP_TIMEOUT):
+                return await fn(*args, **kw)
+        return trio.from_thread.run(bounded, trio_token=self._token)
 
     def close(self) -> None:
         self.run(self._set_stop)
