@@ -219,6 +219,9 @@ class Namespace:
         pre = self.dir_key(path)
         entries: dict[str, Entry] = {}
         changes: dict[str, Entry | None] = {}
+        # A marker that lands while the LIST runs may be missing from its result and gone
+        # from the write-back's table by its end (the directory vanished for list_ttl).
+        landing = {p: self.wb.markers[p] for p in self.wb.markers_below(path)}
         self._listing_now.setdefault(path, []).append(changes)
         try:
             await self._list_pages(path, pre, entries, max_pages)
@@ -238,6 +241,11 @@ class Namespace:
                      and self.hidden.get(self.join(path, k)) == e.etag]:
             del entries[name]
         self._load_meta(entries, pre)
+        for p, m in landing.items():
+            name = p[len(path) + 1:] if path else p
+            if ("/" not in name and p not in self.wb.markers and name not in changes
+                    and name not in entries):
+                entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
         for p in self.wb.markers_below(path):  # made here, markers not in the store yet
             name = p[len(path) + 1:] if path else p
             if "/" not in name and (name not in entries or not entries[name].is_dir):
@@ -355,10 +363,10 @@ class Namespace:
             return self.node_for(path, Entry(True, mtime=m.mtime, meta=m.meta, marker=True))
         if self.wb.under(path):  # only local files below it so far
             return self.node_for(path, Entry(True, mtime=time.time()))
-        e = await self._stat(parent.path, name, want_meta)
-        if e is None:
+        found = await self._stat(parent.path, name, want_meta)
+        if found is None:
             raise FsError(errno.ENOENT)
-        return self.node_for(path, e)
+        return self.node_for(path, found)
 
     async def _stat(self, parent_path: str, name: str, want_meta: bool = True
                     ) -> Entry | None:

@@ -1,11 +1,13 @@
-"""Model test of the write path (issue 3): random file operations are applied to a caiosfs
-mount and to a local reference directory; both must end in the same tree, contents and
-modes - and so must a fresh mount with an *empty* cache afterwards, so what the mount showed
-really is in the store.
+"""Model test of the write path (issue 3): random file operations are applied to caiosfs
+and to a local reference directory; both must end in the same tree, contents and modes - and
+so must a fresh mount with an *empty* cache afterwards, so what the mount showed really is in
+the store.
 
 Every operation runs on both sides, valid or not: the outcome (success or errno) must match
 too. Uploads start at once (upload_delay=0), so operations race with uploads of the files
-they touch. Bounded: a dozen examples of ~25 steps.
+they touch. It runs twice: through a real mount on SeaweedFS (a dozen examples of ~25 steps),
+and on the filesystem core on the in-memory store, without FUSE, with many more examples
+(tests/coretree.py does the kernel's part there: path walk, symlinks, its own checks).
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
+import trio
 from conftest import data, xxh
+from coretree import CoreTree, Loop
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
+from caiosfs.store.memory import MemoryStore
+
 MiB = 1 << 20
+UMASK = os.umask(0o022)  # (read it; the reference directory is written with it)
+os.umask(UMASK)
 OPTS = "profile=devbox,upload_delay=0,part_size=5M"
 
 NAMES = ["a", "b", "c", "x"]
@@ -75,31 +83,93 @@ def write_at(path: Path, body: bytes, offset: int | None, trunc: bool, fsync: bo
         os.close(fd)
 
 
+class LocalTree:
+    """Path operations (relative paths) on a directory: the reference, or a mount."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def mkdir(self, p: str) -> None:
+        os.mkdir(self.root / p)
+
+    def unlink(self, p: str) -> None:
+        os.unlink(self.root / p)
+
+    def rmdir(self, p: str) -> None:
+        os.rmdir(self.root / p)
+
+    def rename(self, p: str, q: str) -> None:
+        os.rename(self.root / p, self.root / q)
+
+    def truncate(self, p: str, size: int) -> None:
+        os.truncate(self.root / p, size)
+
+    def chmod(self, p: str, mode: int) -> None:
+        os.chmod(self.root / p, mode)
+
+    def symlink(self, dest: str, p: str) -> None:
+        os.symlink(dest, self.root / p)
+
+    def write_at(self, p: str, body: bytes, offset: int | None, trunc: bool,
+                 fsync: bool) -> None:
+        write_at(self.root / p, body, offset, trunc, fsync)
+
+    def read_bytes(self, p: str) -> bytes:
+        return (self.root / p).read_bytes()
+
+    def open_rw(self, p: str) -> int:
+        return os.open(self.root / p, os.O_RDWR)
+
+    def pwrite(self, fd: int, body: bytes, off: int) -> int:
+        return os.pwrite(fd, body, off)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fsize(self, fd: int) -> int:
+        return os.fstat(fd).st_size
+
+    def pread_all(self, fd: int) -> bytes:
+        return os.pread(fd, 1 << 24, 0)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def snapshot(self) -> dict[str, tuple[Any, ...]]:
+        return snapshot(self.root)
+
+
 class WriteModel(RuleBasedStateMachine):
-    # set by the test function before running
-    s3: Any = None
-    bucket = ""
-    mounter: Any = None
+    """The rules; a subclass says where they run (``side``) and how durability is checked."""
     tmp: Path = Path()
     counter = 0
+    # Symlinks at the top level point inside the tree only (a core has no outside)
+    confined = False
 
     def __init__(self) -> None:
         super().__init__()
         WriteModel.counter += 1
         self.n = WriteModel.counter
         self.prefix = f"ex{self.n}"
-        self.ref = self.tmp / f"ref{self.n}"
-        self.ref.mkdir()
-        self.m = self.mounter(self.bucket, self.prefix, OPTS)
-        self.mnt = self.m.path
+        self.ref_root = self.tmp / f"ref{self.n}"
+        self.ref_root.mkdir()
+        self.ref = LocalTree(self.ref_root)
+        self.side: Any = self.open_side()
         self.steps: list[str] = []
-        self.fds: list[tuple[int, int, str]] = []  # (reference fd, mount fd, what)
+        self.fds: list[tuple[Any, Any, str]] = []  # (reference fd, fd of the side, what)
 
-    def both(self, what: str, fn: Any, *rel: str) -> None:
-        """Run fn on the reference and on the mount; the outcomes must match."""
+    def open_side(self) -> Any:
+        raise NotImplementedError
+
+    def both(self, what: str, op: str, *args: Any) -> None:
+        """Run the tree operation ``op`` on the reference and on the side; the outcomes
+        must match."""
         self.steps.append(what)
-        want = outcome(fn, *[self.ref / r for r in rel])
-        got = outcome(fn, *[self.mnt / r for r in rel])
+        want = outcome(getattr(self.ref, op), *args)
+        got = outcome(getattr(self.side, op), *args)
         if os.environ.get("CAIOSFS_MODEL_TRACE"):
             print(f"  {what}: {errno.errorcode.get(want, 'ok')}")
         assert got == want, (f"{what}: reference {errno.errorcode.get(want, want)}, "
@@ -107,7 +177,7 @@ class WriteModel(RuleBasedStateMachine):
 
     def existing(self, kind: str) -> list[str]:
         """Entries of the reference tree: 'f' files, 'd' directories, 'l' symlinks."""
-        return sorted(p for p, v in snapshot(self.ref).items() if v[0] in kind)
+        return sorted(p for p, v in self.ref.snapshot().items() if v[0] in kind)
 
     def pick(self, kind: str, i: int) -> str | None:
         have = self.existing(kind)
@@ -117,16 +187,14 @@ class WriteModel(RuleBasedStateMachine):
     @initialize()
     def base_tree(self) -> None:
         for d in ("a", "b"):
-            self.both(f"mkdir {d}", os.mkdir, d)
+            self.both(f"mkdir {d}", "mkdir", d)
         for p in ("a/x", "b/y", "top"):
-            self.both(f"write {p}", lambda path, p=p: write_at(path, data(1000, p), None,
-                                                                True, False), p)
+            self.both(f"write {p}", "write_at", p, data(1000, p), None, True, False)
 
     @rule(p=paths, size=sizes, seed=st.integers(0, 1000), fsync=st.booleans())
     def create(self, p: str, size: int, seed: int, fsync: bool) -> None:
-        body = data(size, seed)
-        self.both(f"create {p} {size} fsync={fsync}",
-                  lambda path: write_at(path, body, None, True, fsync), p)
+        self.both(f"create {p} {size} fsync={fsync}", "write_at", p, data(size, seed), None,
+                  True, fsync)
 
     @rule(i=st.integers(0, 99), size=sizes, seed=st.integers(0, 1000),
           mode=st.sampled_from(["trunc", "append", "at"]), fsync=st.booleans(),
@@ -135,67 +203,67 @@ class WriteModel(RuleBasedStateMachine):
         p = self.pick("f", i)
         if p is None:
             return
-        body = data(size, seed)
-        self.both(f"write {p} {mode} {size} at={off} fsync={fsync}",
-                  lambda path: write_at(path, body, off if mode == "at" else None,
-                                        mode == "trunc", fsync), p)
+        self.both(f"write {p} {mode} {size} at={off} fsync={fsync}", "write_at", p,
+                  data(size, seed), off if mode == "at" else None, mode == "trunc", fsync)
 
     @rule(i=st.integers(0, 99), size=st.integers(0, 8000))
     def truncate(self, i: int, size: int) -> None:
         p = self.pick("f", i)
         if p is not None:
-            self.both(f"truncate {p} {size}", lambda path: os.truncate(path, size), p)
+            self.both(f"truncate {p} {size}", "truncate", p, size)
 
     @rule(i=st.integers(0, 99))
     def unlink(self, i: int) -> None:
         p = self.pick("fl", i)
         if p is not None:
-            self.both(f"unlink {p}", os.unlink, p)
+            self.both(f"unlink {p}", "unlink", p)
 
     @rule(p=paths)
     def mkdir(self, p: str) -> None:
-        self.both(f"mkdir {p}", os.mkdir, p)
+        self.both(f"mkdir {p}", "mkdir", p)
 
     @rule(i=st.integers(0, 99))
     def rmdir(self, i: int) -> None:
         p = self.pick("d", i)
         if p is not None:
-            self.both(f"rmdir {p}", os.rmdir, p)
+            self.both(f"rmdir {p}", "rmdir", p)
 
     @rule(i=st.integers(0, 99), dst=paths, kind=st.sampled_from(["f", "f", "d", "l"]))
     def rename(self, i: int, dst: str, kind: str) -> None:
         src = self.pick(kind, i)
         if src is not None:
-            self.both(f"rename {src} {dst}", os.rename, src, dst)
+            self.both(f"rename {src} {dst}", "rename", src, dst)
 
     @rule(i=st.integers(0, 99), mode=st.sampled_from([0o600, 0o640, 0o755, 0o444]))
     def chmod(self, i: int, mode: int) -> None:
         # files only: a directory's mode cannot persist on SeaweedFS markers
         p = self.pick("f", i)
         if p is not None:
-            self.both(f"chmod {p} {oct(mode)}", lambda path: os.chmod(path, mode), p)
+            self.both(f"chmod {p} {oct(mode)}", "chmod", p, mode)
 
     @rule(p=paths, dest=st.sampled_from(["x", "../top", "nowhere"]))
     def symlink(self, p: str, dest: str) -> None:
-        self.both(f"symlink {dest} {p}", lambda path: os.symlink(dest, path), p)
+        if self.confined and "/" not in p and dest.startswith("../"):
+            dest = dest[3:]
+        self.both(f"symlink {dest} {p}", "symlink", dest, p)
 
     @rule(op=st.sampled_from(["unlink", "rmdir", "rename", "truncate", "mkdir"]), p=paths,
           q=paths)
     def anything(self, op: str, p: str, q: str) -> None:
         """Any operation on any path, valid or not: the errno must match."""
-        fn = {"unlink": os.unlink, "rmdir": os.rmdir, "mkdir": os.mkdir,
-              "truncate": lambda path: os.truncate(path, 10)}.get(op)
         if op == "rename":
-            self.both(f"rename {p} {q}", os.rename, p, q)
+            self.both(f"rename {p} {q}", "rename", p, q)
+        elif op == "truncate":
+            self.both(f"{op} {p}", "truncate", p, 10)
         else:
-            self.both(f"{op} {p}", fn, p)
+            self.both(f"{op} {p}", op, p)
 
     @rule(i=st.integers(0, 99))
     def read(self, i: int) -> None:
         p = self.pick("f", i)
         if p is not None:
             self.steps.append(f"read {p}")
-            assert xxh((self.mnt / p).read_bytes()) == xxh((self.ref / p).read_bytes()), p
+            assert xxh(self.side.read_bytes(p)) == xxh(self.ref.read_bytes(p)), p
 
     # open files kept across other operations (unlink, rename, truncate of them) ------------
     @rule(i=st.integers(0, 99))
@@ -204,8 +272,8 @@ class WriteModel(RuleBasedStateMachine):
         if p is None or len(self.fds) >= 3:
             return
         self.steps.append(f"open fd {p}")
-        rfd = os.open(self.ref / p, os.O_RDWR)
-        mfd = os.open(self.mnt / p, os.O_RDWR)
+        rfd = self.ref.open_rw(p)
+        mfd = self.side.open_rw(p)
         self.fds.append((rfd, mfd, p))
 
     @rule(j=st.integers(0, 9), size=st.integers(0, 70_000), seed=st.integers(0, 100),
@@ -218,79 +286,161 @@ class WriteModel(RuleBasedStateMachine):
         self.steps.append(f"{op} fd({p}) off={off} size={size}")
         if op == "pwrite":
             body = data(size, seed)
-            assert os.pwrite(rfd, body, off) == os.pwrite(mfd, body, off) == len(body)
+            assert self.ref.pwrite(rfd, body, off) == self.side.pwrite(mfd, body, off) \
+                == len(body)
         elif op == "ftruncate":
-            os.ftruncate(rfd, off)
-            os.ftruncate(mfd, off)
+            self.ref.ftruncate(rfd, off)
+            self.side.ftruncate(mfd, off)
         elif op == "fsync":
-            os.fsync(rfd)
-            os.fsync(mfd)
+            self.ref.fsync(rfd)
+            self.side.fsync(mfd)
         else:
-            assert os.fstat(mfd).st_size == os.fstat(rfd).st_size, p
-            assert xxh(os.pread(mfd, 1 << 24, 0)) == xxh(os.pread(rfd, 1 << 24, 0)), p
+            assert self.side.fsize(mfd) == self.ref.fsize(rfd), p
+            assert xxh(self.side.pread_all(mfd)) == xxh(self.ref.pread_all(rfd)), p
 
     @rule(j=st.integers(0, 9))
     def close_fd(self, j: int) -> None:
         if self.fds:
             rfd, mfd, p = self.fds.pop(j % len(self.fds))
             self.steps.append(f"close fd({p})")
-            os.close(rfd)
-            os.close(mfd)
+            self.ref.close(rfd)
+            self.side.close(mfd)
 
     @rule(how=st.sampled_from(["pause", "flush"]))
     def settle(self, how: str) -> None:
         """Let uploads finish, so later operations meet stored objects, not local ones."""
         self.steps.append(how)
-        if how == "flush":
-            self.m.flush()
-        else:
-            time.sleep(0.3)
+        self.let_settle(how)
+
+    def let_settle(self, how: str) -> None:
+        raise NotImplementedError
 
     # checks --------------------------------------------------------------------------------
-    def compare(self, root: Path, where: str) -> None:
-        want, got = snapshot(self.ref), snapshot(root)
+    def stored_below(self, p: str) -> bool:
+        """Whether the store has an object at or below the directory ``p``."""
+        raise NotImplementedError
+
+    def compare(self, tree: Any, where: str) -> None:
+        want, got = self.ref.snapshot(), tree.snapshot()
         extra = {p for p in set(got) - set(want) if got[p] == ("d",)}
         for p in sorted(extra):
             # SeaweedFS keeps listing an emptied implicit folder as a CommonPrefix: accept an
             # empty directory only if the store really has no object at or below it.
-            if any(q.startswith(p + "/") for q in got) or self.s3.list_objects_v2(
-                    Bucket=self.bucket, Prefix=f"{self.prefix}/{p}/", MaxKeys=1
-            ).get("KeyCount", 0):
+            if any(q.startswith(p + "/") for q in got) or self.stored_below(p):
                 continue
             del got[p]
         assert got == want, (where, self.steps, {p: (want.get(p), got.get(p)) for p in
                                                  set(want) | set(got)
                                                  if want.get(p) != got.get(p)})
 
+    def check_durable(self) -> None:
+        """Drain the side, then compare a fresh one with an empty cache."""
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        pass
+
     def teardown(self) -> None:
         if os.environ.get("CAIOSFS_MODEL_TRACE"):
-            print(f"example {self.n}: {len(snapshot(self.ref))} entries; steps: "
+            print(f"example {self.n}: {len(self.ref.snapshot())} entries; steps: "
                   + "; ".join(self.steps))
         for rfd, mfd, _ in self.fds:
-            os.close(rfd)
-            os.close(mfd)
+            self.ref.close(rfd)
+            self.side.close(mfd)
         self.fds.clear()
         try:
-            self.compare(self.mnt, "mount")
-            self.m.umount()  # drains every dirty byte first
-            fresh = self.mounter(self.bucket, self.prefix, OPTS)  # a new, empty cache_dir
-            try:
-                self.compare(fresh.path, "fresh mount")
-            finally:
-                fresh.umount()
+            self.compare(self.side, "mount")
+            self.check_durable()
         finally:
-            if self.m.path.is_mount():
-                self.m.cleanup()
-            shutil.rmtree(self.ref, ignore_errors=True)
+            self.cleanup()
+            shutil.rmtree(self.ref_root, ignore_errors=True)
+
+
+class MountModel(WriteModel):
+    """Through a real mount on SeaweedFS."""
+    # set by the test function before running
+    s3: Any = None
+    bucket = ""
+    mounter: Any = None
+
+    def open_side(self) -> LocalTree:
+        self.m = self.mounter(self.bucket, self.prefix, OPTS)
+        return LocalTree(self.m.path)
+
+    def let_settle(self, how: str) -> None:
+        if how == "flush":
+            self.m.flush()
+        else:
+            time.sleep(0.3)
+
+    def stored_below(self, p: str) -> bool:
+        return bool(self.s3.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/{p}/",
+                                            MaxKeys=1).get("KeyCount", 0))
+
+    def check_durable(self) -> None:
+        self.m.umount()  # drains every dirty byte first
+        fresh = self.mounter(self.bucket, self.prefix, OPTS)  # a new, empty cache_dir
+        try:
+            self.compare(LocalTree(fresh.path), "fresh mount")
+        finally:
+            fresh.umount()
+
+    def cleanup(self) -> None:
+        if self.m.path.is_mount():
+            self.m.cleanup()
 
 
 def test_random_operations_match_a_local_directory(s3: Any, bucket: str, mounter: Any,
                                                     tmp_path: Path) -> None:
-    WriteModel.s3, WriteModel.bucket, WriteModel.mounter, WriteModel.tmp = (
+    MountModel.s3, MountModel.bucket, MountModel.mounter, WriteModel.tmp = (
         s3, bucket, mounter, tmp_path)
     WriteModel.counter = 0
-    run_state_machine_as_test(WriteModel, settings=settings(
+    run_state_machine_as_test(MountModel, settings=settings(
         max_examples=int(os.environ.get("CAIOSFS_MODEL_EXAMPLES", "10")),
         stateful_step_count=25, deadline=None, database=None,
         phases=(Phase.explicit, Phase.generate),  # no shrinking: the failure lists its steps
         suppress_health_check=list(HealthCheck)))
+
+
+class CoreModel(WriteModel):
+    """On the filesystem core and the in-memory store, no FUSE."""
+    loop: Any = None
+    confined = True
+
+    def open_side(self) -> CoreTree:
+        self.store = MemoryStore(f"ex{self.n}")
+        core = self.loop.run(self.loop.cores, self.store, f"cache{self.n}",
+                             **dict(o.split("=") for o in OPTS.split(",")))
+        return CoreTree(self.loop, core, umask=UMASK)
+
+    def let_settle(self, how: str) -> None:
+        if how == "flush":
+            self.side.drain()
+        else:
+            self.loop.run(trio.sleep, 0.02)
+
+    def stored_below(self, p: str) -> bool:
+        return any(k.startswith(p + "/") for k in self.store.objects)
+
+    def check_durable(self) -> None:
+        self.side.drain()
+        fresh = self.loop.run(self.loop.cores, self.store, f"fresh{self.n}",
+                              **dict(o.split("=") for o in OPTS.split(",")))
+        self.compare(CoreTree(self.loop, fresh, umask=UMASK), "fresh core")
+
+    def cleanup(self) -> None:
+        self.loop.run(self.loop.cores.stop_all)
+
+
+def test_random_operations_on_the_core_match_a_local_directory(tmp_path: Path) -> None:
+    WriteModel.tmp = tmp_path
+    WriteModel.counter = 0
+    CoreModel.loop = Loop(tmp_path)
+    try:
+        run_state_machine_as_test(CoreModel, settings=settings(
+            max_examples=int(os.environ.get("CAIOSFS_CORE_MODEL_EXAMPLES", "250")),
+            stateful_step_count=25, deadline=None, database=None,
+            phases=(Phase.explicit, Phase.generate),
+            suppress_health_check=list(HealthCheck)))
+    finally:
+        CoreModel.loop.close()
