@@ -43,7 +43,6 @@ class WriteBack:
         self.dirty_limit = dirty_limit
         self.upload_delay = upload_delay
         self.fsync_local = fsync_local
-        self.on_uploaded = on_uploaded
         self.files = FileTable()
         self._journal = Journal(index)
         self.local = LocalData(cache_dir / "dirty", index, self._journal)
@@ -60,6 +59,16 @@ class WriteBack:
         self.nursery: trio.Nursery | None = None
 
     # what the filesystem (and the tests) read or set -------------------------------------
+    @property
+    def on_uploaded(self) -> Callable[[DirtyFile, str], None]:
+        """Called with each file whose upload completed and its new ETag (set by whoever
+        owns the inodes, possibly after construction: the uploader calls what is set now)."""
+        return self.uploader.on_uploaded
+
+    @on_uploaded.setter
+    def on_uploaded(self, fn: Callable[[DirtyFile, str], None]) -> None:
+        self.uploader.on_uploaded = fn
+
     @property
     def inline_max(self) -> int:
         return self.local.inline_max
