@@ -163,6 +163,7 @@ class Renames:
         src_key are older than them and only deleted. (Checking the local files at copy
         time is not enough: one may have uploaded and left the table meanwhile, and the
         copy would overwrite its new content with the old.)"""
+        folders = {src_key}
         while True:
             page = await self.client.list(src_key, None, None, 1000)
             if not page.objects:
@@ -198,4 +199,29 @@ class Renames:
             async with trio.open_nursery() as nursery:
                 for o in page.objects:
                     nursery.start_soon(move, o)
+            for o in page.objects:
+                rel = o.key[len(src_key):]
+                while "/" in rel.rstrip("/"):
+                    rel = rel.rstrip("/").rsplit("/", 1)[0] + "/"
+                    folders.add(src_key + rel)
+        await self._drop_folders(folders)
         self.index.del_op(oid)
+
+    async def _drop_folders(self, folders: set[str]) -> None:
+        """DELETE the directory keys of a moved tree, deepest first. A store with real
+        folders (SeaweedFS's filer) keeps a directory whose last object left, and lists it
+        under its parent (or as the key ``dir/`` itself): the moved directory would stay
+        visible under its old name, and a file created there later is refused. On a flat
+        store these are no-op DELETEs, one per directory."""
+        by_depth: dict[int, list[str]] = {}
+        for k in folders:
+            by_depth.setdefault(k.count("/"), []).append(k)
+        limiter = trio.CapacityLimiter(MOVES_IN_FLIGHT)
+
+        async def drop(key: str) -> None:
+            async with limiter:
+                await self.client.delete(key)
+        for depth in sorted(by_depth, reverse=True):
+            async with trio.open_nursery() as nursery:
+                for k in by_depth[depth]:
+                    nursery.start_soon(drop, k)

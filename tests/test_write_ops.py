@@ -313,6 +313,9 @@ def test_new_file_where_an_emptied_folder_lingers(s3: Any, bucket: str, mounter:
     os.unlink(m.path / "e/z")
     os.rmdir(m.path / "e")
     m.flush()
+    # Past the devbox negative_ttl (1 s): the mount must not rely on having just removed
+    # the names (under load, the flush alone took longer, and the store's folders showed).
+    time.sleep(1.5)
     body = data(70_000, "lingers")
     for name in ("d", "e"):
         with open(m.path / name, "wb") as fh:
