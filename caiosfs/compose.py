@@ -19,12 +19,15 @@ from typing import TYPE_CHECKING
 
 from .cache import BlockCache
 from .config import MountConfig
+from .core import Core
 from .errors import StoreError, UserError, describe_store_error
 from .index import Index
 from .metrics import Metrics
-from .reader import Fetcher, MemoryBudget
+from .namespace import Namespace
+from .reader import Fetcher, MemoryBudget, Reader
 from .store import ObjectStore
 from .store.client import StoreClient
+from .writeback import WriteBack
 
 if TYPE_CHECKING:  # the FUSE side is imported by build_filesystem only
     from .fs import Filesystem
@@ -125,8 +128,24 @@ def build_read_parts(cfg: MountConfig, store: ObjectStore, index: Index,
     return ReadParts(client, cache, fetcher)
 
 
+def build_core(cfg: MountConfig, store: ObjectStore, index: Index,
+                metrics: Metrics | None = None) -> Core:
+    """The filesystem without FUSE: the read parts, the write-back and the namespace on
+    ``store`` and ``index``. (Tests build it on the in-memory store.)"""
+    metrics = metrics or Metrics()
+    rp = build_read_parts(cfg, store, index, metrics)
+    reader = Reader(rp.cache, rp.fetcher, metrics, cfg.readahead_max)
+    wb = WriteBack(rp.client, index, metrics, cfg.cache_dir, cfg.source.prefix,
+                   part_size=cfg.part_size, dirty_limit=cfg.dirty_limit,
+                   upload_delay=cfg.upload_delay, fsync_local=cfg.fsync == "local",
+                   on_uploaded=lambda f, etag: None)  # (the core takes it over)
+    ns = Namespace(cfg, rp.client, index, metrics, wb)
+    wb.tagged = ns.needs_tag
+    return Core(cfg, index, metrics, rp.client, rp.cache, rp.fetcher, reader, wb, ns)
+
+
 def build_filesystem(cfg: MountConfig, store: ObjectStore, index: Index,
                      metrics: Metrics) -> Filesystem:
-    """The mounted filesystem (it builds its read and write sides itself today)."""
+    """The mounted filesystem: the core behind its pyfuse3 adapter."""
     from .fs import Filesystem  # pyfuse3: only the mount needs it
-    return Filesystem(cfg, store, index, metrics)
+    return Filesystem(build_core(cfg, store, index, metrics))

@@ -3,7 +3,7 @@ flags and :class:`~caiosfs.attrs.Attrs`, returning nodes, handle numbers and byt
 raising :class:`~caiosfs.errors.FsError` for an errno.
 
 :mod:`.fs` adapts it to pyfuse3; tests drive it directly on the in-memory store. It is built
-from its parts (:func:`build_core` wires the usual ones): the store client, the block cache
+from its parts (:func:`caiosfs.compose.build_core` wires the usual ones): the store client, the block cache
 and reader, the write-back, the namespace, and the two protocols it delegates to,
 :mod:`.renames` and :mod:`.deletes`.
 """
@@ -29,10 +29,9 @@ from .handles import Files
 from .index import Index, ident_of
 from .metrics import Metrics
 from .namespace import Entry, Listing, Namespace, Node
-from .reader import Fetcher, MemoryBudget, ObjRef, Reader
+from .reader import Fetcher, ObjRef, Reader
 from .records import DeleteOp, MkdirOp
 from .renames import RENAME_EXCHANGE, Renames, new_path
-from .store import ObjectStore
 from .store.client import StoreClient
 from .writeback import DirtyFile, WriteBack
 
@@ -74,25 +73,6 @@ STAT_BLOCK = 4096
 class DirHandle:
     node: Node
     entries: list[tuple[str, Node]] | None = None
-
-
-def build_core(cfg: MountConfig, store: ObjectStore, index: Index,
-               metrics: Metrics | None = None) -> Core:
-    """The core with the usual parts, built on ``store`` and ``index``."""
-    metrics = metrics or Metrics()
-    client = StoreClient(store, metrics, cfg.parallel, cfg.read_timeout, cfg.parallel_max)
-    cache = BlockCache(cfg.cache_dir, index, metrics, cfg.cache_size, cfg.block_size,
-                       cfg.chunk_size)
-    fetcher = Fetcher(client, cache, metrics, MemoryBudget(cfg.memory_limit, metrics),
-                      cfg.max_request)
-    reader = Reader(cache, fetcher, metrics, cfg.readahead_max)
-    wb = WriteBack(client, index, metrics, cfg.cache_dir, cfg.source.prefix,
-                   part_size=cfg.part_size, dirty_limit=cfg.dirty_limit,
-                   upload_delay=cfg.upload_delay, fsync_local=cfg.fsync == "local",
-                   on_uploaded=lambda f, etag: None)  # (the core takes it over)
-    ns = Namespace(cfg, client, index, metrics, wb)
-    wb.tagged = ns.needs_tag
-    return Core(cfg, index, metrics, client, cache, fetcher, reader, wb, ns)
 
 
 @dataclass(eq=False)

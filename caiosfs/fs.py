@@ -18,13 +18,9 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from .config import MountConfig
-from .core import STAT_BLOCK, AttrChange, Caller, Core, build_core
+from .core import STAT_BLOCK, AttrChange, Caller, Core
 from .errors import FsError, StoreError
-from .index import Index
-from .metrics import Metrics
 from .namespace import Node
-from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -76,10 +72,9 @@ def _caller(ctx: Any) -> Caller:
 class Filesystem(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, cfg: MountConfig, store: ObjectStore, index: Index,
-                 metrics: Metrics | None = None, core: Core | None = None) -> None:
+    def __init__(self, core: Core) -> None:
         super().__init__()
-        self.core = core or build_core(cfg, store, index, metrics)
+        self.core = core
         # What mount, warm and control use of the mount's parts.
         self.cfg = self.core.cfg
         self.metrics = self.core.metrics

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import trio
 from conftest import xxh
 
+from caiosfs.compose import build_core
 from caiosfs.config import build_config
-from caiosfs.core import AttrChange, Caller, Core, build_core
+from caiosfs.core import AttrChange, Caller, Core
 from caiosfs.errors import FsError
 from caiosfs.index import Index
 from caiosfs.namespace import ROOT_INO, Node

@@ -19,7 +19,7 @@ from conftest import data, xxh
 
 from caiosfs.attrs import Attrs, from_meta
 from caiosfs.cache import BlockCache, fsck, lock_cache_dir
-from caiosfs.compose import open_index
+from caiosfs.compose import build_core, open_index
 from caiosfs.config import build_config, parse_size, parse_source
 from caiosfs.errors import FsError, PreconditionFailed, StoreError, UserError, s3_errno
 from caiosfs.fs import Filesystem
@@ -841,7 +841,7 @@ async def test_directory_metadata_reaches_the_store_but_not_a_fresh_mount(
         cache.mkdir()
         cfg = build_config("s3://bkt", {"cache_dir": str(cache), "profile": "devbox",
                                       "upload_delay": "0", "uid": "0", "gid": "0"})
-        return Filesystem(cfg, store, Index(cache / "index.lmdb"))
+        return Filesystem(build_core(cfg, store, Index(cache / "index.lmdb")))
 
     class Ctx:
         uid, gid, pid, umask = 1234, 5678, 1, 0o022
