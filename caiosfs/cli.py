@@ -149,7 +149,7 @@ def _warm(a: argparse.Namespace) -> int:
 
 
 def _cp(a: argparse.Namespace) -> int:
-    from .transfer import cp_command
+    from .cp import cp_command
     return cp_command(a)
 
 
