@@ -148,6 +148,14 @@ class Core:
         f = self.files.dirty_of(n)
         return f.attrs if f is not None else n.attrs
 
+    def nlink(self, n: Node) -> int:
+        """st_nlink: 0 once the name is gone while the kernel still holds the inode (an
+        open file unlinked or replaced: SQLite checks it to warn of a deleted database), 2
+        for a directory (its subdirectories are not counted: a listing per stat), else 1."""
+        if not self.ns.attached(n):
+            return 0
+        return 2 if n.is_dir else 1
+
     @staticmethod
     def counted(n: Node) -> None:
         """The kernel now holds one more reference to ``n`` (a lookup it will forget)."""
@@ -236,6 +244,7 @@ class Core:
             await self.client.put_file(self.ns.dir_key(n.path), None, 0, new.to_meta(),
                                        patient=False)
         n.attrs = new
+        n.touched_ns = None  # (the times set, now the store's too)
         n.entry.meta = new.to_meta()
         n.entry.marker = n.entry.marker or bool(n.path)
 
@@ -317,6 +326,7 @@ class Core:
         self.ns.set_entry(path, e)
         self.ns.listings[path] = Listing({}, time.monotonic())
         n = self.ns.node_for(path, e)
+        self.ns.touch_dir(parent)
         self.counted(n)
         return n
 
@@ -341,6 +351,7 @@ class Core:
             known = self.ns.nodes.get(self.ns.by_path.get(self.ns.join(parent.path, name), 0))
             if exc.errno == errno.ENOENT and known is not None and known.is_dir:
                 self.ns.drop_path(known.path)
+                self.ns.touch_dir(parent)
                 return
             raise
         if not n.is_dir:
@@ -353,6 +364,7 @@ class Core:
         if not await self.wb.rmdir(n.path):  # (True: its marker was never sent)
             await self.client.delete(self.ns.dir_key(n.path), patient=False)
         self.ns.drop_path(n.path)
+        self.ns.touch_dir(parent)
 
     # files -------------------------------------------------------------------------------
     async def create(self, parent_ino: int, name: str, mode: int, who: Caller
@@ -378,6 +390,8 @@ class Core:
         n = self.ns.node_for(path, Entry(False, 0, base or "", attrs.mtime, attrs.to_meta()))
         self.ns.negative.pop(path, None)
         self._add_to_listing(path, f)
+        if base is None:  # (a new name, not a truncation of a file there)
+            self.ns.touch_dir(parent)
         self.counted(n)
         return self.files.opened(n, True, None, f), n
 
@@ -403,6 +417,7 @@ class Core:
         self._add_to_listing(path, f)
         n = self.ns.node_for(path, Entry(False, len(content or b""), "", attrs.mtime,
                                          attrs.to_meta()))
+        self.ns.touch_dir(parent)
         self.counted(n)
         return n
 
@@ -443,6 +458,7 @@ class Core:
             await self.client.delete(self.ns.key(n.path), patient=False)
         self.ns.set_entry(n.path, None)
         self.ns.by_path.pop(n.path, None)
+        self.ns.touch_dir(parent)
 
     async def rename(self, old_parent_ino: int, old_name: str, new_parent_ino: int,
                      new_name: str, flags: int = 0) -> None:
@@ -451,5 +467,7 @@ class Core:
         self._check_rw()
         if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
-        await self.renames.rename(self.ns.node(old_parent_ino), old_name,
-                                  self.ns.node(new_parent_ino), new_name, flags)
+        old_parent, new_parent = self.ns.node(old_parent_ino), self.ns.node(new_parent_ino)
+        await self.renames.rename(old_parent, old_name, new_parent, new_name, flags)
+        self.ns.touch_dir(old_parent)
+        self.ns.touch_dir(new_parent)

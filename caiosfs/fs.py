@@ -109,7 +109,7 @@ class Filesystem(pyfuse3.Operations):
         e.entry_timeout = self.core.ttl
         e.attr_timeout = self.core.ttl
         e.st_mode = a.mode
-        e.st_nlink = 2 if n.is_dir else 1
+        e.st_nlink = self.core.nlink(n)
         e.st_uid, e.st_gid = a.uid, a.gid
         e.st_size = 0 if n.is_dir else a.size
         e.st_rdev = a.rdev

@@ -83,6 +83,9 @@ class Node:
     attrs: Attrs
     validated: float = field(default_factory=time.monotonic)
     lookups: int = 0
+    # A directory: when an entry was last created, removed or renamed in it through this
+    # mount (ns since the epoch; see touch_dir).
+    touched_ns: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -166,6 +169,7 @@ class Namespace:
                     e.meta, e.marker = n.entry.meta, e.marker or n.entry.marker
                     attrs = self._attrs(e)
                 n.entry, n.attrs, n.validated = e, attrs, time.monotonic()
+                self._keep_touch(n)
                 return n
             self.by_path.pop(path, None)  # type or version changed: a new inode
         ino = self.free_ino(path)
@@ -188,6 +192,26 @@ class Namespace:
         """Whether ``n`` still owns its path (False once unlinked or replaced by a rename,
         while the kernel still holds it, e.g. through an open file)."""
         return self.by_path.get(n.path) == n.ino
+
+    def touch_dir(self, n: Node) -> None:
+        """An entry was created, removed or renamed in directory ``n``: its mtime and ctime
+        become now (importlib, make and editors watch a directory's mtime). In this mount's
+        view only, while the inode lives: storing it would cost a request per create (a
+        marker PUT or copy), which `cp -r` and `git checkout` must not pay; after a remount
+        the directory shows what the store has (docs/SEMANTICS.md)."""
+        n.touched_ns = time.time_ns()
+        self._keep_touch(n)
+
+    @staticmethod
+    def _keep_touch(n: Node) -> None:
+        # Reapplied whenever the attributes are rebuilt from the store (a listing of the
+        # parent, a lookup): the later of the store's times and ours.
+        t = n.touched_ns
+        if t is not None:
+            a = n.attrs
+            ctime = a.ctime_ns
+            a.mtime_ns = max(a.mtime_ns, t)
+            a.ctime_ns = max(ctime, t)
 
     def overlay(self, n: Node) -> Attrs:
         """The node's attributes with local, not-yet-uploaded changes applied."""
@@ -499,6 +523,7 @@ class Namespace:
         if e.is_dir != n.is_dir:
             raise FsError(errno.ESTALE)
         n.entry, n.attrs, n.validated = e, self._attrs(e), time.monotonic()
+        self._keep_touch(n)
         parent = self.listings.get(self.parent_of(n.path))
         if parent is not None and n.path.rpartition("/")[2] in parent.entries:
             parent.entries[n.path.rpartition("/")[2]] = e
@@ -525,6 +550,7 @@ class Namespace:
             n = self.nodes[ino]
             if n.is_dir == e.is_dir:
                 n.entry, n.attrs, n.validated = e, self._attrs(e), time.monotonic()
+                self._keep_touch(n)
 
     def drop_path(self, path: str) -> None:
         self.set_entry(path, None)

@@ -223,6 +223,79 @@ async def test_mkdir_rmdir_and_their_errors(store: MemoryStore, make: Cores) -> 
     core.releasedir(fh)
 
 
+
+async def test_a_directory_s_mtime_and_ctime_change_with_its_entries(
+        store: MemoryStore, make: Cores) -> None:
+    """importlib caches a directory's listing keyed on its mtime: a module written after a
+    first import was not found (bench/posix.py import_new_module)."""
+    store.put_bytes("d/s", b"stored")
+    core = await make(store)
+    d = await core.lookup(ROOT_INO, "d")  # (no marker: a prefix)
+    e = await core.mkdir(ROOT_INO, "e", 0o755, ME)
+    old = 1_000_000_000_000_000_000
+
+    async def changes(*dirs: Any) -> AsyncIterator[None]:
+        for n in dirs:  # (a utime: the times in the store, and no local change on top)
+            await core.setattr(n.ino, AttrChange(mtime_ns=old, ctime_ns=old))
+            assert core.attrs_of(n).mtime_ns == old
+        t0 = time.time_ns()
+        yield
+        for n in dirs:
+            a = core.attrs_of(n)
+            assert a.mtime_ns >= t0 and a.ctime_ns == a.mtime_ns, n.path
+
+    async def each(fn: Awaitable[object], *dirs: Any) -> None:
+        async for _ in changes(*dirs):
+            await fn
+
+    async def create(name: str) -> None:
+        await core.files.release((await core.create(d.ino, name, 0o644, ME))[0])
+
+    await each(create("f"), d)
+    await each(core.mkdir(d.ino, "sub", 0o755, ME), d)
+    await each(core.symlink(d.ino, "l", b"f", ME), d)
+    await each(core.mknod(d.ino, "p", stat.S_IFIFO | 0o644, 0, ME), d)
+    await each(core.unlink(d.ino, "s"), d)
+    await each(core.rmdir(d.ino, "sub"), d)
+    await each(core.rename(d.ino, "f", e.ino, "g"), d, e)
+    await each(core.rename(e.ino, "g", e.ino, "h"), e)
+    # A listing of the parent rebuilds the attributes from the store: the local times stay.
+    async for _ in changes(d):
+        await create("f2")
+        await core.ns.list_dir("", force=True)
+        await core.lookup(ROOT_INO, "d")
+    # ... and do not reach the store (a marker PUT or copy per create): the markers keep
+    # the times of the last utime.
+    await settle(core)
+    assert {store.objects[k].metadata["mtime"] for k in ("d/", "e/")} == {
+        str(old // 1_000_000_000)}
+    # A create over an existing file is no new entry.
+    await core.setattr(d.ino, AttrChange(mtime_ns=old, ctime_ns=old))
+    await create("f2")
+    assert core.attrs_of(d).mtime_ns == old
+
+
+async def test_a_file_unlinked_or_replaced_while_open_has_no_links(
+        store: MemoryStore, make: Cores) -> None:
+    """SQLite checks fstat's st_nlink to warn of a deleted database (bench/posix.py
+    unlink_open_nlink)."""
+    core = await make(store)
+    assert core.nlink(core.getattr(ROOT_INO)) == 2
+    fh, n = await core.create(ROOT_INO, "f", 0o644, ME)
+    assert core.nlink(n) == 1
+    await core.unlink(ROOT_INO, "f")
+    assert core.nlink(n) == 0
+    await core.files.release(fh)
+    fh, n = await core.create(ROOT_INO, "victim", 0o644, ME)
+    await write_file(core, "g", b"g")
+    await core.rename(ROOT_INO, "g", ROOT_INO, "victim")
+    assert core.nlink(n) == 0
+    assert core.nlink(await core.lookup(ROOT_INO, "victim")) == 1
+    await core.files.release(fh)
+    d = await core.mkdir(ROOT_INO, "d", 0o755, ME)
+    await core.rmdir(ROOT_INO, "d")
+    assert core.nlink(d) == 0
+
 async def test_readdir_lists_local_and_stored_entries(store: MemoryStore,
                                                       make: Cores) -> None:
     store.put_bytes("s", b"stored")

@@ -47,15 +47,6 @@ KNOWN: dict[str, tuple[str, str]] = {
     "dir_nlink": (
         "wrong: st_nlink 2, want 4",
         "counting subdirectories costs a listing per stat: fixed 2 (find/du: find_descends)"),
-    "unlink_open_nlink": (
-        "wrong: st_nlink 1",
-        "bug: an unlinked file still open reports nlink 1 (fixed for files), not 0"),
-    "dir_mtime_on_create": (
-        "wrong: directory mtime unchanged",
-        "bug: a directory's mtime does not change when an entry is created in it"),
-    "import_new_module": (
-        "wrong: ModuleNotFoundError (directory mtime did not change)",
-        "bug (dir_mtime_on_create): importlib keeps its cached listing of the directory"),
     "readdir_dots": (
         "wrong: entries ['f']",
         "readdir returns no . and .. (POSIX allows it; Linux filesystems return them)"),
