@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .errors import StoreError
-from .namespace import Namespace, tagged
+from .namespace import Namespace
 from .store import PartSource
 from .store.client import StoreClient
+from .storeview import tagged
 
 MAX_TAGGED_COPY = 5 << 30  # one UploadPartCopy moves at most 5 GiB
 
@@ -15,7 +16,7 @@ async def copy_object(client: StoreClient, ns: Namespace, src: str, dst: str,
                       patient: bool = False, known: dict[str, str] | None = None) -> str:
     """CopyObject ``src`` to ``dst`` (``meta``: new metadata, None: the source's, which is
     ``known`` if given), keeping what a listing shows: a copy of an object that needs the tag
-    (see ``Namespace.needs_tag``) is made as a one-part multipart copy, whose ETag carries the
+    (see ``StoreView.needs_tag``) is made as a one-part multipart copy, whose ETag carries the
     mark (a CopyObject would make it a plain one). Returns the new ETag."""
     want = meta if meta is not None else known
     if tagged(src_etag) or (want is not None and ns.needs_tag(want)):

@@ -27,12 +27,14 @@ from .deletes import Deletes
 from .errors import FsError
 from .handles import Files
 from .index import Index, ident_of
+from .inodes import Node
 from .metrics import Metrics
-from .namespace import Entry, Listing, Namespace, Node
+from .namespace import Namespace
 from .reader import Fetcher, ObjRef, Reader
 from .records import DeleteOp, MkdirOp
 from .renames import RENAME_EXCHANGE, Renames, new_path
 from .store.client import StoreClient
+from .storeview import Entry, Listing
 from .writeback import DirtyFile, WriteBack
 
 log = logging.getLogger(__name__)

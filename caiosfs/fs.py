@@ -20,7 +20,7 @@ import trio
 
 from .core import STAT_BLOCK, AttrChange, Caller, Core
 from .errors import FsError, StoreError
-from .namespace import Node
+from .inodes import Node
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])

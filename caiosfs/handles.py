@@ -16,7 +16,8 @@ import trio
 from .config import MountConfig
 from .deletes import Deletes
 from .errors import FsError
-from .namespace import Namespace, Node
+from .inodes import Node
+from .namespace import Namespace
 from .reader import ObjRef, Readahead, Reader
 from .writeback import DirtyFile, WriteBack
 

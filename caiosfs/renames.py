@@ -19,9 +19,11 @@ from .copies import copy_object
 from .deletes import Deletes
 from .errors import FsError, StoreError
 from .index import Index
-from .namespace import Entry, Namespace, Node
+from .inodes import Node
+from .namespace import Namespace
 from .records import RenameDirOp
 from .store.client import StoreClient
+from .storeview import Entry
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)

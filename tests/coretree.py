@@ -22,7 +22,7 @@ from caiosfs.config import build_config
 from caiosfs.core import AttrChange, Caller, Core
 from caiosfs.errors import FsError
 from caiosfs.index import Index
-from caiosfs.namespace import ROOT_INO, Node
+from caiosfs.inodes import ROOT_INO, Node
 from caiosfs.store.memory import MemoryStore
 
 T = TypeVar("T")

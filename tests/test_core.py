@@ -19,7 +19,7 @@ from coretree import Cores
 
 from caiosfs.core import AttrChange, Caller, Core
 from caiosfs.errors import FsError
-from caiosfs.namespace import ROOT_INO
+from caiosfs.inodes import ROOT_INO
 from caiosfs.records import DeleteOp, RenameDirOp
 from caiosfs.store import ListPage
 from caiosfs.store.memory import MemoryStore

@@ -75,7 +75,7 @@ class Uploader:
         self.nursery: trio.Nursery | None = None  # set while WriteBack.run runs
         # Set by the filesystem: whether an object with this metadata must show it after a
         # listing (a symlink, an executable, ...). Such an object is uploaded as a one-part
-        # multipart upload, whose ETag ("...-1") marks it in listings (namespace.tagged).
+        # multipart upload, whose ETag ("...-1") marks it in listings (storeview.tagged).
         self.tagged: Callable[[dict[str, str]], bool] = lambda meta: False
 
     # one upload of a file ----------------------------------------------------------------

@@ -1,0 +1,318 @@
+"""What the store says about a directory and about one name: listings, probes, metadata.
+
+A file ``P`` is object ``PREFIX/P``; a directory is a common prefix or a ``dir/`` marker.
+Listings (ListObjectsV2) are cached for ``list_ttl``. Attributes come from the listing (size,
+ETag, Last-Modified) plus the object's ``x-amz-meta-*``, which is read by parallel HEADs
+right after a listing (``metadata=head``) and remembered by ETag in LMDB. A name not in a
+listing is probed (a HEAD and a one-key LIST). Markers of directories made here and not in
+the store yet are added from the write-back. Inodes are kept by :mod:`.inodes`; lookups,
+the negative cache and when to list instead of probe are decided in :mod:`.namespace`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+import time
+from dataclasses import dataclass
+
+import trio
+
+from .attrs import from_meta
+from .config import MountConfig
+from .errors import StoreError
+from .index import Index, ident_of
+from .metrics import Metrics
+from .store import ObjectInfo
+from .store.client import StoreClient
+from .writeback import WriteBack
+
+log = logging.getLogger(__name__)
+
+MAX_NAME = 255
+HEAD_PARALLEL = 32
+
+
+class TooBig(Exception):
+    """A directory with more entries than a lookup's listing is worth."""
+
+
+def tagged(etag: str) -> bool:
+    """Whether a listed ETag is a multipart upload's ("...-N"): the mark of objects that
+    carry attributes a listing must not hide (``WriteBack.tagged``), and of large objects."""
+    return "-" in etag
+
+
+def valid_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and \
+        len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME and "\0" not in name
+
+
+@dataclass
+class Entry:
+    """What the store says about one name."""
+
+    is_dir: bool
+    size: int = 0
+    etag: str = ""
+    mtime: float = 0.0
+    meta: dict[str, str] | None = None
+    marker: bool = False  # a directory with its own `dir/` marker object
+
+
+@dataclass
+class Listing:
+    entries: dict[str, Entry]
+    at: float
+    # Made to answer lookups (after several probes), not for a readdir: it answers for the
+    # names it has, and a name it lacks is still probed (a name created elsewhere since
+    # must show within negative_ttl of being asked for, as without the listing).
+    for_lookups: bool = False
+
+
+class StoreView:
+    def __init__(self, cfg: MountConfig, store: StoreClient, index: Index, metrics: Metrics,
+                 wb: WriteBack) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.index = index
+        self.metrics = metrics
+        self.wb = wb
+        self.prefix = cfg.source.prefix
+        self.bucket = cfg.source.bucket
+        self.listings: dict[str, Listing] = {}
+        # path -> ETag of a stored version unlinked while open (deleted at the last close):
+        # listings and probes do not show it meanwhile.
+        self.hidden: dict[str, str] = {}
+        # dir path -> changes we made (set_entry) while a LIST of it was in flight; they are
+        # applied on top of its result, which may predate them.
+        self._listing_now: dict[str, list[dict[str, Entry | None]]] = {}
+        self._clash_logged: set[str] = set()
+        # dir path -> (since, probes of names in it); -1 probes: too big to list for that
+        self._misses: dict[str, tuple[float, int]] = {}
+
+    # paths and keys ----------------------------------------------------------------------
+    def key(self, path: str) -> str:
+        return self.prefix + path
+
+    def dir_key(self, path: str) -> str:
+        return self.prefix + path + "/" if path else self.prefix
+
+    @staticmethod
+    def join(parent: str, name: str) -> str:
+        return f"{parent}/{name}" if parent else name
+
+    @staticmethod
+    def parent_of(path: str) -> str:
+        return path.rpartition("/")[0]
+
+    # listing -----------------------------------------------------------------------------
+    async def list_dir(self, path: str, force: bool = False,
+                       max_pages: int | None = None) -> dict[str, Entry]:
+        """Entries of a directory as the store has them (cached for list_ttl). With
+        ``max_pages``, TooBig if it has more pages than that."""
+        cached = self.listings.get(path)
+        if cached and not force and time.monotonic() - cached.at < self.cfg.list_ttl:
+            if max_pages is None:
+                cached.for_lookups = False  # a readdir of it: the listing it would make
+            return cached.entries
+        pre = self.dir_key(path)
+        entries: dict[str, Entry] = {}
+        changes: dict[str, Entry | None] = {}
+        # A marker that lands while the LIST runs may be missing from its result and gone
+        # from the write-back's table by its end (the directory vanished for list_ttl).
+        landing = {p: self.wb.markers[p] for p in self.wb.markers_below(path)}
+        self._listing_now.setdefault(path, []).append(changes)
+        try:
+            await self._list_pages(path, pre, entries, max_pages)
+        except TooBig:
+            self._misses[path] = (time.monotonic(), -1)
+            raise
+        finally:
+            self._listing_now[path].remove(changes)
+            if not self._listing_now[path]:
+                del self._listing_now[path]
+        for name, change in changes.items():  # e.g. an upload that finished meanwhile
+            if change is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = change
+        for name in [k for k, e in entries.items() if not e.is_dir and e.etag
+                     and self.hidden.get(self.join(path, k)) == e.etag]:
+            del entries[name]
+        self._load_meta(entries, pre)
+        for p, m in landing.items():
+            name = p[len(path) + 1:] if path else p
+            if ("/" not in name and p not in self.wb.markers and name not in changes
+                    and name not in entries):
+                entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
+        for p in self.wb.markers_below(path):  # made here, markers not in the store yet
+            name = p[len(path) + 1:] if path else p
+            if "/" not in name and (name not in entries or not entries[name].is_dir):
+                m = self.wb.markers[p]
+                entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
+        self.listings[path] = Listing(entries, time.monotonic(), max_pages is not None)
+        if self.cfg.metadata != "list":
+            await self._head_all(pre, entries, every=self.cfg.metadata == "head")
+        return entries
+
+    async def _list_pages(self, path: str, pre: str, entries: dict[str, Entry],
+                          max_pages: int | None = None) -> None:
+        token = None
+        pages = 0
+        while True:
+            if max_pages is not None and pages >= max_pages:
+                raise TooBig(path)
+            pages += 1
+            page = await self.store.list(pre, "/", token)
+            for o in page.objects:
+                name = o.key[len(pre):]
+                if name == "":
+                    continue  # the directory's own marker
+                if not valid_name(name):
+                    self._skip(o.key)
+                    continue
+                entries[name] = Entry(False, o.size, o.etag, o.mtime)
+            for p in page.prefixes:
+                name = p[len(pre):-1]
+                if not valid_name(name):
+                    self._skip(p)
+                    continue
+                if name in entries and not entries[name].is_dir:
+                    self._clash(p)
+                entries[name] = Entry(True, mtime=time.time())
+            token = page.next_token
+            if not token:
+                break
+
+    def _skip(self, key: str) -> None:
+        self.metrics.skipped_keys.inc()
+        log.debug("skipping key that cannot be a path: %r", key)
+
+    def _clash(self, key: str) -> None:
+        if key not in self._clash_logged:
+            self._clash_logged.add(key)
+            log.warning("%r is both a file and a directory in the store; showing the "
+                        "directory", key.rstrip("/"))
+
+    def _load_meta(self, entries: dict[str, Entry], pre: str) -> None:
+        for name, e in entries.items():
+            if not e.is_dir and e.meta is None:
+                e.meta = self.index.get_meta(ident_of(self.bucket, pre + name, e.etag))
+
+    def needs_tag(self, meta: dict[str, str]) -> bool:
+        """Whether an object with this metadata would look different if a listing's
+        defaults stood for it: another type (symlink, ...), mode or owner than the mount's
+        defaults. (Times are not: a listing's Last-Modified is shown until the object is
+        looked up or opened.)"""
+        c = self.cfg
+        a = from_meta(meta, is_dir=False, default_mode=c.file_mode, uid=c.uid, gid=c.gid,
+                      mtime=0)
+        return (a.mode != stat.S_IFREG | c.file_mode or a.uid != c.uid or a.gid != c.gid)
+
+    async def _head_all(self, pre: str, entries: dict[str, Entry], every: bool) -> None:
+        """Read the x-amz-meta-* of listed objects whose metadata is not known yet: every
+        one, or (``every`` false) those a tag marks (:func:`tagged`)."""
+        todo = [(name, e) for name, e in entries.items() if not e.is_dir and e.meta is None
+                and (every or tagged(e.etag))]
+        if not todo:
+            return
+        limiter = trio.CapacityLimiter(HEAD_PARALLEL)
+
+        async def one(name: str, e: Entry) -> None:
+            async with limiter:
+                try:
+                    info = await self.store.head(pre + name)
+                except StoreError:
+                    return  # deleted meanwhile, or unreadable: defaults apply
+                if info.etag == e.etag:
+                    e.meta = info.metadata or {}
+                    self.index.put_meta(ident_of(self.bucket, pre + name, e.etag), e.meta)
+        async with trio.open_nursery() as n:
+            for name, e in todo:
+                n.start_soon(one, name, e)
+
+    # probes ------------------------------------------------------------------------------
+    def missed(self, dir_path: str, now: float) -> int:
+        """Count a probe in ``dir_path``; how many it made within list_ttl (0 once a listing
+        of it turned out too big to be worth it)."""
+        start, n = self._misses.get(dir_path, (now, 0))
+        if n < 0 and now - start < self.cfg.list_ttl:
+            return 0
+        if n < 0 or now - start >= self.cfg.list_ttl:
+            start, n = now, 0
+        self._misses[dir_path] = (start, n + 1)
+        if len(self._misses) > 10_000:
+            self._misses.clear()
+        return n + 1
+
+    async def from_listing(self, dir_path: str, e: Entry | None, name: str,
+                            want_meta: bool = True) -> Entry | None:
+        """A lookup answered by a listing: a file whose metadata is not known yet is HEADed
+        (one request; a listing's defaults and Last-Modified would make the answer depend
+        on the order of access, and git re-read the file), except with metadata=list."""
+        if (e is None or e.is_dir or e.meta is not None or not want_meta
+                or self.cfg.metadata == "list"):
+            return e
+        key = self.dir_key(dir_path) + name
+        try:
+            info = await self.store.head(key)
+        except StoreError as exc:
+            if exc.errno == errno.ENOENT:
+                return None  # deleted since the listing
+            return e  # unreachable: what the listing says is the best answer there is
+        if info.etag == e.etag:
+            e.meta = info.metadata or {}
+            self.index.put_meta(ident_of(self.bucket, key, e.etag), e.meta)
+            return e
+        fresh = Entry(False, info.size, info.etag, info.mtime, info.metadata or {})
+        self.index.put_meta(ident_of(self.bucket, key, info.etag), fresh.meta or {})
+        return fresh
+
+    async def probe(self, path: str) -> Entry | None:
+        """Ask the store about one path: HEAD the object and list one key under ``path/``."""
+        key = self.key(path)
+        result: dict[str, object] = {}
+
+        async def head() -> None:
+            try:
+                result["head"] = await self.store.head(key)
+            except StoreError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+
+        async def lst() -> None:
+            page = await self.store.list(key + "/", None, None, 1)
+            result["dir"] = bool(page.objects or page.prefixes)
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(head)
+                n.start_soon(lst)
+        except* StoreError as eg:
+            raise eg.exceptions[0] from None
+        if result.get("dir"):
+            if "head" in result:
+                self._clash(key + "/")
+            return Entry(True, mtime=time.time())
+        info = result.get("head")
+        if isinstance(info, ObjectInfo) and self.hidden.get(path) != info.etag:
+            e = Entry(False, info.size, info.etag, info.mtime, info.metadata or {})
+            self.index.put_meta(ident_of(self.bucket, key, info.etag), e.meta or {})
+            return e
+        return None
+
+    # local changes -----------------------------------------------------------------------
+    def set_entry(self, path: str, e: Entry | None) -> None:
+        """Record a change we made in the cached listing of its parent, and in the LISTs of
+        it in flight."""
+        parent = self.listings.get(self.parent_of(path))
+        name = path.rpartition("/")[2]
+        for changes in self._listing_now.get(self.parent_of(path), ()):
+            changes[name] = e
+        if parent is not None:
+            if e is None:
+                parent.entries.pop(name, None)
+            else:
+                parent.entries[name] = e
