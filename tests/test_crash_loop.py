@@ -66,8 +66,10 @@ WORKER = textwrap.dedent('''
     while True:
         n += 1
         op = rng.random()
-        have = files()
         try:
+            # (inside the try: a listing the kill cuts off is an error noted after the
+            # kill, like any other operation's, not a traceback)
+            have = files()
             if op < 0.45 or not have:
                 d = rng.choice(DIRS)
                 p = f"{d}/f{rng.randrange(6)}" if rng.random() < 0.7 or not have else rng.choice(have)
