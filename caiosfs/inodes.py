@@ -78,13 +78,7 @@ class Inodes:
             new_version = (from_store and not e.is_dir and bool(n.entry.etag) and bool(e.etag)
                            and n.entry.etag != e.etag and path not in self.wb.files)
             if n.is_dir == e.is_dir and not new_version:
-                if e.is_dir and e.meta is None and n.entry.meta is not None:
-                    # A listing shows a directory as a bare prefix: keep the attributes we
-                    # know (mkdir, chmod) instead of falling back to the mount's defaults.
-                    e.meta, e.marker = n.entry.meta, e.marker or n.entry.marker
-                    attrs = self._attrs(e)
-                n.entry, n.attrs, n.validated = e, attrs, time.monotonic()
-                self._keep_touch(n)
+                self.refresh(n, e)
                 return n
             self.by_path.pop(path, None)  # type or version changed: a new inode
         ino = self.free_ino(path)
@@ -140,6 +134,11 @@ class Inodes:
 
     def refresh(self, n: Node, e: Entry) -> None:
         """``n`` is as ``e`` describes it, as of now."""
+        if e.is_dir and e.meta is None and n.entry.meta is not None:
+            # A listing or a probe shows a directory as a bare prefix (and SeaweedFS drops
+            # a marker's metadata): keep the attributes we know (mkdir, chmod) instead of
+            # falling back to the mount's defaults once the entry's TTL ran out.
+            e.meta, e.marker = n.entry.meta, e.marker or n.entry.marker
         n.entry, n.attrs, n.validated = e, self._attrs(e), time.monotonic()
         self._keep_touch(n)
 

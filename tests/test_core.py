@@ -464,3 +464,18 @@ async def test_setattr_after_a_rename_finds_the_moved_object(store: MemoryStore,
     await core.setattr(ino, AttrChange(mode=0o640))
     assert int(store.objects["e/f"].metadata["mode"]) == stat.S_IFREG | 0o640
     assert store.objects["e/f"].data == b"content"
+
+
+async def test_a_directory_keeps_its_known_attributes_after_its_ttl(
+        store: MemoryStore, make: Cores) -> None:
+    """A listing or probe shows a directory as a bare prefix (no metadata; SeaweedFS even
+    drops a marker's): once the entry's TTL ran out, what this mount set (chmod) must not
+    fall back to the mount's defaults (it did through revalidate: mode 0755 again)."""
+    core = await make(store, entry_ttl="0", list_ttl="0")
+    d = await core.mkdir(ROOT_INO, "d", 0o755, ME)
+    await core.setattr(d.ino, AttrChange(mode=0o710))
+    await settle(core)
+    again = await core.lookup(ROOT_INO, "d")
+    assert stat.S_IMODE(core.attrs_of(again).mode) == 0o710
+    await core.ns.revalidate(again)
+    assert stat.S_IMODE(core.attrs_of(core.getattr(again.ino)).mode) == 0o710
