@@ -22,7 +22,15 @@ from typing import Any
 
 import grpc
 import pytest
-from csi_testlib import CSI_DIR, csi_pb2, csi_pb2_grpc, wait_serving
+from csi_testlib import (
+    CSI_DIR,
+    csi_pb2,
+    csi_pb2_grpc,
+    new_bucket,
+    seaweed_with_auth,
+    secrets_of,
+    wait_serving,
+)
 
 assert CSI_DIR  # csi_testlib put csi/ on sys.path
 
@@ -181,26 +189,18 @@ def sv_caiosfs_bin() -> str:
 
 @pytest.fixture(scope="module")
 def sv_store(sv_caiosfs_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from caiosfs.seaweed import SeaweedServer
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"), access_key="csi-survive",
-                           secret_key=uuid.uuid4().hex)
-    server.start()
-    try:
+    with seaweed_with_auth(tmp_path_factory, "csi-survive") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def sv_bucket(sv_store: Any) -> str:
-    name = f"surv-{uuid.uuid4().hex[:12]}"
-    sv_store.client().create_bucket(Bucket=name)
-    return name
+    return new_bucket(sv_store, "surv")
 
 
 @pytest.fixture
 def sv_secrets(sv_store: Any) -> dict[str, str]:
-    return {"accessKeyId": sv_store.access_key, "secretAccessKey": sv_store.secret_key}
+    return secrets_of(sv_store)
 
 
 @pytest.fixture

@@ -19,13 +19,22 @@ import sys
 import tempfile
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from csi_testlib import CSI_DIR, csi_pb2, csi_pb2_grpc, mount_cap, publish_request, wait_serving
+from csi_testlib import (
+    CSI_DIR,
+    csi_pb2,
+    csi_pb2_grpc,
+    mount_cap,
+    new_bucket,
+    publish_request,
+    seaweed_with_auth,
+    secrets_of,
+    wait_serving,
+)
 
 assert CSI_DIR  # csi_testlib put csi/ on sys.path
 
@@ -67,27 +76,18 @@ def store(request: pytest.FixtureRequest, caiosfs_bin: str,
         return
     except pytest.FixtureLookupError:
         pass
-    from caiosfs import seaweed  # a broken import fails here, it does not skip
-    seaweed.find_weed()  # raises with the reason if the binary is missing
-    server = seaweed.SeaweedServer(tmp_path_factory.mktemp("seaweed"),
-                                   access_key="csi-test", secret_key=uuid.uuid4().hex)
-    server.start()
-    try:
+    with seaweed_with_auth(tmp_path_factory, "csi-test") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def bucket(store: Any) -> str:
-    name = f"csi-{uuid.uuid4().hex[:12]}"
-    store.client().create_bucket(Bucket=name)
-    return name
+    return new_bucket(store, "csi")
 
 
 @pytest.fixture
 def secrets(store: Any) -> dict[str, str]:
-    return {"accessKeyId": store.access_key, "secretAccessKey": store.secret_key}
+    return secrets_of(store)
 
 
 def _context(store: Any, bucket: str, **extra: str) -> dict[str, str]:
