@@ -621,25 +621,17 @@ def _fs_checkpoint(
     return _finish(_ckpt_samples(total, r["t_start"], r["t_commit"], t_dur), m, cpu=cpu)
 
 
-def _b3_checkpoint(ctx: Ctx, what: str, final: str, files: list[tuple[str, str, int]]) -> Outcome:
-    """Raw boto3 uploading the same files straight to their final names, ``b3_up_conc``
-    parts in flight; durable judged by polling the store, as for the mounts."""
+def _b3_upload(ctx: Ctx, what: str, final: str, op: str, args: dict[str, Any],
+               expected: Callable[[dict[str, Any]], dict[str, int]]) -> Outcome:
+    """Raw boto3 writing a checkpoint step under ``final`` with the worker's ``op``;
+    durable judged by polling the store for ``expected(result)`` (name -> size), as for
+    the mounts."""
     top = _out_dir(ctx, "boto3", what)
     d = f"{top}/{final}"
     try:
         meter = CpuMeter(ctx, None)
-        r = _work(
-            ctx,
-            "b3_put_files",
-            {
-                "bucket": BUCKET,
-                "prefix": _b3_key(d),
-                "files": [list(f) for f in files],
-                "part": ctx.b3_part,
-                "conc": ctx.b3_up_conc,
-            },
-        )
-        exp = {f"{d}/{name}": size for name, _, size in files}
+        r = _work(ctx, op, {"bucket": BUCKET, "prefix": _b3_key(d), **args})
+        exp = {f"{d}/{k}": v for k, v in expected(r).items()}
         t_dur = ctx.store.wait_durable(d + "/", exp, ctx.scale.durable_timeout)
         total = sum(exp.values())
         cpu = _b3_cpu(ctx, meter, r, total)
@@ -647,6 +639,15 @@ def _b3_checkpoint(ctx: Ctx, what: str, final: str, files: list[tuple[str, str, 
     finally:
         ctx.store.delete_prefix(top + "/")
     return Outcome(_ckpt_samples(total, r["t_start"], r["t_commit"], t_dur), cpu=cpu)
+
+
+def _b3_checkpoint(ctx: Ctx, what: str, final: str, files: list[tuple[str, str, int]]) -> Outcome:
+    """Raw boto3 uploading the same files straight to their final names, ``b3_up_conc``
+    parts in flight."""
+    return _b3_upload(ctx, what, final, "b3_put_files",
+                      {"files": [list(f) for f in files], "part": ctx.b3_part,
+                       "conc": ctx.b3_up_conc},
+                      lambda r: {name: size for name, _, size in files})
 
 
 def ckpt_write_fs(ctx: Ctx, s: FsSystem) -> Outcome:
@@ -671,30 +672,11 @@ def ckpt_write_fs(ctx: Ctx, s: FsSystem) -> Outcome:
 def ckpt_write_b3(ctx: Ctx) -> Outcome:
     """The same files in raw boto3: every shard a multipart upload, all at once
     (``b3_up_conc`` parts in flight in all), then .metadata once they are all in."""
-    top = _out_dir(ctx, "boto3", "ckpt")
-    d = f"{top}/step-2"
-    try:
-        meter = CpuMeter(ctx, None)
-        r = _work(
-            ctx,
-            "b3_ckpt",
-            {
-                "bucket": BUCKET,
-                "prefix": _b3_key(d),
-                "writers": ctx.scale.ckpt_writers,
-                "shard_bytes": ctx.scale.ckpt_shard_bytes,
-                "part": ctx.b3_part,
-                "conc_per_writer": max(1, ctx.b3_up_conc // ctx.scale.ckpt_writers),
-            },
-        )
-        exp = {f"{d}/{k}": v for k, v in _ckpt_shards(ctx, r["meta_size"]).items()}
-        t_dur = ctx.store.wait_durable(d + "/", exp, ctx.scale.durable_timeout)
-        total = sum(exp.values())
-        cpu = _b3_cpu(ctx, meter, r, total)
-        _verify_written(ctx, d, r["digests"])
-    finally:
-        ctx.store.delete_prefix(top + "/")
-    return Outcome(_ckpt_samples(total, r["t_start"], r["t_commit"], t_dur), cpu=cpu)
+    return _b3_upload(ctx, "ckpt", "step-2", "b3_ckpt",
+                      {"writers": ctx.scale.ckpt_writers,
+                       "shard_bytes": ctx.scale.ckpt_shard_bytes, "part": ctx.b3_part,
+                       "conc_per_writer": max(1, ctx.b3_up_conc // ctx.scale.ckpt_writers)},
+                      lambda r: _ckpt_shards(ctx, r["meta_size"]))
 
 
 def ckpt_save_fs(ctx: Ctx, s: FsSystem) -> Outcome:
