@@ -197,7 +197,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.supervise:
         return supervise(raw)
-    return serve(args)
+    code = serve(args)
+    # Leave at once: the interpreter's exit would join gRPC's executor threads, and one still
+    # in a call (a mount waiting out --mount-timeout) would hold a stopping plugin past
+    # kubelet's grace period (a stop once took > 30 s under load). The server takes no more
+    # calls and everything the plugin keeps is on disk; its daemons live in their own sessions.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def main() -> int:
     record(argv)
     if argv[:1] == ["mount"]:
         source, target = argv[1], argv[2]
+        time.sleep(float(os.environ.get("FAKE_CAIOSFS_MOUNT_DELAY", "0")))
         opts = argv[argv.index("-o") + 1].split(",") if "-o" in argv else []
         proc = subprocess.Popen(
             [sys.executable, __file__, "serve", source, target, "ro" if "ro" in opts else "rw"],

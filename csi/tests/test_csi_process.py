@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,7 @@ class Proc:
 
     def __init__(self, tmp: Path, sock: str, extra: list[str]) -> None:
         self.tmp, self.sock, self.extra = tmp, sock, extra
+        self.env: dict[str, str] = {}
         self.proc: subprocess.Popen | None = None
         self.channel: grpc.Channel | None = None
 
@@ -59,7 +61,8 @@ class Proc:
         fake = self.tmp / "caiosfs"
         fake.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_FUSE}" "$@"\n')
         fake.chmod(0o755)
-        env = dict(os.environ, PYTHONPATH=str(CSI_DIR), FAKE_CAIOSFS_DIR=str(self.tmp))
+        env = dict(os.environ, PYTHONPATH=str(CSI_DIR), FAKE_CAIOSFS_DIR=str(self.tmp),
+                   **self.env)
         with open(self.tmp / "plugin.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "caiosfs_csi", "--endpoint", f"unix://{self.sock}",
@@ -145,6 +148,37 @@ def test_mount_survives_plugin_kill_and_restart(proc: Proc, tmp_path: Path) -> N
     assert not os.path.exists(target)
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(timeout=30) == 0
+
+
+def test_sigterm_during_a_slow_mount_exits_within_grace(proc: Proc, tmp_path: Path) -> None:
+    """A stopping plugin does not wait for a call still in flight (a mount that would take
+    minutes): kubelet's grace period is 30 s, and the plugin's own is 10 s."""
+    proc.env = {"FAKE_CAIOSFS_MOUNT_DELAY": "120"}
+    proc.start()
+    target = _target(tmp_path)
+    errors: list[grpc.RpcError] = []
+
+    def publish() -> None:
+        try:
+            proc.node.NodePublishVolume(publish_request(target), timeout=150)
+        except grpc.RpcError as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=publish, daemon=True)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while not proc.mounts() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.mounts(), "the plugin never ran caiosfs mount"
+    t = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.proc.wait(timeout=25) == 0
+    finally:  # the fake `caiosfs mount`, still asleep, is an orphan now
+        subprocess.run(["pkill", "-f", target], check=False)
+    assert time.monotonic() - t < 25
+    caller.join(timeout=10)
+    assert errors and not caller.is_alive(), "the call in flight got no answer"
 
 
 def test_supervisor_restarts_server_and_keeps_mounts(proc: Proc, tmp_path: Path) -> None:
