@@ -18,7 +18,7 @@ from conftest import data, xxh
 from coretree import Cores
 
 from caiosfs.core import AttrChange, Caller, Core
-from caiosfs.errors import FsError
+from caiosfs.errors import FsError, StoreError
 from caiosfs.inodes import ROOT_INO
 from caiosfs.records import DeleteOp, RenameDirOp
 from caiosfs.store import ListPage
@@ -479,3 +479,38 @@ async def test_a_directory_keeps_its_known_attributes_after_its_ttl(
     assert stat.S_IMODE(core.attrs_of(again).mode) == 0o710
     await core.ns.revalidate(again)
     assert stat.S_IMODE(core.attrs_of(core.getattr(again.ino)).mode) == 0o710
+
+
+def _store_down(store: MemoryStore) -> None:
+    """Every request fails as a reset connection does (retryable), until heal()."""
+    for op in ("head", "list", "get", "put", "create_multipart", "upload_part",
+               "complete_multipart", "copy", "delete", "delete_many"):
+        store.inject(op, StoreError("ConnectionError", "reset", None, retryable=True),
+                     times=1_000_000)
+
+
+@pytest.mark.parametrize("marker_landed", [True, False])
+@pytest.mark.parametrize("list_ttl", ["60", "0.05"])
+async def test_new_files_in_a_new_directory_during_an_outage(
+        make: Cores, store: MemoryStore, list_ttl: str, marker_landed: bool) -> None:
+    """mkdir, then the store goes down: creating files in the new directory works (from
+    its listing, fresh or not; the probes give up within read_timeout), nothing is
+    lost, and everything is in the store once it is back (test_faults'
+    test_store_down_while_writing, without FUSE)."""
+    core = await make(store, list_ttl=list_ttl, read_timeout="0.5", negative_ttl="0.05")
+    o = (await core.mkdir(ROOT_INO, "o", 0o755, ME)).ino
+    if marker_landed:
+        await settle(core)
+    _store_down(store)
+    await trio.sleep(0.1)  # past list_ttl=0.05: the listing made by mkdir is stale
+    bodies = {f"f{i}": data(1000 + i, f"o{i}") for i in range(5)}
+    for name, body in bodies.items():
+        with pytest.raises(FsError) as exc:
+            await core.lookup(o, name)
+        assert exc.value.errno == errno.ENOENT  # not EIO: the listing answers
+        await write_file(core, name, body, parent=o)
+    store._faults.clear()
+    await settle(core)
+    for name, body in bodies.items():
+        assert xxh(store.objects[f"o/{name}"].data) == xxh(body)
+    assert "o/" in store.objects  # the directory's marker too
