@@ -209,17 +209,12 @@ def store_for(cfg: MountConfig) -> Any:
                     # (one connection per copy thread: parallel + 2 x parallel, see
                     # Copier.download_all; a full urllib3 pool discards the surplus)
                     max_connections=cfg.parallel * 3 + 8,
-                    read_timeout=min(30.0, cfg.read_timeout))
-    # botocore parses each LastModified of a listing with dateutil's general parser: for a
-    # page of 1,000 keys 0.23-0.42 s of CPU on the 2-core VM, 0.08-0.12 s with this one
-    # (py-spy: half of a 1,000-file copy's CPU under load). set_parser_defaults is the
-    # hook botocore gives (the AWS CLI uses it for --cli-timestamp-format); S3Store keeps
-    # its client private, hence the reach-in (a parser option for S3Store would be better).
-    try:
-        factory = store._c._endpoint._response_parser_factory
-    except AttributeError:
-        return store
-    factory.set_parser_defaults(timestamp_parser=_iso_timestamp)
+                    read_timeout=min(30.0, cfg.read_timeout),
+                    # botocore parses each LastModified of a listing with dateutil's general
+                    # parser: for a page of 1,000 keys 0.23-0.42 s of CPU on the 2-core VM,
+                    # 0.08-0.12 s with this one (py-spy: half of a 1,000-file copy's CPU
+                    # under load).
+                    timestamp_parser=_iso_timestamp)
     return store
 
 

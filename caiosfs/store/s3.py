@@ -12,6 +12,7 @@ import configparser
 import io
 import os
 import threading
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -192,7 +193,10 @@ class S3Store:
 
     def __init__(self, bucket: str, endpoint: str, region: str, path_style: bool,
                  credentials_file: str | None = None, aws_profile: str | None = None,
-                 max_connections: int = 32, read_timeout: float = 30.0) -> None:
+                 max_connections: int = 32, read_timeout: float = 30.0,
+                 timestamp_parser: Callable[[str], Any] | None = None) -> None:
+        """``timestamp_parser``: how the client parses the times in responses (a listing's
+        LastModified) instead of botocore's default, dateutil's general parser."""
         self.bucket = bucket
         section = aws_profile or os.environ.get("AWS_PROFILE") or "default"
         bsession = boto3.session.Session()
@@ -201,6 +205,11 @@ class S3Store:
             resolver.insert_before("env", _FileProvider(credentials_file, section))
         elif aws_profile:
             bsession = boto3.session.Session(profile_name=aws_profile)
+        if timestamp_parser is not None:
+            # (the session's parser factory, before the client is made from it: botocore's
+            # own hook, the one the AWS CLI uses for --cli-timestamp-format)
+            bsession._session.get_component("response_parser_factory").set_parser_defaults(
+                timestamp_parser=timestamp_parser)
         cfg = Config(
             region_name=region,
             signature_version="s3v4",
