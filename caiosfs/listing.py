@@ -202,20 +202,37 @@ def client_for(cfg: MountConfig) -> Any:
 def store_for(cfg: MountConfig) -> Any:
     """The store ``cp`` calls from its own threads (no StoreClient: see copypool.py). One
     attempt waits at most ``read_timeout`` (<= 30 s) for the store's answer; retries are
-    the caller's (copypool.retrying)."""
-    from .store.s3 import S3Store
-    store = S3Store(cfg.source.bucket, cfg.endpoint, cfg.region, cfg.path_style,
-                    cfg.credentials_file, cfg.aws_profile,
-                    # (one connection per copy thread: parallel + 2 x parallel, see
-                    # Copier.download_all; a full urllib3 pool discards the surplus)
-                    max_connections=cfg.parallel * 3 + 8,
-                    read_timeout=min(30.0, cfg.read_timeout),
-                    # botocore parses each LastModified of a listing with dateutil's general
-                    # parser: for a page of 1,000 keys 0.23-0.42 s of CPU on the 2-core VM,
-                    # 0.08-0.12 s with this one (py-spy: half of a 1,000-file copy's CPU
-                    # under load).
-                    timestamp_parser=_iso_timestamp)
-    return store
+    the caller's (copypool.retrying).
+
+    :class:`~caiosfs.store.lean.CopyStore`: listings, GETs, PUTs and HEADs signed and sent
+    without boto3 (importing boto3 and building its client was 0.5-1 s of a 1,000-file
+    copy's start-up on the 2-core VM), multipart calls through an S3Store made when first
+    needed. With a proxy variable set (urllib3 and http.client do not follow them) or a
+    dotted bucket name in virtual-hosted style, everything goes through S3Store."""
+    import os
+
+    from .store.lean import CopyS3, CopyStore, copy_keys, proxies_configured
+    read_timeout = min(30.0, cfg.read_timeout)
+
+    def full() -> Any:
+        from .store.s3 import S3Store
+        return S3Store(cfg.source.bucket, cfg.endpoint, cfg.region, cfg.path_style,
+                       cfg.credentials_file, cfg.aws_profile,
+                       # (one connection per copy thread: parallel + 2 x parallel, see
+                       # Copier.download_all; a full urllib3 pool discards the surplus)
+                       max_connections=cfg.parallel * 3 + 8, read_timeout=read_timeout,
+                       # botocore parses each LastModified of a listing with dateutil's
+                       # general parser: for a page of 1,000 keys 0.23-0.42 s of CPU on the
+                       # 2-core VM, 0.08-0.12 s with this one.
+                       timestamp_parser=_iso_timestamp)
+    bucket = cfg.source.bucket
+    if proxies_configured(dict(os.environ)) or (not cfg.path_style and "." in bucket):
+        return full()
+    http = CopyS3(cfg.endpoint, bucket, cfg.region, cfg.path_style,
+                  copy_keys(cfg.credentials_file, cfg.aws_profile),
+                  payload_signing=not cfg.endpoint.startswith("https://"),
+                  read_timeout=read_timeout, ca_bundle=os.environ.get("AWS_CA_BUNDLE"))
+    return CopyStore(bucket, http, full)
 
 
 def _iso_timestamp(value: Any) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import builtins  # the class's own list() method hides the type name in its signatures
-import configparser
 import io
 import os
 import threading
@@ -24,7 +23,7 @@ from botocore.credentials import CredentialProvider, Credentials
 
 from ..errors import PreconditionFailed, StoreError, UserError, is_retryable
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
-from .lean import LeanS3, proxies_configured
+from .lean import LeanS3, proxies_configured, read_credentials_file
 
 READ_PIECE = 1 << 20
 MAX_COPY = 5 << 30  # CopyObject limit; larger objects are copied part by part
@@ -79,24 +78,6 @@ class FileSlice(io.RawIOBase):
         if not self.closed:
             os.close(self._fd)
         super().close()
-
-
-def read_credentials_file(path: str, section: str) -> tuple[str, str, str | None]:
-    """(access key, secret key, session token) from an AWS shared-credentials INI file."""
-    parser = configparser.ConfigParser()
-    try:
-        with open(path) as fh:
-            parser.read_file(fh)
-    except (OSError, configparser.Error) as exc:
-        raise UserError(f"cannot read credentials_file {path}: {exc.__class__.__name__}") from None
-    if section not in parser:
-        raise UserError(f"credentials_file {path} has no [{section}] section")
-    sec = parser[section]
-    key, secret = sec.get("aws_access_key_id"), sec.get("aws_secret_access_key")
-    if not key or not secret:
-        raise UserError(f"credentials_file {path} [{section}] lacks aws_access_key_id or "
-                        "aws_secret_access_key")
-    return key.strip(), secret.strip(), (sec.get("aws_session_token") or None)
 
 
 class _FileCredentials(Credentials):
