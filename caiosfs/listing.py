@@ -15,7 +15,7 @@ import heapq
 import os
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,23 +120,39 @@ async def list_s3(client: Any, src: Source, res: Result) -> tuple[list[Item], li
 
 def list_prefix(store: Any, src: Source, res: Result, cfg: MountConfig,
                 ) -> tuple[list[Item], list[str]]:
-    """:func:`list_s3` in the calling thread, straight on the store (``cp``). The first page
-    is the bucket check too: it fails within BUCKET_CHECK_SECONDS with the one line
-    :func:`open_bucket` would give (UserError); a later page's failure is StoreError."""
-    from .copypool import retrying
+    """:func:`list_s3` in the calling thread, straight on the store (``cp``): every page of
+    :func:`iter_prefix`."""
     items: list[Item] = []
     dirs: list[str] = []
-    token = None
+    for page_items, page_dirs in iter_prefix(store, src, res, cfg):
+        items += page_items
+        dirs += page_dirs
+    return items, dirs
+
+
+def iter_prefix(store: Any, src: Source, res: Result, cfg: MountConfig,
+                ) -> Iterator[tuple[list[Item], list[str]]]:
+    """The listing page by page, for a copy to start on the first while the next is
+    fetched. The first page is fetched before this returns: it is the bucket check, and
+    fails within BUCKET_CHECK_SECONDS with the one line :func:`open_bucket` would give
+    (UserError); a later page's failure is StoreError, raised when it is reached."""
+    from .copypool import retrying
     try:
         page = retrying("list", min(cfg.read_timeout, BUCKET_CHECK_SECONDS), store.list,
                         src.prefix, None, None)
     except StoreError as exc:
         raise UserError(describe_store_error(cfg, exc)) from None
-    while True:
-        token = _add_page(page, src, items, dirs, res)
-        if not token:
-            return items, dirs
-        page = retrying("list", cfg.read_timeout, store.list, src.prefix, None, token)
+
+    def pages(page: Any) -> Iterator[tuple[list[Item], list[str]]]:
+        while True:
+            items: list[Item] = []
+            dirs: list[str] = []
+            token = _add_page(page, src, items, dirs, res)
+            yield items, dirs
+            if not token:
+                return
+            page = retrying("list", cfg.read_timeout, store.list, src.prefix, None, token)
+    return pages(page)
 
 
 def _add_page(page: Any, src: Source, items: list[Item], dirs: list[str],

@@ -511,3 +511,61 @@ def test_cp_download_imports_no_boto3_and_keeps_odd_names(s3: Any, bucket: str,
     assert json.loads(r.stderr.strip().splitlines()[-1]) == []
     assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*")
             if p.is_file()} == names
+
+
+def test_listing_pages_overlap_downloads_every_object_once(
+        s3: Any, bucket: str, tmp_path: Path, opts: str, monkeypatch: Any) -> None:
+    """A listing of several pages: the first GETs start before the last page is listed,
+    and still every object is copied exactly once (and --shard I/N covers each once); a
+    page that cannot be listed ends the copy with the error, after what was queued is
+    copied whole (no temp file left)."""
+    from caiosfs.errors import StoreError
+    from caiosfs.store import lean
+    files = {f"g{i % 3}/o{i:02d}": data(3000 + 17 * i, f"pg{i}") for i in range(45)}
+    for rel, body in files.items():
+        s3.put_object(Bucket=bucket, Key="pg/" + rel, Body=body)
+    events: list[tuple[str, float]] = []
+    orig_list, orig_get = lean.CopyStore.list, lean.CopyStore.get_range
+    fail_after: list[int] = []
+
+    def paged(self: Any, prefix: str, delimiter: str | None = "/", token: str | None = None,
+              max_keys: int = 1000) -> Any:
+        n = sum(1 for e, _ in events if e == "page")
+        if fail_after and n >= fail_after[0]:
+            raise StoreError("AccessDenied", "no more pages", 403)
+        if token:
+            time.sleep(0.15)  # (a slow listing: the copy must not wait for it)
+        page = orig_list(self, prefix, delimiter, token, min(max_keys, 10))
+        events.append(("page", time.monotonic()))
+        return page
+
+    def get(self: Any, *args: Any) -> Any:
+        events.append(("get", time.monotonic()))
+        return orig_get(self, *args)
+    monkeypatch.setattr(lean.CopyStore, "list", paged)
+    monkeypatch.setattr(lean.CopyStore, "get_range", get)
+    dest = tmp_path / "all"
+    rc, s, err = cp(f"s3://{bucket}/pg", str(dest), "-o", opts)
+    assert rc == 0 and (s["copied"], s["skipped"]) == (45, 0), err
+    assert local_tree(dest) == {k: xxh(v) for k, v in files.items()}
+    pages = [t for e, t in events if e == "page"]
+    gets = [t for e, t in events if e == "get"]
+    assert len(pages) == 5 and len(gets) == 45
+    assert min(gets) < max(pages), "the first GET waited for the whole listing"
+    seen: dict[str, str] = {}
+    for i in range(3):
+        events.clear()
+        rc, s, err = cp(f"s3://{bucket}/pg", str(tmp_path / f"s{i}"), "-o", opts,
+                        "--shard", f"{i}/3")
+        got = local_tree(tmp_path / f"s{i}")
+        assert rc == 0 and s["copied"] == len(got) and not set(got) & set(seen), err
+        seen.update(got)
+    assert seen == {k: xxh(v) for k, v in files.items()}
+    events.clear()
+    fail_after.append(2)  # the third page is refused
+    part = tmp_path / "part"
+    rc, s, err = cp(f"s3://{bucket}/pg", str(part), "-o", opts + ",read_timeout=2")
+    assert rc != 0 and "listing failed" in err, err
+    got = local_tree(part)
+    assert len(got) == 20 and all(got[k] == xxh(files[k]) for k in got)
+    assert not list(part.rglob(".caiosfs-*"))
