@@ -569,3 +569,26 @@ def test_listing_pages_overlap_downloads_every_object_once(
     got = local_tree(part)
     assert len(got) == 20 and all(got[k] == xxh(files[k]) for k in got)
     assert not list(part.rglob(".caiosfs-*"))
+
+
+def test_small_files_get_their_mode_whatever_the_umask(s3: Any, bucket: str, tmp_path: Path,
+                                                       opts: str) -> None:
+    """Small objects are written into a temp file created with their mode: a umask that
+    takes bits away still leaves the object's mode (then set with fchmod)."""
+    s3.put_object(Bucket=bucket, Key="um/a", Body=b"a" * 10)  # file_mode: 0644
+    s3.put_object(Bucket=bucket, Key="um/b", Body=b"b" * 10,
+                  Metadata={"mode": str(0o100750), "mtime": "1600000001"})
+    s3.put_object(Bucket=bucket, Key="um/c", Body=b"")
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            dest = tmp_path / f"u{umask:o}"
+            rc, s, err = cp(f"s3://{bucket}/um", str(dest), "-o", opts, "--verify")
+        finally:
+            os.umask(old)
+        assert rc == 0 and s["copied"] == 3, err
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in dest.iterdir()}
+        assert modes == {"a": 0o644, "b": 0o750, "c": 0o644}, umask
+        assert (dest / "b").stat().st_mtime == 1600000001
+        assert os.getxattr(dest / "a", "user.caiosfs.etag").decode().strip('"') == \
+            s3.head_object(Bucket=bucket, Key="um/a")["ETag"].strip('"')
