@@ -490,9 +490,9 @@ def test_cp_signer_signs_as_botocore() -> None:
     assert os.path.isfile(ca_file())  # (https: the CA bundle botocore would use)
 
 
-def test_cp_download_imports_no_boto3_and_keeps_odd_names(s3: Any, bucket: str,
+def test_cp_imports_no_boto3_and_keeps_odd_names(s3: Any, bucket: str,
                                                           tmp_path: Path, opts: str) -> None:
-    """The download path signs its own requests: neither boto3, botocore, urllib3 nor the
+    """cp signs its own requests, both ways: neither boto3, botocore, urllib3 nor the
     mount's trio/pyfuse3/lmdb/prometheus are imported; names that need encoding (a
     space, '+', '%', non-ASCII) come through the listing and the GETs intact."""
     names = {"a b/c+d.txt": b"1", "p%20q/\u00fc\u00df.bin": b"22", "plain": b"333",
@@ -511,6 +511,16 @@ def test_cp_download_imports_no_boto3_and_keeps_odd_names(s3: Any, bucket: str,
     assert json.loads(r.stderr.strip().splitlines()[-1]) == []
     assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*")
             if p.is_file()} == names
+    # Uploads too, multipart included (a 6 MiB file in 5 MiB parts), and back to the store.
+    (dest / "big").write_bytes(data(6 * MiB, "oddbig"))
+    r = subprocess.run([sys.executable, "-c", code, "cp", str(dest), f"s3://{bucket}/odd2",
+                        "-o", opts + ",part_size=5M", "-q", "--verify"], capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stderr.strip().splitlines()[-1]) == []
+    assert store_tree(s3, bucket, "odd2/") == {k: xxh(v) for k, v in names.items()} | {
+        "big": xxh(data(6 * MiB, "oddbig"))}
+    assert s3.head_object(Bucket=bucket, Key="odd2/big")["ETag"].endswith('-2"')
 
 
 def test_listing_pages_overlap_downloads_every_object_once(

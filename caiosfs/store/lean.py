@@ -433,9 +433,9 @@ def _xml(raw: bytes) -> ET.Element:
 
 class CopyStore:
     """The store ``caiosfs cp`` calls from its threads: listings, HEAD, ranged GETs, PUTs and
-    aborts of multipart uploads over :class:`CopyS3`; creating, sending and completing
-    multipart parts through an :class:`~caiosfs.store.s3.S3Store` (boto3) made on first use,
-    or ahead of it in a thread (:meth:`prepare_full`)."""
+    multipart uploads over :class:`CopyS3`; anything else (parts copied from an object or
+    given as bytes: not cp's) through an :class:`~caiosfs.store.s3.S3Store` made on first
+    use."""
 
     def __init__(self, bucket: str, http: CopyS3, make_full: Callable[[], Any]) -> None:
         self.bucket, self.http = bucket, http
@@ -450,23 +450,50 @@ class CopyStore:
                 self._full = self._make_full()
             return self._full
 
-    def prepare_full(self) -> None:
-        """Build the boto3 side in a thread now (a multipart upload is coming)."""
-        def make() -> None:
-            try:
-                self.full()
-            except BaseException:  # noqa: BLE001, S110 (the first real call raises it again)
-                pass
-        threading.Thread(target=make, daemon=True, name="cp-boto3").start()
-
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
-        return str(self.full().create_multipart(key, metadata))
+        headers = {"x-amz-meta-" + k: v for k, v in metadata.items()}
+        _, raw = self.http.call("POST", key, {"uploads": ""}, headers)
+        upload_id = _xml(raw).findtext("UploadId")
+        if not upload_id:
+            raise StoreError("MalformedResponse", "no UploadId in the answer", retryable=True)
+        return upload_id
 
     def upload_part(self, key: str, upload_id: str, part: Any) -> str:
-        return str(self.full().upload_part(key, upload_id, part))
+        """A part from a local file's range: read once to hash it (plain http signs the
+        payload, as botocore does), then sent in 1 MiB blocks. Other kinds of parts go
+        through boto3."""
+        if part.path is None or part.copy_key is not None or part.data is not None:
+            return str(self.full().upload_part(key, upload_id, part))
+        params = {"partNumber": str(part.number), "uploadId": upload_id}
+        headers = {"content-length": str(part.length)}
+        with open(part.path, "rb") as fh:
+            payload = None
+            if self.http.payload_signing:
+                h = hashlib.sha256()
+                fh.seek(part.offset)
+                left = part.length
+                while left:
+                    b = fh.read(min(left, 8 << 20))
+                    if not b:
+                        raise OSError(f"local file shrank while uploading ({part.length - left}"
+                                      f" of {part.length} bytes of part {part.number})")
+                    h.update(b)
+                    left -= len(b)
+                payload = h.hexdigest()
+            fh.seek(part.offset)
+            r, _ = self.http.call("PUT", key, params, headers, _Limited(fh, part.length),
+                                  payload)
+        return _etag(r.getheader("ETag"))
 
     def complete_multipart(self, key: str, upload_id: str, etags: builtins.list[str]) -> str:
-        return str(self.full().complete_multipart(key, upload_id, etags))
+        from xml.sax.saxutils import escape
+        body = ("<CompleteMultipartUpload>" + "".join(
+            f"<Part><PartNumber>{i + 1}</PartNumber><ETag>{escape(e)}</ETag></Part>"
+            for i, e in enumerate(etags)) + "</CompleteMultipartUpload>").encode()
+        _, raw = self.http.call("POST", key, {"uploadId": upload_id},
+                                {"content-length": str(len(body))}, body,
+                                hashlib.sha256(body).hexdigest())
+        return _etag(_xml(raw).findtext("ETag"))
 
     # (here)
     def check_bucket(self) -> None:
