@@ -128,7 +128,7 @@ def _rclone_env(s: FsSystem) -> dict[str, str]:
 def _copy_cmd(s: FsSystem, src: str, dst: str) -> tuple[list[str], dict[str, str]]:
     """The command copying src to dst (each a local path or a key under the bench prefix,
     written s3:REL)."""
-    if s.name == "caiosfs":
+    if s.name.startswith("caiosfs"):  # (caiosfs-base too: another build, --caiosfs-base)
         def side(x: str) -> str:
             return f"s3://{BUCKET}/{PREFIX}/{x[3:]}" if x.startswith("s3:") else x
         return ([str(s.binary), "cp", side(src), side(dst), "-q", "-o",  # type: ignore[attr-defined]
@@ -253,9 +253,9 @@ def cp_shards_fs(ctx: Ctx, s: FsSystem) -> Outcome:
 
 TRANSFER_WORKLOADS = [
     Workload("cp_down", "bulk copy S3 -> directory (caiosfs cp, rclone copy --transfers 16)",
-             cp_down_fs, cp_down_b3, only_fs=("caiosfs", "rclone")),
+             cp_down_fs, cp_down_b3, only_fs=("caiosfs", "caiosfs-base", "rclone")),
     Workload("cp_up", "bulk copy directory -> S3 (caiosfs cp, rclone copy --transfers 16)",
-             cp_up_fs, cp_up_b3, only_fs=("caiosfs", "rclone")),
+             cp_up_fs, cp_up_b3, only_fs=("caiosfs", "caiosfs-base", "rclone")),
     Workload("cp_shards", "4 caiosfs cp --shard I/4 at once into one directory",
              cp_shards_fs, None, only_fs=("caiosfs",)),
 ]

@@ -72,7 +72,9 @@ def retrying(op: str, deadline: float, fn: Callable[..., T], *args: Any,
 
 
 class Pool:
-    """Threads draining two queues of callables; see the module docstring."""
+    """Threads draining two queues of callables; see the module docstring. Either
+    :meth:`run` with every task at once, or :meth:`start`, :meth:`add` as tasks become known
+    (a listing's pages), then :meth:`close` and :meth:`join`."""
 
     def __init__(self, n_large: int, n_small: int, small_takes_large: bool = True) -> None:
         self.n_large, self.n_small = max(1, n_large), max(1, n_small)
@@ -80,6 +82,9 @@ class Pool:
         self.large: deque[Callable[[], None]] = deque()
         self.small: deque[Callable[[], None]] = deque()
         self.errors: list[BaseException] = []  # what a task let escape (a bug): re-raised
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
 
     def run(self, large: Iterable[Callable[[], None]],
             small: Iterable[Callable[[], None]]) -> None:
@@ -87,35 +92,69 @@ class Pool:
         escapes one stops nothing but is raised here afterwards."""
         self.large.extend(large)
         self.small.extend(small)
-        threads = []
+        self.start(skip_idle=True)
+        self.close()
+        self.join()
+
+    def start(self, skip_idle: bool = False) -> None:
+        """Start the threads (``skip_idle``: not those with nothing they could take)."""
         for first, second in ([(self.large, self.small)] * self.n_large
                               + [(self.small, self.large if self.small_takes_large
                                   else None)] * self.n_small):
-            if not first and not second:
+            if skip_idle and not first and not second:
                 continue
             t = threading.Thread(target=self._work, args=(first, second), daemon=True,
                                  name="cp-large" if first is self.large else "cp-small")
             t.start()
-            threads.append(t)
-        for t in threads:
+            self._threads.append(t)
+
+    def add(self, large: Iterable[Callable[[], None]],
+            small: Iterable[Callable[[], None]]) -> None:
+        with self._cond:
+            self.large.extend(large)
+            self.small.extend(small)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more tasks: each thread ends once the queues it takes from are empty."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def join(self) -> None:
+        for t in self._threads:
             while t.is_alive():
                 t.join(0.5)  # (a timeout keeps the main thread responsive to Ctrl-C)
         if self.errors:
             raise self.errors[0]
 
+    def _take(self, first: deque[Callable[[], None]],
+              second: deque[Callable[[], None]] | None) -> Callable[[], None] | None:
+        """The next task, waiting while there is none yet; None once closed and empty."""
+        while True:
+            try:
+                return first.popleft()
+            except IndexError:
+                pass
+            if second is not None:
+                try:
+                    return second.popleft()
+                except IndexError:
+                    pass
+            with self._cond:  # (add() extends under this lock: no wake-up is lost)
+                if first or (second is not None and second):
+                    continue
+                if self._closed:
+                    return None
+                self._cond.wait()
+
     def _work(self, first: deque[Callable[[], None]],
               second: deque[Callable[[], None]] | None) -> None:
         while True:
-            try:
-                task = first.popleft()
-            except IndexError:
-                if second is None:
-                    return
-                try:
-                    task = second.popleft()
-                except IndexError:
-                    return
+            task = self._take(first, second)
+            if task is None:
+                return
             try:
                 task()
-            except BaseException as exc:  # noqa: BLE001 (kept, raised by run())
+            except BaseException as exc:  # noqa: BLE001 (kept, raised by join())
                 self.errors.append(exc)

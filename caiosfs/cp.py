@@ -11,6 +11,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .errors import StoreError, UserError, describe_store_error
 from .listing import (
     Item,
     Result,
+    iter_prefix,
     list_prefix,
     parse_side,
     quiet_logs,
@@ -71,10 +73,19 @@ def _source_items(a: argparse.Namespace, cfg: MountConfig, store: Any,
                         "NoSuchKey", "404", "NotFound") else str(exc)))
         Pool(cfg.parallel, 1).run([partial(head, it) for it in missing], [])
         return [it for it in wanted if it.size >= 0]
-    if isinstance(side, Path):
-        return select_shard(walk_local(side), shard)
-    items, _dirs = list_prefix(store, side, res, cfg)
-    return select_shard(items, shard)
+    assert isinstance(side, Path)  # (a listing's pages: _source_pages)
+    return select_shard(walk_local(side), shard)
+
+
+def _source_pages(a: argparse.Namespace, cfg: MountConfig, store: Any, src: Source,
+                  res: Result) -> Iterator[list[Item]]:
+    """A download's items for this shard, a listing page at a time (the first one listed
+    before this returns: the bucket check), or all of --files-from at once."""
+    if getattr(a, "files_from", None):
+        return iter([_source_items(a, cfg, store, src, res)])
+    from .progress import parse_shard
+    shard = parse_shard(a.shard)
+    return (select_shard(items, shard) for items, _dirs in iter_prefix(store, src, res, cfg))
 
 
 def _check_bucket(cfg: MountConfig, store: Any, side: Source) -> None:
@@ -134,8 +145,7 @@ def _cp(a: argparse.Namespace, cfg: MountConfig, store: Any, src: Source | Path,
     cp.xattrs = xattrs
     try:
         if isinstance(src, Source):
-            items = _source_items(a, cfg, store, src, res)
-            todo = cp.plan_download(src, items)
+            pages = _source_pages(a, cfg, store, src, res)
         else:
             assert isinstance(dst, Source)
             # (the destination's listing is the bucket check: first)
@@ -155,11 +165,14 @@ def _cp(a: argparse.Namespace, cfg: MountConfig, store: Any, src: Source | Path,
                         res.aborted += 1
     except StoreError as exc:
         raise UserError(f"listing failed: {exc}") from None
-    progress.total, progress.nobjects = sum(it.size for it in todo), len(todo)
     if isinstance(src, Source):
-        cp.download_all(src, todo)
+        try:  # (the pages after the first are listed while the first ones are copied)
+            cp.download_pages(src, pages)
+        except StoreError as exc:
+            raise UserError(f"listing failed: {exc}") from None
     else:
         assert isinstance(dst, Source)
+        progress.total, progress.nobjects = sum(it.size for it in todo), len(todo)
         cp.upload_all(dst, todo)
     progress.finish() if not progress.quiet else None
     el = time.monotonic() - t0

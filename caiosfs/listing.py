@@ -15,7 +15,7 @@ import heapq
 import os
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,23 +120,39 @@ async def list_s3(client: Any, src: Source, res: Result) -> tuple[list[Item], li
 
 def list_prefix(store: Any, src: Source, res: Result, cfg: MountConfig,
                 ) -> tuple[list[Item], list[str]]:
-    """:func:`list_s3` in the calling thread, straight on the store (``cp``). The first page
-    is the bucket check too: it fails within BUCKET_CHECK_SECONDS with the one line
-    :func:`open_bucket` would give (UserError); a later page's failure is StoreError."""
-    from .copypool import retrying
+    """:func:`list_s3` in the calling thread, straight on the store (``cp``): every page of
+    :func:`iter_prefix`."""
     items: list[Item] = []
     dirs: list[str] = []
-    token = None
+    for page_items, page_dirs in iter_prefix(store, src, res, cfg):
+        items += page_items
+        dirs += page_dirs
+    return items, dirs
+
+
+def iter_prefix(store: Any, src: Source, res: Result, cfg: MountConfig,
+                ) -> Iterator[tuple[list[Item], list[str]]]:
+    """The listing page by page, for a copy to start on the first while the next is
+    fetched. The first page is fetched before this returns: it is the bucket check, and
+    fails within BUCKET_CHECK_SECONDS with the one line :func:`open_bucket` would give
+    (UserError); a later page's failure is StoreError, raised when it is reached."""
+    from .copypool import retrying
     try:
         page = retrying("list", min(cfg.read_timeout, BUCKET_CHECK_SECONDS), store.list,
                         src.prefix, None, None)
     except StoreError as exc:
         raise UserError(describe_store_error(cfg, exc)) from None
-    while True:
-        token = _add_page(page, src, items, dirs, res)
-        if not token:
-            return items, dirs
-        page = retrying("list", cfg.read_timeout, store.list, src.prefix, None, token)
+
+    def pages(page: Any) -> Iterator[tuple[list[Item], list[str]]]:
+        while True:
+            items: list[Item] = []
+            dirs: list[str] = []
+            token = _add_page(page, src, items, dirs, res)
+            yield items, dirs
+            if not token:
+                return
+            page = retrying("list", cfg.read_timeout, store.list, src.prefix, None, token)
+    return pages(page)
 
 
 def _add_page(page: Any, src: Source, items: list[Item], dirs: list[str],
@@ -202,25 +218,37 @@ def client_for(cfg: MountConfig) -> Any:
 def store_for(cfg: MountConfig) -> Any:
     """The store ``cp`` calls from its own threads (no StoreClient: see copypool.py). One
     attempt waits at most ``read_timeout`` (<= 30 s) for the store's answer; retries are
-    the caller's (copypool.retrying)."""
-    from .store.s3 import S3Store
-    store = S3Store(cfg.source.bucket, cfg.endpoint, cfg.region, cfg.path_style,
-                    cfg.credentials_file, cfg.aws_profile,
-                    # (one connection per copy thread: parallel + 2 x parallel, see
-                    # Copier.download_all; a full urllib3 pool discards the surplus)
-                    max_connections=cfg.parallel * 3 + 8,
-                    read_timeout=min(30.0, cfg.read_timeout))
-    # botocore parses each LastModified of a listing with dateutil's general parser: for a
-    # page of 1,000 keys 0.23-0.42 s of CPU on the 2-core VM, 0.08-0.12 s with this one
-    # (py-spy: half of a 1,000-file copy's CPU under load). set_parser_defaults is the
-    # hook botocore gives (the AWS CLI uses it for --cli-timestamp-format); S3Store keeps
-    # its client private, hence the reach-in (a parser option for S3Store would be better).
-    try:
-        factory = store._c._endpoint._response_parser_factory
-    except AttributeError:
-        return store
-    factory.set_parser_defaults(timestamp_parser=_iso_timestamp)
-    return store
+    the caller's (copypool.retrying).
+
+    :class:`~caiosfs.store.lean.CopyStore`: listings, GETs, PUTs and HEADs signed and sent
+    without boto3 (importing boto3 and building its client was 0.5-1 s of a 1,000-file
+    copy's start-up on the 2-core VM), multipart calls through an S3Store made when first
+    needed. With a proxy variable set (urllib3 and http.client do not follow them) or a
+    dotted bucket name in virtual-hosted style, everything goes through S3Store."""
+    import os
+
+    from .store.lean import CopyS3, CopyStore, copy_keys, proxies_configured
+    read_timeout = min(30.0, cfg.read_timeout)
+
+    def full() -> Any:
+        from .store.s3 import S3Store
+        return S3Store(cfg.source.bucket, cfg.endpoint, cfg.region, cfg.path_style,
+                       cfg.credentials_file, cfg.aws_profile,
+                       # (one connection per copy thread: parallel + 2 x parallel, see
+                       # Copier.download_all; a full urllib3 pool discards the surplus)
+                       max_connections=cfg.parallel * 3 + 8, read_timeout=read_timeout,
+                       # botocore parses each LastModified of a listing with dateutil's
+                       # general parser: for a page of 1,000 keys 0.23-0.42 s of CPU on the
+                       # 2-core VM, 0.08-0.12 s with this one.
+                       timestamp_parser=_iso_timestamp)
+    bucket = cfg.source.bucket
+    if proxies_configured(dict(os.environ)) or (not cfg.path_style and "." in bucket):
+        return full()
+    http = CopyS3(cfg.endpoint, bucket, cfg.region, cfg.path_style,
+                  copy_keys(cfg.credentials_file, cfg.aws_profile),
+                  payload_signing=not cfg.endpoint.startswith("https://"),
+                  read_timeout=read_timeout, ca_bundle=os.environ.get("AWS_CA_BUNDLE"))
+    return CopyStore(bucket, http, full)
 
 
 def _iso_timestamp(value: Any) -> Any:

@@ -33,7 +33,7 @@ import socket
 import stat
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,9 @@ from .store import ObjectInfo, PartSource
 ETAG_XATTR = "user.caiosfs.etag"
 MAX_PARTS = 10_000
 TMP_PREFIX, TMP_SUFFIX = ".caiosfs-", ".tmp"
+# Small objects up to this size are received into memory and written at once into a temp
+# file created with their mode; larger ones are written as they arrive.
+SMALL_BUFFER = 1 << 20
 
 
 class _Job:
@@ -93,6 +96,9 @@ class Copier:
         self._dirs: set[Path] = set()  # destination directories known to exist
         self._lock = threading.Lock()  # the counters and the progress line
         self.retries: dict[str, int] = {}  # error code -> requests retried after it
+        self._pid = os.getpid()
+        self._umask = os.umask(0o022)  # (read once, before any copy thread runs)
+        os.umask(self._umask)
 
     def _call(self, op: str, fn: Any, *args: Any) -> Any:
         """One request with bounded patience: a copy reports an object that keeps failing
@@ -184,6 +190,35 @@ class Copier:
 
     def download_all(self, src: Source, items: list[Item]) -> None:
         """Every item copied or in the failure list; then the destination synced."""
+        self.download_pages(src, iter([items]))
+
+    def download_pages(self, src: Source, pages: Iterable[list[Item]]) -> None:
+        """:meth:`download_all` of a listing page by page: each page is planned and its
+        objects queued as it arrives, while the threads copy what earlier pages brought
+        (the first GET starts after the first page, not after the whole listing). A page
+        that cannot be listed stops the listing, not what was queued: that is copied and
+        synced, then the error is raised."""
+        # Ranged GETs: ``parallel`` in flight (16 x 50 MB/s behind the WAN proxy is more
+        # than the 2-core VM moves). Small objects: twice that, as a small GET is mostly
+        # waiting for its first byte (20 ms behind the proxy: 1,000 files / 16 in flight
+        # would take 1.25 s of waiting alone); the ranged-GET threads join them when no
+        # range is left, the small-object threads never take ranges.
+        pool = Pool(self.cfg.parallel, 2 * self.cfg.parallel, small_takes_large=False)
+        pool.start()
+        try:
+            for items in pages:
+                todo = self.plan_download(src, items)
+                with self._lock:
+                    self.progress.total += sum(it.size for it in todo)
+                    self.progress.nobjects += len(todo)
+                pool.add(*self._download_tasks(src, todo))
+        finally:
+            pool.close()
+            pool.join()
+            self._sync()
+
+    def _download_tasks(self, src: Source, items: list[Item],
+                        ) -> tuple[list[Callable[[], None]], list[Callable[[], None]]]:
         large: list[Callable[[], None]] = []
         small: list[Callable[[], None]] = []
         # Largest first: the long transfers overlap with the many small ones.
@@ -195,38 +230,67 @@ class Copier:
             job = _Job(it, math.ceil(it.size / step))
             large += [partial(self._range, src, job, off, step)
                       for off in range(0, it.size, step)]
-        # Ranged GETs: ``parallel`` in flight (16 x 50 MB/s behind the WAN proxy is more
-        # than the 2-core VM moves). Small objects: twice that, as a small GET is mostly
-        # waiting for its first byte (20 ms behind the proxy: 1,000 files / 16 in flight
-        # would take 1.25 s of waiting alone); the ranged-GET threads join them when no
-        # range is left, the small-object threads never take ranges.
-        Pool(self.cfg.parallel, 2 * self.cfg.parallel, small_takes_large=False).run(
-            large, small)
-        self._sync()
+        return large, small
 
     def _paths(self, it: Item) -> tuple[Path, Path]:
         dest = self.local / it.rel
-        tmp = dest.parent / f"{TMP_PREFIX}{_tmp_hash(dest.name)}-{os.getpid()}{TMP_SUFFIX}"
+        tmp = dest.parent / f"{TMP_PREFIX}{_tmp_hash(dest.name)}-{self._pid}{TMP_SUFFIX}"
         return dest, tmp
 
-    def _open_tmp(self, dest: Path, tmp: Path) -> int:
+    def _open_tmp(self, dest: Path, tmp: Path, mode: int = 0o600) -> int:
         if dest.parent not in self._dirs:
             dest.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(dest.parent)
-        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
 
     def _small(self, src: Source, it: Item) -> None:
-        """GET the whole object into a temp file, then finish it (in this thread)."""
+        """GET the whole object, then write it into a temp file created with its mode and
+        finish it (in this thread). Objects above SMALL_BUFFER are written as they arrive
+        (at most 2 x parallel bodies are held)."""
+        if it.size > SMALL_BUFFER:
+            return self._small_streamed(src, it)
+        key = src.prefix + it.rel
+        h = (0, it.size, xxhash.xxh3_64()) if self.verify else None
+        buf = bytearray()
+
+        def sink(off: int, piece: bytes) -> None:
+            if off == 0:  # (an attempt starting again)
+                buf.clear()
+                if h is not None:
+                    h[2].reset()
+            buf.extend(piece)
+            if h is not None:
+                h[2].update(piece)
+        if it.size == 0:
+            meta = self._call("head", self.store.head, key).metadata
+        else:
+            meta = self._call("get", self.store.get_range, key, 0, it.size, it.etag or None,
+                              sink)
+        attrs = self._attrs(meta, it)
+        mode = stat.S_IMODE(attrs.mode)
+        dest, tmp = self._paths(it)
+        # Created with its mode (the umask permitting): no fchmod.
+        fd = self._open_tmp(dest, tmp, mode if not stat.S_ISLNK(attrs.mode) else 0o600)
+        try:
+            view = memoryview(buf)
+            while view:
+                view = view[os.write(fd, view):]
+            self._finish(fd, tmp, dest, it, attrs, [h] if h else [],
+                         mode_set=mode & ~self._umask == mode)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        self._copied(it.size, it.size)
+
+    def _small_streamed(self, src: Source, it: Item) -> None:
+        """GET the whole object into a temp file as it arrives, then finish it."""
         dest, tmp = self._paths(it)
         key = src.prefix + it.rel
         fd = self._open_tmp(dest, tmp)
         h = (0, it.size, xxhash.xxh3_64()) if self.verify else None
         try:
-            if it.size == 0:
-                meta = self._call("head", self.store.head, key).metadata
-            else:
-                meta = self._call("get", self.store.get_range, key, 0, it.size,
-                                  it.etag or None, _writer(fd, h))
+            meta = self._call("get", self.store.get_range, key, 0, it.size, it.etag or None,
+                              _writer(fd, h))
         except BaseException:
             os.close(fd)
             _unlink(tmp)
@@ -284,8 +348,9 @@ class Copier:
         self._copied(it.size, 0)
 
     def _finish(self, fd: int, tmp: Path, dest: Path, it: Item, attrs: Attrs,
-                hashes: list[Any]) -> None:
-        """Check, then give the file its attributes and its name (and close ``fd``)."""
+                hashes: list[Any], mode_set: bool = False) -> None:
+        """Check, then give the file its attributes and its name (and close ``fd``);
+        ``mode_set``: the file was created with its mode already."""
         try:
             if self.verify:
                 if os.fstat(fd).st_size != it.size:
@@ -307,10 +372,13 @@ class Copier:
                 fd = -1
                 os.unlink(tmp)
                 os.symlink(target, tmp)
-            else:
-                os.fchmod(fd, stat.S_IMODE(attrs.mode))
-            _set_etag(tmp, it.etag)
-            os.utime(tmp, (attrs.mtime, attrs.mtime), follow_symlinks=False)
+                _set_etag(tmp, it.etag)
+                os.utime(tmp, (attrs.mtime, attrs.mtime), follow_symlinks=False)
+            else:  # (through the descriptor: no path lookups)
+                if not mode_set:
+                    os.fchmod(fd, stat.S_IMODE(attrs.mode))
+                _set_etag(fd, it.etag)
+                os.utime(fd, (attrs.mtime, attrs.mtime))
             # (every byte is written: a killed process cannot leave this name partial)
             os.rename(tmp, dest)
         finally:
@@ -473,11 +541,15 @@ def _get_etag(path: str) -> str | None:
         return None
 
 
-def _set_etag(path: Path, etag: str) -> None:
+def _set_etag(path: Path | int, etag: str) -> None:
+    """The ETag xattr of a path (not followed) or an open file."""
     if not etag:
         return
     try:
-        os.setxattr(path, ETAG_XATTR, etag.encode(), follow_symlinks=False)
+        if isinstance(path, int):
+            os.setxattr(path, ETAG_XATTR, etag.encode())
+        else:
+            os.setxattr(path, ETAG_XATTR, etag.encode(), follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
             raise

@@ -429,3 +429,176 @@ def test_pool_runs_every_task_each_kind_on_its_threads() -> None:
     with pytest.raises(ZeroDivisionError):  # a bug in a task is raised, after the rest
         Pool(1, 1).run([lambda: 1 / 0], [lambda: task("small")] * 5)
     assert len(ran["small"]) == 305
+
+
+def test_store_parses_listing_times_with_the_given_parser(s3: Any, bucket: str,
+                                                          seaweed: Any, creds_file: Path) -> None:
+    """S3Store's timestamp_parser is what its listings' LastModified go through (cp passes
+    a datetime.fromisoformat one: dateutil's parser was half of a small-file copy's CPU)."""
+    import datetime
+
+    from caiosfs.store.s3 import S3Store
+    s3.put_object(Bucket=bucket, Key="ts/a", Body=b"a")
+    seen: list[str] = []
+
+    def parser(value: str) -> datetime.datetime:
+        seen.append(value)
+        return datetime.datetime(2001, 2, 3, tzinfo=datetime.UTC)
+    store = S3Store(bucket, seaweed.endpoint, "us-east-1", True, str(creds_file),
+                    timestamp_parser=parser)
+    page = store.list("ts/", None)
+    assert seen and [(o.key, o.mtime) for o in page.objects] == [
+        ("ts/a", datetime.datetime(2001, 2, 3, tzinfo=datetime.UTC).timestamp())]
+
+
+def test_cp_signer_signs_as_botocore() -> None:
+    """cp's own SigV4 (store/lean.py) gives botocore's signature for the same request:
+    keys and query values with characters to encode, every kind of header cp sends."""
+    import calendar
+    import hashlib
+    from urllib.parse import quote
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.config import Config
+    from botocore.credentials import Credentials
+
+    from caiosfs.store.lean import SigV4, ca_file, canonical_query
+    for token in (None, "tok/en+="):
+        for method, key, params, headers, body in [
+            ("GET", "d/a b+c%ü~.bin", None, {"range": "bytes=0-9", "if-match": '"e1"'}, None),
+            ("GET", "", {"list-type": "2", "prefix": "p q/+ü", "max-keys": "1000",
+                         "encoding-type": "url", "continuation-token": "a+b/c=="}, {}, None),
+            ("PUT", "x/y", None, {"content-md5": "abc==", "x-amz-meta-mode": "33188",
+                                  "content-length": "5"}, b"hello"),
+            ("DELETE", "x/y", {"uploadId": "u+1/2"}, {}, None),
+            ("GET", "", {"uploads": "", "prefix": "t/"}, {}, None),
+        ]:
+            path = "/bkt/" + quote(key, safe="/~")
+            query = canonical_query(params) if params else ""
+            url = "http://127.0.0.1:9000" + path + ("?" + query if query else "")
+            req = AWSRequest(method, url, data=body, headers=dict(headers))
+            req.context["client_config"] = Config(s3={"payload_signing_enabled": True})
+            S3SigV4Auth(Credentials("AK", "SECRET", token), "s3", "us-east-1").add_auth(req)
+            amz = req.headers["X-Amz-Date"]
+            now = calendar.timegm(time.strptime(amz, "%Y%m%dT%H%M%SZ"))
+            mine = {"host": "127.0.0.1:9000", **headers}
+            payload = hashlib.sha256(body or b"").hexdigest()
+            SigV4("us-east-1", lambda t=token: ("AK", "SECRET", t)).sign(
+                method, path, query, mine, payload, now)
+            assert mine["authorization"] == req.headers["Authorization"], (method, key, params)
+    assert os.path.isfile(ca_file())  # (https: the CA bundle botocore would use)
+
+
+def test_cp_imports_no_boto3_and_keeps_odd_names(s3: Any, bucket: str,
+                                                          tmp_path: Path, opts: str) -> None:
+    """cp signs its own requests, both ways: neither boto3, botocore, urllib3 nor the
+    mount's trio/pyfuse3/lmdb/prometheus are imported; names that need encoding (a
+    space, '+', '%', non-ASCII) come through the listing and the GETs intact."""
+    names = {"a b/c+d.txt": b"1", "p%20q/\u00fc\u00df.bin": b"22", "plain": b"333",
+             "x/y z+/~w": b"4444"}
+    for rel, body in names.items():
+        s3.put_object(Bucket=bucket, Key="odd/" + rel, Body=body)
+    code = ("import sys, json; from caiosfs.cli import main; rc = main(sys.argv[1:]); "
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'boto3', "
+            "'botocore', 's3transfer', 'urllib3', 'trio', 'pyfuse3', 'lmdb', "
+            "'prometheus_client'})), file=sys.stderr); sys.exit(rc)")
+    dest = tmp_path / "d"
+    r = subprocess.run([sys.executable, "-c", code, "cp", f"s3://{bucket}/odd", str(dest),
+                        "-o", opts, "-q"], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stderr.strip().splitlines()[-1]) == []
+    assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*")
+            if p.is_file()} == names
+    # Uploads too, multipart included (a 6 MiB file in 5 MiB parts), and back to the store.
+    (dest / "big").write_bytes(data(6 * MiB, "oddbig"))
+    r = subprocess.run([sys.executable, "-c", code, "cp", str(dest), f"s3://{bucket}/odd2",
+                        "-o", opts + ",part_size=5M", "-q", "--verify"], capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stderr.strip().splitlines()[-1]) == []
+    assert store_tree(s3, bucket, "odd2/") == {k: xxh(v) for k, v in names.items()} | {
+        "big": xxh(data(6 * MiB, "oddbig"))}
+    assert s3.head_object(Bucket=bucket, Key="odd2/big")["ETag"].endswith('-2"')
+
+
+def test_listing_pages_overlap_downloads_every_object_once(
+        s3: Any, bucket: str, tmp_path: Path, opts: str, monkeypatch: Any) -> None:
+    """A listing of several pages: the first GETs start before the last page is listed,
+    and still every object is copied exactly once (and --shard I/N covers each once); a
+    page that cannot be listed ends the copy with the error, after what was queued is
+    copied whole (no temp file left)."""
+    from caiosfs.errors import StoreError
+    from caiosfs.store import lean
+    files = {f"g{i % 3}/o{i:02d}": data(3000 + 17 * i, f"pg{i}") for i in range(45)}
+    for rel, body in files.items():
+        s3.put_object(Bucket=bucket, Key="pg/" + rel, Body=body)
+    events: list[tuple[str, float]] = []
+    orig_list, orig_get = lean.CopyStore.list, lean.CopyStore.get_range
+    fail_after: list[int] = []
+
+    def paged(self: Any, prefix: str, delimiter: str | None = "/", token: str | None = None,
+              max_keys: int = 1000) -> Any:
+        n = sum(1 for e, _ in events if e == "page")
+        if fail_after and n >= fail_after[0]:
+            raise StoreError("AccessDenied", "no more pages", 403)
+        if token:
+            time.sleep(0.15)  # (a slow listing: the copy must not wait for it)
+        page = orig_list(self, prefix, delimiter, token, min(max_keys, 10))
+        events.append(("page", time.monotonic()))
+        return page
+
+    def get(self: Any, *args: Any) -> Any:
+        events.append(("get", time.monotonic()))
+        return orig_get(self, *args)
+    monkeypatch.setattr(lean.CopyStore, "list", paged)
+    monkeypatch.setattr(lean.CopyStore, "get_range", get)
+    dest = tmp_path / "all"
+    rc, s, err = cp(f"s3://{bucket}/pg", str(dest), "-o", opts)
+    assert rc == 0 and (s["copied"], s["skipped"]) == (45, 0), err
+    assert local_tree(dest) == {k: xxh(v) for k, v in files.items()}
+    pages = [t for e, t in events if e == "page"]
+    gets = [t for e, t in events if e == "get"]
+    assert len(pages) == 5 and len(gets) == 45
+    assert min(gets) < max(pages), "the first GET waited for the whole listing"
+    seen: dict[str, str] = {}
+    for i in range(3):
+        events.clear()
+        rc, s, err = cp(f"s3://{bucket}/pg", str(tmp_path / f"s{i}"), "-o", opts,
+                        "--shard", f"{i}/3")
+        got = local_tree(tmp_path / f"s{i}")
+        assert rc == 0 and s["copied"] == len(got) and not set(got) & set(seen), err
+        seen.update(got)
+    assert seen == {k: xxh(v) for k, v in files.items()}
+    events.clear()
+    fail_after.append(2)  # the third page is refused
+    part = tmp_path / "part"
+    rc, s, err = cp(f"s3://{bucket}/pg", str(part), "-o", opts + ",read_timeout=2")
+    assert rc != 0 and "listing failed" in err, err
+    got = local_tree(part)
+    assert len(got) == 20 and all(got[k] == xxh(files[k]) for k in got)
+    assert not list(part.rglob(".caiosfs-*"))
+
+
+def test_small_files_get_their_mode_whatever_the_umask(s3: Any, bucket: str, tmp_path: Path,
+                                                       opts: str) -> None:
+    """Small objects are written into a temp file created with their mode: a umask that
+    takes bits away still leaves the object's mode (then set with fchmod)."""
+    s3.put_object(Bucket=bucket, Key="um/a", Body=b"a" * 10)  # file_mode: 0644
+    s3.put_object(Bucket=bucket, Key="um/b", Body=b"b" * 10,
+                  Metadata={"mode": str(0o100750), "mtime": "1600000001"})
+    s3.put_object(Bucket=bucket, Key="um/c", Body=b"")
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            dest = tmp_path / f"u{umask:o}"
+            rc, s, err = cp(f"s3://{bucket}/um", str(dest), "-o", opts, "--verify")
+        finally:
+            os.umask(old)
+        assert rc == 0 and s["copied"] == 3, err
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in dest.iterdir()}
+        assert modes == {"a": 0o644, "b": 0o750, "c": 0o644}, umask
+        assert (dest / "b").stat().st_mtime == 1600000001
+        assert os.getxattr(dest / "a", "user.caiosfs.etag").decode().strip('"') == \
+            s3.head_object(Bucket=bucket, Key="um/a")["ETag"].strip('"')

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import base64
 import builtins  # the class's own list() method hides the type name in its signatures
-import configparser
 import io
 import os
 import threading
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from botocore.credentials import CredentialProvider, Credentials
 
 from ..errors import PreconditionFailed, StoreError, UserError, is_retryable
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
-from .lean import LeanS3, proxies_configured
+from .lean import LeanS3, proxies_configured, read_credentials_file
 
 READ_PIECE = 1 << 20
 MAX_COPY = 5 << 30  # CopyObject limit; larger objects are copied part by part
@@ -78,24 +78,6 @@ class FileSlice(io.RawIOBase):
         if not self.closed:
             os.close(self._fd)
         super().close()
-
-
-def read_credentials_file(path: str, section: str) -> tuple[str, str, str | None]:
-    """(access key, secret key, session token) from an AWS shared-credentials INI file."""
-    parser = configparser.ConfigParser()
-    try:
-        with open(path) as fh:
-            parser.read_file(fh)
-    except (OSError, configparser.Error) as exc:
-        raise UserError(f"cannot read credentials_file {path}: {exc.__class__.__name__}") from None
-    if section not in parser:
-        raise UserError(f"credentials_file {path} has no [{section}] section")
-    sec = parser[section]
-    key, secret = sec.get("aws_access_key_id"), sec.get("aws_secret_access_key")
-    if not key or not secret:
-        raise UserError(f"credentials_file {path} [{section}] lacks aws_access_key_id or "
-                        "aws_secret_access_key")
-    return key.strip(), secret.strip(), (sec.get("aws_session_token") or None)
 
 
 class _FileCredentials(Credentials):
@@ -192,7 +174,10 @@ class S3Store:
 
     def __init__(self, bucket: str, endpoint: str, region: str, path_style: bool,
                  credentials_file: str | None = None, aws_profile: str | None = None,
-                 max_connections: int = 32, read_timeout: float = 30.0) -> None:
+                 max_connections: int = 32, read_timeout: float = 30.0,
+                 timestamp_parser: Callable[[str], Any] | None = None) -> None:
+        """``timestamp_parser``: how the client parses the times in responses (a listing's
+        LastModified) instead of botocore's default, dateutil's general parser."""
         self.bucket = bucket
         section = aws_profile or os.environ.get("AWS_PROFILE") or "default"
         bsession = boto3.session.Session()
@@ -201,6 +186,11 @@ class S3Store:
             resolver.insert_before("env", _FileProvider(credentials_file, section))
         elif aws_profile:
             bsession = boto3.session.Session(profile_name=aws_profile)
+        if timestamp_parser is not None:
+            # (the session's parser factory, before the client is made from it: botocore's
+            # own hook, the one the AWS CLI uses for --cli-timestamp-format)
+            bsession._session.get_component("response_parser_factory").set_parser_defaults(
+                timestamp_parser=timestamp_parser)
         cfg = Config(
             region_name=region,
             signature_version="s3v4",
