@@ -220,14 +220,16 @@ def store_for(cfg: MountConfig) -> Any:
     attempt waits at most ``read_timeout`` (<= 30 s) for the store's answer; retries are
     the caller's (copypool.retrying).
 
-    :class:`~caiosfs.store.lean.CopyStore`: listings, GETs, PUTs and HEADs signed and sent
+    :class:`~caiosfs.store.copystore.CopyStore`: listings, GETs, PUTs and HEADs signed and sent
     without boto3 (importing boto3 and building its client was 0.5-1 s of a 1,000-file
     copy's start-up on the 2-core VM), multipart calls through an S3Store made when first
     needed. With a proxy variable set (urllib3 and http.client do not follow them) or a
     dotted bucket name in virtual-hosted style, everything goes through S3Store."""
     import os
 
-    from .store.lean import CopyS3, CopyStore, copy_keys, proxies_configured
+    from .store.copystore import CopyS3, CopyStore
+    from .store.lean import proxies_configured
+    from .store.sigv4 import keys_from
     read_timeout = min(30.0, cfg.read_timeout)
 
     def full() -> Any:
@@ -245,7 +247,7 @@ def store_for(cfg: MountConfig) -> Any:
     if proxies_configured(dict(os.environ)) or (not cfg.path_style and "." in bucket):
         return full()
     http = CopyS3(cfg.endpoint, bucket, cfg.region, cfg.path_style,
-                  copy_keys(cfg.credentials_file, cfg.aws_profile),
+                  keys_from(cfg.credentials_file, cfg.aws_profile),
                   payload_signing=not cfg.endpoint.startswith("https://"),
                   read_timeout=read_timeout, ca_bundle=os.environ.get("AWS_CA_BUNDLE"))
     return CopyStore(bucket, http, full)

@@ -463,7 +463,8 @@ def test_cp_signer_signs_as_botocore() -> None:
     from botocore.config import Config
     from botocore.credentials import Credentials
 
-    from caiosfs.store.lean import SigV4, ca_file, canonical_query
+    from caiosfs.store.copystore import ca_file
+    from caiosfs.store.sigv4 import SigV4, canonical_query
     for token in (None, "tok/en+="):
         for method, key, params, headers, body in [
             ("GET", "d/a b+c%ü~.bin", None, {"range": "bytes=0-9", "if-match": '"e1"'}, None),
@@ -530,12 +531,12 @@ def test_listing_pages_overlap_downloads_every_object_once(
     page that cannot be listed ends the copy with the error, after what was queued is
     copied whole (no temp file left)."""
     from caiosfs.errors import StoreError
-    from caiosfs.store import lean
+    from caiosfs.store import copystore
     files = {f"g{i % 3}/o{i:02d}": data(3000 + 17 * i, f"pg{i}") for i in range(45)}
     for rel, body in files.items():
         s3.put_object(Bucket=bucket, Key="pg/" + rel, Body=body)
     events: list[tuple[str, float]] = []
-    orig_list, orig_get = lean.CopyStore.list, lean.CopyStore.get_range
+    orig_list, orig_get = copystore.CopyStore.list, copystore.CopyStore.get_range
     fail_after: list[int] = []
 
     def paged(self: Any, prefix: str, delimiter: str | None = "/", token: str | None = None,
@@ -552,8 +553,8 @@ def test_listing_pages_overlap_downloads_every_object_once(
     def get(self: Any, *args: Any) -> Any:
         events.append(("get", time.monotonic()))
         return orig_get(self, *args)
-    monkeypatch.setattr(lean.CopyStore, "list", paged)
-    monkeypatch.setattr(lean.CopyStore, "get_range", get)
+    monkeypatch.setattr(copystore.CopyStore, "list", paged)
+    monkeypatch.setattr(copystore.CopyStore, "get_range", get)
     dest = tmp_path / "all"
     rc, s, err = cp(f"s3://{bucket}/pg", str(dest), "-o", opts)
     assert rc == 0 and (s["copied"], s["skipped"]) == (45, 0), err

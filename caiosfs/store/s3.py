@@ -23,7 +23,8 @@ from botocore.credentials import CredentialProvider, Credentials
 
 from ..errors import PreconditionFailed, StoreError, UserError, is_retryable
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
-from .lean import LeanS3, proxies_configured, read_credentials_file
+from .lean import LeanS3, proxies_configured
+from .sigv4 import read_credentials_file
 
 READ_PIECE = 1 << 20
 MAX_COPY = 5 << 30  # CopyObject limit; larger objects are copied part by part
