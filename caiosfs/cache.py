@@ -352,30 +352,41 @@ class BlockCache:
 
     def commit(self, ident: bytes, obj_size: int, chunks: list[tuple[int, int]]) -> None:
         """Record fetched chunks in the index (one transaction)."""
-        if not chunks:
-            return
+        self.commit_many([(ident, obj_size, chunks)])
+
+    def commit_many(self, batches: list[tuple[bytes, int, list[tuple[int, int]]]]) -> None:
+        """Record fetched chunks (ident, object size, [(chunk, xxh3)]) of any number of
+        objects in the index, in one write transaction (each block entry read in it too):
+        the fetcher commits whatever its GETs delivered since the loop last looked."""
         cpb = self.chunks_per_block
-        updates: dict[tuple[bytes, int], BlockEntry | None] = {}
+        per_block: dict[tuple[bytes, int], list[tuple[int, int, int]]] = {}
+        for ident, obj_size, chunks in batches:
+            for chunk, csum in chunks:
+                blockno, idx = divmod(chunk, cpb)
+                per_block.setdefault((ident, blockno), []).append(
+                    (idx, csum, self.chunk_len(chunk, obj_size)))
+        if not per_block:
+            return
         t = now()
         added = 0
-        for chunk, csum in chunks:
-            blockno, idx = divmod(chunk, cpb)
-            entry = updates.get((ident, blockno))
+
+        def merge(key: tuple[bytes, int], entry: BlockEntry | None) -> BlockEntry:
+            nonlocal added
             if entry is None:
-                entry = self.index.get_block(ident, blockno) or BlockEntry(t, 0, 0, [0] * cpb)
-                updates[(ident, blockno)] = entry
-            n = self.chunk_len(chunk, obj_size)
-            if not entry.present >> idx & 1:
-                entry.nbytes += n
-                added += n
-            entry.present |= 1 << idx
-            entry.sums[idx] = csum
+                entry = BlockEntry(t, 0, 0, [0] * cpb)
+            for idx, csum, n in per_block[key]:
+                if not entry.present >> idx & 1:
+                    entry.nbytes += n
+                    added += n
+                entry.present |= 1 << idx
+                entry.sums[idx] = csum
             entry.atime = t
-            self.metrics.cache_miss_chunks.inc()
+            return entry
         try:
-            self.index.update_blocks(updates)
+            self.index.merge_blocks(list(per_block), merge)
         except lmdb.Error as exc:  # not recorded: the chunks stay unknown, fetched again
             raise index_error(exc) from None
+        self.metrics.cache_miss_chunks.inc(sum(len(v) for v in per_block.values()))
         self.used += added
         self.metrics.cache_bytes.set(self.used)
 

@@ -264,7 +264,7 @@ async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
     lock = threading.Lock()
     reader, fetcher, _ = _reader(tmp_path / "r", store, memory=16 * MiB)
     orig = store.get_range
-    orig_commit = reader.cache.commit
+    orig_commit = reader.cache.commit_many
 
     def spy(key: str, start: int, length: int, etag: str | None,
             sink: Callable[[int, bytes], None]) -> None:
@@ -289,13 +289,14 @@ async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
             with lock:
                 wire -= length - delivered
 
-    def commit(ident: bytes, obj_size: int, chunks: list[tuple[int, int]]) -> None:
+    def commit(batches: list[tuple[bytes, int, list[tuple[int, int]]]]) -> None:
         nonlocal in_transit
-        orig_commit(ident, obj_size, chunks)
+        orig_commit(batches)
         with lock:
-            in_transit -= sum(reader.cache.chunk_len(c, obj_size) for c, _ in chunks)
+            in_transit -= sum(reader.cache.chunk_len(c, obj_size)
+                              for _, obj_size, chunks in batches for c, _ in chunks)
     store.get_range = spy  # type: ignore[method-assign]
-    reader.cache.commit = commit  # type: ignore[method-assign]
+    reader.cache.commit_many = commit  # type: ignore[method-assign]
     objs = []
     for i in range(6):
         body = data(24 * MiB, f"m{i}")
@@ -316,6 +317,84 @@ async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
     # the readers wanted more than the limit in flight, and memory never held more
     assert wire_peak > 16 * MiB, wire_peak / MiB
     assert 2 * MiB < peak <= 16 * MiB, peak / MiB
+
+
+def test_commit_many_records_several_objects_in_one_transaction(tmp_path: Path) -> None:
+    """One commit of chunks of two objects (one chunk of a block already known, one
+    recommitted): every chunk is readable and verified, sizes are counted once."""
+    c = _cache(tmp_path / "c")
+    a, b = data(3 * MiB, "a"), data(MiB + 7, "b")
+    ia, ib = b"b\0a\0e", b"b\0b\0e"
+    _fill(c, ia, a, 0, MiB)  # chunk 0 of a committed alone first
+    wa, wb = c.writer(ia, len(a)), c.writer(ib, len(b))
+    wa(MiB, a[MiB:])
+    wb(0, b)
+    c.commit_many([(ia, len(a), wa.done), (ib, len(b), wb.done), (ia, len(a), wa.done[:1])])
+    assert c.missing(ia, 0, 2) == [] and c.missing(ib, 0, 1) == []
+    assert c.used == len(a) + len(b)
+    assert c.read(ia, 0, len(a), len(a)) == a
+    assert c.read(ib, 0, len(b), len(b)) == b
+    assert c.metrics.value("caiosfs_cache_miss_chunks_total") == 1 + 2 + 2 + 1
+    c.index.close()
+
+
+async def test_chunks_delivered_while_the_loop_is_busy_commit_together(
+        tmp_path: Path) -> None:
+    """GET threads deliver chunks while the loop is busy elsewhere: the loop then commits
+    them in fewer transactions than chunks, and every byte still reads back right."""
+    store = MemoryStore("b")
+    reader, fetcher, _ = _reader(tmp_path / "r", store)
+    objs = []
+    for i in range(4):
+        body = data(4 * MiB + 11 * i, f"busy{i}")
+        objs.append((ObjRef("b", f"k{i}", store.put_bytes(f"k{i}", body), len(body)), body))
+    calls: list[int] = []
+    orig = reader.cache.commit_many
+
+    def commit_many(batches: list[tuple[bytes, int, list[tuple[int, int]]]]) -> None:
+        calls.append(sum(len(ch) for _, _, ch in batches))
+        orig(batches)
+    reader.cache.commit_many = commit_many  # type: ignore[method-assign]
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        for obj, _ in objs:
+            fetcher.prefetch(obj, 0, (obj.size - 1) // MiB)
+        await trio.sleep(0.05)  # the GETs start...
+        time.sleep(0.3)  # noqa: ASYNC251 - ... and deliver while the loop is busy
+        for obj, _ in objs:
+            await fetcher.ensure(obj, 0, (obj.size - 1) // MiB)
+        n.cancel_scope.cancel()
+    assert sum(calls) == sum(-(-obj.size // MiB) for obj, _ in objs)
+    assert max(calls) > 1, calls  # some transactions took several chunks
+    for obj, body in objs:
+        assert reader.cache.read(obj.ident, 0, obj.size, obj.size) == body
+    assert not fetcher._delivered and not fetcher._commit_queued
+
+
+async def test_small_files_cost_one_get_each(tmp_path: Path) -> None:
+    """A data loader's pattern: 16 readers each read small files whole. Each file is one
+    GET (its only chunk, committed as the GET returns, is there for its reader: no second
+    GET), the bytes are right, and the chunks were held for their readers, not read back."""
+    store = MemoryStore("b")
+    reader, fetcher, budget = _reader(tmp_path / "r", store)
+    files = []
+    for i in range(64):
+        body = data(80_000 + 613 * i, f"small{i}")
+        files.append((ObjRef("b", f"s{i}", store.put_bytes(f"s{i}", body), len(body)), body))
+    before = store.calls["get"]
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+
+        async def worker(k: int) -> None:
+            for obj, body in files[k::16]:
+                assert await reader.read(obj, reader.new_readahead(), 0, MiB) == body
+        async with trio.open_nursery() as inner:
+            for k in range(16):
+                inner.start_soon(worker, k)
+        n.cancel_scope.cancel()
+    assert store.calls["get"] - before == len(files)
+    assert reader.metrics.value("caiosfs_cache_hit_chunks_total") == 0  # no read-back
+    assert budget.used == 0 and reader.cache.fresh_bytes == 0
 
 
 async def test_changed_object_is_never_served_stale(tmp_path: Path) -> None:
