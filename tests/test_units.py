@@ -696,6 +696,49 @@ async def test_spare_files_are_used_and_reused_after_a_crash(tmp_path: Path) -> 
     assert store.objects["pre/new.bin"].data == b"new"
 
 
+@pytest.mark.parametrize("endpoint,path_style,token,signing", [
+    ("http://127.0.0.1:9000", True, None, None),
+    ("http://127.0.0.1:80", True, "tok/en+=", None),
+    ("https://s3.example.com", False, None, False),
+    ("https://s3.example.com:8443", True, None, True),
+])
+def test_lean_signature_is_botocores(monkeypatch: pytest.MonkeyPatch, endpoint: str,
+                                     path_style: bool, token: str | None,
+                                     signing: bool | None) -> None:
+    """The lean GET/HEAD/DELETE signer sends exactly the headers botocore's S3SigV4Auth
+    would (same signature), whatever the key, headers, port, token and payload setting."""
+    import datetime
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.config import Config
+    from botocore.credentials import Credentials
+
+    from caiosfs.store.lean import LeanS3
+    when = datetime.datetime(2026, 12, 7, 0, 59, 1)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when)
+    cfg = Config(s3={"addressing_style": "path" if path_style else "virtual"}
+                 | ({} if signing is None else {"payload_signing_enabled": signing}))
+    creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCY", token)
+    lean = LeanS3(endpoint, "my-bucket", "eu-west-3", path_style, creds, cfg, 4, 10, None)
+    for method, key, headers in [
+            ("GET", "data/s000001.jpg", {"Range": "bytes=0-1048575", "If-Match": '"e1"'}),
+            ("HEAD", "dir with space/ümlaut+plus=eq&amp?q#h~t", {}),
+            ("DELETE", "a//b/./c/../%41", {"X-Odd": "  two   spaces  "})]:
+        req = AWSRequest(method, lean.url(key), headers=headers)
+        req.context["client_config"] = cfg
+        botocore.auth.S3SigV4Auth(creds.get_frozen_credentials(), "s3",
+                                  "eu-west-3").add_auth(req)
+        want = dict(req.headers.items())
+        got = lean.sign_bodiless(method, key, headers, creds.get_frozen_credentials(),
+                                 when.strftime("%Y%m%dT%H%M%SZ"))
+        assert got == want, (method, key)
+    # the signing key is kept for the day, and changes with the secret
+    lean.sign_bodiless("GET", "k", {}, Credentials("A", "other").get_frozen_credentials(),
+                       "20261207T000000Z")
+    assert lean._signing_key[0] == "other"
+
+
 def test_s3_client_settings_for_small_puts_and_https() -> None:
     """Small PUT bodies go without waiting for "100 Continue"; over https the body is not
     hashed for the signature (TLS guards it), over plain http it still is."""

@@ -13,13 +13,16 @@ become the same :class:`StoreError` codes that :func:`caiosfs.store.s3.translate
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import socket
+import time
 import xml.etree.ElementTree as ET
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import urllib3
-from botocore.auth import S3SigV4Auth
+from botocore.auth import EMPTY_SHA256_HASH, UNSIGNED_PAYLOAD, S3SigV4Auth, _host_from_url
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
@@ -53,9 +56,52 @@ class LeanS3:
             timeout=urllib3.Timeout(connect=5, read=read_timeout),
             socket_options=urllib3.connection.HTTPConnection.default_socket_options
             + [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)], **kw)
+        self.host = _host_from_url(self.base)
+        self.path_prefix = urlsplit(self.base).path
+        # What botocore's S3SigV4Auth puts in X-Amz-Content-SHA256 for a request without
+        # a body: the hash of nothing, unless payload signing is switched off.
+        s3 = getattr(config, "s3", None) or {}
+        self.empty_payload = (UNSIGNED_PAYLOAD if s3.get("payload_signing_enabled") is False
+                              else EMPTY_SHA256_HASH)
+        self._signing_key: tuple[str, str, bytes] = ("", "", b"")  # (secret, day, key)
 
     def url(self, key: str) -> str:
         return self.base + quote(key, safe="/~")
+
+    def sign_bodiless(self, method: str, key: str, headers: dict[str, str],
+                      creds: Any, amz_date: str | None = None) -> dict[str, str]:
+        """The headers to send for a request without a body, signed as botocore's
+        S3SigV4Auth signs it (tests/test_units.py compares the two), at ~1/10 of its CPU:
+        botocore builds an AWSRequest, header maps and the signing key on every call
+        (~0.2-0.4 ms), which for a 100 KB file's GET was a tenth of the daemon's CPU."""
+        if amz_date is None:
+            amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        day = amz_date[:8]
+        out = dict(headers)
+        out["X-Amz-Date"] = amz_date
+        if creds.token:
+            out["X-Amz-Security-Token"] = creds.token
+        out["X-Amz-Content-SHA256"] = self.empty_payload
+        canon = {k.lower(): " ".join(v.split()) for k, v in out.items()}
+        canon["host"] = self.host
+        names = sorted(canon)
+        signed = ";".join(names)
+        creq = "\n".join((method, self.path_prefix + quote(key, safe="/~"), "",
+                          "".join(f"{n}:{canon[n]}\n" for n in names), signed,
+                          self.empty_payload))
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        sts = "\n".join(("AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(creq.encode()).hexdigest()))
+        secret, kday, kkey = self._signing_key
+        if secret != creds.secret_key or kday != day:
+            kkey = f"AWS4{creds.secret_key}".encode()
+            for part in (day, self.region, "s3", "aws4_request"):
+                kkey = hmac.new(kkey, part.encode(), hashlib.sha256).digest()
+            self._signing_key = (creds.secret_key, day, kkey)
+        sig = hmac.new(kkey, sts.encode(), hashlib.sha256).hexdigest()
+        out["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, "
+                                f"SignedHeaders={signed}, Signature={sig}")
+        return out
 
     def request(self, method: str, key: str, headers: dict[str, str], body: Any = None,
                 stream: bool = False) -> urllib3.BaseHTTPResponse:
@@ -64,14 +110,18 @@ class LeanS3:
             raise StoreError("NoCredentials", "no credentials found (set AWS_ACCESS_KEY_ID/"
                              "AWS_SECRET_ACCESS_KEY or credentials_file=)")
         url = self.url(key)
-        req = AWSRequest(method, url, data=body, headers=headers)
-        req.context["client_config"] = self.config
-        S3SigV4Auth(self.credentials.get_frozen_credentials(), "s3",
-                    self.region).add_auth(req)
-        if body is not None and hasattr(body, "seek"):
-            body.seek(0)  # the payload hash read it
+        creds = self.credentials.get_frozen_credentials()
+        if body is None:
+            send = self.sign_bodiless(method, key, headers, creds)
+        else:
+            req = AWSRequest(method, url, data=body, headers=headers)
+            req.context["client_config"] = self.config
+            S3SigV4Auth(creds, "s3", self.region).add_auth(req)
+            if hasattr(body, "seek"):
+                body.seek(0)  # the payload hash read it
+            send = dict(req.headers.items())
         try:
-            r = self.pool.urlopen(method, url, body=body, headers=dict(req.headers.items()),
+            r = self.pool.urlopen(method, url, body=body, headers=send,
                                   redirect=False, preload_content=not stream)
         except urllib3.exceptions.TimeoutError as exc:
             raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc
