@@ -118,6 +118,43 @@ def test_cache_roundtrip_corruption_and_eviction(tmp_path: Path) -> None:
     c2.index.close()
 
 
+def test_free_space_is_looked_at_again_when_it_may_have_run_short(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """over_limit() after every GET does not statfs every time while the disk has room to
+    spare, but does as soon as the room may be short or the last look is old; a disk below
+    the floor is always seen."""
+    import shutil
+    from collections import namedtuple
+
+    import caiosfs.cache as cache_mod
+    c = _cache(tmp_path / "c", size=1 << 40)
+    c.min_free = 100 * MiB
+    free = [10 << 30]
+    looks = []
+    Usage = namedtuple("Usage", "total used free")
+
+    def disk_usage(path: object) -> Usage:
+        looks.append(path)
+        return Usage(1 << 40, 0, free[0])
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    c.used = MiB
+    assert not c.over_limit() and len(looks) == 1
+    for _ in range(100):
+        assert not c.over_limit()
+    assert len(looks) == 1  # 10 GiB free a moment ago: no need to look again
+    c.used += (10 << 30) - 300 * MiB  # the cache itself wrote most of the room since
+    free[0] = 200 * MiB
+    assert not c.over_limit() and len(looks) == 2  # near the floor: looked again
+    free[0] = 50 * MiB  # something else filled the disk
+    assert c.over_limit() and len(looks) == 3  # within the margin: looks every time
+    free[0] = 10 << 30
+    assert not c.over_limit() and len(looks) == 4
+    monkeypatch.setattr(cache_mod, "FREE_RECHECK", 0.0)
+    free[0] = 50 * MiB
+    assert c.over_limit() and len(looks) == 5  # an old look is not trusted
+    c.index.close()
+
+
 def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
     c = _cache(tmp_path / "f")
     body = data(3 * MiB, "f")
