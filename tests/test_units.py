@@ -770,10 +770,71 @@ def test_lean_signature_is_botocores(monkeypatch: pytest.MonkeyPatch, endpoint: 
         got = lean.sign_bodiless(method, key, headers, creds.get_frozen_credentials(),
                                  when.strftime("%Y%m%dT%H%M%SZ"))
         assert got == want, (method, key)
+    # a listing: a request on the bucket itself, with a query
+    query = lean.canonical_query({"list-type": "2", "prefix": "a b/ü+&=", "max-keys": "1000",
+                                  "delimiter": "/", "continuation-token": "x/Y+z==",
+                                  "encoding-type": "url"})
+    req = AWSRequest("GET", lean.url("", query))
+    req.context["client_config"] = cfg
+    botocore.auth.S3SigV4Auth(creds.get_frozen_credentials(), "s3", "eu-west-3").add_auth(req)
+    assert lean.sign_bodiless("GET", "", {}, creds.get_frozen_credentials(),
+                              when.strftime("%Y%m%dT%H%M%SZ"), query) == dict(req.headers.items())
+    assert lean.url("", "q=1").split("?")[0].rstrip("/").endswith(
+        "/my-bucket" if path_style else "my-bucket.s3.example.com")
     # the signing key is kept for the day, and changes with the secret
     lean.sign_bodiless("GET", "k", {}, Credentials("A", "other").get_frozen_credentials(),
                        "20261207T000000Z")
     assert lean._signing_key[0] == "other"
+
+
+def test_lean_listing_parses_what_boto3_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ListObjectsV2 through the lean path: URL-encoded keys and prefixes decoded as boto3
+    decodes them (only when the server says it encoded them), sizes, quoted ETags,
+    timestamps, the continuation token only while truncated; the request asks for it."""
+    from caiosfs.store.s3 import S3Store
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    st = S3Store("bk", "http://127.0.0.1:9", "us-east-1", True)
+    assert st._lean is not None
+    ns = ' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
+    pages = {
+        "first": f"""<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult{ns}><Name>bk</Name><Prefix>d%2F</Prefix><KeyCount>2</KeyCount>
+<MaxKeys>2</MaxKeys><Delimiter>%2F</Delimiter><IsTruncated>true</IsTruncated>
+<EncodingType>url</EncodingType><NextContinuationToken>tok+/=</NextContinuationToken>
+<Contents><Key>d%2Fa+b%2Bc%C3%BC.txt</Key><LastModified>2026-12-07T00:02:55.000Z</LastModified>
+<ETag>&quot;0123abc&quot;</ETag><Size>80123</Size><StorageClass>STANDARD</StorageClass></Contents>
+<Contents><Key>d%2Fx%26y%3C%3E</Key><LastModified>2026-01-02T03:04:05Z</LastModified>
+<ETag>"9f-2"</ETag><Size>0</Size></Contents>
+<CommonPrefixes><Prefix>d%2Fsub+dir%2F</Prefix></CommonPrefixes></ListBucketResult>""",
+        "last": """<ListBucketResult><IsTruncated>false</IsTruncated>
+<NextContinuationToken>ignored</NextContinuationToken>
+<Contents><Key>d/plain+key</Key><LastModified>2026-01-02T03:04:05.5+00:00</LastModified>
+<ETag>e</ETag><Size>7</Size></Contents></ListBucketResult>"""}
+    asked = []
+
+    class Resp:
+        def __init__(self, data: str) -> None:
+            self.data = data.encode()
+
+    def request(method: str, key: str, headers: dict[str, str], body: object = None,
+                stream: bool = False, params: dict[str, str] | None = None) -> Resp:
+        asked.append((method, key, params))
+        return Resp(pages["last" if params and params.get("continuation-token") else "first"])
+    monkeypatch.setattr(st._lean, "request", request)
+    p = st.list("d/", "/", None, 2)
+    assert asked[0] == ("GET", "", {"list-type": "2", "prefix": "d/", "max-keys": "2",
+                                    "encoding-type": "url", "delimiter": "/"})
+    assert [(o.key, o.size, o.etag) for o in p.objects] == [
+        ("d/a b+cü.txt", 80123, '"0123abc"'), ("d/x&y<>", 0, '"9f-2"')]
+    assert p.objects[0].mtime == 1796601775.0 and p.objects[1].mtime == 1767323045.0
+    assert p.prefixes == ["d/sub dir/"] and p.next_token == "tok+/="
+    q = st.list("d/", None, p.next_token, 1000)
+    assert asked[1][2] is not None and asked[1][2]["continuation-token"] == "tok+/="
+    assert "delimiter" not in asked[1][2]
+    assert [(o.key, o.size, o.etag, o.mtime) for o in q.objects] == [
+        ("d/plain+key", 7, '"e"', 1767323045.5)]  # not encoded: not decoded
+    assert q.next_token is None and q.prefixes == []
 
 
 def test_s3_client_settings_for_small_puts_and_https() -> None:

@@ -58,6 +58,8 @@ class LeanS3:
             + [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)], **kw)
         self.host = _host_from_url(self.base)
         self.path_prefix = urlsplit(self.base).path
+        # A request on the bucket itself (a listing): /bucket path-style, / virtual-hosted.
+        self.bucket_path = self.path_prefix.rstrip("/") or "/"
         # What botocore's S3SigV4Auth puts in X-Amz-Content-SHA256 for a request without
         # a body: the hash of nothing, unless payload signing is switched off.
         s3 = getattr(config, "s3", None) or {}
@@ -65,11 +67,22 @@ class LeanS3:
                               else EMPTY_SHA256_HASH)
         self._signing_key: tuple[str, str, bytes] = ("", "", b"")  # (secret, day, key)
 
-    def url(self, key: str) -> str:
-        return self.base + quote(key, safe="/~")
+    def url(self, key: str, query: str = "") -> str:
+        """The URL of ``key`` (of the bucket itself for ""), with a canonical query."""
+        if not key:
+            return (self.base[:-len(self.path_prefix)] + self.bucket_path
+                    + (f"?{query}" if query else ""))
+        return self.base + quote(key, safe="/~") + (f"?{query}" if query else "")
+
+    @staticmethod
+    def canonical_query(params: dict[str, str]) -> str:
+        """Query parameters URI-encoded and sorted as SigV4 wants them (and sent so)."""
+        return "&".join(sorted(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+                               for k, v in params.items()))
 
     def sign_bodiless(self, method: str, key: str, headers: dict[str, str],
-                      creds: Any, amz_date: str | None = None) -> dict[str, str]:
+                      creds: Any, amz_date: str | None = None, query: str = ""
+                      ) -> dict[str, str]:
         """The headers to send for a request without a body, signed as botocore's
         S3SigV4Auth signs it (tests/test_units.py compares the two), at ~1/10 of its CPU:
         botocore builds an AWSRequest, header maps and the signing key on every call
@@ -86,7 +99,8 @@ class LeanS3:
         canon["host"] = self.host
         names = sorted(canon)
         signed = ";".join(names)
-        creq = "\n".join((method, self.path_prefix + quote(key, safe="/~"), "",
+        path = self.path_prefix + quote(key, safe="/~") if key else self.bucket_path
+        creq = "\n".join((method, path, query,
                           "".join(f"{n}:{canon[n]}\n" for n in names), signed,
                           self.empty_payload))
         scope = f"{day}/{self.region}/s3/aws4_request"
@@ -104,15 +118,18 @@ class LeanS3:
         return out
 
     def request(self, method: str, key: str, headers: dict[str, str], body: Any = None,
-                stream: bool = False) -> urllib3.BaseHTTPResponse:
-        """One signed request; a response that is not 2xx raises StoreError."""
+                stream: bool = False, params: dict[str, str] | None = None
+                ) -> urllib3.BaseHTTPResponse:
+        """One signed request (``key`` "": on the bucket, with query ``params``); a
+        response that is not 2xx raises StoreError."""
         if self.credentials is None:
             raise StoreError("NoCredentials", "no credentials found (set AWS_ACCESS_KEY_ID/"
                              "AWS_SECRET_ACCESS_KEY or credentials_file=)")
-        url = self.url(key)
+        query = self.canonical_query(params) if params else ""
+        url = self.url(key, query)
         creds = self.credentials.get_frozen_credentials()
         if body is None:
-            send = self.sign_bodiless(method, key, headers, creds)
+            send = self.sign_bodiless(method, key, headers, creds, query=query)
         else:
             req = AWSRequest(method, url, data=body, headers=headers)
             req.context["client_config"] = self.config

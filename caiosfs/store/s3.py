@@ -12,8 +12,11 @@ import configparser
 import io
 import os
 import threading
+import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import unquote_plus
 
 import boto3
 import botocore.exceptions as bexc
@@ -152,6 +155,17 @@ def _mtime(value: Any) -> float:
     return value.timestamp()
 
 
+def _iso_mtime(value: str) -> float:
+    """A listing's LastModified (ISO 8601, e.g. 2026-12-07T00:02:55.000Z) as a timestamp;
+    what botocore's parser and _mtime give for it."""
+    try:
+        t = datetime.fromisoformat(value.strip())
+        return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+    except ValueError:
+        from botocore.utils import parse_timestamp
+        return float(parse_timestamp(value).timestamp())
+
+
 def translate(exc: BaseException) -> StoreError:
     """botocore/urllib3 exception -> StoreError (message free of secrets)."""
     if isinstance(exc, StoreError):
@@ -256,6 +270,8 @@ class S3Store:
 
     def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
              max_keys: int = 1000) -> ListPage:
+        if self._lean is not None:
+            return self._list_lean(prefix, delimiter, token, max_keys)
         kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
         if delimiter:
             kw["Delimiter"] = delimiter
@@ -269,6 +285,40 @@ class S3Store:
             r.get("NextContinuationToken") if r.get("IsTruncated") else None,
         )
         return page
+
+    def _list_lean(self, prefix: str, delimiter: str | None, token: str | None,
+                   max_keys: int) -> ListPage:
+        """ListObjectsV2 as the boto3 client does it (keys URL-encoded on the wire and
+        decoded here), parsed with ElementTree: botocore's parser and its dateutil
+        timestamps cost ~110 us of CPU per listed object, most of a data loader's listing."""
+        assert self._lean is not None
+        params = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys),
+                  "encoding-type": "url"}
+        if delimiter:
+            params["delimiter"] = delimiter
+        if token:
+            params["continuation-token"] = token
+        r = self._lean.request("GET", "", {}, params=params)
+        try:
+            root = ET.fromstring(r.data)
+        except ET.ParseError as exc:
+            raise StoreError("InvalidResponse", f"listing: {exc}", retryable=True) from exc
+        ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+        decode = (unquote_plus if (root.findtext(ns + "EncodingType") or "") == "url"
+                  else (lambda v: v))
+        objects = []
+        for c in root.iterfind(ns + "Contents"):
+            modified = c.findtext(ns + "LastModified")
+            objects.append(ObjectInfo(
+                decode(c.findtext(ns + "Key") or ""), int(c.findtext(ns + "Size") or 0),
+                _etag(c.findtext(ns + "ETag") or ""),
+                _iso_mtime(modified) if modified else 0.0))
+        prefixes = [decode(p.findtext(ns + "Prefix") or "")
+                    for p in root.iterfind(ns + "CommonPrefixes")]
+        truncated = (root.findtext(ns + "IsTruncated") or "").strip().lower() == "true"
+        return ListPage(objects, prefixes,
+                        (root.findtext(ns + "NextContinuationToken") or None) if truncated
+                        else None)
 
     def get_range(self, key: str, start: int, length: int, etag: str | None,
                   sink: Sink) -> dict[str, str]:
