@@ -155,6 +155,24 @@ def test_free_space_is_looked_at_again_when_it_may_have_run_short(
     c.index.close()
 
 
+def test_fuse_background_is_raised_never_lowered(tmp_path: Path) -> None:
+    """The mount raises its FUSE connection's max_background/congestion_threshold through
+    fusectl (/sys/fs/fuse/connections/<minor>/), keeps higher values an admin set, and
+    without fusectl it only says so."""
+    from caiosfs.mount import FUSE_CONGESTION, FUSE_MAX_BACKGROUND, raise_fuse_background
+    conn = tmp_path / "57"
+    conn.mkdir()
+    (conn / "max_background").write_text("12\n")
+    (conn / "congestion_threshold").write_text("9\n")
+    assert raise_fuse_background("0:57", tmp_path)
+    assert int((conn / "max_background").read_text()) == FUSE_MAX_BACKGROUND
+    assert int((conn / "congestion_threshold").read_text()) == FUSE_CONGESTION
+    (conn / "max_background").write_text("500\n")
+    assert raise_fuse_background("0:57", tmp_path)
+    assert int((conn / "max_background").read_text()) == 500
+    assert not raise_fuse_background("0:58", tmp_path)  # no such connection: no error
+
+
 def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
     c = _cache(tmp_path / "f")
     body = data(3 * MiB, "f")
