@@ -30,6 +30,8 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 MIN_FREE_MAX = 2 << 30
+FREE_RECHECK = 0.25  # seconds a look at the disk's free space is trusted (over_limit)...
+FREE_MARGIN = 256 << 20  # ... while it found at least this much above the floor
 
 
 def index_error(exc: lmdb.Error) -> OSError:
@@ -164,6 +166,7 @@ class BlockCache:
         self.fresh_bytes = 0
         self.release_charge: Callable[[int], None] = lambda n: None
         self._atimes: dict[tuple[bytes, int], float] = {}
+        self._free_seen = (-1e9, 0, 0)  # last look at the disk: (when, free bytes, used)
         self.used = sum(e.nbytes for _, _, e in index.iter_blocks())
         metrics.cache_bytes.set(self.used)
         metrics.cache_limit_bytes.set(cache_size)
@@ -352,30 +355,41 @@ class BlockCache:
 
     def commit(self, ident: bytes, obj_size: int, chunks: list[tuple[int, int]]) -> None:
         """Record fetched chunks in the index (one transaction)."""
-        if not chunks:
-            return
+        self.commit_many([(ident, obj_size, chunks)])
+
+    def commit_many(self, batches: list[tuple[bytes, int, list[tuple[int, int]]]]) -> None:
+        """Record fetched chunks (ident, object size, [(chunk, xxh3)]) of any number of
+        objects in the index, in one write transaction (each block entry read in it too):
+        the fetcher commits whatever its GETs delivered since the loop last looked."""
         cpb = self.chunks_per_block
-        updates: dict[tuple[bytes, int], BlockEntry | None] = {}
+        per_block: dict[tuple[bytes, int], list[tuple[int, int, int]]] = {}
+        for ident, obj_size, chunks in batches:
+            for chunk, csum in chunks:
+                blockno, idx = divmod(chunk, cpb)
+                per_block.setdefault((ident, blockno), []).append(
+                    (idx, csum, self.chunk_len(chunk, obj_size)))
+        if not per_block:
+            return
         t = now()
         added = 0
-        for chunk, csum in chunks:
-            blockno, idx = divmod(chunk, cpb)
-            entry = updates.get((ident, blockno))
+
+        def merge(key: tuple[bytes, int], entry: BlockEntry | None) -> BlockEntry:
+            nonlocal added
             if entry is None:
-                entry = self.index.get_block(ident, blockno) or BlockEntry(t, 0, 0, [0] * cpb)
-                updates[(ident, blockno)] = entry
-            n = self.chunk_len(chunk, obj_size)
-            if not entry.present >> idx & 1:
-                entry.nbytes += n
-                added += n
-            entry.present |= 1 << idx
-            entry.sums[idx] = csum
+                entry = BlockEntry(t, 0, 0, [0] * cpb)
+            for idx, csum, n in per_block[key]:
+                if not entry.present >> idx & 1:
+                    entry.nbytes += n
+                    added += n
+                entry.present |= 1 << idx
+                entry.sums[idx] = csum
             entry.atime = t
-            self.metrics.cache_miss_chunks.inc()
+            return entry
         try:
-            self.index.update_blocks(updates)
+            self.index.merge_blocks(list(per_block), merge)
         except lmdb.Error as exc:  # not recorded: the chunks stay unknown, fetched again
             raise index_error(exc) from None
+        self.metrics.cache_miss_chunks.inc(sum(len(v) for v in per_block.values()))
         self.used += added
         self.metrics.cache_bytes.set(self.used)
 
@@ -401,12 +415,26 @@ class BlockCache:
         if not self.min_free:
             return 0
         try:
-            return max(0, self.min_free - shutil.disk_usage(self.dir).free)
+            free = shutil.disk_usage(self.dir).free
         except OSError:
             return 0
+        self._free_seen = (time.monotonic(), free, self.used)
+        return max(0, self.min_free - free)
 
     def over_limit(self) -> bool:
-        return self.used > self.cache_size or (self.used > 0 and self.free_shortfall() > 0)
+        """Whether to evict now (the fetcher asks after every GET). The disk's free space
+        is looked at again only when the last look is FREE_RECHECK old or found less than
+        FREE_MARGIN above the floor (less what the cache wrote since): a statfs per GET was
+        ~2 % of the loop's time for small files."""
+        if self.used > self.cache_size:
+            return True
+        if not self.used or not self.min_free:
+            return False
+        when, free, used = self._free_seen
+        if (time.monotonic() - when < FREE_RECHECK
+                and free - max(0, self.used - used) - self.min_free > FREE_MARGIN):
+            return False
+        return self.free_shortfall() > 0
 
     def evict(self, target: int | None = None, protect: set[bytes] | None = None) -> int:
         """Evict least recently used blocks until ``used <= target``; returns bytes freed.

@@ -62,7 +62,7 @@ import logging
 import shutil
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,18 @@ class Index:
                     txn.delete(k, db=self.blocks)
                 else:
                     txn.put(k, entry.pack(), db=self.blocks)
+
+    def merge_blocks(self, keys: list[tuple[bytes, int]],
+                     merge: Callable[[tuple[bytes, int], BlockEntry | None], BlockEntry]
+                     ) -> None:
+        """Read, change and write back the entries of ``keys`` in one write transaction:
+        ``merge(key, entry or None)`` returns the entry to store."""
+        with self.env.begin(db=self.blocks, write=True) as txn:
+            for ident, blockno in keys:
+                k = block_key(ident, blockno)
+                raw = txn.get(k)
+                txn.put(k, merge((ident, blockno),
+                                 BlockEntry.unpack(raw) if raw else None).pack())
 
     def iter_blocks(self) -> Iterator[tuple[bytes, int, BlockEntry]]:
         with self.env.begin(db=self.blocks) as txn:

@@ -145,6 +145,19 @@ class _Flight:
         ev.set()
 
 
+@dataclass(eq=False)
+class _Get:
+    """One GET in flight, as the loop's commits see it."""
+
+    obj: ObjRef
+    ident: bytes
+    first: int  # its first chunk
+    flight: _Flight
+    keep: bool  # hold its chunks for their reader
+    pending: threading.Semaphore  # chunks it may deliver ahead of the loop's commits
+    commit_error: list[OSError] = field(default_factory=list)
+
+
 class Fetcher:
     def __init__(self, store: StoreClient, cache: BlockCache, metrics: Metrics,
                  budget: MemoryBudget, max_request: int) -> None:
@@ -161,6 +174,11 @@ class Fetcher:
         # without this memory that read would wait out a whole second read_timeout.
         self._failed: dict[tuple[bytes, int], tuple[float, BaseException]] = {}
         self.nursery: trio.Nursery | None = None  # set by the filesystem's run()
+        # Chunks the GETs' worker threads delivered that the loop has not committed yet:
+        # (get, chunk, xxh3, bytes), and whether a _commit_delivered call is queued.
+        self._delivered: list[tuple[_Get, int, int, bytes]] = []
+        self._delivered_lock = threading.Lock()
+        self._commit_queued = False
         # Chunks fetched for a reader wait for it in memory (BlockCache.hold), charged to
         # the budget, up to half of it; a request short of budget drops them first.
         cache.release_charge = budget.release
@@ -253,6 +271,52 @@ class Fetcher:
         runs, _ = self._plan(obj, first, last)
         self._launch(obj, runs, keep)
 
+    def _commit_delivered(self) -> None:
+        """On the loop: record every chunk the GETs delivered since the last call in the
+        index (one LMDB transaction for all of them), then hand each one to its readers.
+        When the loop is busy, the chunks of several GETs wait together: one wakeup and one
+        transaction for all of them instead of one per chunk."""
+        with self._delivered_lock:
+            items, self._delivered = self._delivered, []
+            self._commit_queued = False
+        if not items:
+            return
+        for get, _, _, _ in items:
+            get.pending.release()
+        live = [it for it in items if not it[0].commit_error]
+        try:
+            self.cache.commit_many([(g.ident, g.obj.size, [(c, csum)])
+                                    for g, c, csum, _ in live])
+        except OSError as exc:  # the index is full or broken: each GET fails (in _get)
+            for g, _, _, _ in live:
+                if not g.commit_error:
+                    g.commit_error.append(exc)
+            return
+        miss = 0
+        for get, chunk, _, data in live:
+            ident, flight, size = get.ident, get.flight, get.obj.size
+            if get.keep:
+                # Parallel GETs deliver near and far chunks interleaved. When the hold is
+                # full, chunks asked for later than this one (farther from their readers)
+                # make room, and chunks unread for long (their reader left); else this one
+                # goes to disk only (read back from the page cache).
+                n = len(data)
+                order = flight.order + chunk - get.first
+                over = self.cache.fresh_bytes + n - self.hold_limit
+                if over > 0:
+                    self.cache.drop_stale(HOLD_STALE)
+                    over = self.cache.fresh_bytes + n - self.hold_limit
+                    if over > 0:
+                        self.cache.drop_farther(order, over)
+                if (self.cache.fresh_bytes + n <= self.hold_limit
+                        and self.budget.try_acquire(n)):
+                    self.cache.hold(ident, chunk, data, n, order)
+            miss += self.cache.chunk_len(chunk, size)
+            if self._inflight.get((ident, chunk)) is flight:
+                del self._inflight[(ident, chunk)]
+            flight.bump()
+        self.metrics.cache_miss_bytes.inc(miss)
+
     async def _fetch(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool
                      ) -> None:
         try:
@@ -267,58 +331,44 @@ class Fetcher:
         ident = obj.ident
         charge = min(length, self.request_charge)
         await self.budget.acquire(charge)
-        pending = threading.Semaphore(PENDING_PIECES)
+        get = _Get(obj, ident, a, flight, keep, threading.Semaphore(PENDING_PIECES))
         try:
             self.metrics.readahead_window.observe(length)
             token = trio.lowlevel.current_trio_token()
-            commit_error: list[OSError] = []
-
-            def committed(chunks: list[tuple[int, int]], data: bytes) -> None:
-                # On the loop, for each chunk as it lands: readers waiting for it go on
-                # while the rest of the request is still streaming.
-                pending.release()
-                if commit_error:
-                    return
-                try:
-                    self.cache.commit(ident, obj.size, chunks)
-                except OSError as exc:  # the index is full or broken: handled below
-                    commit_error.append(exc)
-                    return
-                if keep:
-                    # Parallel GETs deliver near and far chunks interleaved. When the hold
-                    # is full, chunks asked for later than this one (farther from their
-                    # readers) make room, and chunks unread for long (their reader left);
-                    # else this one goes to disk only (read back from the page cache).
-                    n = len(data)
-                    order = flight.order + chunks[0][0] - a
-                    over = self.cache.fresh_bytes + n - self.hold_limit
-                    if over > 0:
-                        self.cache.drop_stale(HOLD_STALE)
-                        over = self.cache.fresh_bytes + n - self.hold_limit
-                        if over > 0:
-                            self.cache.drop_farther(order, over)
-                    if (self.cache.fresh_bytes + n <= self.hold_limit
-                            and self.budget.try_acquire(n)):
-                        for c, _ in chunks:
-                            self.cache.hold(ident, c, data, n, order)
-                self.metrics.cache_miss_bytes.inc(
-                    sum(self.cache.chunk_len(c, obj.size) for c, _ in chunks))
-                for c, _ in chunks:
-                    if self._inflight.get((ident, c)) is flight:
-                        del self._inflight[(ident, c)]
-                flight.bump()
 
             def on_chunk(chunk: int, csum: int, data: bytes) -> None:  # in the worker thread
                 # Fire and forget: the GET thread goes on reading its socket instead of
                 # waiting for the loop (a round trip per chunk throttled every stream to
-                # the loop's pace). Callbacks run in order, and all of them before
-                # get_range's own completion, which trio queues the same way.
-                pending.acquire(timeout=PENDING_WAIT)
-                token.run_sync_soon(committed, [(chunk, csum)], data)
+                # the loop's pace), and the loop commits what all GETs delivered since it
+                # last looked in one go (_commit_delivered). Chunks are committed in order,
+                # and all of them before get_range's own completion, which trio queues
+                # after the commit that will take this chunk.
+                get.pending.acquire(timeout=PENDING_WAIT)
+                with self._delivered_lock:
+                    self._delivered.append((get, chunk, csum, data))
+                    if self._commit_queued or chunk == b:
+                        # The request's last chunk: _get commits it when get_range
+                        # returns, a moment later - one wakeup of the loop less per GET
+                        # (the only one for a small file's GET).
+                        return
+                    self._commit_queued = True
+                try:
+                    token.run_sync_soon(self._commit_delivered)
+                except BaseException:  # the loop is gone: never leave the flag set
+                    with self._delivered_lock:
+                        self._commit_queued = False
+                    raise
             writer = self.cache.writer(ident, obj.size, on_chunk)
-            await self.store.get_range(obj.key, start, length, obj.etag, writer)
-            if commit_error:
-                raise commit_error[0]
+            try:
+                await self.store.get_range(obj.key, start, length, obj.etag, writer)
+            finally:
+                # This GET's last chunk, and whatever else waits: committed before the
+                # flight ends, so its readers find every chunk (a commit still queued
+                # then finds less to do).
+                if self._delivered:
+                    self._commit_delivered()
+            if get.commit_error:
+                raise get.commit_error[0]
             if self.cache.over_limit():
                 self.cache.evict(protect={ident})
         except PreconditionFailed as exc:

@@ -431,26 +431,6 @@ def test_pool_runs_every_task_each_kind_on_its_threads() -> None:
     assert len(ran["small"]) == 305
 
 
-def test_store_parses_listing_times_with_the_given_parser(s3: Any, bucket: str,
-                                                          seaweed: Any, creds_file: Path) -> None:
-    """S3Store's timestamp_parser is what its listings' LastModified go through (cp passes
-    a datetime.fromisoformat one: dateutil's parser was half of a small-file copy's CPU)."""
-    import datetime
-
-    from caiosfs.store.s3 import S3Store
-    s3.put_object(Bucket=bucket, Key="ts/a", Body=b"a")
-    seen: list[str] = []
-
-    def parser(value: str) -> datetime.datetime:
-        seen.append(value)
-        return datetime.datetime(2001, 2, 3, tzinfo=datetime.UTC)
-    store = S3Store(bucket, seaweed.endpoint, "us-east-1", True, str(creds_file),
-                    timestamp_parser=parser)
-    page = store.list("ts/", None)
-    assert seen and [(o.key, o.mtime) for o in page.objects] == [
-        ("ts/a", datetime.datetime(2001, 2, 3, tzinfo=datetime.UTC).timestamp())]
-
-
 def test_cp_signer_signs_as_botocore() -> None:
     """cp's own SigV4 (store/lean.py) gives botocore's signature for the same request:
     keys and query values with characters to encode, every kind of header cp sends."""

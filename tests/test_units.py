@@ -118,6 +118,61 @@ def test_cache_roundtrip_corruption_and_eviction(tmp_path: Path) -> None:
     c2.index.close()
 
 
+def test_free_space_is_looked_at_again_when_it_may_have_run_short(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """over_limit() after every GET does not statfs every time while the disk has room to
+    spare, but does as soon as the room may be short or the last look is old; a disk below
+    the floor is always seen."""
+    import shutil
+    from collections import namedtuple
+
+    import caiosfs.cache as cache_mod
+    c = _cache(tmp_path / "c", size=1 << 40)
+    c.min_free = 100 * MiB
+    free = [10 << 30]
+    looks = []
+    Usage = namedtuple("Usage", "total used free")
+
+    def disk_usage(path: object) -> Usage:
+        looks.append(path)
+        return Usage(1 << 40, 0, free[0])
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    c.used = MiB
+    assert not c.over_limit() and len(looks) == 1
+    for _ in range(100):
+        assert not c.over_limit()
+    assert len(looks) == 1  # 10 GiB free a moment ago: no need to look again
+    c.used += (10 << 30) - 300 * MiB  # the cache itself wrote most of the room since
+    free[0] = 200 * MiB
+    assert not c.over_limit() and len(looks) == 2  # near the floor: looked again
+    free[0] = 50 * MiB  # something else filled the disk
+    assert c.over_limit() and len(looks) == 3  # within the margin: looks every time
+    free[0] = 10 << 30
+    assert not c.over_limit() and len(looks) == 4
+    monkeypatch.setattr(cache_mod, "FREE_RECHECK", 0.0)
+    free[0] = 50 * MiB
+    assert c.over_limit() and len(looks) == 5  # an old look is not trusted
+    c.index.close()
+
+
+def test_fuse_background_is_raised_never_lowered(tmp_path: Path) -> None:
+    """The mount raises its FUSE connection's max_background/congestion_threshold through
+    fusectl (/sys/fs/fuse/connections/<minor>/), keeps higher values an admin set, and
+    without fusectl it only says so."""
+    from caiosfs.mount import FUSE_CONGESTION, FUSE_MAX_BACKGROUND, raise_fuse_background
+    conn = tmp_path / "57"
+    conn.mkdir()
+    (conn / "max_background").write_text("12\n")
+    (conn / "congestion_threshold").write_text("9\n")
+    assert raise_fuse_background("0:57", tmp_path)
+    assert int((conn / "max_background").read_text()) == FUSE_MAX_BACKGROUND
+    assert int((conn / "congestion_threshold").read_text()) == FUSE_CONGESTION
+    (conn / "max_background").write_text("500\n")
+    assert raise_fuse_background("0:57", tmp_path)
+    assert int((conn / "max_background").read_text()) == 500
+    assert not raise_fuse_background("0:58", tmp_path)  # no such connection: no error
+
+
 def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
     c = _cache(tmp_path / "f")
     body = data(3 * MiB, "f")
@@ -264,7 +319,7 @@ async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
     lock = threading.Lock()
     reader, fetcher, _ = _reader(tmp_path / "r", store, memory=16 * MiB)
     orig = store.get_range
-    orig_commit = reader.cache.commit
+    orig_commit = reader.cache.commit_many
 
     def spy(key: str, start: int, length: int, etag: str | None,
             sink: Callable[[int, bytes], None]) -> None:
@@ -289,13 +344,14 @@ async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
             with lock:
                 wire -= length - delivered
 
-    def commit(ident: bytes, obj_size: int, chunks: list[tuple[int, int]]) -> None:
+    def commit(batches: list[tuple[bytes, int, list[tuple[int, int]]]]) -> None:
         nonlocal in_transit
-        orig_commit(ident, obj_size, chunks)
+        orig_commit(batches)
         with lock:
-            in_transit -= sum(reader.cache.chunk_len(c, obj_size) for c, _ in chunks)
+            in_transit -= sum(reader.cache.chunk_len(c, obj_size)
+                              for _, obj_size, chunks in batches for c, _ in chunks)
     store.get_range = spy  # type: ignore[method-assign]
-    reader.cache.commit = commit  # type: ignore[method-assign]
+    reader.cache.commit_many = commit  # type: ignore[method-assign]
     objs = []
     for i in range(6):
         body = data(24 * MiB, f"m{i}")
@@ -316,6 +372,84 @@ async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
     # the readers wanted more than the limit in flight, and memory never held more
     assert wire_peak > 16 * MiB, wire_peak / MiB
     assert 2 * MiB < peak <= 16 * MiB, peak / MiB
+
+
+def test_commit_many_records_several_objects_in_one_transaction(tmp_path: Path) -> None:
+    """One commit of chunks of two objects (one chunk of a block already known, one
+    recommitted): every chunk is readable and verified, sizes are counted once."""
+    c = _cache(tmp_path / "c")
+    a, b = data(3 * MiB, "a"), data(MiB + 7, "b")
+    ia, ib = b"b\0a\0e", b"b\0b\0e"
+    _fill(c, ia, a, 0, MiB)  # chunk 0 of a committed alone first
+    wa, wb = c.writer(ia, len(a)), c.writer(ib, len(b))
+    wa(MiB, a[MiB:])
+    wb(0, b)
+    c.commit_many([(ia, len(a), wa.done), (ib, len(b), wb.done), (ia, len(a), wa.done[:1])])
+    assert c.missing(ia, 0, 2) == [] and c.missing(ib, 0, 1) == []
+    assert c.used == len(a) + len(b)
+    assert c.read(ia, 0, len(a), len(a)) == a
+    assert c.read(ib, 0, len(b), len(b)) == b
+    assert c.metrics.value("caiosfs_cache_miss_chunks_total") == 1 + 2 + 2 + 1
+    c.index.close()
+
+
+async def test_chunks_delivered_while_the_loop_is_busy_commit_together(
+        tmp_path: Path) -> None:
+    """GET threads deliver chunks while the loop is busy elsewhere: the loop then commits
+    them in fewer transactions than chunks, and every byte still reads back right."""
+    store = MemoryStore("b")
+    reader, fetcher, _ = _reader(tmp_path / "r", store)
+    objs = []
+    for i in range(4):
+        body = data(4 * MiB + 11 * i, f"busy{i}")
+        objs.append((ObjRef("b", f"k{i}", store.put_bytes(f"k{i}", body), len(body)), body))
+    calls: list[int] = []
+    orig = reader.cache.commit_many
+
+    def commit_many(batches: list[tuple[bytes, int, list[tuple[int, int]]]]) -> None:
+        calls.append(sum(len(ch) for _, _, ch in batches))
+        orig(batches)
+    reader.cache.commit_many = commit_many  # type: ignore[method-assign]
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        for obj, _ in objs:
+            fetcher.prefetch(obj, 0, (obj.size - 1) // MiB)
+        await trio.sleep(0.05)  # the GETs start...
+        time.sleep(0.3)  # noqa: ASYNC251 - ... and deliver while the loop is busy
+        for obj, _ in objs:
+            await fetcher.ensure(obj, 0, (obj.size - 1) // MiB)
+        n.cancel_scope.cancel()
+    assert sum(calls) == sum(-(-obj.size // MiB) for obj, _ in objs)
+    assert max(calls) > 1, calls  # some transactions took several chunks
+    for obj, body in objs:
+        assert reader.cache.read(obj.ident, 0, obj.size, obj.size) == body
+    assert not fetcher._delivered and not fetcher._commit_queued
+
+
+async def test_small_files_cost_one_get_each(tmp_path: Path) -> None:
+    """A data loader's pattern: 16 readers each read small files whole. Each file is one
+    GET (its only chunk, committed as the GET returns, is there for its reader: no second
+    GET), the bytes are right, and the chunks were held for their readers, not read back."""
+    store = MemoryStore("b")
+    reader, fetcher, budget = _reader(tmp_path / "r", store)
+    files = []
+    for i in range(64):
+        body = data(80_000 + 613 * i, f"small{i}")
+        files.append((ObjRef("b", f"s{i}", store.put_bytes(f"s{i}", body), len(body)), body))
+    before = store.calls["get"]
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+
+        async def worker(k: int) -> None:
+            for obj, body in files[k::16]:
+                assert await reader.read(obj, reader.new_readahead(), 0, MiB) == body
+        async with trio.open_nursery() as inner:
+            for k in range(16):
+                inner.start_soon(worker, k)
+        n.cancel_scope.cancel()
+    assert store.calls["get"] - before == len(files)
+    assert reader.metrics.value("caiosfs_cache_hit_chunks_total") == 0  # no read-back
+    assert budget.used == 0 and reader.cache.fresh_bytes == 0
 
 
 async def test_changed_object_is_never_served_stale(tmp_path: Path) -> None:
@@ -615,6 +749,109 @@ async def test_spare_files_are_used_and_reused_after_a_crash(tmp_path: Path) -> 
         n.cancel_scope.cancel()
     assert store.objects["pre/kept.bin"].data == b"keep me"
     assert store.objects["pre/new.bin"].data == b"new"
+
+
+@pytest.mark.parametrize("endpoint,path_style,token,signing", [
+    ("http://127.0.0.1:9000", True, None, None),
+    ("http://127.0.0.1:80", True, "tok/en+=", None),
+    ("https://s3.example.com", False, None, False),
+    ("https://s3.example.com:8443", True, None, True),
+])
+def test_lean_signature_is_botocores(monkeypatch: pytest.MonkeyPatch, endpoint: str,
+                                     path_style: bool, token: str | None,
+                                     signing: bool | None) -> None:
+    """The lean GET/HEAD/DELETE signer sends exactly the headers botocore's S3SigV4Auth
+    would (same signature), whatever the key, headers, port, token and payload setting."""
+    import datetime
+
+    import botocore.auth
+    from botocore.auth import _host_from_url
+    from botocore.awsrequest import AWSRequest
+    from botocore.config import Config
+    from botocore.credentials import Credentials
+
+    from caiosfs.store.lean import LeanS3
+    from caiosfs.store.sigv4 import canonical_query
+    when = datetime.datetime(2026, 12, 7, 0, 59, 1, tzinfo=datetime.UTC)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when)
+    cfg = Config(s3={"addressing_style": "path" if path_style else "virtual"}
+                 | ({} if signing is None else {"payload_signing_enabled": signing}))
+    creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCY", token)
+    lean = LeanS3(endpoint, "my-bucket", "eu-west-3", path_style, creds, cfg, 4, 10, None)
+    for method, key, headers in [
+            ("GET", "data/s000001.jpg", {"Range": "bytes=0-1048575", "If-Match": '"e1"'}),
+            ("HEAD", "dir with space/ümlaut+plus=eq&amp?q#h~t", {}),
+            ("DELETE", "a//b/./c/../%41", {"X-Odd": "  two   spaces  "})]:
+        req = AWSRequest(method, lean.url(key), headers=headers)
+        req.context["client_config"] = cfg
+        botocore.auth.S3SigV4Auth(creds.get_frozen_credentials(), "s3",
+                                  "eu-west-3").add_auth(req)
+        want = {k.lower(): v for k, v in req.headers.items()}
+        got = lean.signed_headers(method, key, headers, now=when.timestamp())
+        assert got.pop("host") == _host_from_url(lean.url(key)), (method, key)
+        assert got == want, (method, key)
+    # a listing: a request on the bucket itself, with a query
+    query = canonical_query({"list-type": "2", "prefix": "a b/ü+&=", "max-keys": "1000",
+                             "delimiter": "/", "continuation-token": "x/Y+z==",
+                             "encoding-type": "url"})
+    req = AWSRequest("GET", lean.url("", query))
+    req.context["client_config"] = cfg
+    botocore.auth.S3SigV4Auth(creds.get_frozen_credentials(), "s3", "eu-west-3").add_auth(req)
+    got = lean.signed_headers("GET", "", {}, query, now=when.timestamp())
+    got.pop("host")
+    assert got == {k.lower(): v for k, v in req.headers.items()}
+    assert lean.url("", "q=1").split("?")[0].rstrip("/").endswith(
+        "/my-bucket" if path_style else "my-bucket.s3.example.com")
+
+
+def test_lean_listing_parses_what_boto3_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ListObjectsV2 through the lean path: URL-encoded keys and prefixes decoded as boto3
+    decodes them (only when the server says it encoded them), sizes, quoted ETags,
+    timestamps, the continuation token only while truncated; the request asks for it."""
+    from caiosfs.store.s3 import S3Store
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    st = S3Store("bk", "http://127.0.0.1:9", "us-east-1", True)
+    assert st._lean is not None
+    ns = ' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
+    pages = {
+        "first": f"""<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult{ns}><Name>bk</Name><Prefix>d%2F</Prefix><KeyCount>2</KeyCount>
+<MaxKeys>2</MaxKeys><Delimiter>%2F</Delimiter><IsTruncated>true</IsTruncated>
+<EncodingType>url</EncodingType><NextContinuationToken>tok+/=</NextContinuationToken>
+<Contents><Key>d%2Fa+b%2Bc%C3%BC.txt</Key><LastModified>2026-12-07T00:02:55.000Z</LastModified>
+<ETag>&quot;0123abc&quot;</ETag><Size>80123</Size><StorageClass>STANDARD</StorageClass></Contents>
+<Contents><Key>d%2Fx%26y%3C%3E</Key><LastModified>2026-01-02T03:04:05Z</LastModified>
+<ETag>"9f-2"</ETag><Size>0</Size></Contents>
+<CommonPrefixes><Prefix>d%2Fsub+dir%2F</Prefix></CommonPrefixes></ListBucketResult>""",
+        "last": """<ListBucketResult><IsTruncated>false</IsTruncated>
+<NextContinuationToken>ignored</NextContinuationToken>
+<Contents><Key>d/plain+key</Key><LastModified>2026-01-02T03:04:05.5+00:00</LastModified>
+<ETag>e</ETag><Size>7</Size></Contents></ListBucketResult>"""}
+    asked = []
+
+    class Resp:
+        def __init__(self, data: str) -> None:
+            self.data = data.encode()
+
+    def request(method: str, key: str, headers: dict[str, str], body: object = None,
+                stream: bool = False, params: dict[str, str] | None = None) -> Resp:
+        asked.append((method, key, params))
+        return Resp(pages["last" if params and params.get("continuation-token") else "first"])
+    monkeypatch.setattr(st._lean, "request", request)
+    p = st.list("d/", "/", None, 2)
+    assert asked[0] == ("GET", "", {"list-type": "2", "prefix": "d/", "max-keys": "2",
+                                    "encoding-type": "url", "delimiter": "/"})
+    assert [(o.key, o.size, o.etag) for o in p.objects] == [
+        ("d/a b+cü.txt", 80123, '"0123abc"'), ("d/x&y<>", 0, '"9f-2"')]
+    assert p.objects[0].mtime == 1796601775.0 and p.objects[1].mtime == 1767323045.0
+    assert p.prefixes == ["d/sub dir/"] and p.next_token == "tok+/="
+    q = st.list("d/", None, p.next_token, 1000)
+    assert asked[1][2] is not None and asked[1][2]["continuation-token"] == "tok+/="
+    assert "delimiter" not in asked[1][2]
+    assert [(o.key, o.size, o.etag, o.mtime) for o in q.objects] == [
+        ("d/plain+key", 7, '"e"', 1767323045.5)]  # not encoded: not decoded
+    assert q.next_token is None and q.prefixes == []
 
 
 def test_s3_client_settings_for_small_puts_and_https() -> None:

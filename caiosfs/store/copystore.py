@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 from ..errors import StoreError
 from . import ListPage, MultipartUpload, ObjectInfo
 from .s3xml import error_of, etag, http_time, iso_time, list_page, list_params, meta_of, parse_xml
-from .sigv4 import EMPTY_SHA256, UNSIGNED, Keys, SigV4, canonical_query
+from .sigv4 import EMPTY_SHA256, UNSIGNED, Keys, SigV4, canonical_query, host_header
 
 PIECE = 1 << 20  # what one read of a response body asks for
 
@@ -70,6 +70,7 @@ class CopyS3:
         else:
             self.hostname = f"{bucket}.{u.hostname}"
             self.netloc, self.base = f"{bucket}.{u.netloc}", "/"
+        self.host = host_header(u.scheme, self.netloc)
         self.signer = SigV4(region, keys)
         self.payload_signing = payload_signing  # (plain http: hash the body, as botocore)
         self.read_timeout = read_timeout
@@ -111,7 +112,7 @@ class CopyS3:
         connection dropped."""
         path = self.base + quote(key, safe="/~")
         query = canonical_query(params) if params else ""
-        h = {"host": self.netloc, **(headers or {})}
+        h = {"host": self.host, **(headers or {})}
         if payload is None:
             payload = EMPTY_SHA256 if body is None or not self.payload_signing else UNSIGNED
         elif not self.payload_signing:

@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 
 from ..errors import StoreError
 from .s3xml import error_of
+from .sigv4 import EMPTY_SHA256, UNSIGNED, Keys, SigV4, canonical_query, host_header
 
 if TYPE_CHECKING:
     import urllib3
@@ -59,26 +60,65 @@ class LeanS3:
             timeout=urllib3.Timeout(connect=5, read=read_timeout),
             socket_options=urllib3.connection.HTTPConnection.default_socket_options
             + [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)], **kw)
+        # Requests without a body are signed by SigV4 (~1/10 of S3SigV4Auth's CPU: it builds
+        # an AWSRequest, header maps and the signing key on every call, ~0.2-0.4 ms, a tenth
+        # of the daemon's CPU for a 100 KB file's GET); the Host header sent is the one signed.
+        self.host = host_header(u.scheme, u.netloc if path_style else f"{bucket}.{u.netloc}")
+        self.path_prefix = urlsplit(self.base).path
+        # A request on the bucket itself (a listing): /bucket path-style, / virtual-hosted.
+        self.bucket_path = self.path_prefix.rstrip("/") or "/"
+        # What botocore puts in x-amz-content-sha256 for a request without a body: the
+        # hash of nothing, unless payload signing is switched off.
+        s3 = getattr(config, "s3", None) or {}
+        self.empty_payload = (UNSIGNED if s3.get("payload_signing_enabled") is False
+                              else EMPTY_SHA256)
+        self.signer = SigV4(region, self._keys)
 
-    def url(self, key: str) -> str:
-        return self.base + quote(key, safe="/~")
+    def _keys(self) -> Keys | None:
+        if self.credentials is None:
+            return None
+        f = self.credentials.get_frozen_credentials()  # (refreshed when it expires)
+        return f.access_key, f.secret_key, f.token
+
+    def url(self, key: str, query: str = "") -> str:
+        """The URL of ``key`` (of the bucket itself for ""), with a canonical query."""
+        q = f"?{query}" if query else ""
+        if not key:
+            return self.base[:-len(self.path_prefix)] + self.bucket_path + q
+        return self.base + quote(key, safe="/~") + q
+
+    def signed_headers(self, method: str, key: str, headers: dict[str, str],
+                       query: str = "", now: float | None = None) -> dict[str, str]:
+        """The headers to send for a request without a body (lower-case names)."""
+        h = {k.lower(): v for k, v in headers.items()}
+        h["host"] = self.host
+        path = self.path_prefix + quote(key, safe="/~") if key else self.bucket_path
+        self.signer.sign(method, path, query, h, self.empty_payload, now)
+        return h
 
     def request(self, method: str, key: str, headers: dict[str, str], body: Any = None,
-                stream: bool = False) -> urllib3.BaseHTTPResponse:
-        """One signed request; a response that is not 2xx raises StoreError."""
+                stream: bool = False, params: dict[str, str] | None = None
+                ) -> urllib3.BaseHTTPResponse:
+        """One signed request (``key`` "": on the bucket, with query ``params``); a
+        response that is not 2xx raises StoreError."""
         import urllib3
         if self.credentials is None:
             raise StoreError("NoCredentials", "no credentials found (set AWS_ACCESS_KEY_ID/"
                              "AWS_SECRET_ACCESS_KEY or credentials_file=)")
-        url = self.url(key)
-        req = self._request(method, url, data=body, headers=headers)
-        req.context["client_config"] = self.config
-        self._auth(self.credentials.get_frozen_credentials(), "s3",
-                    self.region).add_auth(req)
-        if body is not None and hasattr(body, "seek"):
-            body.seek(0)  # the payload hash read it
+        query = canonical_query(params) if params else ""
+        url = self.url(key, query)
+        if body is None:
+            send = self.signed_headers(method, key, headers, query)
+        else:
+            req = self._request(method, url, data=body, headers=headers)
+            req.context["client_config"] = self.config
+            self._auth(self.credentials.get_frozen_credentials(), "s3",
+                       self.region).add_auth(req)
+            if hasattr(body, "seek"):
+                body.seek(0)  # the payload hash read it
+            send = dict(req.headers.items())
         try:
-            r = self.pool.urlopen(method, url, body=body, headers=dict(req.headers.items()),
+            r = self.pool.urlopen(method, url, body=body, headers=send,
                                   redirect=False, preload_content=not stream)
         except urllib3.exceptions.TimeoutError as exc:
             raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc

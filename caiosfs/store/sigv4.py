@@ -152,6 +152,15 @@ class SigV4:
                                     f"SignedHeaders={';'.join(names)}, Signature={sig}")
 
 
+def host_header(scheme: str, netloc: str) -> str:
+    """The Host header http clients send (and botocore signs): the port only when it is
+    not the scheme's default."""
+    for default in ((":80",) if scheme == "http" else (":443",) if scheme == "https" else ()):
+        if netloc.endswith(default):
+            return netloc[:-len(default)]
+    return netloc
+
+
 def canonical_query(params: dict[str, str]) -> str:
     return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
                     for k, v in sorted(params.items()))
