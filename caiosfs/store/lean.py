@@ -35,7 +35,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote_plus, urlsplit
 
-from ..errors import PreconditionFailed, StoreError, UserError, is_retryable
+from ..errors import (
+    PreconditionFailed,
+    StoreError,
+    UserError,
+    certificate_error,
+    is_retryable,
+)
 from . import ListPage, MultipartUpload, ObjectInfo
 
 if TYPE_CHECKING:
@@ -99,7 +105,8 @@ class LeanS3:
         except urllib3.exceptions.TimeoutError as exc:
             raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise StoreError("ConnectionError", type(exc).__name__, retryable=True) from exc
+            raise (certificate_error(exc) or StoreError(
+                "ConnectionError", type(exc).__name__, retryable=True)) from exc
         if r.status >= 300:
             try:
                 raw = r.read() if method != "HEAD" else b""
@@ -361,7 +368,8 @@ class CopyS3:
             raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc
         except (http.client.HTTPException, OSError) as exc:
             self.drop()
-            raise StoreError("ConnectionError", type(exc).__name__, retryable=True) from exc
+            raise (certificate_error(exc) or StoreError(
+                "ConnectionError", type(exc).__name__, retryable=True)) from exc
         if r.status >= 300:
             try:
                 raw = r.read()
