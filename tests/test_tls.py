@@ -194,5 +194,7 @@ def test_wrong_ca_fails_with_one_line(s3: Any, bucket: str, tls: TlsProxy,
         if mountinfo_has(str(mp)):
             run_cli("umount", str(mp), "-q", "--timeout", "30", env=env, timeout=60)
     assert keys(s3, bucket) == {"seed/a.txt"}
-    assert tls.stats["handshake_failed"] >= 3
+    # A refused certificate is not retried (it was: 11 attempts per command in 10 s, then
+    # "cannot reach the endpoint"): about one handshake per command.
+    assert 3 <= tls.stats["handshake_failed"] <= 6, tls.stats
     assert tls.stats["handshakes"] == 0
