@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -107,8 +108,8 @@ class TlsProxy:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, fn: object, name: str, *args: object) -> None:
-        t = threading.Thread(target=fn, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, fn: Callable[..., None], name: str, *args: object) -> None:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
         with self._lock:
             self._threads.append(t)
         t.start()
