@@ -204,3 +204,27 @@ def test_wrong_ca_fails_with_one_line(s3: Any, bucket: str, tls: TlsProxy,
     # "cannot reach the endpoint"): about one handshake per command.
     assert 3 <= tls.stats["handshake_failed"] <= 6, tls.stats
     assert tls.stats["handshakes"] == 0
+
+
+def test_lean_store_refuses_untrusted_certificate(s3: Any, bucket: str, tls: TlsProxy,
+                                                  seaweed: Any,
+                                                  pki: tuple[CA, ServerCert, CA]) -> None:
+    """The mount's hot path (LeanS3: urllib3) with the right and a wrong CA bundle: the
+    object comes back over https; a refused certificate is a CertificateError, not retried."""
+    from botocore.config import Config
+    from botocore.credentials import Credentials
+
+    from caiosfs.errors import StoreError
+    from caiosfs.store.lean import LeanS3
+    body = data(300_000, "lean")
+    s3.put_object(Bucket=bucket, Key="k y+ü", Body=body)
+    creds = Credentials(seaweed.access_key, seaweed.secret_key)
+    cfg = Config(signature_version="s3v4", s3={"payload_signing_enabled": False})
+
+    def lean(bundle: Path) -> LeanS3:
+        return LeanS3(tls.endpoint, bucket, "us-east-1", True, creds, cfg, 2, 10, str(bundle))
+    r = lean(pki[0].cert).request("GET", "k y+ü", {})
+    assert xxh(r.data) == xxh(body)
+    with pytest.raises(StoreError) as e:
+        lean(pki[2].cert).request("HEAD", "k y+ü", {})
+    assert e.value.code == "CertificateError" and not e.value.retryable, e.value
