@@ -109,6 +109,26 @@ def is_retryable(code: str, status: int | None) -> bool:
     return code in RETRYABLE_CODES or (status is not None and status >= 500)
 
 
+def certificate_error(exc: BaseException) -> StoreError | None:
+    """The store's TLS certificate refused by this client (not trusted by the CA bundle,
+    or not for this host), found anywhere in ``exc``'s chain (botocore and urllib3 wrap
+    it), as a StoreError that is not retried: another attempt gets the same certificate."""
+    import ssl
+    todo: list[object] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen or not isinstance(e, BaseException):
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return StoreError("CertificateError", e.verify_message or str(e), retryable=False)
+        kwargs = getattr(e, "kwargs", None)  # (botocore's SSLError(error=...))
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args,
+                 kwargs.get("error") if isinstance(kwargs, dict) else None]
+    return None
+
+
 def describe_store_error(cfg: MountConfig, exc: StoreError) -> str:
     """The one line a user reads when the bucket of ``cfg`` cannot be used."""
     b = cfg.source.bucket
@@ -118,6 +138,10 @@ def describe_store_error(cfg: MountConfig, exc: StoreError) -> str:
         return f"access to bucket {b!r} at {cfg.endpoint} denied: check the credentials"
     if exc.code == "NoCredentials":
         return "no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or credentials_file="
+    if exc.code == "CertificateError":
+        return (f"the TLS certificate of {cfg.endpoint} is not trusted "
+                f"({str(exc).partition(': ')[2]}): set AWS_CA_BUNDLE to the CA bundle "
+                "that signed it")
     if exc.code in ("ConnectionError", "Timeout"):
         return f"cannot reach the endpoint {cfg.endpoint} ({exc})"
     return f"cannot open bucket {b!r} at {cfg.endpoint}: {exc}"

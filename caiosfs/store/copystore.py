@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from ..errors import StoreError
+from ..errors import StoreError, certificate_error
 from . import ListPage, MultipartUpload, ObjectInfo
 from .s3xml import error_of, etag, http_time, iso_time, list_page, list_params, meta_of, parse_xml
 from .sigv4 import EMPTY_SHA256, UNSIGNED, Keys, SigV4, canonical_query, host_header
@@ -129,7 +129,8 @@ class CopyS3:
             raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc
         except (http.client.HTTPException, OSError) as exc:
             self.drop()
-            raise StoreError("ConnectionError", type(exc).__name__, retryable=True) from exc
+            raise (certificate_error(exc) or StoreError(
+                "ConnectionError", type(exc).__name__, retryable=True)) from exc
         if r.status >= 300:
             try:
                 raw = r.read()

@@ -19,7 +19,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-from ..errors import StoreError
+from ..errors import StoreError, certificate_error
 from .s3xml import error_of
 from .sigv4 import EMPTY_SHA256, UNSIGNED, Keys, SigV4, canonical_query, host_header
 
@@ -123,7 +123,8 @@ class LeanS3:
         except urllib3.exceptions.TimeoutError as exc:
             raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise StoreError("ConnectionError", type(exc).__name__, retryable=True) from exc
+            raise (certificate_error(exc) or StoreError(
+                "ConnectionError", type(exc).__name__, retryable=True)) from exc
         if r.status >= 300:
             try:
                 raw = r.read() if method != "HEAD" else b""

@@ -20,7 +20,13 @@ import urllib3
 from botocore.config import Config
 from botocore.credentials import CredentialProvider, Credentials
 
-from ..errors import PreconditionFailed, StoreError, UserError, is_retryable
+from ..errors import (
+    PreconditionFailed,
+    StoreError,
+    UserError,
+    certificate_error,
+    is_retryable,
+)
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
 from .lean import LeanS3, proxies_configured
 from .s3xml import list_page, list_params
@@ -147,6 +153,9 @@ def translate(exc: BaseException) -> StoreError:
             return PreconditionFailed(str(err.get("Message", "")))
         return StoreError(code, str(err.get("Message", "")), status,
                           retryable=is_retryable(code, status))
+    cert = certificate_error(exc)
+    if cert is not None:
+        return cert
     if isinstance(exc, (bexc.ConnectTimeoutError, bexc.ReadTimeoutError)):
         return StoreError("Timeout", type(exc).__name__, retryable=True)
     if isinstance(exc, bexc.NoCredentialsError):
