@@ -23,10 +23,34 @@ from urllib.parse import quote, urlsplit
 
 from ..errors import StoreError, certificate_error
 from . import ListPage, MultipartUpload, ObjectInfo
-from .s3xml import error_of, etag, http_time, iso_time, list_page, list_params, meta_of, parse_xml
+from .s3xml import (
+    check_range,
+    error_of,
+    etag,
+    http_time,
+    iso_time,
+    list_page,
+    list_params,
+    meta_of,
+    parse_xml,
+)
 from .sigv4 import EMPTY_SHA256, UNSIGNED, Keys, SigV4, canonical_query, host_header
 
 PIECE = 1 << 20  # what one read of a response body asks for
+
+
+def _hash_range(fh: Any, offset: int, length: int, *hashes: Any) -> None:
+    """Feed ``length`` bytes of ``fh`` from ``offset`` to every hash (8 MiB at a time)."""
+    fh.seek(offset)
+    left = length
+    while left:
+        b = fh.read(min(left, 8 << 20))
+        if not b:
+            raise OSError(f"local file shrank while uploading ({length - left} of {length} "
+                          f"bytes from offset {offset})")
+        for h in hashes:
+            h.update(b)
+        left -= len(b)
 
 
 class _Limited:
@@ -199,15 +223,7 @@ class CopyStore:
             payload = None
             if self.http.payload_signing:
                 h = hashlib.sha256()
-                fh.seek(part.offset)
-                left = part.length
-                while left:
-                    b = fh.read(min(left, 8 << 20))
-                    if not b:
-                        raise OSError(f"local file shrank while uploading ({part.length - left}"
-                                      f" of {part.length} bytes of part {part.number})")
-                    h.update(b)
-                    left -= len(b)
+                _hash_range(fh, part.offset, part.length, h)
                 payload = h.hexdigest()
             fh.seek(part.offset)
             r, _ = self.http.call("PUT", key, params, headers, _Limited(fh, part.length),
@@ -248,16 +264,7 @@ class CopyStore:
         r = self.http.request("GET", key, None, headers)
         got = 0
         try:
-            # A server that ignored the range, or announces another length, would hand us
-            # the wrong bytes: check both before reading.
-            cr = r.getheader("Content-Range") or ""
-            if r.status == 206:
-                if not cr.startswith(f"bytes {start}-"):
-                    raise StoreError("InvalidRange", f"asked for {start}, got {cr!r}",
-                                     r.status, retryable=True)
-            elif start != 0:
-                raise StoreError("InvalidRange", "the server ignored the Range header",
-                                 r.status)
+            check_range(r.status, r.getheader("Content-Range") or "", start)
             if r.length is not None and r.length != length:
                 raise StoreError("IncompleteBody", f"{r.length} bytes announced, {length} "
                                  "asked for", r.status, retryable=True)
@@ -309,16 +316,7 @@ class CopyStore:
         assert isinstance(path, str)
         md5, h256 = hashlib.md5(), hashlib.sha256()
         with open(path, "rb") as fh:  # (one pass for both hashes)
-            left = size
-            while left:
-                b = fh.read(min(left, 8 << 20))
-                if not b:
-                    raise OSError(f"local file shrank while uploading ({size - left} of "
-                                  f"{size} bytes)")
-                md5.update(b)
-                if sha:
-                    h256.update(b)
-                left -= len(b)
+            _hash_range(fh, 0, size, md5, *((h256,) if sha else ()))
             headers["content-md5"] = base64.b64encode(md5.digest()).decode()
             fh.seek(0)
             r, _ = self.http.call("PUT", key, None, headers, _Limited(fh, size),

@@ -10,7 +10,6 @@ import base64
 import builtins  # the class's own list() method hides the type name in its signatures
 import io
 import os
-import threading
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -18,7 +17,7 @@ import boto3
 import botocore.exceptions as bexc
 import urllib3
 from botocore.config import Config
-from botocore.credentials import CredentialProvider, Credentials
+from botocore.credentials import CredentialProvider, Credentials, ReadOnlyCredentials
 
 from ..errors import (
     PreconditionFailed,
@@ -29,8 +28,8 @@ from ..errors import (
 )
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
 from .lean import LeanS3, proxies_configured
-from .s3xml import list_page, list_params
-from .sigv4 import read_credentials_file
+from .s3xml import check_range, list_page, list_params, meta_of
+from .sigv4 import FileKeys
 
 READ_PIECE = 1 << 20
 MAX_COPY = 5 << 30  # CopyObject limit; larger objects are copied part by part
@@ -91,30 +90,11 @@ class _FileCredentials(Credentials):
     """Credentials re-read whenever the file changes (a rotated Kubernetes secret)."""
 
     def __init__(self, path: str, section: str) -> None:
-        self._path, self._section, self._sig = path, section, None
-        self._lock = threading.Lock()
-        key, secret, token = read_credentials_file(path, section)
-        super().__init__(key, secret, token, method="caiosfs-file")
-        self._sig = self._signature()
-
-    def _signature(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_ino)
+        self._keys = FileKeys(path, section)
+        super().__init__(*self._keys(), method="caiosfs-file")
 
     def get_frozen_credentials(self) -> Any:
-        sig = self._signature()
-        if sig is not None and sig != self._sig:
-            with self._lock:
-                try:
-                    self.access_key, self.secret_key, self.token = read_credentials_file(
-                        self._path, self._section)
-                    self._sig = sig
-                except UserError:
-                    pass  # half-written during rotation: keep the old keys, retry next request
-        return super().get_frozen_credentials()
+        return ReadOnlyCredentials(*self._keys())
 
 
 class _FileProvider(CredentialProvider):
@@ -314,15 +294,7 @@ class S3Store:
         r = self._lean.request("GET", key, headers, stream=True)
         got = 0
         try:
-            # A server that ignored the range would hand us the wrong bytes: check it.
-            cr = r.headers.get("Content-Range", "")
-            if r.status == 206:
-                if not cr.startswith(f"bytes {start}-"):
-                    raise StoreError("InvalidRange", f"asked for {start}, got {cr!r}",
-                                     r.status, retryable=True)
-            elif start != 0:
-                raise StoreError("InvalidRange", "the server ignored the Range header",
-                                 r.status)
+            check_range(r.status, r.headers.get("Content-Range", ""), start)
             while got < length:
                 try:
                     piece = r.read(min(READ_PIECE, length - got))
@@ -342,8 +314,7 @@ class S3Store:
                 r.close()
         if got != length:
             raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
-        return {k[11:].lower(): v for k, v in r.headers.items()
-                if k.lower().startswith("x-amz-meta-")}
+        return meta_of(r.headers.items())
 
     def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str:

@@ -62,6 +62,17 @@ def http_time(text: str | None) -> float:
     return parsedate_to_datetime(text).timestamp() if text else 0.0
 
 
+def check_range(status: int, content_range: str, start: int) -> None:
+    """A ranged GET's answer must be the range asked for: a server that ignored the Range
+    header would hand us the wrong bytes."""
+    if status == 206:
+        if not content_range.startswith(f"bytes {start}-"):
+            raise StoreError("InvalidRange", f"asked for {start}, got {content_range!r}",
+                             status, retryable=True)
+    elif start != 0:
+        raise StoreError("InvalidRange", "the server ignored the Range header", status)
+
+
 def parse_xml(raw: bytes) -> ET.Element:
     """A 2xx answer's XML, namespace dropped (``findtext("Key")`` then works); an error
     document sent with 200 raises it."""
