@@ -111,11 +111,11 @@ class ChunkWriter:
     def _write_chunk(self, chunk: int, data: bytes) -> None:
         c = self.cache
         blockno, idx = divmod(chunk, c.chunks_per_block)
-        path = c.block_path(self.ident, blockno)
+        path = c.block_file(self.ident, blockno)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             n = os.pwrite(fd, data, idx * c.chunk_size)
@@ -136,6 +136,8 @@ class BlockCache:
         self.dir = cache_dir
         self.blocks_dir = cache_dir / "blocks"
         self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
+        self._blocks_str = str(self.blocks_dir)
+        self._hexes: dict[bytes, str] = {}  # ident -> its xxh3-128 (block file names)
         self.index = index
         self.metrics = metrics
         self.cache_size = cache_size
@@ -172,8 +174,17 @@ class BlockCache:
         metrics.cache_limit_bytes.set(cache_size)
 
     def block_path(self, ident: bytes, blockno: int) -> Path:
-        h = xxhash.xxh3_128_hexdigest(ident)
-        return self.blocks_dir / h[:2] / f"{h}.{blockno}"
+        return Path(self.block_file(ident, blockno))
+
+    def block_file(self, ident: bytes, blockno: int) -> str:
+        """The block file's path as a string: built per chunk read or written, where
+        pathlib's joins cost ~6 us each; the ident's hash is remembered."""
+        h = self._hexes.get(ident)
+        if h is None:
+            if len(self._hexes) > 4096:
+                self._hexes.clear()
+            h = self._hexes[ident] = xxhash.xxh3_128_hexdigest(ident)
+        return f"{self._blocks_str}/{h[:2]}/{h}.{blockno}"
 
     def chunk_len(self, chunk: int, obj_size: int) -> int:
         return max(0, min(self.chunk_size, obj_size - chunk * self.chunk_size))
@@ -226,7 +237,7 @@ class BlockCache:
             return None
         want = self.chunk_len(chunk, obj_size)
         try:
-            fd = os.open(self.block_path(ident, blockno), os.O_RDONLY)
+            fd = os.open(self.block_file(ident, blockno), os.O_RDONLY)
             try:
                 data = os.pread(fd, want, idx * self.chunk_size)
             finally:
@@ -336,7 +347,7 @@ class BlockCache:
         bs = self.block_size
         for blockno in range(start // bs, (max(end, start + 1) - 1) // bs + 1):
             try:
-                fd = os.open(self.block_path(ident, blockno), os.O_RDONLY)
+                fd = os.open(self.block_file(ident, blockno), os.O_RDONLY)
             except OSError:
                 continue  # not cached (yet): the fetcher handles it
             try:

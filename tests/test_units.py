@@ -173,6 +173,24 @@ def test_fuse_background_is_raised_never_lowered(tmp_path: Path) -> None:
     assert not raise_fuse_background("0:58", tmp_path)  # no such connection: no error
 
 
+def test_block_file_names_are_the_block_paths(tmp_path: Path) -> None:
+    """The string path of the hot paths is the pathlib one (xxh3-128 of the ident, two
+    hex digits of fan-out), for short and hashed idents, before and after its memo fills."""
+    import xxhash
+    c = _cache(tmp_path / "c")
+    idents = [b"b\0k\0e", b"#xxh3-128:" + b"f" * 32, "b\0ü/ä\0\"e\"".encode()]
+    for _ in range(2):
+        for ident in idents:
+            h = xxhash.xxh3_128_hexdigest(ident)
+            for n in (0, 7, 1234):
+                want = tmp_path / "c" / "blocks" / h[:2] / f"{h}.{n}"
+                assert c.block_file(ident, n) == str(want) == str(c.block_path(ident, n))
+    for i in range(5000):  # the memo is bounded
+        c.block_file(i.to_bytes(4, "big"), 0)
+    assert len(c._hexes) <= 4097
+    c.index.close()
+
+
 def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
     c = _cache(tmp_path / "f")
     body = data(3 * MiB, "f")
