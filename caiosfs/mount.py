@@ -140,7 +140,23 @@ def raise_fuse_background(device: str, root: Path = FUSE_CONNECTIONS) -> bool:
         return False
 
 
+def mount_fusectl(root: Path = FUSE_CONNECTIONS) -> None:
+    """Mount the FUSE control filesystem where the kernel expects it if nobody did (systemd
+    does at boot; a bare VM or a container often has not): as root only, never fatal."""
+    try:
+        if not root.is_dir() or os.path.ismount(root) or os.geteuid() != 0:
+            return
+        r = subprocess.run(["mount", "-t", "fusectl", "fusectl", str(root)],
+                           capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("could not mount fusectl at %s (%s)", root, exc)
+        return
+    if r.returncode != 0:
+        log.info("could not mount fusectl at %s (%s)", root, r.stderr.strip())
+
+
 def set_fuse_background(mountpoint: str) -> None:
+    mount_fusectl()
     try:
         for m in mountinfo.read():
             if m.mount_point == mountpoint:
