@@ -364,8 +364,8 @@ async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
 
     def commit(batches: list[tuple[bytes, int, list[tuple[int, int]]]]) -> None:
         nonlocal in_transit
-        orig_commit(batches)
-        with lock:
+        with lock:  # (one step: a chunk is either in transit or kept, never counted twice)
+            orig_commit(batches)
             in_transit -= sum(reader.cache.chunk_len(c, obj_size)
                               for _, obj_size, chunks in batches for c, _ in chunks)
     store.get_range = spy  # type: ignore[method-assign]
