@@ -504,7 +504,8 @@ async def test_reads_retry_then_give_up_in_bounded_time() -> None:
     t0 = trio.current_time()
     with pytest.raises(StoreError):
         await client.head("k")
-    assert trio.current_time() - t0 <= 5
+    # (read_timeout, give or take the scheduling of a loaded machine: 5.004 s seen at load 9)
+    assert trio.current_time() - t0 <= 5.25
     store._faults.clear()
     # Right after giving up, the same key fails at once (an open's lookup and its read are
     # back to back: a dead store must not cost read_timeout twice) ...
