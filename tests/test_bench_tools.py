@@ -338,3 +338,17 @@ def test_devtree_settle_leaves_no_index_entry_racily_clean(tmp_path: Path) -> No
     devtree._settle_index(ctx, clone, None)
     assert racy() == []
     assert git(clone, "status", "--porcelain") == ""
+
+
+def test_page_cache_drops_tell_this_process_from_others() -> None:
+    """A measurement notes drops of the page cache by other processes: the kernel's count
+    takes in every drop, the bench's own are counted apart."""
+    from bench import procs
+
+    before = procs.page_cache_drops()
+    assert before is not None
+    dropped = procs.drop_caches(None)  # False (and no drop) when not root
+    after = procs.page_cache_drops()
+    assert after is not None
+    assert after[1] - before[1] == int(dropped)
+    assert after[0] - before[0] >= int(dropped)
