@@ -505,6 +505,7 @@ def measure(
     """One measurement of one system; any failure is recorded, never raised."""
     # Other work on the machine skews every figure; the report says how busy it was.
     LOADAVG.append(os.getloadavg()[0])
+    drops0 = procs.page_cache_drops()
     t = time.monotonic()
     try:
         out = w.boto3(ctx) if s is None else w.fs(ctx, s)  # type: ignore[misc]
@@ -516,6 +517,14 @@ def measure(
         res.fail(key, name, f"{type(e).__name__}: {e}")
         log(f"r{ctx.rep} {key:14s} {name:8s} ERROR: {traceback.format_exc()}")
         return
+    drops1 = procs.page_cache_drops()
+    if drops0 is not None and drops1 is not None:
+        foreign = (drops1[0] - drops0[0]) - (drops1[1] - drops0[1])
+        if foreign > 0:
+            # (With the dentries gone, a mount answers every name again: a warm step
+            # turns cold, and behind the WAN proxy each lookup costs round trips.)
+            out.notes.append(f"r{ctx.rep}: page cache and dentries dropped {foreign} time(s) "
+                             "by other processes during this measurement")
     res.add(key, name, out)
     figures = ", ".join(
         f"{x.metric} {x.rate:,.1f} {x.unit} ({x.seconds:.2f} s)" for x in out.samples

@@ -129,6 +129,23 @@ def can_drop_caches() -> bool:
     return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
 
+_OWN_DROPS = [0]  # drop_caches() calls of this process that reached the kernel
+
+
+def page_cache_drops() -> tuple[int, int] | None:
+    """(times the page cache was dropped since boot, by anyone; of those, by this
+    process), or None where /proc/vmstat does not say. Other work on a shared machine drops
+    it too (other benchmarks), and with it the dentries a measurement relied on."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("drop_pagecache "):
+                    return int(line.split()[1]), _OWN_DROPS[0]
+    except OSError:
+        pass
+    return None
+
+
 def drop_caches(sync_path: str | Path | None = "/var/tmp") -> bool:
     """Write back dirty pages of ``sync_path``'s filesystem, then drop the page cache,
     dentries and inodes; False if not root.
@@ -147,6 +164,7 @@ def drop_caches(sync_path: str | Path | None = "/var/tmp") -> bool:
             pass
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+    _OWN_DROPS[0] += 1
     return True
 
 

@@ -300,3 +300,55 @@ def test_store_seeds_only_what_is_read_and_durable_waits_for_temporaries(seaweed
     with pytest.raises(BenchError, match=r"temporary object.*d/stuck\.tmp"):
         store.wait_durable("d/", {"d/final": 10}, 1, gone=lambda k: k.endswith(".tmp"))
     store.delete_prefix("")
+
+
+def test_devtree_settle_leaves_no_index_entry_racily_clean(tmp_path: Path) -> None:
+    """dev_git's cold git status and tar c split the tree's reads between them by how many
+    index entries are racily clean (file mtime not older than the index's, in seconds): the
+    bench settles the clone's index first. Here every entry starts racy (the files and the
+    index given one time), and none may be left."""
+    import types
+
+    import bench.workloads  # noqa: F401  (bench.devtree is registered from it)
+    from bench import devtree
+
+    def git(cwd: Path, *args: str) -> str:
+        return subprocess.run([*devtree.GIT, *args], cwd=cwd, check=True, capture_output=True,
+                              text=True).stdout
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    git(origin, "init", "-q", "-b", "main")
+    for i in range(20):
+        (origin / f"m{i}.py").write_text(f"x = {i}\n")
+    git(origin, "add", "-A")
+    git(origin, "commit", "-q", "-m", "one")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", "--no-local", str(origin), str(clone))
+    files = git(clone, "ls-files").split()
+    now = time.time_ns()
+    for p in [*(clone / f for f in files), clone / ".git" / "index"]:
+        os.utime(p, ns=(now, now))
+
+    def racy() -> list[str]:
+        idx = os.stat(clone / ".git" / "index").st_mtime_ns // 10**9
+        return [f for f in files if os.stat(clone / f).st_mtime_ns // 10**9 >= idx]
+    assert len(racy()) == len(files)
+    ctx = types.SimpleNamespace(scale=types.SimpleNamespace(op_timeout=60.0))
+    devtree._settle_index(ctx, clone, None)
+    assert racy() == []
+    assert git(clone, "status", "--porcelain") == ""
+
+
+def test_page_cache_drops_tell_this_process_from_others() -> None:
+    """A measurement notes drops of the page cache by other processes: the kernel's count
+    takes in every drop, the bench's own are counted apart."""
+    from bench import procs
+
+    before = procs.page_cache_drops()
+    assert before is not None
+    dropped = procs.drop_caches(None)  # False (and no drop) when not root
+    after = procs.page_cache_drops()
+    assert after is not None
+    assert after[1] - before[1] == int(dropped)
+    assert after[0] - before[0] >= int(dropped)
