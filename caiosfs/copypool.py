@@ -26,7 +26,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .listing import Item
 
 from .errors import StoreError
 
@@ -158,3 +161,31 @@ class Pool:
                 task()
             except BaseException as exc:  # noqa: BLE001 (kept, raised by join())
                 self.errors.append(exc)
+
+
+MAX_PARTS = 10_000  # an object is at most this many ranged GETs or multipart parts
+
+
+class Job:
+    """One large object in flight: a download's temp file or an upload's multipart id, the
+    pieces still to come, and the first error (the others are not reported)."""
+
+    def __init__(self, it: Item, pieces: int) -> None:
+        self.it = it
+        self.lock = threading.Lock()
+        self.left = pieces
+        self.fd = -1  # download: the temp file, opened by the first piece to run
+        self.upload_id = ""  # upload: created by the first part to run
+        self.error: BaseException | None = None
+        self.meta: dict[str, str] | None = None  # download: the first GET's x-amz-meta-*
+        self.hashes: list[Any] = []  # --verify: (start, length, xxh3) per range
+        self.etags: dict[int, str] = {}  # upload: part index -> ETag
+
+    def piece_done(self, exc: BaseException | None) -> bool:
+        """Count one piece finished (or failed); True for the caller that must finish or
+        clean up the whole object (the last one)."""
+        with self.lock:
+            if exc is not None and self.error is None:
+                self.error = exc
+            self.left -= 1
+            return self.left == 0

@@ -32,8 +32,10 @@ from .listing import (
     valid_rel,
     walk_local,
 )
+from .localfiles import xattrs_work
 from .store import ObjectInfo
-from .transfer import Copier, xattrs_work
+from .transfer import Copier
+from .uploads import Uploads
 
 
 def _source_items(a: argparse.Namespace, cfg: MountConfig, store: Any,
@@ -152,7 +154,7 @@ def _cp(a: argparse.Namespace, cfg: MountConfig, store: Any, src: Source | Path,
             listed, _ = list_prefix(store, dst, Result(), cfg)
             items = _source_items(a, cfg, store, src, res)
             have = {it.rel: ObjectInfo(it.rel, it.size, it.etag, it.mtime) for it in listed}
-            todo = cp.plan_upload(items, have)
+            todo = Uploads(cp).plan(items, have)
             # Multipart uploads a killed run left behind, of the names this run uploads
             # (only this shard's: another task's may be running).
             mine = {dst.prefix + it.rel for it in todo}
@@ -173,7 +175,7 @@ def _cp(a: argparse.Namespace, cfg: MountConfig, store: Any, src: Source | Path,
     else:
         assert isinstance(dst, Source)
         progress.total, progress.nobjects = sum(it.size for it in todo), len(todo)
-        cp.upload_all(dst, todo)
+        Uploads(cp).upload_all(dst, todo)
     progress.finish() if not progress.quiet else None
     el = time.monotonic() - t0
     summary = {"copied": res.copied, "skipped": res.skipped, "failed": len(res.failures),

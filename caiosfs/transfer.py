@@ -25,11 +25,9 @@ Resumable and safe to run side by side:
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import math
 import os
-import socket
 import stat
 import threading
 from collections import defaultdict
@@ -42,46 +40,28 @@ import xxhash
 
 from .attrs import Attrs, from_meta
 from .config import MountConfig, Source
-from .copypool import Pool, retrying
-from .errors import PreconditionFailed, StoreError, UserError
+from .copypool import MAX_PARTS, Job, Pool, retrying
+from .errors import PreconditionFailed, StoreError
 from .etag import etag_matches
 from .listing import (
     Item,
     Result,
 )
-from .store import ObjectInfo, PartSource
+from .localfiles import (
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    get_etag,
+    range_writer,
+    set_etag,
+    start_writeback,
+    syncfs,
+    tmp_hash,
+    unlink_quiet,
+)
 
-ETAG_XATTR = "user.caiosfs.etag"
-MAX_PARTS = 10_000
-TMP_PREFIX, TMP_SUFFIX = ".caiosfs-", ".tmp"
 # Small objects up to this size are received into memory and written at once into a temp
 # file created with their mode; larger ones are written as they arrive.
 SMALL_BUFFER = 1 << 20
-
-
-class _Job:
-    """One large object in flight: a download's temp file or an upload's multipart id, the
-    pieces still to come, and the first error (the others are not reported)."""
-
-    def __init__(self, it: Item, pieces: int) -> None:
-        self.it = it
-        self.lock = threading.Lock()
-        self.left = pieces
-        self.fd = -1  # download: the temp file, opened by the first piece to run
-        self.upload_id = ""  # upload: created by the first part to run
-        self.error: BaseException | None = None
-        self.meta: dict[str, str] | None = None  # download: the first GET's x-amz-meta-*
-        self.hashes: list[Any] = []  # --verify: (start, length, xxh3) per range
-        self.etags: dict[int, str] = {}  # upload: part index -> ETag
-
-    def piece_done(self, exc: BaseException | None) -> bool:
-        """Count one piece finished (or failed); True for the caller that must finish or
-        clean up the whole object (the last one)."""
-        with self.lock:
-            if exc is not None and self.error is None:
-                self.error = exc
-            self.left -= 1
-            return self.left == 0
 
 
 # The copy ------------------------------------------------------------------------------
@@ -100,7 +80,7 @@ class Copier:
         self._umask = os.umask(0o022)  # (read once, before any copy thread runs)
         os.umask(self._umask)
 
-    def _call(self, op: str, fn: Any, *args: Any) -> Any:
+    def call(self, op: str, fn: Any, *args: Any) -> Any:
         """One request with bounded patience: a copy reports an object that keeps failing
         instead of waiting for the store forever."""
         return retrying(op, self.timeout, fn, *args, on_retry=self._retried)
@@ -117,17 +97,17 @@ class Copier:
             self.res.failures.append((rel, why or exc.__class__.__name__))
             self.progress.update(0, 0)
 
-    def _copied(self, size: int, nbytes: int) -> None:
+    def copied(self, size: int, nbytes: int) -> None:
         with self._lock:
             self.res.copied += 1
             self.res.bytes += size
             self.progress.update(nbytes, 1)
 
-    def _moved(self, nbytes: int) -> None:
+    def moved(self, nbytes: int) -> None:
         with self._lock:
             self.progress.update(nbytes)
 
-    def _guard(self, rel: str, fn: Callable[[], None]) -> Callable[[], None]:
+    def guard(self, rel: str, fn: Callable[[], None]) -> Callable[[], None]:
         def task() -> None:
             try:
                 fn()
@@ -154,7 +134,7 @@ class Copier:
             except OSError:  # not there yet (or not a directory: each file fails, listed)
                 todo += its
                 continue
-            ours = {_tmp_hash(os.path.basename(it.rel)) for it in its}
+            ours = {tmp_hash(os.path.basename(it.rel)) for it in its}
             for name in entries:
                 if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX) and \
                         name[len(TMP_PREFIX):len(TMP_PREFIX) + 16] in ours:
@@ -181,7 +161,7 @@ class Copier:
 
         if not stat.S_ISREG(st.st_mode) or st.st_size != it.size:
             return False
-        have = _get_etag(e.path)
+        have = get_etag(e.path)
         if have is not None:
             return have == it.etag
         # No xattr (another tool wrote it, or the filesystem has none): an mtime that is the
@@ -225,16 +205,16 @@ class Copier:
         for it in sorted(items, key=lambda x: -x.size):
             step = self.step(it)
             if it.size <= step:
-                small.append(self._guard(it.rel, partial(self._small, src, it)))
+                small.append(self.guard(it.rel, partial(self._small, src, it)))
                 continue
-            job = _Job(it, math.ceil(it.size / step))
+            job = Job(it, math.ceil(it.size / step))
             large += [partial(self._range, src, job, off, step)
                       for off in range(0, it.size, step)]
         return large, small
 
     def _paths(self, it: Item) -> tuple[Path, Path]:
         dest = self.local / it.rel
-        tmp = dest.parent / f"{TMP_PREFIX}{_tmp_hash(dest.name)}-{self._pid}{TMP_SUFFIX}"
+        tmp = dest.parent / f"{TMP_PREFIX}{tmp_hash(dest.name)}-{self._pid}{TMP_SUFFIX}"
         return dest, tmp
 
     def _open_tmp(self, dest: Path, tmp: Path, mode: int = 0o600) -> int:
@@ -262,9 +242,9 @@ class Copier:
             if h is not None:
                 h[2].update(piece)
         if it.size == 0:
-            meta = self._call("head", self.store.head, key).metadata
+            meta = self.call("head", self.store.head, key).metadata
         else:
-            meta = self._call("get", self.store.get_range, key, 0, it.size, it.etag or None,
+            meta = self.call("get", self.store.get_range, key, 0, it.size, it.etag or None,
                               sink)
         attrs = self._attrs(meta, it)
         mode = stat.S_IMODE(attrs.mode)
@@ -278,9 +258,9 @@ class Copier:
             self._finish(fd, tmp, dest, it, attrs, [h] if h else [],
                          mode_set=mode & ~self._umask == mode)
         except BaseException:
-            _unlink(tmp)
+            unlink_quiet(tmp)
             raise
-        self._copied(it.size, it.size)
+        self.copied(it.size, it.size)
 
     def _small_streamed(self, src: Source, it: Item) -> None:
         """GET the whole object into a temp file as it arrives, then finish it."""
@@ -289,24 +269,24 @@ class Copier:
         fd = self._open_tmp(dest, tmp)
         h = (0, it.size, xxhash.xxh3_64()) if self.verify else None
         try:
-            meta = self._call("get", self.store.get_range, key, 0, it.size, it.etag or None,
-                              _writer(fd, h))
+            meta = self.call("get", self.store.get_range, key, 0, it.size, it.etag or None,
+                              range_writer(fd, h))
         except BaseException:
             os.close(fd)
-            _unlink(tmp)
+            unlink_quiet(tmp)
             raise
         try:
             self._finish(fd, tmp, dest, it, self._attrs(meta, it), [h] if h else [])
         except BaseException:
-            _unlink(tmp)
+            unlink_quiet(tmp)
             raise
-        self._copied(it.size, it.size)
+        self.copied(it.size, it.size)
 
     def _attrs(self, meta: dict[str, str] | None, it: Item) -> Attrs:
         return from_meta(meta, is_dir=False, default_mode=self.cfg.file_mode, uid=0, gid=0,
                          mtime=it.mtime, size=it.size)
 
-    def _range(self, src: Source, job: _Job, off: int, step: int) -> None:
+    def _range(self, src: Source, job: Job, off: int, step: int) -> None:
         """One ranged GET of a large object, written in place into its temp file; the last
         range to finish finishes the file (or removes it, if any range failed)."""
         it = job.it
@@ -319,15 +299,15 @@ class Copier:
             if job.error is None:  # (once one range failed, the others are not fetched)
                 n = min(step, it.size - off)
                 h = (off, n, xxhash.xxh3_64()) if self.verify else None
-                meta = self._call("get", self.store.get_range, src.prefix + it.rel, off, n,
-                                  it.etag or None, _writer(job.fd, h))
-                _start_writeback(job.fd, off, n)
+                meta = self.call("get", self.store.get_range, src.prefix + it.rel, off, n,
+                                  it.etag or None, range_writer(job.fd, h))
+                start_writeback(job.fd, off, n)
                 with job.lock:
                     if off == 0:
                         job.meta = meta
                     if h:
                         job.hashes.append(h)
-                self._moved(n)
+                self.moved(n)
         except (StoreError, OSError, ValueError) as e:
             exc = e
         if not job.piece_done(exc):
@@ -336,16 +316,16 @@ class Copier:
         if job.error is not None:
             if fd >= 0:
                 os.close(fd)
-            _unlink(tmp)
+            unlink_quiet(tmp)
             self.fail(it.rel, job.error)
             return
         try:
             self._finish(fd, tmp, dest, it, self._attrs(job.meta, it), job.hashes)
         except (StoreError, OSError, ValueError) as e:
-            _unlink(tmp)
+            unlink_quiet(tmp)
             self.fail(it.rel, e)
             return
-        self._copied(it.size, 0)
+        self.copied(it.size, 0)
 
     def _finish(self, fd: int, tmp: Path, dest: Path, it: Item, attrs: Attrs,
                 hashes: list[Any], mode_set: bool = False) -> None:
@@ -372,12 +352,12 @@ class Copier:
                 fd = -1
                 os.unlink(tmp)
                 os.symlink(target, tmp)
-                _set_etag(tmp, it.etag)
+                set_etag(tmp, it.etag)
                 os.utime(tmp, (attrs.mtime, attrs.mtime), follow_symlinks=False)
             else:  # (through the descriptor: no path lookups)
                 if not mode_set:
                     os.fchmod(fd, stat.S_IMODE(attrs.mode))
-                _set_etag(fd, it.etag)
+                set_etag(fd, it.etag)
                 os.utime(fd, (attrs.mtime, attrs.mtime))
             # (every byte is written: a killed process cannot leave this name partial)
             os.rename(tmp, dest)
@@ -394,226 +374,9 @@ class Copier:
             self.fail(".", exc)
             return
         try:
-            _syncfs(fd)
+            syncfs(fd)
         except OSError as exc:
             self.fail(".", OSError(exc.errno, "writing the copied files back to the "
                                    f"destination's disk failed: {exc.strerror}"))
         finally:
             os.close(fd)
-
-    # local -> S3 ---------------------------------------------------------------------
-    def plan_upload(self, items: list[Item], have: dict[str, ObjectInfo]) -> list[Item]:
-        todo = []
-        for it in items:
-            o = have.get(it.rel)
-            if o is not None and o.size == it.size and o.mtime >= math.floor(it.mtime):
-                self.res.skipped += 1
-            else:
-                todo.append(it)
-        return todo
-
-    def upload_all(self, dst: Source, items: list[Item]) -> None:
-        large: list[Callable[[], None]] = []
-        small: list[Callable[[], None]] = []
-        for it in sorted(items, key=lambda x: -x.size):
-            if it.link or it.size <= self.cfg.part_size:
-                small.append(self._guard(it.rel, partial(self._put, dst, it)))
-                continue
-            part = max(self.cfg.part_size, math.ceil(it.size / MAX_PARTS / (1 << 20)) << 20)
-            job = _Job(it, math.ceil(it.size / part))
-            large += [partial(self._part, dst, job, i, off, part)
-                      for i, off in enumerate(range(0, it.size, part))]
-        # Parts of 64 MiB: max(4, parallel / 2) in flight (16 at once made SeaweedFS drop
-        # connections here: 9 parts re-sent, half the rate of 8); whole files: parallel.
-        Pool(max(4, self.cfg.parallel // 2), self.cfg.parallel,
-             small_takes_large=False).run(large, small)
-
-    def _put(self, dst: Source, it: Item) -> None:
-        path = str(self.local / it.rel)
-        key = dst.prefix + it.rel
-        st = os.lstat(path)
-        meta = Attrs(st.st_mode, st.st_uid, st.st_gid, st.st_mtime).to_meta()
-        if stat.S_ISLNK(st.st_mode):
-            body = os.fsencode(os.readlink(path))
-            self._call("put", self.store.put_file, key, body, len(body), meta)
-            size = len(body)
-        elif not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        elif st.st_size <= self.cfg.part_size:
-            size = st.st_size
-            etag = self._call("put", self.store.put_file, key, path if size else None,
-                              size, meta)
-            if self.verify and not etag_matches(path, size, etag, self.cfg.part_size):
-                raise ValueError(f"verify: the store's ETag {etag} does not match the file")
-        else:  # (grew since it was listed: still one object, as multipart)
-            raise ValueError("the file grew while it was being copied (run again)")
-        self._copied(size, size)
-
-    def _part(self, dst: Source, job: _Job, i: int, off: int, part: int) -> None:
-        """One part of a multipart upload; the first part to run creates the upload (the
-        others of that file wait for it), the last one to finish completes it."""
-        it = job.it
-        path = str(self.local / it.rel)
-        key = dst.prefix + it.rel
-        exc: BaseException | None = None
-        try:
-            with job.lock:
-                if job.error is None and not job.upload_id:
-                    st = os.lstat(path)
-                    if st.st_size != it.size:
-                        raise ValueError("the file changed size while it was being copied")
-                    job.meta = Attrs(st.st_mode, st.st_uid, st.st_gid, st.st_mtime).to_meta()
-                    job.upload_id = self._call("create_multipart",
-                                               self.store.create_multipart, key, job.meta)
-            if job.error is None:
-                src = PartSource(i + 1, path=path, offset=off, length=min(part, it.size - off))
-                etag = self._call("upload_part", self.store.upload_part, key, job.upload_id,
-                                  src)
-                if self.verify and etag.strip('"') != _md5_range(path, off, src.length):
-                    raise ValueError(f"verify: part {i + 1} ETag mismatch")
-                with job.lock:
-                    job.etags[i] = etag
-                self._moved(src.length)
-        except (StoreError, OSError, ValueError) as e:
-            exc = e
-        if not job.piece_done(exc):
-            return
-        if job.error is None:
-            try:
-                self._complete_multipart(key, job)
-                self._copied(it.size, 0)
-                return
-            except (StoreError, OSError, ValueError) as e:
-                job.error = e
-        if job.upload_id:
-            try:
-                retrying("abort_multipart", 10, self.store.abort_multipart, key,
-                         job.upload_id)
-            except StoreError:
-                pass
-        self.fail(it.rel, job.error)
-
-    def _complete_multipart(self, key: str, job: _Job) -> None:
-        tags = [job.etags[i] for i in range(len(job.etags))]
-        try:
-            self._call("complete_multipart", self.store.complete_multipart, key,
-                       job.upload_id, tags)
-        except StoreError as exc:
-            # A retried complete after a lost answer: done if the object is ours.
-            if exc.code != "NoSuchUpload":
-                raise
-            want = hashlib.md5(b"".join(bytes.fromhex(t.strip('"')) for t in tags))
-            have = self._call("head", self.store.head, key)
-            if have.etag.strip('"') != f"{want.hexdigest()}-{len(tags)}":
-                raise
-
-
-def _tmp_hash(name: str) -> str:
-    return xxhash.xxh64_hexdigest(name.encode(errors="surrogateescape"))
-
-
-def _writer(fd: int, h: Any = None) -> Any:
-    """A sink writing a range's pieces in place; ``h``: (start, length, xxh3) of the range,
-    reset when an attempt starts again at its start."""
-    def sink(off: int, piece: bytes) -> None:
-        if h is not None:
-            if off == h[0]:
-                h[2].reset()
-            h[2].update(piece)
-        view = memoryview(piece)
-        while view:
-            n = os.pwrite(fd, view, off)
-            view, off = view[n:], off + n
-    return sink
-
-
-def _unlink(p: Path) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
-
-
-def _get_etag(path: str) -> str | None:
-    try:
-        return os.getxattr(path, ETAG_XATTR, follow_symlinks=False).decode()
-    except OSError:
-        return None
-
-
-def _set_etag(path: Path | int, etag: str) -> None:
-    """The ETag xattr of a path (not followed) or an open file."""
-    if not etag:
-        return
-    try:
-        if isinstance(path, int):
-            os.setxattr(path, ETAG_XATTR, etag.encode())
-        else:
-            os.setxattr(path, ETAG_XATTR, etag.encode(), follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
-            raise
-
-
-def _md5_range(path: str, off: int, length: int) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        fh.seek(off)
-        left = length
-        while left:
-            b = fh.read(min(left, 8 << 20))
-            if not b:
-                raise ValueError("the file shrank while uploading")
-            h.update(b)
-            left -= len(b)
-    return h.hexdigest()
-
-
-def xattrs_work(d: Path) -> bool:
-    probe = d / f"{TMP_PREFIX}probe-{socket.gethostname()}-{os.getpid()}{TMP_SUFFIX}"
-    try:
-        probe.write_bytes(b"")
-        try:
-            os.setxattr(probe, ETAG_XATTR, b"x")
-            return True
-        except OSError:
-            return False
-        finally:
-            probe.unlink()
-    except OSError as exc:
-        raise UserError(f"destination {d} is not writable: {exc.strerror}") from None
-
-
-def _start_writeback(fd: int, off: int, n: int) -> None:
-    """Have the kernel start writing a range to disk now, without waiting (Linux's
-    POSIX_FADV_DONTNEED writes dirty pages back asynchronously, then drops the clean ones):
-    the final syncfs then finds little left to write, and the copy does not fill the page
-    cache with what it will not read."""
-    try:
-        os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass  # (advice: a filesystem may refuse it)
-
-
-def _syncfs(fd: int) -> None:
-    """syncfs(2): write back every dirty page of the filesystem holding ``fd`` and wait
-    (one call, where an fsync per file costs a journal commit each); os.sync() where the C
-    library lacks it."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.syncfs  # noqa: B018 (AttributeError: not there)
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc is False:
-        os.sync()
-        return
-    if _libc.syncfs(fd) != 0:
-        import ctypes
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-_libc: Any = None

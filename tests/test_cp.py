@@ -363,7 +363,7 @@ def test_destination_synced_once_after_every_name(s3: Any, bucket: str, tmp_path
     def syncfs(fd: int) -> None:
         assert os.path.samefile(f"/proc/self/fd/{fd}", dest)
         seen.append(local_tree(dest))
-    monkeypatch.setattr(transfer, "_syncfs", syncfs)
+    monkeypatch.setattr(transfer, "syncfs", syncfs)
     monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("fsync per file"))
     rc, _, err = cp(f"s3://{bucket}/sy", str(dest), "-o", opts + ",max_request=1M")
     assert rc == 0, err
@@ -379,7 +379,7 @@ def test_syncfs_failure_is_reported(s3: Any, bucket: str, tmp_path: Path, opts: 
 
     def syncfs(fd: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
-    monkeypatch.setattr(transfer, "_syncfs", syncfs)
+    monkeypatch.setattr(transfer, "syncfs", syncfs)
     rc, s, err = cp(f"s3://{bucket}/se", str(tmp_path / "d"), "-o", opts)
     assert rc == 1 and s["failed"] == 1 and "writing the copied files back" in err, err
 
