@@ -33,6 +33,7 @@ from .s3xml import (
     list_params,
     meta_of,
     parse_xml,
+    pump,
 )
 from .sigv4 import EMPTY_SHA256, UNSIGNED, Keys, SigV4, canonical_query, host_header
 
@@ -268,18 +269,8 @@ class CopyStore:
             if r.length is not None and r.length != length:
                 raise StoreError("IncompleteBody", f"{r.length} bytes announced, {length} "
                                  "asked for", r.status, retryable=True)
-            while got < length:
-                try:
-                    piece = r.read(min(PIECE, length - got))
-                except TimeoutError as exc:
-                    raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc
-                except (http.client.HTTPException, OSError) as exc:
-                    raise StoreError("ConnectionError", type(exc).__name__,
-                                     retryable=True) from exc
-                if not piece:
-                    break
-                sink(start + got, piece)
-                got += len(piece)
+            got = pump(r.read, sink, start, length, PIECE, (TimeoutError,),
+                       (http.client.HTTPException, OSError))
         finally:
             if not (got == length and r.isclosed() and not r.will_close):
                 self.http.drop()  # (not read to its end: the connection cannot be reused)

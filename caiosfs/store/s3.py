@@ -28,7 +28,7 @@ from ..errors import (
 )
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
 from .lean import LeanS3, proxies_configured
-from .s3xml import check_range, list_page, list_params, meta_of
+from .s3xml import check_range, list_page, list_params, meta_of, pump
 from .sigv4 import FileKeys
 
 READ_PIECE = 1 << 20
@@ -295,18 +295,9 @@ class S3Store:
         got = 0
         try:
             check_range(r.status, r.headers.get("Content-Range", ""), start)
-            while got < length:
-                try:
-                    piece = r.read(min(READ_PIECE, length - got))
-                except urllib3.exceptions.TimeoutError as exc:
-                    raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc
-                except (urllib3.exceptions.HTTPError, OSError) as exc:
-                    raise StoreError("ConnectionError", type(exc).__name__,
-                                     retryable=True) from exc
-                if not piece:
-                    break
-                sink(start + got, piece)
-                got += len(piece)
+            got = pump(r.read, sink, start, length, READ_PIECE,
+                       (urllib3.exceptions.TimeoutError,),
+                       (urllib3.exceptions.HTTPError, OSError))
         finally:
             if got == length and r.status == 206:
                 r.release_conn()  # read to the end: the connection is reusable

@@ -9,7 +9,7 @@ same for a tenth of it.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import unquote_plus
@@ -71,6 +71,27 @@ def check_range(status: int, content_range: str, start: int) -> None:
                              status, retryable=True)
     elif start != 0:
         raise StoreError("InvalidRange", "the server ignored the Range header", status)
+
+
+def pump(read: Callable[[int], bytes], sink: Callable[[int, bytes], None], start: int,
+         length: int, piece: int, timeouts: tuple[type[BaseException], ...],
+         broken: tuple[type[BaseException], ...]) -> int:
+    """Read a response body of ``length`` bytes in pieces into ``sink(offset, piece)``;
+    the number of bytes that came (short if the body ended early). An exception of
+    ``timeouts`` is a retryable Timeout, of ``broken`` a retryable ConnectionError."""
+    got = 0
+    while got < length:
+        try:
+            b = read(min(piece, length - got))
+        except timeouts as exc:
+            raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc
+        except broken as exc:
+            raise StoreError("ConnectionError", type(exc).__name__, retryable=True) from exc
+        if not b:
+            break
+        sink(start + got, b)
+        got += len(b)
+    return got
 
 
 def parse_xml(raw: bytes) -> ET.Element:
