@@ -107,7 +107,13 @@ def test_mount_over_https_roundtrip(s3: Any, bucket: str, tls: TlsProxy,
     got = {rel: xxh((m2.path / rel).read_bytes()) for rel in files}
     assert got == {rel: xxh(body) for rel, body in files.items()}
     assert tls.stats["handshakes"] > before
-    assert not m2.log_problems(), m2.log_problems()
+    # A pooled keep-alive connection the proxy or server closed meanwhile fails its next
+    # request once and is retried (seen once in CI: "get failed (ConnectionError:
+    # ProtocolError), retrying (attempt 1)"): that is the retry path working. Anything
+    # else in the log - an error, a request that gave up, a certificate problem - fails.
+    problems = [ln for ln in m2.log_problems()
+                if not ("(ConnectionError:" in ln and "retrying (attempt 1)" in ln)]
+    assert not problems, problems
 
 
 def test_cp_both_ways_over_https(s3: Any, bucket: str, tls: TlsProxy, s3_env: dict[str, str],
