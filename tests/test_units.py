@@ -891,6 +891,41 @@ def test_s3_client_settings_for_small_puts_and_https() -> None:
     assert S3Store("a.b", "https://cwobject.com", "us-east-1", False)._lean is None
 
 
+def test_mount_store_signs_with_the_keys_cp_would_use(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    """One rule for which keys sign (sigv4.keys_from), for the boto3 client and the lean path
+    of a mount alike: a credentials file beats the environment and is re-read when rotated;
+    a named profile beats the environment's keys; an unknown profile is one line."""
+    from caiosfs.store.s3 import S3Store
+
+    def used(st: S3Store) -> tuple[str, str]:
+        client = st._c._request_signer._credentials.get_frozen_credentials()
+        assert st._lean is not None
+        lean = st._lean.credentials.get_frozen_credentials()
+        assert (client.access_key, client.secret_key) == (lean.access_key, lean.secret_key)
+        return client.access_key, client.secret_key
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    assert used(S3Store("bk", "http://127.0.0.1:9", "us-east-1", True)) == ("env-id",
+                                                                              "env-secret")
+    f = tmp_path / "creds"
+    f.write_text("[default]\naws_access_key_id = file-id\naws_secret_access_key = s1\n")
+    st = S3Store("bk", "http://127.0.0.1:9", "us-east-1", True, credentials_file=str(f))
+    assert used(st) == ("file-id", "s1")
+    f.write_text("[default]\naws_access_key_id = file-id2\naws_secret_access_key = s22\n")
+    assert used(st) == ("file-id2", "s22")  # a rotated secret, without a remount
+    shared = tmp_path / "shared"
+    shared.write_text("[team]\naws_access_key_id = team-id\naws_secret_access_key = t\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    assert used(S3Store("bk", "http://127.0.0.1:9", "us-east-1", True,
+                        aws_profile="team")) == ("team-id", "t")
+    with pytest.raises(UserError, match="'nope' not found"):
+        S3Store("bk", "http://127.0.0.1:9", "us-east-1", True, aws_profile="nope")
+
+
 async def test_uploaded_files_are_recycled_as_spares(tmp_path: Path) -> None:
     """Once uploaded and closed, a data file is emptied and kept for the next create()
     (creating files is the expensive part of many small writes): what the next file reads

@@ -10,6 +10,7 @@ import base64
 import builtins  # the class's own list() method hides the type name in its signatures
 import io
 import os
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..errors import (
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
 from .lean import LeanS3, proxies_configured
 from .s3xml import check_range, list_page, list_params, meta_of, pump
-from .sigv4 import FileKeys
+from .sigv4 import Keys, keys_from
 
 READ_PIECE = 1 << 20
 MAX_COPY = 5 << 30  # CopyObject limit; larger objects are copied part by part
@@ -86,25 +87,28 @@ class FileSlice(io.RawIOBase):
         super().close()
 
 
-class _FileCredentials(Credentials):
-    """Credentials re-read whenever the file changes (a rotated Kubernetes secret)."""
+class _KeysCredentials(Credentials):
+    """botocore credentials read from a :data:`sigv4.Keys` source at every signature, so
+    the boto3 client signs with the same keys as our own signer (a rotated credentials
+    file, refreshed chain credentials)."""
 
-    def __init__(self, path: str, section: str) -> None:
-        self._keys = FileKeys(path, section)
-        super().__init__(*self._keys(), method="caiosfs-file")
+    def __init__(self, keys: Callable[[], Keys | None], first: Keys) -> None:
+        self._keys = keys
+        super().__init__(*first, method="caiosfs")
 
     def get_frozen_credentials(self) -> Any:
-        return ReadOnlyCredentials(*self._keys())
+        return ReadOnlyCredentials(*(self._keys() or (None, None, None)))
 
 
-class _FileProvider(CredentialProvider):
-    METHOD = CANONICAL_NAME = "caiosfs-file"
+class _KeysProvider(CredentialProvider):
+    METHOD = CANONICAL_NAME = "caiosfs"
 
-    def __init__(self, path: str, section: str) -> None:
-        self._path, self._section = path, section
+    def __init__(self, keys: Callable[[], Keys | None]) -> None:
+        self._keys = keys
 
-    def load(self) -> Credentials:
-        return _FileCredentials(self._path, self._section)
+    def load(self) -> Credentials | None:
+        first = self._keys()
+        return _KeysCredentials(self._keys, first) if first else None
 
 
 def _etag(value: str) -> str:
@@ -166,13 +170,13 @@ class S3Store:
                  credentials_file: str | None = None, aws_profile: str | None = None,
                  max_connections: int = 32, read_timeout: float = 30.0) -> None:
         self.bucket = bucket
-        section = aws_profile or os.environ.get("AWS_PROFILE") or "default"
-        bsession = boto3.session.Session()
-        if credentials_file:
-            resolver = bsession._session.get_component("credential_provider")
-            resolver.insert_before("env", _FileProvider(credentials_file, section))
-        elif aws_profile:
-            bsession = boto3.session.Session(profile_name=aws_profile)
+        # Which keys sign, decided in one place for the mount and cp (sigv4.keys_from); the
+        # client asks that source first, before botocore's own chain.
+        keys = keys_from(credentials_file, aws_profile)
+        bsession = boto3.session.Session(
+            profile_name=aws_profile if aws_profile and not credentials_file else None)
+        bsession._session.get_component("credential_provider").providers.insert(
+            0, _KeysProvider(keys))
         cfg = Config(
             region_name=region,
             signature_version="s3v4",

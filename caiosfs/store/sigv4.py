@@ -79,10 +79,10 @@ class FileKeys:
 
 
 def keys_from(credentials_file: str | None, aws_profile: str | None) -> Callable[[], Keys | None]:
-    """Where cp's keys come from, in S3Store's order: the credentials file (section
-    ``aws_profile``, ``$AWS_PROFILE`` or default), else the environment's keys (unless a
-    profile is named), else botocore's whole chain (profiles, SSO, instance metadata...),
-    imported only then."""
+    """Where the keys come from, for the mount (S3Store: its boto3 client and the lean path
+    alike) and for cp: the credentials file (section ``aws_profile``, ``$AWS_PROFILE`` or
+    default), else the environment's keys (unless a profile is named), else botocore's
+    whole chain (profiles, SSO, instance metadata...), imported only then."""
     if credentials_file:
         section = aws_profile or os.environ.get("AWS_PROFILE") or "default"
         return FileKeys(credentials_file, section)
