@@ -88,7 +88,7 @@ OPTIONS: list[Option] = [
     Option("profile", str, "default", "Preset of TTLs and behaviour: dataset (immutable data: "
            "infinite TTLs, metadata=list: after a listing, symlinks and modes show as the "
            "mount's defaults until looked up by name), devbox (small files, short TTLs, "
-           "metadata=head), checkpoint "
+           "metadata=head, unlink=batch), checkpoint "
            "(large sequential writes, long TTLs). Explicit options override the preset.", "NAME"),
     Option("cache_dir", str, None, "Local block cache and write journal (put it on NVMe). "
            "Default: /var/cache/caiosfs as root, else ~/.cache/caiosfs.", "DIR"),

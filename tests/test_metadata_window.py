@@ -4,6 +4,7 @@ one object, and every answer carries the object's own x-amz-meta-* (mode, exact 
 
 from __future__ import annotations
 
+import errno
 import stat
 import threading
 import time
@@ -14,6 +15,8 @@ import pytest
 import trio
 from coretree import Cores
 
+from caiosfs.core import Caller
+from caiosfs.errors import FsError
 from caiosfs.inodes import ROOT_INO
 from caiosfs.store import ObjectInfo
 from caiosfs.store.memory import MemoryStore
@@ -114,3 +117,49 @@ async def test_a_changed_object_in_a_window_is_headed_again(make: Cores) -> None
             assert n.attrs.size == 3
             assert stat.S_IMODE(n.attrs.mode) == 0o600
             assert n.attrs.mtime_ns == 1_800_000_000 * 10**9
+
+
+class ListBeforeDelete(MemoryStore):
+    """LISTs answer with what the store held when they were sent, after the DeleteObjects
+    sent meanwhile has finished: the race rmdir's emptiness check must not lose."""
+
+    def list(self, prefix, delimiter="/", token=None, max_keys=1000):  # type: ignore[no-untyped-def]
+        page = super().list(prefix, delimiter, token, max_keys)
+        time.sleep(0.1)
+        return page
+
+
+@pytest.mark.parametrize("slow", ["list", "delete"])
+async def test_rmdir_after_batched_unlinks_while_they_are_in_flight(make: Cores,
+                                                                     slow: str) -> None:
+    """rm -r with unlink=batch: rmdir checks emptiness while the directory's DELETEs are
+    still in flight; it neither fails with ENOTEMPTY nor leaves names of deleted files in
+    a listing, and the directory is gone from the store when it returns."""
+    store: MemoryStore
+    if slow == "list":
+        store = ListBeforeDelete("bkt")
+    else:
+        store = MemoryStore("bkt")
+        real = store.delete_many
+
+        def delete_many(keys: list[str]) -> list[str]:
+            time.sleep(0.1)
+            return real(keys)
+        store.delete_many = delete_many  # type: ignore[method-assign]
+    for i in range(5):
+        store.put_bytes(f"t/d/{i}", b"x")
+    store.put_bytes("t/d/", b"")
+    store.put_bytes("t/keep", b"k")
+    core = await make(store, unlink="batch")
+    t = await core.lookup(ROOT_INO, "t")
+    d = await core.lookup(t.ino, "d")
+    for i in range(5):
+        await core.unlink(d.ino, str(i))
+    await core.rmdir(t.ino, "d")
+    assert set(store.objects) == {"t/keep"}
+    assert sorted(name for name, _ in await core.ns.readdir(t)) == ["keep"]
+    await core.mkdir(t.ino, "e", 0o755, Caller(0, 0, 0o022))
+    store.put_bytes("t/e/x", b"x")  # another client's file: not empty
+    with pytest.raises(FsError) as exc:
+        await core.rmdir(t.ino, "e")
+    assert exc.value.errno == errno.ENOTEMPTY
