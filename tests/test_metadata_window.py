@@ -1,6 +1,9 @@
+# ruff: noqa: F811  (test functions take the fixture `make` imported from test_core)
 """Lookups of listed names whose metadata is not known yet (metadata=tagged after a cold
 mount): the HEADs for it go in parallel windows ahead of the names asked for, never twice for
-one object, and every answer carries the object's own x-amz-meta-* (mode, exact mtime)."""
+one object, and every answer carries the object's own x-amz-meta-* (mode, exact mtime).
+And rmdir after batched unlinks (unlink=batch, the devbox profile): its emptiness check runs
+while the DELETEs are in flight."""
 
 from __future__ import annotations
 
@@ -8,12 +11,11 @@ import errno
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
 from coretree import Cores
+from test_core import make  # noqa: F401  (the fixture: a started core on the memory store)
 
 from caiosfs.core import Caller
 from caiosfs.errors import FsError
@@ -44,14 +46,6 @@ class SlowHeads(MemoryStore):
         finally:
             with self._mu:
                 self.now -= 1
-
-
-@pytest.fixture
-async def make(tmp_path: Path) -> AsyncIterator[Cores]:
-    async with trio.open_nursery() as nursery:
-        cores = Cores(tmp_path, nursery)
-        yield cores
-        await cores.stop_all()
 
 
 def seed(store: MemoryStore) -> None:
