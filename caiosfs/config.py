@@ -88,7 +88,7 @@ OPTIONS: list[Option] = [
     Option("profile", str, "default", "Preset of TTLs and behaviour: dataset (immutable data: "
            "infinite TTLs, metadata=list: after a listing, symlinks and modes show as the "
            "mount's defaults until looked up by name), devbox (small files, short TTLs, "
-           "metadata=head), checkpoint "
+           "metadata=head, unlink=batch), checkpoint "
            "(large sequential writes, long TTLs). Explicit options override the preset.", "NAME"),
     Option("cache_dir", str, None, "Local block cache and write journal (put it on NVMe). "
            "Default: /var/cache/caiosfs as root, else ~/.cache/caiosfs.", "DIR"),
@@ -145,7 +145,7 @@ OPTIONS: list[Option] = [
     Option("unlink", str, "wait", "What unlink waits for: 'wait' (the object's DELETE is done "
            "when it returns) or 'batch' (the name goes at once; DELETEs are journaled and sent "
            "batched as DeleteObjects: rm -rf makes a request per directory instead of per "
-           "file; rmdir, flush and unmount wait for them).", "wait|batch"),
+           "file; rmdir, flush and unmount wait for them; the devbox profile's choice).", "wait|batch"),
     Option("fsync", str, "store", "What fsync waits for: 'store' (durable in the object store) "
            "or 'local' (durable on the local cache disk, uploaded soon after).", "store|local"),
     Option("upload_delay", parse_seconds, 1.0, "Seconds after the last close before a file is "
@@ -168,7 +168,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "dataset": {"entry_ttl": float("inf"), "list_ttl": float("inf"), "negative_ttl": 60.0,
                 "metadata": "list"},
     "devbox": {"entry_ttl": 5.0, "list_ttl": 5.0, "negative_ttl": 1.0, "upload_delay": 1.0,
-               "metadata": "head"},
+               "metadata": "head", "unlink": "batch"},
     "checkpoint": {"entry_ttl": 300.0, "list_ttl": 60.0, "negative_ttl": 1.0,
                    "upload_delay": 0.5},
 }

@@ -11,6 +11,7 @@ the negative cache and when to list instead of probe are decided in :mod:`.names
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import stat
@@ -44,6 +45,10 @@ def tagged(etag: str) -> bool:
     return "-" in etag
 
 
+def _known(e: Entry) -> bool:
+    return e.meta is not None
+
+
 def valid_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and \
         len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME and "\0" not in name
@@ -69,6 +74,8 @@ class Listing:
     # names it has, and a name it lacks is still probed (a name created elsewhere since
     # must show within negative_ttl of being asked for, as without the listing).
     for_lookups: bool = False
+    # Its names sorted (made on first need): where a lookup's metadata window starts.
+    order: list[str] | None = None
 
 
 class StoreView:
@@ -91,6 +98,10 @@ class StoreView:
         self._clash_logged: set[str] = set()
         # dir path -> (since, probes of names in it); -1 probes: too big to list for that
         self._misses: dict[str, tuple[float, int]] = {}
+        # key -> set when the HEAD of a listed object (for its metadata) in flight ends
+        self._heading: dict[str, trio.Event] = {}
+        # dir path -> (since, lookups in it that needed a listed object's metadata)
+        self._meta_runs: dict[str, tuple[float, int]] = {}
 
     # paths and keys ----------------------------------------------------------------------
     def key(self, path: str) -> str:
@@ -214,24 +225,76 @@ class StoreView:
     async def _head_all(self, pre: str, entries: dict[str, Entry], every: bool) -> None:
         """Read the x-amz-meta-* of listed objects whose metadata is not known yet: every
         one, or (``every`` false) those a tag marks (:func:`tagged`)."""
-        todo = [(name, e) for name, e in entries.items() if not e.is_dir and e.meta is None
-                and (every or tagged(e.etag))]
+        await self._head_some(pre, [(name, e) for name, e in entries.items()
+                                    if not e.is_dir and e.meta is None
+                                    and (every or tagged(e.etag))])
+
+    async def _head_some(self, pre: str, todo: list[tuple[str, Entry]]) -> None:
+        """HEAD these listed objects, HEAD_PARALLEL at a time, for their metadata (an
+        object's HEAD already in flight is waited for, not sent twice); an object whose
+        ETag is no longer the listed one keeps ``meta`` None."""
+        todo = [(n, e) for n, e in todo if e.meta is None]
         if not todo:
             return
         limiter = trio.CapacityLimiter(HEAD_PARALLEL)
+        mine: dict[str, trio.Event] = {}
+        for name, _ in todo:
+            if pre + name not in self._heading:
+                mine[pre + name] = self._heading[pre + name] = trio.Event()
 
         async def one(name: str, e: Entry) -> None:
-            async with limiter:
-                try:
-                    info = await self.store.head(pre + name)
-                except StoreError:
-                    return  # deleted meanwhile, or unreadable: defaults apply
+            key = pre + name
+            if key not in mine:  # another lookup's HEAD of it is in flight
+                if (ev := self._heading.get(key)) is not None:
+                    await ev.wait()
+                return
+            try:
+                async with limiter:
+                    try:
+                        info = await self.store.head(key)
+                    except StoreError:
+                        return  # deleted meanwhile, or unreadable: defaults apply
                 if info.etag == e.etag:
                     e.meta = info.metadata or {}
-                    self.index.put_meta(ident_of(self.bucket, pre + name, e.etag), e.meta)
+                    self.index.put_meta(ident_of(self.bucket, key, e.etag), e.meta)
+            finally:
+                if self._heading.get(key) is mine[key]:
+                    del self._heading[key]
+                mine[key].set()
         async with trio.open_nursery() as n:
             for name, e in todo:
                 n.start_soon(one, name, e)
+
+    def _window(self, dir_path: str, listing: Listing | None, name: str
+                ) -> list[tuple[str, Entry]]:
+        """The listed objects whose metadata a lookup of ``name`` fetches along with its own:
+        none for the first such lookup in a directory (within list_ttl), then the names
+        after it in sorted order (git status, `ls -l`-like walks and imports go in order),
+        a window doubling with each such lookup up to HEAD_PARALLEL: one round of parallel
+        HEADs where each lookup paid a round trip of its own."""
+        now = time.monotonic()
+        start, n = self._meta_runs.get(dir_path, (now, 0))
+        if now - start >= self.cfg.list_ttl:
+            start, n = now, 0
+        self._meta_runs[dir_path] = (start, n + 1)
+        if len(self._meta_runs) > 10_000:
+            self._meta_runs.clear()
+        if n == 0 or listing is None:
+            return []
+        want = min(HEAD_PARALLEL, 1 << min(n, 8)) - 1
+        if listing.order is None:
+            listing.order = sorted(listing.entries)
+        order, entries, pre = listing.order, listing.entries, self.dir_key(dir_path)
+        out: list[tuple[str, Entry]] = []
+        i = bisect.bisect_right(order, name)
+        for other in order[i:i + 4 * want]:
+            e = entries.get(other)
+            if (e is not None and not e.is_dir and e.meta is None and e.etag
+                    and pre + other not in self._heading):
+                out.append((other, e))
+                if len(out) >= want:
+                    break
+        return out
 
     # probes ------------------------------------------------------------------------------
     def missed(self, dir_path: str, now: float) -> int:
@@ -256,6 +319,14 @@ class StoreView:
                 or self.cfg.metadata == "list"):
             return e
         key = self.dir_key(dir_path) + name
+        if key in self._heading:
+            await self._heading[key].wait()
+        else:
+            ahead = self._window(dir_path, self.listings.get(dir_path), name)
+            await self._head_some(self.dir_key(dir_path), [(name, e), *ahead])
+        if _known(e):
+            return e
+        # (Its HEAD failed, or found another version than the listed one: asked again.)
         try:
             info = await self.store.head(key)
         except StoreError as exc:

@@ -54,12 +54,13 @@ def tree_state(root: Path) -> dict[str, tuple]:
     return out
 
 
+@pytest.mark.parametrize("profile", ["default", "devbox"])
 @pytest.mark.parametrize("first", ["listing", "lookup"])
 def test_symlink_and_mode_survive_cold_remount(s3: Any, bucket: str, mounter: Any,
-                                               first: str) -> None:
-    """Default profile: a symlink and a 0755 script come back as written after a cold
-    remount, whether the directory is listed first or the names are looked up first."""
-    m = mounter(bucket)
+                                               first: str, profile: str) -> None:
+    """Default and devbox profiles: a symlink and a 0755 script come back as written after a
+    cold remount, whether the directory is listed first or the names are looked up first."""
+    m = mounter(bucket, options=f"profile={profile}")
     d = m.path / "bin"
     d.mkdir()
     (d / "run.sh").write_text("#!/bin/sh\necho hi\n")
@@ -67,7 +68,7 @@ def test_symlink_and_mode_survive_cold_remount(s3: Any, bucket: str, mounter: An
     (d / "data.txt").write_text("plain\n")
     os.symlink("run.sh", d / "run")
     os.symlink("../nowhere/at/all", d / "dangling")
-    m2 = cold_remount(mounter, m, bucket)
+    m2 = cold_remount(mounter, m, bucket, f"profile={profile}")
     d2 = m2.path / "bin"
     if first == "listing":
         names = sorted(os.listdir(d2))
@@ -79,6 +80,30 @@ def test_symlink_and_mode_survive_cold_remount(s3: Any, bucket: str, mounter: An
     assert stat.S_IMODE(os.stat(d2 / "run.sh").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(d2 / "data.txt").st_mode) == 0o644
     assert (d2 / "run").read_text() == "#!/bin/sh\necho hi\n"  # through the link
+
+
+def test_lookups_in_order_read_exact_times_once_per_file(s3: Any, bucket: str,
+                                                          mounter: Any) -> None:
+    """Default profile after a cold remount: lstat of every file of a directory in order
+    (git status) shows the times this mount wrote, to the nanosecond, with one HEAD per
+    file at most (sent in parallel windows ahead of the names asked for) and no GET."""
+    m = mounter(bucket)
+    d = m.path / "src"
+    d.mkdir()
+    want = {}
+    for i in range(60):
+        p = d / f"m{i:02d}.py"
+        p.write_text(f"x = {i}\n")
+        ns = 1_700_000_000_123_456_789 + i * 1_000_000_007
+        os.utime(p, ns=(ns, ns))
+        want[p.name] = ns
+    m2 = cold_remount(mounter, m, bucket)
+    before = m2.status()
+    got = {name: os.lstat(m2.path / "src" / name).st_mtime_ns for name in sorted(want)}
+    after = m2.status()
+    assert got == want
+    assert after["s3_get_requests"] == before["s3_get_requests"]
+    assert after["s3_requests"] - before["s3_requests"] <= 60 + 12
 
 
 def test_dataset_profile_trades_metadata_after_listing(s3: Any, bucket: str,
