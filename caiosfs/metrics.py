@@ -77,6 +77,8 @@ class Metrics:
         self.skipped_keys = Counter(p + "skipped_keys", "Object keys that cannot be a path",
                                     registry=r)
         self.warm_bytes = Counter(p + "warm_bytes", "Bytes fetched by pre-warming", registry=r)
+        self.dirahead_files = Counter(p + "dirahead_files", "Small files fetched ahead of a "
+                                      "reader going through a directory", registry=r)
 
     def op(self, name: str) -> tuple[Any, Any]:
         """(count, latency) children of one FUSE operation, looked up once: labels() takes a
