@@ -72,7 +72,6 @@ class _Dir:
     start: int = -1  # where the current run began
     run: int = 0  # opens in order so far in the current run (after its first)
     window: int = 0  # files fetched ahead of the reader (0: not in order)
-    frontier: int = -1  # the last file queued by the in-order rule
     seen: set[int] | None = None  # files opened (small directories only)
     dense: bool = False  # the rest of it was queued (most of it read)
     asked: set[int] = field(default_factory=set)  # files queued already
@@ -113,7 +112,7 @@ class DirAhead:
         if d.last < i <= d.last + GAP:
             d.run += 1
         else:
-            d.run, d.start, d.window, d.frontier = 0, i, 0, i
+            d.run, d.start, d.window = 0, i, 0
             d.asked.clear()
         d.last = i
         if (d.run >= 2 or (d.run >= 1 and d.start == 0)
@@ -165,9 +164,7 @@ class DirAhead:
             ahead += self._size(d, j)
             if ahead > AHEAD_BYTES:
                 break
-            if j > d.frontier:
-                d.frontier = j
-                self._ask(d, j)
+            self._ask(d, j)
 
     def _rest(self, d: _Dir) -> None:
         """Queue every small file of ``d`` not opened yet (within AHEAD_BYTES)."""
@@ -195,14 +192,16 @@ class DirAhead:
         while self._queue and self.in_flight < DEPTH:
             d, j = self._queue.popleft()
             if now - d.at > STALE or d.listing is not self.view.listings.get(d.path):
+                d.asked.discard(j)  # (asked again if its reader comes back in order)
                 continue  # the reader left, or the directory was listed again
             if d.seen is not None and j in d.seen:
                 continue  # opened meanwhile: its reader fetches it
             if not d.dense and (j <= d.last or j > d.last + d.window):
                 continue  # reached by the reader, or its run broke
             obj = self._wanted(d, j)
-            if obj is None:
-                continue
+            if obj is None or not self.fetcher.cache.missing(obj.ident, 0,
+                                                             (obj.size - 1) // self.cs):
+                continue  # (not worth it, or cached already)
             self.in_flight += 1
             self.issued += 1
             self.metrics.dirahead_files.inc()

@@ -126,4 +126,5 @@ class Metrics:
             "bytes_out": int(v("caiosfs_s3_bytes_out_total")),
             "skipped_keys": int(v("caiosfs_skipped_keys_total")),
             "warm_bytes": int(v("caiosfs_warm_bytes_total")),
+            "dirahead_files": int(v("caiosfs_dirahead_files_total")),
         }
