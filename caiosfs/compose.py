@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from .cache import BlockCache
 from .config import MountConfig
 from .core import Core
+from .dirahead import DirAhead
 from .errors import StoreError, UserError, describe_store_error
 from .index import Index
 from .metrics import Metrics
@@ -141,7 +142,10 @@ def build_core(cfg: MountConfig, store: ObjectStore, index: Index,
                    on_uploaded=lambda f, etag: None)  # (the core takes it over)
     ns = Namespace(cfg, rp.client, index, metrics, wb)
     wb.tagged = ns.needs_tag
-    return Core(cfg, index, metrics, rp.client, rp.cache, rp.fetcher, reader, wb, ns)
+    core = Core(cfg, index, metrics, rp.client, rp.cache, rp.fetcher, reader, wb, ns)
+    if cfg.dirahead:
+        core.files.ahead = DirAhead(cfg, ns.view, wb, rp.fetcher, metrics)
+    return core
 
 
 def build_filesystem(cfg: MountConfig, store: ObjectStore, index: Index,

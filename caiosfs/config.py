@@ -104,6 +104,11 @@ OPTIONS: list[Option] = [
     Option("readahead_max", parse_size, GiB, "Cap of the per-file readahead window. Within "
            "it, a streaming file's window is its share of the GETs the mount keeps in flight "
            "(see parallel_max) times max_request.", "SIZE"),
+    Option("dirahead", parse_bool, True, "Fetch the next small files of a directory ahead of "
+           "a reader going through them in listing order (restore, tar c, cp -r), or the rest "
+           "of a small directory most of whose files were read (imports of a package): "
+           "several GETs in flight instead of one round trip per file. dirahead=0 turns it "
+           "off."),
     Option("part_size", parse_size, 64 * MiB, "Multipart upload part size (grows for huge files "
            "to stay under 10,000 parts).", "SIZE"),
     Option("read_ahead_kb", int, 1024, "Kernel readahead of the mount, set through "
@@ -255,6 +260,7 @@ class MountConfig:
     log_file: str | None
     rw: bool = False
     unlink: str = "wait"
+    dirahead: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -15,6 +15,7 @@ import trio
 
 from .config import MountConfig
 from .deletes import Deletes
+from .dirahead import DirAhead
 from .errors import FsError
 from .inodes import Node
 from .namespace import Namespace
@@ -42,6 +43,7 @@ class Files:
     deletes: Deletes
     handles: dict[int, Handle] = field(default_factory=dict)
     _next_fh: int = 1
+    ahead: DirAhead | None = None  # told of every open for reading (see dirahead.py)
 
     def new_fh(self) -> int:
         """A handle number (file and directory handles share the numbers)."""
@@ -119,6 +121,8 @@ class Files:
                 await self.ns.revalidate(n)
             obj = ObjRef(self.cfg.source.bucket, self.ns.key(n.path), n.entry.etag,
                          n.entry.size)
+        if not writable and self.ahead is not None:
+            self.ahead.opened(n)
         return self.opened(n, writable, obj, f)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -77,6 +77,8 @@ class Metrics:
         self.skipped_keys = Counter(p + "skipped_keys", "Object keys that cannot be a path",
                                     registry=r)
         self.warm_bytes = Counter(p + "warm_bytes", "Bytes fetched by pre-warming", registry=r)
+        self.dirahead_files = Counter(p + "dirahead_files", "Small files fetched ahead of a "
+                                      "reader going through a directory", registry=r)
 
     def op(self, name: str) -> tuple[Any, Any]:
         """(count, latency) children of one FUSE operation, looked up once: labels() takes a
@@ -124,4 +126,5 @@ class Metrics:
             "bytes_out": int(v("caiosfs_s3_bytes_out_total")),
             "skipped_keys": int(v("caiosfs_skipped_keys_total")),
             "warm_bytes": int(v("caiosfs_warm_bytes_total")),
+            "dirahead_files": int(v("caiosfs_dirahead_files_total")),
         }
