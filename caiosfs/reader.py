@@ -42,6 +42,7 @@ PENDING_WAIT = 30.0  # seconds a worker waits for the loop before going on regar
 HOLD_STALE = 10.0  # seconds a held chunk waits for its reader before it may be dropped
 STREAM_SHARE = 1.25  # a stream asks for this much more than its share of the pipe
 ACTIVE_STREAM = 1.0  # seconds since its last read that a stream still counts as active
+STALL_RECENT = 1.0  # seconds a stream's last wait for data marks it as limited by the store
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Readahead:
     next_offset: int = 0
     fetched_until: int = 0  # end of what this handle already asked the fetcher for
     advised_until: int = 0  # end of the cached range the kernel was asked to read ahead
+    stalled: float = -1e9  # when (trio clock) a read of this handle last waited for a GET
     # Small jumps still count as sequential (the kernel reorders and splits requests).
     slack: int = 1 << 20
 
@@ -156,6 +158,7 @@ class _Get:
     keep: bool  # hold its chunks for their reader
     pending: threading.Semaphore  # chunks it may deliver ahead of the loop's commits
     commit_error: list[OSError] = field(default_factory=list)
+    owed: int = 0  # bytes it was asked for for a reader (keep) and has not delivered yet
 
 
 class Fetcher:
@@ -168,6 +171,9 @@ class Fetcher:
         self.max_chunks = max(1, max_request // cache.chunk_size)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
         self.running = 0  # GETs launched and not yet ended (tests wait for them)
+        # Bytes asked for for readers (keep) that have not arrived yet: when they come they
+        # want room in the hold, so the readahead counts them (Reader._hold_room).
+        self.owed = 0
         self._asked = 0  # chunks asked for so far: orders the hold
         # Chunks whose fetch just failed: (ident, chunk) -> (monotonic time, error). When an
         # async readahead fails, the kernel at once retries the page with a synchronous read;
@@ -180,16 +186,33 @@ class Fetcher:
         self._delivered_lock = threading.Lock()
         self._commit_queued = False
         # Chunks fetched for a reader wait for it in memory (BlockCache.hold), charged to
-        # the budget, up to half of it; a request short of budget drops them first.
+        # the budget: whatever the GETs the pipe allows do not need of it (at least half);
+        # a request short of budget drops them first, those asked for last first.
         cache.release_charge = budget.release
-        budget.reclaim = cache.drop_fresh
-        self.hold_limit = budget.limit // 2
+        budget.reclaim = self._reclaim
+        self._hold_min = budget.limit // 2
         # What one GET in flight holds: the piece its socket is filling and the pieces
         # waiting for the loop. The rest of the budget bounds the pipe's ceiling.
         self.request_charge = (PENDING_PIECES + 1) * cache.chunk_size
-        pipe = store.pipe
+        self.pipe = pipe = store.pipe
         pipe.ceiling = max(pipe.floor, min(
-            pipe.ceiling, (budget.limit - self.hold_limit) // self.request_charge))
+            pipe.ceiling, (budget.limit - self._hold_min) // self.request_charge))
+
+    @property
+    def hold_limit(self) -> int:
+        """Bytes of fetched chunks the hold may keep for their readers."""
+        return max(self._hold_min,
+                   self.budget.limit - self.pipe.size * self.request_charge)
+
+    def _reclaim(self, want: int) -> int:
+        """Budget for a request: held chunks unread for long go first, then those asked
+        for last (the farthest from their readers)."""
+        before = self.cache.fresh_bytes
+        self.cache.drop_stale(HOLD_STALE)
+        freed = before - self.cache.fresh_bytes
+        if freed < want:
+            freed += self.cache.drop_farther(-1, want - freed)
+        return freed
 
     def _plan(self, obj: ObjRef, first: int, last: int) -> tuple[list[tuple[int, int]],
                                                                  list[_Flight]]:
@@ -223,7 +246,11 @@ class Fetcher:
             for c in range(a, b + 1):
                 self._inflight[(obj.ident, c)] = f
             self.running += 1
-            self.nursery.start_soon(self._fetch, obj, a, b, f, keep)
+            get = _Get(obj, obj.ident, a, f, keep, threading.Semaphore(PENDING_PIECES))
+            if keep:
+                get.owed = self._span(obj, a, b)
+                self.owed += get.owed
+            self.nursery.start_soon(self._fetch, get, b)
             flights.append(f)
         return flights
 
@@ -296,6 +323,9 @@ class Fetcher:
         for get, chunk, _, data in live:
             ident, flight, size = get.ident, get.flight, get.obj.size
             if get.keep:
+                came = min(get.owed, len(data))
+                get.owed -= came
+                self.owed -= came
                 # Parallel GETs deliver near and far chunks interleaved. When the hold is
                 # full, chunks asked for later than this one (farther from their readers)
                 # make room, and chunks unread for long (their reader left); else this one
@@ -311,27 +341,33 @@ class Fetcher:
                 if (self.cache.fresh_bytes + n <= self.hold_limit
                         and self.budget.try_acquire(n)):
                     self.cache.hold(ident, chunk, data, n, order)
+
             miss += self.cache.chunk_len(chunk, size)
             if self._inflight.get((ident, chunk)) is flight:
                 del self._inflight[(ident, chunk)]
             flight.bump()
         self.metrics.cache_miss_bytes.inc(miss)
 
-    async def _fetch(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool
-                     ) -> None:
+    def _span(self, obj: ObjRef, a: int, b: int) -> int:
+        """Bytes of chunks [a, b] of ``obj``."""
+        cs = self.cache.chunk_size
+        return max(0, min((b + 1) * cs, obj.size) - a * cs)
+
+    async def _fetch(self, get: _Get, b: int) -> None:
         try:
-            await self._get(obj, a, b, flight, keep)
+            await self._get(get, b)
         finally:
             self.running -= 1
+            self.owed -= get.owed  # what it never delivered
+            get.owed = 0
 
-    async def _get(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool) -> None:
+    async def _get(self, get: _Get, b: int) -> None:
+        obj, a, flight, ident = get.obj, get.first, get.flight, get.ident
         cs = self.cache.chunk_size
         start = a * cs
-        length = min((b + 1) * cs, obj.size) - start
-        ident = obj.ident
+        length = self._span(obj, a, b)
         charge = min(length, self.request_charge)
         await self.budget.acquire(charge)
-        get = _Get(obj, ident, a, flight, keep, threading.Semaphore(PENDING_PIECES))
         try:
             self.metrics.readahead_window.observe(length)
             token = trio.lowlevel.current_trio_token()
@@ -453,6 +489,7 @@ class Reader:
             last = (end - 1) // cs
             if seq and ra.window:
                 self.pipe.stalls += 1  # a stream waits for data: the pipe may be too narrow
+                ra.stalled = trio.current_time()
             try:
                 await self.fetcher.ensure(obj, offset // cs, last, keep=True)
             except CacheWriteError:
@@ -509,6 +546,17 @@ class Reader:
             self._touched.popitem(last=False)
         return first
 
+    def _hold_room(self, ra: Readahead) -> int:
+        """Bytes the hold can still take for readers, counting what was asked for and has
+        not arrived. A stream whose reader waited for data lately (the store, not the
+        reader, is the limit) is read as fast as it comes: what is in flight for it needs
+        no room yet."""
+        f = self.fetcher
+        room = f.hold_limit - self.cache.fresh_bytes
+        if trio.current_time() - ra.stalled > STALL_RECENT:
+            return room - f.owed
+        return room - f.owed // 2
+
     def _readahead(self, obj: ObjRef, ra: Readahead, end: int) -> None:
         target = min(obj.size, end + ra.window)
         start = max(end, ra.fetched_until)
@@ -517,6 +565,13 @@ class Reader:
         step = min(self.fetcher.max_chunks * self.cache.chunk_size, ra.window // 2)
         if start >= target or (target - start < step and target < obj.size):
             return
+        if start - end >= step:
+            # Beyond the first request ahead, fetch only what the hold can keep for the
+            # reader; more would arrive only to be dropped and read back from disk.
+            room = self._hold_room(ra)
+            if room < min(step, target - start):
+                return
+            target = min(target, start + max(step, room - room % step))
         cs = self.cache.chunk_size
         self.fetcher.prefetch(obj, start // cs, (target - 1) // cs, keep=True)
         ra.fetched_until = target
