@@ -158,7 +158,6 @@ class _Get:
     keep: bool  # hold its chunks for their reader
     pending: threading.Semaphore  # chunks it may deliver ahead of the loop's commits
     commit_error: list[OSError] = field(default_factory=list)
-    owed: int = 0  # bytes it was asked for for a reader (keep) and has not delivered yet
 
 
 class Fetcher:
@@ -171,9 +170,6 @@ class Fetcher:
         self.max_chunks = max(1, max_request // cache.chunk_size)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
         self.running = 0  # GETs launched and not yet ended (tests wait for them)
-        # Bytes asked for for readers (keep) that have not arrived yet: when they come they
-        # want room in the hold, so the readahead counts them (Reader._hold_room).
-        self.owed = 0
         self._asked = 0  # chunks asked for so far: orders the hold
         # Chunks whose fetch just failed: (ident, chunk) -> (monotonic time, error). When an
         # async readahead fails, the kernel at once retries the page with a synchronous read;
@@ -247,9 +243,6 @@ class Fetcher:
                 self._inflight[(obj.ident, c)] = f
             self.running += 1
             get = _Get(obj, obj.ident, a, f, keep, threading.Semaphore(PENDING_PIECES))
-            if keep:
-                get.owed = self._span(obj, a, b)
-                self.owed += get.owed
             self.nursery.start_soon(self._fetch, get, b)
             flights.append(f)
         return flights
@@ -323,9 +316,6 @@ class Fetcher:
         for get, chunk, _, data in live:
             ident, flight, size = get.ident, get.flight, get.obj.size
             if get.keep:
-                came = min(get.owed, len(data))
-                get.owed -= came
-                self.owed -= came
                 # Parallel GETs deliver near and far chunks interleaved. When the hold is
                 # full, chunks asked for later than this one (farther from their readers)
                 # make room, and chunks unread for long (their reader left); else this one
@@ -358,8 +348,6 @@ class Fetcher:
             await self._get(get, b)
         finally:
             self.running -= 1
-            self.owed -= get.owed  # what it never delivered
-            get.owed = 0
 
     async def _get(self, get: _Get, b: int) -> None:
         obj, a, flight, ident = get.obj, get.first, get.flight, get.ident
@@ -490,6 +478,10 @@ class Reader:
             if seq and ra.window:
                 self.pipe.stalls += 1  # a stream waits for data: the pipe may be too narrow
                 ra.stalled = trio.current_time()
+                # Ask for the window from here first: the chunks this read waits for come
+                # as the first pieces of a whole request, not as a GET of their own with the
+                # window's GETs sent only after it (a round trip more at a stream's start).
+                self._readahead(obj, ra, offset)
             try:
                 await self.fetcher.ensure(obj, offset // cs, last, keep=True)
             except CacheWriteError:
@@ -546,16 +538,16 @@ class Reader:
             self._touched.popitem(last=False)
         return first
 
-    def _hold_room(self, ra: Readahead) -> int:
-        """Bytes the hold can still take for readers, counting what was asked for and has
-        not arrived. A stream whose reader waited for data lately (the store, not the
-        reader, is the limit) is read as fast as it comes: what is in flight for it needs
-        no room yet."""
-        f = self.fetcher
-        room = f.hold_limit - self.cache.fresh_bytes
-        if trio.current_time() - ra.stalled > STALL_RECENT:
-            return room - f.owed
-        return room - f.owed // 2
+    def _hold_share(self, ra: Readahead) -> int:
+        """How far ahead of its reader a stream may have asked for data: its share of the
+        hold, as what arrives before the reader gets there waits in the hold (beyond it,
+        chunks would be dropped and read back from disk). A stream whose reader waited for
+        data lately is limited by the store, not by its reader: it reads what arrives at
+        once, and may ask for half as much again."""
+        share = self.fetcher.hold_limit // max(1, len(self._streams))
+        if trio.current_time() - ra.stalled <= STALL_RECENT:
+            share += share // 2
+        return share
 
     def _readahead(self, obj: ObjRef, ra: Readahead, end: int) -> None:
         target = min(obj.size, end + ra.window)
@@ -566,12 +558,11 @@ class Reader:
         if start >= target or (target - start < step and target < obj.size):
             return
         if start - end >= step:
-            # Beyond the first request ahead, fetch only what the hold can keep for the
-            # reader; more would arrive only to be dropped and read back from disk.
-            room = self._hold_room(ra)
-            if room < min(step, target - start):
+            # Beyond the first request ahead, no further than the hold keeps for the reader.
+            lead = self._hold_share(ra)
+            target = min(target, end + lead - lead % step)
+            if target - start < step and target < obj.size:
                 return
-            target = min(target, start + max(step, room - room % step))
         cs = self.cache.chunk_size
         self.fetcher.prefetch(obj, start // cs, (target - 1) // cs, keep=True)
         ra.fetched_until = target
