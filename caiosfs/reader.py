@@ -543,11 +543,13 @@ class Reader:
         hold, as what arrives before the reader gets there waits in the hold (beyond it,
         chunks would be dropped and read back from disk). A stream whose reader waited for
         data lately is limited by the store, not by its reader: it reads what arrives at
-        once, and may ask for half as much again."""
+        once, and may ask for half as much again. Never less than two requests: with many
+        streams (8 readers of a restore) one request ahead each left their GETs idle
+        between requests."""
         share = self.fetcher.hold_limit // max(1, len(self._streams))
         if trio.current_time() - ra.stalled <= STALL_RECENT:
             share += share // 2
-        return share
+        return max(share, 2 * self.fetcher.max_chunks * self.cache.chunk_size)
 
     def _readahead(self, obj: ObjRef, ra: Readahead, end: int) -> None:
         target = min(obj.size, end + ra.window)
