@@ -541,15 +541,17 @@ class Reader:
     def _hold_share(self, ra: Readahead) -> int:
         """How far ahead of its reader a stream may have asked for data: its share of the
         hold, as what arrives before the reader gets there waits in the hold (beyond it,
-        chunks would be dropped and read back from disk). A stream whose reader waited for
-        data lately is limited by the store, not by its reader: it reads what arrives at
-        once, and may ask for half as much again. Never less than two requests: with many
-        streams (8 readers of a restore) one request ahead each left their GETs idle
-        between requests."""
+        chunks would be dropped and read back from disk); never less than two requests
+        (with many streams, 8 readers of a restore, one request ahead each left GETs idle
+        between requests). A stream whose reader waited for data lately is limited by the
+        store, not by its reader: it reads what arrives at once, and may ask for half as
+        much again, and for three requests at least (a stream of two GETs at 50 MB/s per
+        connection is at most 100 MB/s)."""
+        request = self.fetcher.max_chunks * self.cache.chunk_size
         share = self.fetcher.hold_limit // max(1, len(self._streams))
         if trio.current_time() - ra.stalled <= STALL_RECENT:
-            share += share // 2
-        return max(share, 2 * self.fetcher.max_chunks * self.cache.chunk_size)
+            return max(share + share // 2, 3 * request)
+        return max(share, 2 * request)
 
     def _readahead(self, obj: ObjRef, ra: Readahead, end: int) -> None:
         target = min(obj.size, end + ra.window)
