@@ -478,10 +478,12 @@ class Reader:
             if seq and ra.window:
                 self.pipe.stalls += 1  # a stream waits for data: the pipe may be too narrow
                 ra.stalled = trio.current_time()
-                # Ask for the window from here first: the chunks this read waits for come
-                # as the first pieces of a whole request, not as a GET of their own with the
-                # window's GETs sent only after it (a round trip more at a stream's start).
-                self._readahead(obj, ra, offset)
+                if end < obj.size:
+                    # Ask for the window from here first: the chunks this read waits for
+                    # come as the first pieces of a whole request, not as a GET of their
+                    # own with the window's GETs sent only after it (a round trip more at
+                    # a stream's start). (Not for a read to the end: a whole small file.)
+                    self._readahead(obj, ra, offset)
             try:
                 await self.fetcher.ensure(obj, offset // cs, last, keep=True)
             except CacheWriteError:
