@@ -42,6 +42,7 @@ PENDING_WAIT = 30.0  # seconds a worker waits for the loop before going on regar
 HOLD_STALE = 10.0  # seconds a held chunk waits for its reader before it may be dropped
 STREAM_SHARE = 1.25  # a stream asks for this much more than its share of the pipe
 ACTIVE_STREAM = 1.0  # seconds since its last read that a stream still counts as active
+STALL_RECENT = 1.0  # seconds a stream's last wait for data marks it as limited by the store
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Readahead:
     next_offset: int = 0
     fetched_until: int = 0  # end of what this handle already asked the fetcher for
     advised_until: int = 0  # end of the cached range the kernel was asked to read ahead
+    stalled: float = -1e9  # when (trio clock) a read of this handle last waited for a GET
     # Small jumps still count as sequential (the kernel reorders and splits requests).
     slack: int = 1 << 20
 
@@ -180,16 +182,33 @@ class Fetcher:
         self._delivered_lock = threading.Lock()
         self._commit_queued = False
         # Chunks fetched for a reader wait for it in memory (BlockCache.hold), charged to
-        # the budget, up to half of it; a request short of budget drops them first.
+        # the budget: whatever the GETs the pipe allows do not need of it (at least half);
+        # a request short of budget drops them first, those asked for last first.
         cache.release_charge = budget.release
-        budget.reclaim = cache.drop_fresh
-        self.hold_limit = budget.limit // 2
+        budget.reclaim = self._reclaim
+        self._hold_min = budget.limit // 2
         # What one GET in flight holds: the piece its socket is filling and the pieces
         # waiting for the loop. The rest of the budget bounds the pipe's ceiling.
         self.request_charge = (PENDING_PIECES + 1) * cache.chunk_size
-        pipe = store.pipe
+        self.pipe = pipe = store.pipe
         pipe.ceiling = max(pipe.floor, min(
-            pipe.ceiling, (budget.limit - self.hold_limit) // self.request_charge))
+            pipe.ceiling, (budget.limit - self._hold_min) // self.request_charge))
+
+    @property
+    def hold_limit(self) -> int:
+        """Bytes of fetched chunks the hold may keep for their readers."""
+        return max(self._hold_min,
+                   self.budget.limit - self.pipe.size * self.request_charge)
+
+    def _reclaim(self, want: int) -> int:
+        """Budget for a request: held chunks unread for long go first, then those asked
+        for last (the farthest from their readers)."""
+        before = self.cache.fresh_bytes
+        self.cache.drop_stale(HOLD_STALE)
+        freed = before - self.cache.fresh_bytes
+        if freed < want:
+            freed += self.cache.drop_farther(-1, want - freed)
+        return freed
 
     def _plan(self, obj: ObjRef, first: int, last: int) -> tuple[list[tuple[int, int]],
                                                                  list[_Flight]]:
@@ -223,7 +242,8 @@ class Fetcher:
             for c in range(a, b + 1):
                 self._inflight[(obj.ident, c)] = f
             self.running += 1
-            self.nursery.start_soon(self._fetch, obj, a, b, f, keep)
+            get = _Get(obj, obj.ident, a, f, keep, threading.Semaphore(PENDING_PIECES))
+            self.nursery.start_soon(self._fetch, get, b)
             flights.append(f)
         return flights
 
@@ -311,27 +331,31 @@ class Fetcher:
                 if (self.cache.fresh_bytes + n <= self.hold_limit
                         and self.budget.try_acquire(n)):
                     self.cache.hold(ident, chunk, data, n, order)
+
             miss += self.cache.chunk_len(chunk, size)
             if self._inflight.get((ident, chunk)) is flight:
                 del self._inflight[(ident, chunk)]
             flight.bump()
         self.metrics.cache_miss_bytes.inc(miss)
 
-    async def _fetch(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool
-                     ) -> None:
+    def _span(self, obj: ObjRef, a: int, b: int) -> int:
+        """Bytes of chunks [a, b] of ``obj``."""
+        cs = self.cache.chunk_size
+        return max(0, min((b + 1) * cs, obj.size) - a * cs)
+
+    async def _fetch(self, get: _Get, b: int) -> None:
         try:
-            await self._get(obj, a, b, flight, keep)
+            await self._get(get, b)
         finally:
             self.running -= 1
 
-    async def _get(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool) -> None:
+    async def _get(self, get: _Get, b: int) -> None:
+        obj, a, flight, ident = get.obj, get.first, get.flight, get.ident
         cs = self.cache.chunk_size
         start = a * cs
-        length = min((b + 1) * cs, obj.size) - start
-        ident = obj.ident
+        length = self._span(obj, a, b)
         charge = min(length, self.request_charge)
         await self.budget.acquire(charge)
-        get = _Get(obj, ident, a, flight, keep, threading.Semaphore(PENDING_PIECES))
         try:
             self.metrics.readahead_window.observe(length)
             token = trio.lowlevel.current_trio_token()
@@ -453,6 +477,13 @@ class Reader:
             last = (end - 1) // cs
             if seq and ra.window:
                 self.pipe.stalls += 1  # a stream waits for data: the pipe may be too narrow
+                ra.stalled = trio.current_time()
+                if end < obj.size:
+                    # Ask for the window from here first: the chunks this read waits for
+                    # come as the first pieces of a whole request, not as a GET of their
+                    # own with the window's GETs sent only after it (a round trip more at
+                    # a stream's start). (Not for a read to the end: a whole small file.)
+                    self._readahead(obj, ra, offset)
             try:
                 await self.fetcher.ensure(obj, offset // cs, last, keep=True)
             except CacheWriteError:
@@ -509,6 +540,21 @@ class Reader:
             self._touched.popitem(last=False)
         return first
 
+    def _hold_share(self, ra: Readahead) -> int:
+        """How far ahead of its reader a stream may have asked for data: its share of the
+        hold, as what arrives before the reader gets there waits in the hold (beyond it,
+        chunks would be dropped and read back from disk); never less than two requests
+        (with many streams, 8 readers of a restore, one request ahead each left GETs idle
+        between requests). A stream whose reader waited for data lately is limited by the
+        store, not by its reader: it reads what arrives at once, and may ask for half as
+        much again, and for three requests at least (a stream of two GETs at 50 MB/s per
+        connection is at most 100 MB/s)."""
+        request = self.fetcher.max_chunks * self.cache.chunk_size
+        share = self.fetcher.hold_limit // max(1, len(self._streams))
+        if trio.current_time() - ra.stalled <= STALL_RECENT:
+            return max(share + share // 2, 3 * request)
+        return max(share, 2 * request)
+
     def _readahead(self, obj: ObjRef, ra: Readahead, end: int) -> None:
         target = min(obj.size, end + ra.window)
         start = max(end, ra.fetched_until)
@@ -517,6 +563,12 @@ class Reader:
         step = min(self.fetcher.max_chunks * self.cache.chunk_size, ra.window // 2)
         if start >= target or (target - start < step and target < obj.size):
             return
+        if start - end >= step:
+            # Beyond the first request ahead, no further than the hold keeps for the reader.
+            lead = self._hold_share(ra)
+            target = min(target, end + lead - lead % step)
+            if target - start < step and target < obj.size:
+                return
         cs = self.cache.chunk_size
         self.fetcher.prefetch(obj, start // cs, (target - 1) // cs, keep=True)
         ra.fetched_until = target

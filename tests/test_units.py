@@ -323,6 +323,42 @@ async def test_fetched_chunks_wait_in_memory_for_their_reader(tmp_path: Path) ->
         n.cancel_scope.cancel()
 
 
+async def test_readahead_runs_no_further_ahead_than_the_hold_keeps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader slower than the store: the stream asks for no more than its share of the
+    hold ahead of it, so what arrives early waits in memory instead of being dropped and
+    read back from the cache file (a cold 1 GiB read read back half its chunks when the
+    window was the pipe's share, 20-40 requests, against a 128 MiB hold)."""
+    import caiosfs.reader as reader_mod
+    monkeypatch.setattr(reader_mod, "STALL_RECENT", -1.0)  # (waits do not widen the lead)
+    store = MemoryStore("b")
+    body = data(96 * MiB, "slow")
+    obj = ObjRef("b", "k", store.put_bytes("k", body), len(body))
+    m = Metrics()
+    cache = _cache(tmp_path / "r")
+    budget = MemoryBudget(64 * MiB, m)
+    fetcher = Fetcher(StoreClient(store, m, parallel=8, read_timeout=5), cache, m, budget,
+                      max_request=8 * MiB)
+    reader = Reader(cache, fetcher, m, readahead_max=256 * MiB)
+    assert fetcher.hold_limit == 40 * MiB  # the budget less 8 GETs' pieces
+    lead = 0
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        ra = reader.new_readahead()
+        got = bytearray()
+        while len(got) < obj.size:
+            got += await reader.read(obj, ra, len(got), MiB)
+            lead = max(lead, ra.fetched_until - len(got))
+            with trio.fail_after(10):  # the reader is the slow side: every GET is done
+                while fetcher.running:
+                    await trio.sleep(0.001)
+        n.cancel_scope.cancel()
+    assert xxh(got) == xxh(body)
+    # the pipe's share would be 1.25 x 8 GETs x 8 MiB = 80 MiB ahead; the hold's is 40
+    assert lead <= 40 * MiB
+    assert m.value("caiosfs_cache_hit_chunks_total") == 0
+
+
 async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
     """What reads really hold in memory - pieces the running GETs delivered (in worker
     threads) that the loop has not committed yet, plus the fetched chunks kept for their
