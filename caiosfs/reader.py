@@ -182,23 +182,17 @@ class Fetcher:
         self._delivered_lock = threading.Lock()
         self._commit_queued = False
         # Chunks fetched for a reader wait for it in memory (BlockCache.hold), charged to
-        # the budget: whatever the GETs the pipe allows do not need of it (at least half);
-        # a request short of budget drops them first, those asked for last first.
+        # the budget, up to half of it; a request short of budget drops them first, those
+        # asked for last first.
         cache.release_charge = budget.release
         budget.reclaim = self._reclaim
-        self._hold_min = budget.limit // 2
+        self.hold_limit = budget.limit // 2
         # What one GET in flight holds: the piece its socket is filling and the pieces
         # waiting for the loop. The rest of the budget bounds the pipe's ceiling.
         self.request_charge = (PENDING_PIECES + 1) * cache.chunk_size
-        self.pipe = pipe = store.pipe
+        pipe = store.pipe
         pipe.ceiling = max(pipe.floor, min(
-            pipe.ceiling, (budget.limit - self._hold_min) // self.request_charge))
-
-    @property
-    def hold_limit(self) -> int:
-        """Bytes of fetched chunks the hold may keep for their readers."""
-        return max(self._hold_min,
-                   self.budget.limit - self.pipe.size * self.request_charge)
+            pipe.ceiling, (budget.limit - self.hold_limit) // self.request_charge))
 
     def _reclaim(self, want: int) -> int:
         """Budget for a request: held chunks unread for long go first, then those asked
