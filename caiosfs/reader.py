@@ -325,7 +325,6 @@ class Fetcher:
                 if (self.cache.fresh_bytes + n <= self.hold_limit
                         and self.budget.try_acquire(n)):
                     self.cache.hold(ident, chunk, data, n, order)
-
             miss += self.cache.chunk_len(chunk, size)
             if self._inflight.get((ident, chunk)) is flight:
                 del self._inflight[(ident, chunk)]
