@@ -159,9 +159,10 @@ class BlockCache:
         # Chunks fetched for a reader and not read yet: (ident, chunk) -> (bytes, charge,
         # time held, order). They are on disk too; keeping them saves a sequential reader a
         # disk read and a checksum per chunk. Their bytes stay charged to the read memory
-        # budget until read (then they move to the small LRU above) or dropped (drop_fresh,
-        # oldest first; drop_stale, those no reader came for; drop_farther, those asked for
-        # after a chunk that needs the room, by ``order``, through the max-heap _far).
+        # budget until read (then they move to the small LRU above) or dropped (drop_stale,
+        # those no reader came for; drop_farther, those asked for after a chunk that needs
+        # the room, by ``order``, through the max-heap _far: also what the read budget
+        # reclaims for a new request, Fetcher._reclaim).
         self._fresh: OrderedDict[tuple[bytes, int], tuple[bytes, int, float, int]] = \
             OrderedDict()
         self._far: list[tuple[int, tuple[bytes, int]]] = []  # (-order, key), lazily pruned
@@ -297,20 +298,6 @@ class BlockCache:
                 break
             heapq.heappop(self._far)
             del self._fresh[k]
-            freed += got[1]
-            self._release_fresh(got)
-        return freed
-
-    def drop_fresh(self, want: int, ident: bytes | None = None) -> int:
-        """Drop held chunks, oldest first, until ``want`` bytes of charge are released (all
-        of one object's with ``ident``); returns the charge released."""
-        freed = 0
-        keys = (list(self._fresh) if ident is None
-                else [k for k in self._fresh if k[0] == ident])
-        for k in keys:
-            if freed >= want:
-                break
-            got = self._fresh.pop(k)
             freed += got[1]
             self._release_fresh(got)
         return freed

@@ -182,27 +182,20 @@ class Fetcher:
         self._delivered_lock = threading.Lock()
         self._commit_queued = False
         # Chunks fetched for a reader wait for it in memory (BlockCache.hold), charged to
-        # the budget: whatever the GETs the pipe allows do not need of it (at least half);
-        # a request short of budget drops them first, those asked for last first.
+        # the budget, up to half of it; a request short of budget drops them first, those
+        # asked for last first.
         cache.release_charge = budget.release
         budget.reclaim = self._reclaim
-        self._hold_min = budget.limit // 2
+        self.hold_limit = budget.limit // 2
         # What one GET in flight holds: the piece its socket is filling and the pieces
         # waiting for the loop. The rest of the budget bounds the pipe's ceiling.
         self.request_charge = (PENDING_PIECES + 1) * cache.chunk_size
-        self.pipe = pipe = store.pipe
+        pipe = store.pipe
         pipe.ceiling = max(pipe.floor, min(
-            pipe.ceiling, (budget.limit - self._hold_min) // self.request_charge))
-
-    @property
-    def hold_limit(self) -> int:
-        """Bytes of fetched chunks the hold may keep for their readers."""
-        return max(self._hold_min,
-                   self.budget.limit - self.pipe.size * self.request_charge)
+            pipe.ceiling, (budget.limit - self.hold_limit) // self.request_charge))
 
     def _reclaim(self, want: int) -> int:
-        """Budget for a request: held chunks unread for long go first, then those asked
-        for last (the farthest from their readers)."""
+        """Budget for a request: stale held chunks first, then the farthest."""
         before = self.cache.fresh_bytes
         self.cache.drop_stale(HOLD_STALE)
         freed = before - self.cache.fresh_bytes
@@ -242,8 +235,7 @@ class Fetcher:
             for c in range(a, b + 1):
                 self._inflight[(obj.ident, c)] = f
             self.running += 1
-            get = _Get(obj, obj.ident, a, f, keep, threading.Semaphore(PENDING_PIECES))
-            self.nursery.start_soon(self._fetch, get, b)
+            self.nursery.start_soon(self._fetch, obj, a, b, f, keep)
             flights.append(f)
         return flights
 
@@ -331,31 +323,27 @@ class Fetcher:
                 if (self.cache.fresh_bytes + n <= self.hold_limit
                         and self.budget.try_acquire(n)):
                     self.cache.hold(ident, chunk, data, n, order)
-
             miss += self.cache.chunk_len(chunk, size)
             if self._inflight.get((ident, chunk)) is flight:
                 del self._inflight[(ident, chunk)]
             flight.bump()
         self.metrics.cache_miss_bytes.inc(miss)
 
-    def _span(self, obj: ObjRef, a: int, b: int) -> int:
-        """Bytes of chunks [a, b] of ``obj``."""
-        cs = self.cache.chunk_size
-        return max(0, min((b + 1) * cs, obj.size) - a * cs)
-
-    async def _fetch(self, get: _Get, b: int) -> None:
+    async def _fetch(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool
+                     ) -> None:
         try:
-            await self._get(get, b)
+            await self._get(obj, a, b, flight, keep)
         finally:
             self.running -= 1
 
-    async def _get(self, get: _Get, b: int) -> None:
-        obj, a, flight, ident = get.obj, get.first, get.flight, get.ident
+    async def _get(self, obj: ObjRef, a: int, b: int, flight: _Flight, keep: bool) -> None:
         cs = self.cache.chunk_size
         start = a * cs
-        length = self._span(obj, a, b)
+        length = min((b + 1) * cs, obj.size) - start
+        ident = obj.ident
         charge = min(length, self.request_charge)
         await self.budget.acquire(charge)
+        get = _Get(obj, ident, a, flight, keep, threading.Semaphore(PENDING_PIECES))
         try:
             self.metrics.readahead_window.observe(length)
             token = trio.lowlevel.current_trio_token()
@@ -478,12 +466,8 @@ class Reader:
             if seq and ra.window:
                 self.pipe.stalls += 1  # a stream waits for data: the pipe may be too narrow
                 ra.stalled = trio.current_time()
-                if end < obj.size:
-                    # Ask for the window from here first: the chunks this read waits for
-                    # come as the first pieces of a whole request, not as a GET of their
-                    # own with the window's GETs sent only after it (a round trip more at
-                    # a stream's start). (Not for a read to the end: a whole small file.)
-                    self._readahead(obj, ra, offset)
+                if end < obj.size:  # (not a whole small file) the window from here first:
+                    self._readahead(obj, ra, offset)  # this read's chunk opens a request
             try:
                 await self.fetcher.ensure(obj, offset // cs, last, keep=True)
             except CacheWriteError:
@@ -541,14 +525,9 @@ class Reader:
         return first
 
     def _hold_share(self, ra: Readahead) -> int:
-        """How far ahead of its reader a stream may have asked for data: its share of the
-        hold, as what arrives before the reader gets there waits in the hold (beyond it,
-        chunks would be dropped and read back from disk); never less than two requests
-        (with many streams, 8 readers of a restore, one request ahead each left GETs idle
-        between requests). A stream whose reader waited for data lately is limited by the
-        store, not by its reader: it reads what arrives at once, and may ask for half as
-        much again, and for three requests at least (a stream of two GETs at 50 MB/s per
-        connection is at most 100 MB/s)."""
+        """How far a stream may ask for data ahead of its reader: its share of the hold
+        (what arrives early waits there), two requests at least; half as much again and
+        three requests at least while its reader waits for data (docs/ARCHITECTURE.md)."""
         request = self.fetcher.max_chunks * self.cache.chunk_size
         share = self.fetcher.hold_limit // max(1, len(self._streams))
         if trio.current_time() - ra.stalled <= STALL_RECENT:
