@@ -9,11 +9,10 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+import test_core
 import trio
 from conftest import data, xxh
 from coretree import Cores
@@ -24,6 +23,7 @@ from caiosfs.inodes import ROOT_INO
 from caiosfs.store.memory import MemoryStore
 
 N = 50
+make = test_core.make  # the fixture: started cores on the in-memory store
 
 
 class CountingStore(MemoryStore):
@@ -46,14 +46,6 @@ class CountingStore(MemoryStore):
         finally:
             with self._n_lock:
                 self.now -= 1
-
-
-@pytest.fixture
-async def make(tmp_path: Path) -> AsyncIterator[Cores]:
-    async with trio.open_nursery() as nursery:
-        cores = Cores(tmp_path, nursery)
-        yield cores
-        await cores.stop_all()
 
 
 def fill(store: MemoryStore, n: int = N) -> dict[str, str]:
