@@ -20,7 +20,7 @@ CAIOSFS_OPTIONS = frozenset(
     {
         "endpoint", "region", "path_style", "credentials_file", "aws_profile", "profile",
         "cache_dir", "cache_size", "dirty_limit", "memory_limit", "block_size", "max_request",
-        "readahead_max", "part_size", "read_ahead_kb", "parallel", "parallel_max", "unlink", "ro", "rw", "uid", "gid",
+        "readahead_max", "part_size", "read_ahead_kb", "parallel", "parallel_max", "dirahead", "unlink", "ro", "rw", "uid", "gid",
         "file_mode", "dir_mode", "allow_other", "entry_ttl", "list_ttl", "negative_ttl",
         "metadata", "fsync", "upload_delay", "read_timeout", "metrics", "warm", "debug",
         "log_file",
@@ -76,6 +76,7 @@ _VALUE_RULES: dict[str, tuple[re.Pattern[str] | tuple[str, ...], str]] = {
     "parallel": (_UINT, "a number of requests"),
     "parallel_max": (_UINT, "a number of requests"),
     "unlink": (("wait", "batch"), "one of wait, batch"),
+    "dirahead": (("0", "1", "true", "false", "yes", "no", "on", "off"), "0 or 1"),
     "metadata": (METADATA_MODES, "one of " + ", ".join(METADATA_MODES)),
     "upload_delay": (_SECONDS, "seconds"),
     "read_timeout": (_SECONDS, "seconds"),
@@ -120,6 +121,7 @@ _ATTR_TO_OPTION = {
     "partsize": "part_size",
     "parallel": "parallel",
     "parallelmax": "parallel_max",
+    "dirahead": "dirahead",
     "unlink": "unlink",
     "metadata": "metadata",
     "uploaddelay": "upload_delay",
@@ -136,7 +138,7 @@ _ATTR_TO_OPTION = {
 KNOWN_ATTRIBUTES = sorted(
     ["bucket", "prefix", "endpoint", "region", "pathStyle", "profile", "cacheSize", "readOnly",
      "warm", "fsync", "dirtyLimit", "memoryLimit", "blockSize", "maxRequest", "readaheadMax",
-     "partSize", "parallel", "parallelMax", "unlink", "metadata", "uploadDelay", "readTimeout", "uid", "gid", "fileMode",
+     "partSize", "parallel", "parallelMax", "dirAhead", "unlink", "metadata", "uploadDelay", "readTimeout", "uid", "gid", "fileMode",
      "dirMode", "entryTTL", "listTTL", "negativeTTL", "readAheadKb", "allowOther", "debug",
      "mountOptions"]
 )
