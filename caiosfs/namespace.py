@@ -104,18 +104,20 @@ class Namespace:
                                             want_meta)
         if neg_fresh:
             return None
-        if listing and listing.for_lookups and age < self.cfg.negative_ttl:
+        by_listing = self.cfg.lookup_misses == "listing"
+        if by_listing and listing and listing.for_lookups and age < self.cfg.negative_ttl:
             # A name a listing made for lookups lacks is a miss as fresh as a probe's made
             # when the listing was: answered as the negative cache would answer it (git's
             # loose-object and ref probes, one after another, cost a round trip each).
             return None
         try:
-            if ((not fresh or (listing and listing.for_lookups))
+            if ((not fresh or (by_listing and listing and listing.for_lookups))
                     and self.view.missed(parent_path, now) > LIST_AFTER_MISSES):
                 # Several names of this directory asked for in a row (git status, git log's
                 # loose-object probes, a `cp -r` over an existing tree): one listing answers
-                # them all, where each probe costs a HEAD and a LIST; a name it lacks is a
-                # miss for negative_ttl. (A store that does not answer it is not asked
+                # them all, where each probe costs a HEAD and a LIST (with
+                # lookup_misses=listing a name it lacks is a miss for negative_ttl, else it is
+                # probed: a file another client just made shows at once). (A store that does not answer it is not asked
                 # again for the probe: GaveUp below.)
                 try:
                     entries = await self.list_dir(parent_path, force=fresh,
@@ -123,10 +125,11 @@ class Namespace:
                 except TooBig:
                     pass
                 else:
-                    if name not in entries:
+                    if name in entries:
+                        return await self.view.from_listing(parent_path, entries[name],
+                                                            name, want_meta)
+                    if by_listing:
                         return None
-                    return await self.view.from_listing(parent_path, entries[name], name,
-                                                    want_meta)
             e = await self.view.probe(path)
         except GaveUp:
             # The store is unreachable: what we last knew is the best answer there is (a

@@ -1,9 +1,10 @@
 # ruff: noqa: F811  (test functions take the fixture `make` imported from test_core)
 """Lookups of names a directory does not have, one after another (git's loose-object and
 ref probes: `git log -p` asks for `.git/objects/XX` of every object it reads from a pack):
-after a few probes the directory is listed once, and that listing answers the names it lacks
-for ``negative_ttl``, as the negative cache would; a name created elsewhere shows once that
-time has passed."""
+after a few probes the directory is listed once, and with lookup_misses=listing (the devbox
+profile) that listing answers the names it lacks for ``negative_ttl``, as the negative cache
+would; a name created elsewhere shows once that time has passed. With the default (probe), a
+name another client just created shows at once."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ async def test_misses_in_one_directory_cost_one_listing(make: Cores, list_ttl: s
     store = MemoryStore("bkt")
     for i in range(5):
         store.put_bytes(f"objects/pack/p{i}", b"x")
-    core = await make(store, list_ttl=list_ttl, negative_ttl="30")
+    core = await make(store, list_ttl=list_ttl, negative_ttl="30", lookup_misses="listing")
     objects = (await core.lookup(ROOT_INO, "objects")).ino
     before = requests(store)
     for i in range(40):
@@ -48,7 +49,7 @@ async def test_misses_in_one_directory_cost_one_listing(make: Cores, list_ttl: s
 async def test_a_name_made_elsewhere_shows_after_negative_ttl(make: Cores) -> None:
     store = MemoryStore("bkt")
     store.put_bytes("d/a", b"a")
-    core = await make(store, list_ttl="60", negative_ttl="0.3")
+    core = await make(store, list_ttl="60", negative_ttl="0.3", lookup_misses="listing")
     d = (await core.lookup(ROOT_INO, "d")).ino
     for i in range(6):  # the listing for lookups is made
         await missing(core, d, f"m{i}")
@@ -61,3 +62,18 @@ async def test_a_name_made_elsewhere_shows_after_negative_ttl(make: Cores) -> No
     for i in range(6, 30):
         await missing(core, d, f"m{i}")
     assert requests(store) - before <= 1  # that new listing answers them
+
+
+async def test_by_default_a_name_made_elsewhere_shows_at_once(make: Cores) -> None:
+    """lookup_misses=probe (every profile but devbox): a checkpoint reader on another node
+    opens a file the writer just made, after this mount's own misses listed the directory."""
+    store = MemoryStore("bkt")
+    store.put_bytes("d/a", b"a")
+    core = await make(store, profile="checkpoint", list_ttl="60", negative_ttl="30")
+    assert core.cfg.lookup_misses == "probe"
+    d = (await core.lookup(ROOT_INO, "d")).ino
+    for i in range(6):
+        await missing(core, d, f"m{i}")
+    assert core.ns.listings["d"].for_lookups  # the misses listed the directory
+    store.put_bytes("d/late", b"late")
+    assert (await core.lookup(d, "late")).attrs.size == 4
