@@ -13,6 +13,7 @@ import logging
 import time
 
 from .config import MountConfig
+from .dirattrs import RECORD
 from .errors import FsError
 from .index import Index
 from .inodes import Inodes, Node
@@ -72,6 +73,8 @@ class Namespace:
             raise FsError(errno.ENOTDIR)
         if not valid_name(name):
             raise FsError(errno.ENAMETOOLONG if len(name.encode()) > MAX_NAME else errno.ENOENT)
+        if name == RECORD:
+            raise FsError(errno.ENOENT)  # a directory's attribute record (dirattrs.py)
         path = self.join(parent.path, name)
         f = self.wb.files.get(path)
         if f is not None and not f.deleted:
