@@ -39,12 +39,12 @@ from dataclasses import dataclass
 
 import trio
 
+from .attrs import RECORD
 from .errors import StoreError
 from .store.client import StoreClient
 
 log = logging.getLogger(__name__)
 
-RECORD = ".caiosfs-attrs"  # the reserved name: never a file of the mount
 VERSION = 1
 MAX_NAMES = 10_000  # a directory with more names gets no record
 MAX_BYTES = 8 << 20  # a record read is at most this big (10,000 names are ~2 MB)
@@ -66,11 +66,6 @@ class Record:
     mtime: float
 
 
-def is_record(key: str) -> bool:
-    """Whether an object key (or a relative path) names a directory's record."""
-    return key == RECORD or key.endswith("/" + RECORD)
-
-
 def encode(files: Files) -> bytes:
     body = {"v": VERSION, "files": {n: [e, s, m] for n, (e, s, m) in sorted(files.items())}}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
@@ -84,7 +79,7 @@ def parse(data: bytes) -> Files | None:
             raise ValueError("unknown version")
         raw = doc["files"]
         if not isinstance(raw, dict):
-            raise ValueError("files is not an object")
+            raise TypeError("files is not an object")
         out: Files = {}
         for name, v in raw.items():
             etag, size, meta = v

@@ -12,8 +12,8 @@ import errno
 import logging
 import time
 
+from .attrs import RECORD
 from .config import MountConfig
-from .dirattrs import RECORD
 from .errors import FsError
 from .index import Index
 from .inodes import Inodes, Node

@@ -15,9 +15,9 @@ from typing import Any
 
 import trio
 
+from .attrs import RECORD
 from .copies import copy_object
 from .deletes import Deletes
-from .dirattrs import RECORD
 from .errors import FsError, StoreError
 from .index import Index
 from .inodes import Node

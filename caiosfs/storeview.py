@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import trio
 
-from .attrs import from_meta
+from .attrs import RECORD, from_meta
 from .config import MountConfig
-from .dirattrs import RECORD, DirAttrs, Record, covered
+from .dirattrs import DirAttrs, Record, covered
 from .errors import StoreError
 from .index import Index, ident_of
 from .metrics import Metrics
@@ -197,7 +197,7 @@ class StoreView:
             nursery.start_soon(fetch)
             try:
                 await self._list_pages(path, pre, entries, max_pages)
-            except Exception as exc:  # (raised as itself, not in a group)
+            except Exception as exc:  # noqa: BLE001  (raised as itself, not in a group)
                 failed = exc
                 nursery.cancel_scope.cancel()
         if failed is not None:

@@ -15,8 +15,9 @@ import trio
 from coretree import Cores
 from test_core import ME, errno_of, make, settle, write_file  # noqa: F401  (make: fixture)
 
+from caiosfs.attrs import RECORD
 from caiosfs.core import AttrChange, Core
-from caiosfs.dirattrs import DEBOUNCE, RECORD, Record, covered, encode, parse
+from caiosfs.dirattrs import DEBOUNCE, Record, covered, encode, parse
 from caiosfs.inodes import ROOT_INO
 from caiosfs.store.memory import MemoryStore
 
