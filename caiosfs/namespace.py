@@ -38,6 +38,10 @@ class Namespace:
         self.view = StoreView(cfg, store, index, metrics, wb)
         self.prefix = cfg.source.prefix
         self.negative: dict[str, float] = {}
+        # With dirattrs (the devbox profile) the first lookup in a directory lists it: the
+        # LIST and its attribute record's GET cost one round trip, as a probe does, and
+        # answer the lookups after it (git status: no HEAD per file, nor per missing name).
+        self._list_after = 0 if cfg.dirattrs else LIST_AFTER_MISSES
         # The parts' tables and methods the other modules use, under their old names (the
         # same objects: tables are changed in place, never replaced).
         self.nodes, self.by_path = self.inodes.nodes, self.inodes.by_path
@@ -99,26 +103,31 @@ class Namespace:
         neg = self.negative.get(path)
         neg_fresh = neg is not None and now - neg < self.cfg.negative_ttl
         # (A name we removed ourselves beats a listing made for lookups: SeaweedFS, for one,
-        # keeps listing an emptied directory's prefix for a while.)
-        if listing and fresh and (not listing.for_lookups or (name in listing.entries
-                                                              and not neg_fresh)):
+        # keeps listing an emptied directory's prefix for a while. With dirattrs, one made
+        # within negative_ttl also answers for the names it lacks: as fresh as a probe's
+        # miss would be.)
+        young = (self.cfg.dirattrs and listing is not None and fresh
+                 and now - listing.at < self.cfg.negative_ttl)
+        if listing and fresh and (not listing.for_lookups or young or (
+                name in listing.entries and not neg_fresh)):
             return await self.view.from_listing(parent_path, listing.entries.get(name), name,
                                             want_meta)
         if neg_fresh:
             return None
         try:
-            if not fresh and self.view.missed(parent_path, now) > LIST_AFTER_MISSES:
+            if not fresh and self.view.missed(parent_path, now) > self._list_after:
                 # Several names of this directory asked for in a row (git status, a `cp -r`
                 # over an existing tree): one listing answers them all, where each probe
                 # costs a HEAD and a LIST. (A store that does not answer it is not asked
                 # again for the probe: GaveUp below.)
+                listed = True
                 try:
                     entries = await self.list_dir(parent_path, max_pages=1)
                 except TooBig:
-                    entries = {}
-                if name in entries:
-                    return await self.view.from_listing(parent_path, entries[name], name,
-                                                    want_meta)
+                    entries, listed = {}, False
+                if name in entries or listed and self.cfg.dirattrs:
+                    return await self.view.from_listing(parent_path, entries.get(name),
+                                                        name, want_meta)
             e = await self.view.probe(path)
         except GaveUp:
             # The store is unreachable: what we last knew is the best answer there is (a
