@@ -75,6 +75,9 @@ class Listing:
     # names it has, and a name it lacks is still probed (a name created elsewhere since
     # must show within negative_ttl of being asked for, as without the listing).
     for_lookups: bool = False
+    # False: the listed objects' metadata was not read after it (a listing made at a
+    # directory's first lookup with dirattrs; its lookups HEAD in windows): a readdir does.
+    headed: bool = True
     # Its names sorted (made on first need): where a lookup's metadata window starts.
     order: list[str] | None = None
 
@@ -135,6 +138,10 @@ class StoreView:
         if cached and not force and time.monotonic() - cached.at < self.cfg.list_ttl:
             if max_pages is None:
                 cached.for_lookups = False  # a readdir of it: the listing it would make
+                if not cached.headed and self.cfg.metadata != "list":
+                    cached.headed = True
+                    await self._head_all(self.dir_key(path), cached.entries,
+                                         every=self.cfg.metadata == "head")
             return cached.entries
         pre = self.dir_key(path)
         entries: dict[str, Entry] = {}
@@ -174,8 +181,13 @@ class StoreView:
             if "/" not in name and (name not in entries or not entries[name].is_dir):
                 m = self.wb.markers[p]
                 entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
-        self.listings[path] = Listing(entries, time.monotonic(), max_pages is not None)
-        if self.cfg.metadata != "list":
+        # (With dirattrs, a listing made for a lookup leaves what its record lacks to the
+        # lookups' windows of HEADs: one stat in a large foreign directory must not HEAD it
+        # all. A readdir of it HEADs the rest, above.)
+        headed = max_pages is None or not self.cfg.dirattrs
+        self.listings[path] = Listing(entries, time.monotonic(), max_pages is not None,
+                                      headed=headed)
+        if self.cfg.metadata != "list" and headed:
             await self._head_all(pre, entries, every=self.cfg.metadata == "head")
         return entries
 

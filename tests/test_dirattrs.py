@@ -198,3 +198,22 @@ def test_records_parse_and_validate() -> None:
     assert covered(rec, "a", '"e1"', 4, 999.0) is None  # another size
     assert covered(rec, "a", '"ex"', 3, 999.0) is None  # another version
     assert covered(rec, "b", '"e1"', 3, 999.0) is None
+
+
+async def test_one_lookup_in_a_foreign_directory_heads_one_object(make: Cores) -> None:
+    """dirattrs=1 lists a directory at its first lookup: what no record covers is HEADed
+    by the lookups (in windows), not all at once; a readdir then reads the rest."""
+    store = MemoryStore("bkt")
+    for i in range(50):
+        store.put_bytes(f"d/f{i:02d}", b"x", {"mode": str(0o100600), "mtime": "1600000000"})
+    core = await make(store, "c1", dirattrs="1")
+    d = await lookup(core, "d")
+    before = store.calls["head"]
+    n = await core.lookup(d.ino, "f10")
+    assert core.attrs_of(n).mode == 0o100600
+    assert store.calls["head"] - before == 1
+    assert await errno_of(core.lookup(d.ino, "missing")) == errno.ENOENT  # from the listing
+    assert store.calls["head"] - before == 1
+    got = await shown(core)
+    assert all(a[0] == 0o100600 for p, a in got.items() if p.startswith("d/"))
+    assert store.calls["head"] - before == 50
