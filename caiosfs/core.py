@@ -523,6 +523,8 @@ class Core:
         # A directory's records move with its objects: none may be written meanwhile.
         await self.dirattrs.quiesce(src, tree=True)
         await self.renames.rename(old_parent, old_name, new_parent, new_name, flags)
-        self.dirattrs.note_removed(src)
+        moved = self.ns.nodes.get(self.ns.by_path.get(self.ns.join(new_parent.path, new_name), 0))
+        if moved is None or not moved.is_dir:
+            self.dirattrs.note_removed(src)  # (a file left its directory's record)
         self.ns.touch_dir(old_parent)
         self.ns.touch_dir(new_parent)

@@ -2,8 +2,10 @@
 
 A file ``P`` is object ``PREFIX/P``; a directory is a common prefix or a ``dir/`` marker.
 Listings (ListObjectsV2) are cached for ``list_ttl``. Attributes come from the listing (size,
-ETag, Last-Modified) plus the object's ``x-amz-meta-*``, which is read by parallel HEADs
-right after a listing (``metadata=head``) and remembered by ETag in LMDB. A name not in a
+ETag, Last-Modified) plus the object's ``x-amz-meta-*``, taken from the directory's
+attribute record where it holds the listed version (:mod:`.dirattrs`, GET along with a cold
+listing's first page), else read by parallel HEADs right after a listing
+(``metadata=head``), and remembered by ETag in LMDB. The record's name is never an entry. A name not in a
 listing is probed (a HEAD and a one-key LIST). Markers of directories made here and not in
 the store yet are added from the write-back. Inodes are kept by :mod:`.inodes`; lookups,
 the negative cache and when to list instead of probe are decided in :mod:`.namespace`.

@@ -217,3 +217,21 @@ async def test_one_lookup_in_a_foreign_directory_heads_one_object(make: Cores) -
     got = await shown(core)
     assert all(a[0] == 0o100600 for p, a in got.items() if p.startswith("d/"))
     assert store.calls["head"] - before == 50
+
+
+async def test_a_directory_rename_moves_its_record_and_stays_right(make: Cores) -> None:
+    store = MemoryStore("bkt")
+    c1 = await make(store, "c1", dirattrs="1")
+    written = await write_tree(c1)
+    await c1.rename(ROOT_INO, "d", ROOT_INO, "e")
+    await settle(c1)
+    await c1.flush_records()
+    assert not [k for k in store.objects if k.startswith("d/")]
+    assert f"e/{RECORD}" in store.objects
+    await make.crash(c1)
+    c2 = await make(store, "c2", dirattrs="1")
+    e = await lookup(c2, "e")
+    for path in ("d/f0", "d/f1", "d/f2", "d/f3", "d/ln"):
+        n = await c2.lookup(e.ino, path[2:])
+        a = c2.attrs_of(n)
+        assert (a.mode, a.uid, a.gid, a.mtime_ns) == written[path]
