@@ -40,7 +40,8 @@ class Namespace:
         self.negative: dict[str, float] = {}
         # With dirattrs (the devbox profile) the first lookup in a directory lists it: the
         # LIST and its attribute record's GET cost one round trip, as a probe does, and
-        # answer the lookups after it (git status: no HEAD per file, nor per missing name).
+        # answer the lookups after it (git status: no HEAD per file). A name it lacks is
+        # still probed, as without it: one created elsewhere shows when asked for.
         self._list_after = 0 if cfg.dirattrs else LIST_AFTER_MISSES
         # The parts' tables and methods the other modules use, under their old names (the
         # same objects: tables are changed in place, never replaced).
@@ -103,13 +104,9 @@ class Namespace:
         neg = self.negative.get(path)
         neg_fresh = neg is not None and now - neg < self.cfg.negative_ttl
         # (A name we removed ourselves beats a listing made for lookups: SeaweedFS, for one,
-        # keeps listing an emptied directory's prefix for a while. With dirattrs, one made
-        # within negative_ttl also answers for the names it lacks: as fresh as a probe's
-        # miss would be.)
-        young = (self.cfg.dirattrs and listing is not None and fresh
-                 and now - listing.at < self.cfg.negative_ttl)
-        if listing and fresh and (not listing.for_lookups or young or (
-                name in listing.entries and not neg_fresh)):
+        # keeps listing an emptied directory's prefix for a while.)
+        if listing and fresh and (not listing.for_lookups or (name in listing.entries
+                                                              and not neg_fresh)):
             return await self.view.from_listing(parent_path, listing.entries.get(name), name,
                                             want_meta)
         if neg_fresh:
@@ -120,14 +117,13 @@ class Namespace:
                 # over an existing tree): one listing answers them all, where each probe
                 # costs a HEAD and a LIST. (A store that does not answer it is not asked
                 # again for the probe: GaveUp below.)
-                listed = True
                 try:
                     entries = await self.list_dir(parent_path, max_pages=1)
                 except TooBig:
-                    entries, listed = {}, False
-                if name in entries or listed and self.cfg.dirattrs:
-                    return await self.view.from_listing(parent_path, entries.get(name),
-                                                        name, want_meta)
+                    entries = {}
+                if name in entries:
+                    return await self.view.from_listing(parent_path, entries[name], name,
+                                                    want_meta)
             e = await self.view.probe(path)
         except GaveUp:
             # The store is unreachable: what we last knew is the best answer there is (a
