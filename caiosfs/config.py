@@ -115,10 +115,13 @@ OPTIONS: list[Option] = [
            "so that a listing with an empty cache (a remount, another node) takes those "
            "attributes from one GET instead of a HEAD per file (git status of a checkout). "
            "Written ~1 s after the last upload into a directory and by flush and unmount; "
-           "never for a directory of more than 10,000 names. An optimisation only: a "
-           "missing, stale or foreign record costs HEADs, never a wrong attribute. Records "
-           "found in the store are used (and the name hidden) whatever this option says, "
-           "except with metadata=list. Default 0; the devbox profile turns it on."),
+           "never for a directory of more than 10,000 names. With it, the first lookup in a "
+           "directory lists it (LIST and record in one round trip) instead of probing "
+           "names one by one. An optimisation only: a "
+           "missing, stale or foreign record costs HEADs, never a wrong attribute. The name "
+           "is always hidden (and cannot be created), and records found in the store are "
+           "used whatever this option says, except with metadata=list. Default 0; the "
+           "devbox profile turns it on."),
     Option("part_size", parse_size, 64 * MiB, "Multipart upload part size (grows for huge files "
            "to stay under 10,000 parts).", "SIZE"),
     Option("read_ahead_kb", int, 1024, "Kernel readahead of the mount, set through "
