@@ -128,7 +128,6 @@ class DirAttrs:
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(WRITERS)
         self._warned = False
-        self.puts = 0  # records written (for tests and the log)
 
     # paths ---------------------------------------------------------------------------------
     def key(self, dir_path: str) -> str:
@@ -151,7 +150,10 @@ class DirAttrs:
         return Record(files, info.etag, info.mtime)
 
     def seen(self, dir_path: str, files: Files) -> None:
-        """What the store holds as ``dir_path``'s record ({}: none; a directory made here)."""
+        """What the store holds as ``dir_path``'s record ({}: none; a directory made here):
+        the base of the next write (kept only by a mount that writes records)."""
+        if not self.write:
+            return
         self.known[dir_path] = files
         self.known.move_to_end(dir_path)
         while len(self.known) > KNOWN_MAX:
@@ -264,5 +266,4 @@ class DirAttrs:
             return
         body = encode(files)
         await self.client.put_file(key, body, len(body), {}, patient=False)
-        self.puts += 1
         self.seen(d, files)
