@@ -132,9 +132,10 @@ def _wait_same(ctx: Any, rel_key: str, local: Path, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _gets(s: Any, m: Any) -> int | None:
-    """GETs the mount's daemon has sent so far, if it says (caiosfs status)."""
-    v = (s.counters(m) or {}).get("s3_get_requests")
+def _gets(s: Any, m: Any, what: str = "s3_get_requests") -> int | None:
+    """GETs (or ``what``: all requests) the mount's daemon has sent so far, if it says
+    (caiosfs status)."""
+    v = (s.counters(m) or {}).get(what)
     return int(v) if isinstance(v, (int, float)) else None
 
 
@@ -203,10 +204,10 @@ def dev_git_fs(ctx: Any, s: Any) -> Any:
             # and tar reads the rest from the store; that split, not the mount, can decide
             # both steps' times. (Counted around git status only: `caiosfs status` takes
             # ~0.3-1.5 s, and the steps after checkout run while its uploads are due.)
-            g0 = _gets(s, m)
+            g0, r0 = _gets(s, m), _gets(s, m, "s3_requests")
             timing["status"] = _sh([*GIT, "status", "--porcelain"], m.path(d),
                                    ctx.scale.op_timeout, m)
-            g1 = _gets(s, m)
+            g1, r1 = _gets(s, m), _gets(s, m, "s3_requests")
             _git_steps(ctx, m.path(d), m, timing, status=False)
             t0 = time.monotonic()
             _sh(["rm", "-rf", str(m.path(d))], None, ctx.scale.op_timeout, m)
@@ -216,6 +217,8 @@ def dev_git_fs(ctx: Any, s: Any) -> Any:
             if g0 is not None and g1 is not None and g2 is not None:
                 m.notes.append(f"GETs: git status {g1 - g0}, the later steps (log -p, "
                                f"checkout, diff, tar c, rm) {g2 - g1}")
+            if r0 is not None and r1 is not None:
+                m.notes.append(f"requests (all kinds): git status {r1 - r0}")
     finally:
         ctx.store.delete_prefix(d + "/")
     return _finish(_samples(timing, n), m)

@@ -10,6 +10,13 @@ from __future__ import annotations
 import stat
 
 NS = 1_000_000_000
+# The object of a directory holding its files' attributes (dirattrs.py): never a file.
+RECORD = ".caiosfs-attrs"
+
+
+def is_record(key: str) -> bool:
+    """Whether an object key (or a relative path) names a directory attribute record."""
+    return key == RECORD or key.endswith("/" + RECORD)
 
 
 def fmt_ns(ns: int) -> str:

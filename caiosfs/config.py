@@ -88,7 +88,7 @@ OPTIONS: list[Option] = [
     Option("profile", str, "default", "Preset of TTLs and behaviour: dataset (immutable data: "
            "infinite TTLs, metadata=list: after a listing, symlinks and modes show as the "
            "mount's defaults until looked up by name), devbox (small files, short TTLs, "
-           "metadata=head, unlink=batch, lookup_misses=listing), checkpoint "
+           "metadata=head, unlink=batch, lookup_misses=listing, dirattrs=1), checkpoint "
            "(large sequential writes, long TTLs). Explicit options override the preset.", "NAME"),
     Option("cache_dir", str, None, "Local block cache and write journal (put it on NVMe). "
            "Default: /var/cache/caiosfs as root, else ~/.cache/caiosfs.", "DIR"),
@@ -109,6 +109,19 @@ OPTIONS: list[Option] = [
            "of a small directory most of whose files were read (imports of a package): "
            "several GETs in flight instead of one round trip per file. dirahead=0 turns it "
            "off."),
+    Option("dirattrs", parse_bool, False, "Write, per directory, one small object "
+           "'.caiosfs-attrs' holding the x-amz-meta-* (mode, owner, times) of the files this "
+           "mount uploaded there, keyed by name and checked by ETag, size and Last-Modified, "
+           "so that a listing with an empty cache (a remount, another node) takes those "
+           "attributes from one GET instead of a HEAD per file (git status of a checkout). "
+           "Written ~1 s after the last upload into a directory and by flush and unmount; "
+           "never for a directory of more than 10,000 names. With it, the first lookup in a "
+           "directory lists it (LIST and record in one round trip) instead of probing "
+           "names one by one. An optimisation only: a "
+           "missing, stale or foreign record costs HEADs, never a wrong attribute. The name "
+           "is always hidden (and cannot be created), and records found in the store are "
+           "used whatever this option says, except with metadata=list. Default 0; the "
+           "devbox profile turns it on."),
     Option("part_size", parse_size, 64 * MiB, "Multipart upload part size (grows for huge files "
            "to stay under 10,000 parts).", "SIZE"),
     Option("read_ahead_kb", int, 1024, "Kernel readahead of the mount, set through "
@@ -179,7 +192,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "dataset": {"entry_ttl": float("inf"), "list_ttl": float("inf"), "negative_ttl": 60.0,
                 "metadata": "list"},
     "devbox": {"entry_ttl": 5.0, "list_ttl": 5.0, "negative_ttl": 1.0, "upload_delay": 1.0,
-               "metadata": "head", "unlink": "batch", "lookup_misses": "listing"},
+               "metadata": "head", "unlink": "batch", "lookup_misses": "listing",
+               "dirattrs": True},
     "checkpoint": {"entry_ttl": 300.0, "list_ttl": 60.0, "negative_ttl": 1.0,
                    "upload_delay": 0.5},
 }
@@ -268,6 +282,7 @@ class MountConfig:
     unlink: str = "wait"
     lookup_misses: str = "probe"
     dirahead: bool = True
+    dirattrs: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

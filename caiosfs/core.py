@@ -10,6 +10,7 @@ and reader, the write-back, the namespace, and the two protocols it delegates to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import stat
@@ -24,7 +25,8 @@ from .cache import BlockCache
 from .config import MountConfig
 from .copies import copy_object
 from .deletes import Deletes
-from .errors import FsError
+from .dirattrs import DirAttrs
+from .errors import FsError, StoreError
 from .handles import Files
 from .index import Index, ident_of
 from .inodes import Node
@@ -97,6 +99,10 @@ class Core:
         self.files = Files(self.cfg, self.ns, self.wb, self.reader, self.deletes)
         self.dir_handles: dict[int, DirHandle] = {}
         self.ttl = min(self.cfg.entry_ttl, MAX_TTL)
+        # Per-directory attribute records (dirattrs.py): read by listings, written here.
+        self.dirattrs = DirAttrs(self.client, self.ns.prefix, self.cfg.dirattrs,
+                                 self.ns.view.fresh_files)
+        self.ns.view.dirattrs = self.dirattrs
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> int:
@@ -106,6 +112,7 @@ class Core:
         await nursery.start(self.wb.run)
         nursery.start_soon(self._housekeeping)
         nursery.start_soon(self.deletes.run)
+        await nursery.start(self.dirattrs.run)
         journaled = {(j.key, j.base_etag) for j in self.index.all_journal().values()
                      if j.base_etag and not j.deleted}
         for oid, op in self.index.all_ops().items():
@@ -124,6 +131,10 @@ class Core:
     async def settle_deletes(self, prefix: str | None = None) -> None:
         """Wait until queued DELETEs (of keys under ``prefix``, or all) are sent."""
         await self.deletes.settle(prefix)
+
+    async def flush_records(self) -> None:
+        """Write the directory attribute records still pending (flush, unmount)."""
+        await self.dirattrs.flush()
 
     async def _housekeeping(self) -> None:
         gone = False
@@ -144,6 +155,7 @@ class Core:
         e = Entry(False, f.attrs.size, etag, f.attrs.mtime, f.attrs.to_meta())
         self.index.put_meta(ident_of(self.cfg.source.bucket, f.key, etag), e.meta or {})
         self.ns.set_entry(f.path, e)
+        self.dirattrs.note_uploaded(f.path, etag, e.size, e.meta or {})
 
     def _check_rw(self) -> None:
         if self.cfg.ro:
@@ -289,6 +301,7 @@ class Core:
         # this ETag must be replaced, or the next listing brings the old back.
         self.index.put_meta(ident_of(self.cfg.source.bucket, key, etag), new.to_meta())
         self.ns.set_entry(n.path, e)
+        self.dirattrs.note_uploaded(n.path, etag, e.size, new.to_meta())
         n.entry, n.attrs = e, new
         n.attrs.size = e.size
 
@@ -332,6 +345,7 @@ class Core:
         e = Entry(True, mtime=attrs.mtime, meta=attrs.to_meta(), marker=True)
         self.ns.set_entry(path, e)
         self.ns.listings[path] = Listing({}, time.monotonic())
+        self.dirattrs.seen(path, {})  # (no record: nothing to read before writing one)
         n = self.ns.node_for(path, e)
         self.ns.touch_dir(parent)
         self.counted(n)
@@ -368,6 +382,7 @@ class Core:
         # whether it is empty runs meanwhile (rm -r: a round trip per directory less): the
         # files whose DELETEs are queued or in flight (hidden now) do not count, and a
         # subdirectory's files left the store before its own rmdir returned.
+        await self.dirattrs.quiesce(n.path)  # no record PUT lands after it is gone
         gone = {p: etag for p, etag in self.ns.hidden.items()
                 if self.ns.parent_of(p) == n.path}
         busy = bool(self.wb.under(n.path) or self.wb.markers_below(n.path))
@@ -379,14 +394,30 @@ class Core:
                       and gone.get(self.ns.join(n.path, k)) == e.etag]:
                 del entries[k]  # (deleted by now: not in the listing kept either)
             busy = busy or bool(entries)
+        # Its attribute record (a directory holding only its record is empty) goes first,
+        # meanwhile if the last listing (rm -r's readdir) showed one, and its marker last:
+        # SeaweedFS keeps (and lists) a folder whose last two objects were deleted at once.
+        # (Dropped for nothing if it turns out not empty: that costs HEADs, never data.)
+        dropped = False
+
+        async def drop_record() -> None:
+            nonlocal dropped
+            with contextlib.suppress(StoreError):  # (then deleted after the check below)
+                await self.client.delete(self.dirattrs.key(n.path), patient=False)
+                dropped = True
         async with trio.open_nursery() as nursery:
             if not busy:
                 nursery.start_soon(check)
+                if n.path in self.ns.view.records:
+                    nursery.start_soon(drop_record)
             await self.deletes.settle(self.ns.dir_key(n.path))
         if busy or self.wb.under(n.path) or self.wb.markers_below(n.path):
             raise FsError(errno.ENOTEMPTY)
+        if n.path in self.ns.view.records and not dropped:
+            await self.client.delete(self.dirattrs.key(n.path), patient=False)
         if not await self.wb.rmdir(n.path):  # (True: its marker was never sent)
             await self.client.delete(self.ns.dir_key(n.path), patient=False)
+        self.ns.view.records.pop(n.path, None)
         self.ns.drop_path(n.path)
         self.ns.touch_dir(parent)
 
@@ -491,6 +522,7 @@ class Core:
             await self.client.delete(self.ns.key(n.path), patient=False)
         self.ns.set_entry(n.path, None)
         self.ns.by_path.pop(n.path, None)
+        self.dirattrs.note_removed(n.path)
         self.ns.touch_dir(parent)
 
     async def rename(self, old_parent_ino: int, old_name: str, new_parent_ino: int,
@@ -501,6 +533,12 @@ class Core:
         if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         old_parent, new_parent = self.ns.node(old_parent_ino), self.ns.node(new_parent_ino)
+        src = self.ns.join(old_parent.path, old_name)
+        # A directory's records move with its objects: none may be written meanwhile.
+        await self.dirattrs.quiesce(src, tree=True)
         await self.renames.rename(old_parent, old_name, new_parent, new_name, flags)
+        moved = self.ns.nodes.get(self.ns.by_path.get(self.ns.join(new_parent.path, new_name), 0))
+        if moved is None or not moved.is_dir:
+            self.dirattrs.note_removed(src)  # (a file left its directory's record)
         self.ns.touch_dir(old_parent)
         self.ns.touch_dir(new_parent)

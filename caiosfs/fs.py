@@ -101,6 +101,10 @@ class Filesystem(pyfuse3.Operations):
         """Wait until queued DELETEs (of keys under ``prefix``, or all) are sent."""
         await self.core.settle_deletes(prefix)
 
+    async def flush_records(self) -> None:
+        """Write the directory attribute records still pending."""
+        await self.core.flush_records()
+
     def _entry(self, n: Node) -> pyfuse3.EntryAttributes:
         a = self.core.attrs_of(n)
         e = pyfuse3.EntryAttributes()

@@ -22,6 +22,7 @@ from typing import Any
 
 import xxhash
 
+from .attrs import is_record
 from .config import MountConfig, Source, build_config
 from .errors import StoreError, UserError, describe_store_error
 
@@ -159,6 +160,8 @@ def _add_page(page: Any, src: Source, items: list[Item], dirs: list[str],
               res: Result) -> str | None:
     for o in page.objects:
         rel = o.key[len(src.prefix):]
+        if is_record(rel):
+            continue  # a mount's directory attribute record: no file
         if rel.endswith("/"):
             if valid_rel(rel.rstrip("/")):
                 dirs.append(rel.rstrip("/"))

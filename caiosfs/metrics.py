@@ -118,6 +118,7 @@ class Metrics:
             "conflicts": int(v("caiosfs_conflicts_total")),
             "s3_requests": int(v("caiosfs_s3_requests_total")),
             "s3_get_requests": int(v("caiosfs_s3_requests_total", op="get")),
+            "s3_head_requests": int(v("caiosfs_s3_requests_total", op="head")),
             "s3_errors": int(sum(s.value for m in self.registry.collect() for s in m.samples
                                  if s.name == "caiosfs_s3_requests_total"
                                  and s.labels.get("status") not in ("ok", None))),

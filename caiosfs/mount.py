@@ -377,6 +377,7 @@ async def drain(fs: Any, limit: float = DRAIN_LIMIT) -> bool:
     with trio.move_on_after(limit):
         await fs.wb.flush_all(progress)
         await fs.settle_deletes()
+        await fs.flush_records()
         log.info("drained in %.1fs", time.monotonic() - start)
         fs.wb.close_spares()
         return True
@@ -411,6 +412,7 @@ async def _control(fs: Any, cfg: MountConfig, mp: str, req: dict[str, Any],
     if cmd == "flush":
         await fs.wb.flush_all(progress)
         await fs.settle_deletes()
+        await fs.flush_records()
         return {"ok": True}
     if cmd == "warm":
         return await warm_in_mount(fs, None, progress_async=progress, request=req)

@@ -12,6 +12,7 @@ import errno
 import logging
 import time
 
+from .attrs import RECORD
 from .config import MountConfig
 from .errors import FsError
 from .index import Index
@@ -37,6 +38,11 @@ class Namespace:
         self.view = StoreView(cfg, store, index, metrics, wb)
         self.prefix = cfg.source.prefix
         self.negative: dict[str, float] = {}
+        # With dirattrs (the devbox profile) the first lookup in a directory lists it: the
+        # LIST and its attribute record's GET cost one round trip, as a probe does, and
+        # answer the lookups after it (git status: no HEAD per file). A name it lacks is
+        # still probed, as without it: one created elsewhere shows when asked for.
+        self._list_after = 0 if cfg.dirattrs else LIST_AFTER_MISSES
         # The parts' tables and methods the other modules use, under their old names (the
         # same objects: tables are changed in place, never replaced).
         self.nodes, self.by_path = self.inodes.nodes, self.inodes.by_path
@@ -72,6 +78,8 @@ class Namespace:
             raise FsError(errno.ENOTDIR)
         if not valid_name(name):
             raise FsError(errno.ENAMETOOLONG if len(name.encode()) > MAX_NAME else errno.ENOENT)
+        if name == RECORD:
+            raise FsError(errno.ENOENT)  # a directory's attribute record (dirattrs.py)
         path = self.join(parent.path, name)
         f = self.wb.files.get(path)
         if f is not None and not f.deleted:
@@ -112,12 +120,13 @@ class Namespace:
             return None
         try:
             if ((not fresh or (by_listing and listing and listing.for_lookups))
-                    and self.view.missed(parent_path, now) > LIST_AFTER_MISSES):
+                    and self.view.missed(parent_path, now) > self._list_after):
                 # Several names of this directory asked for in a row (git status, git log's
                 # loose-object probes, a `cp -r` over an existing tree): one listing answers
                 # them all, where each probe costs a HEAD and a LIST (with
-                # lookup_misses=listing a name it lacks is a miss for negative_ttl, else it is
-                # probed: a file another client just made shows at once). (A store that does not answer it is not asked
+                # lookup_misses=listing a name it lacks is a miss for negative_ttl, else it
+                # is probed: a file another client just made shows at once). (A store that
+                # does not answer it is not asked
                 # again for the probe: GaveUp below.)
                 try:
                     entries = await self.list_dir(parent_path, force=fresh,

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from .attrs import RECORD
 from .copies import copy_object
 from .deletes import Deletes
 from .errors import FsError, StoreError
@@ -36,7 +37,10 @@ MOVES_IN_FLIGHT = 16  # copies of one listing page run this many at a time
 
 def new_path(ns: Namespace, parent: str, name: str, is_dir: bool = False) -> str:
     """The path of a name about to be created; its object key must fit S3's 1,024 bytes
-    (a longer one could never be uploaded and would stay dirty for ever)."""
+    (a longer one could never be uploaded and would stay dirty for ever). The name of
+    directory attribute records is refused (EPERM)."""
+    if name == RECORD:
+        raise FsError(errno.EPERM, f"{RECORD} is reserved for directory attribute records")
     path = ns.join(parent, name)
     key = ns.dir_key(path) if is_dir else ns.key(path)
     if len(key.encode("utf-8", "surrogateescape")) > MAX_KEY:

@@ -2,8 +2,10 @@
 
 A file ``P`` is object ``PREFIX/P``; a directory is a common prefix or a ``dir/`` marker.
 Listings (ListObjectsV2) are cached for ``list_ttl``. Attributes come from the listing (size,
-ETag, Last-Modified) plus the object's ``x-amz-meta-*``, which is read by parallel HEADs
-right after a listing (``metadata=head``) and remembered by ETag in LMDB. A name not in a
+ETag, Last-Modified) plus the object's ``x-amz-meta-*``, taken from the directory's
+attribute record where it holds the listed version (:mod:`.dirattrs`, GET along with a cold
+listing's first page), else read by parallel HEADs right after a listing
+(``metadata=head``), and remembered by ETag in LMDB. The record's name is never an entry. A name not in a
 listing is probed (a HEAD and a one-key LIST). Markers of directories made here and not in
 the store yet are added from the write-back. Inodes are kept by :mod:`.inodes`; lookups,
 the negative cache and when to list instead of probe are decided in :mod:`.namespace`.
@@ -20,8 +22,9 @@ from dataclasses import dataclass
 
 import trio
 
-from .attrs import from_meta
+from .attrs import RECORD, from_meta
 from .config import MountConfig
+from .dirattrs import DirAttrs, Record, covered
 from .errors import StoreError
 from .index import Index, ident_of
 from .metrics import Metrics
@@ -74,6 +77,9 @@ class Listing:
     # names it has, and a name it lacks is still probed (a name created elsewhere since
     # must show within negative_ttl of being asked for, as without the listing).
     for_lookups: bool = False
+    # False: the listed objects' metadata was not read after it (a listing made at a
+    # directory's first lookup with dirattrs; its lookups HEAD in windows): a readdir does.
+    headed: bool = True
     # Its names sorted (made on first need): where a lookup's metadata window starts.
     order: list[str] | None = None
 
@@ -102,6 +108,13 @@ class StoreView:
         self._heading: dict[str, trio.Event] = {}
         # dir path -> (since, lookups in it that needed a listed object's metadata)
         self._meta_runs: dict[str, tuple[float, int]] = {}
+        # Directory attribute records (dirattrs.py): read for listings unless
+        # metadata=list; set by the composition root.
+        self.dirattrs: DirAttrs | None = None
+        # dir path -> ETag of its record in its last listing (rmdir deletes it)
+        self.records: dict[str, str] = {}
+        # dir path -> ETag of the record last applied to a listing of it (not GET again)
+        self._applied: dict[str, str] = {}
 
     # paths and keys ----------------------------------------------------------------------
     def key(self, path: str) -> str:
@@ -127,6 +140,10 @@ class StoreView:
         if cached and not force and time.monotonic() - cached.at < self.cfg.list_ttl:
             if max_pages is None:
                 cached.for_lookups = False  # a readdir of it: the listing it would make
+                if not cached.headed and self.cfg.metadata != "list":
+                    cached.headed = True
+                    await self._head_all(self.dir_key(path), cached.entries,
+                                         every=self.cfg.metadata == "head")
             return cached.entries
         pre = self.dir_key(path)
         entries: dict[str, Entry] = {}
@@ -135,8 +152,10 @@ class StoreView:
         # from the write-back's table by its end (the directory vanished for list_ttl).
         landing = {p: self.wb.markers[p] for p in self.wb.markers_below(path)}
         self._listing_now.setdefault(path, []).append(changes)
+        record: list[Record | None] = []
         try:
-            await self._list_pages(path, pre, entries, max_pages)
+            await self._list_with_record(path, pre, entries, max_pages, record,
+                                         eager=cached is None)
         except TooBig:
             self._misses[path] = (time.monotonic(), -1)
             raise
@@ -153,6 +172,7 @@ class StoreView:
                      and self.hidden.get(self.join(path, k)) == e.etag]:
             del entries[name]
         self._load_meta(entries, pre)
+        await self._apply_record(path, pre, entries, record)
         for p, m in landing.items():
             name = p[len(path) + 1:] if path else p
             if ("/" not in name and p not in self.wb.markers and name not in changes
@@ -163,15 +183,78 @@ class StoreView:
             if "/" not in name and (name not in entries or not entries[name].is_dir):
                 m = self.wb.markers[p]
                 entries[name] = Entry(True, mtime=m.mtime, meta=m.meta, marker=True)
-        self.listings[path] = Listing(entries, time.monotonic(), max_pages is not None)
-        if self.cfg.metadata != "list":
+        # (With dirattrs, a listing made for a lookup leaves what its record lacks to the
+        # lookups' windows of HEADs: one stat in a large foreign directory must not HEAD it
+        # all. A readdir of it HEADs the rest, above.)
+        headed = max_pages is None or not self.cfg.dirattrs
+        self.listings[path] = Listing(entries, time.monotonic(), max_pages is not None,
+                                      headed=headed)
+        if self.cfg.metadata != "list" and headed:
             await self._head_all(pre, entries, every=self.cfg.metadata == "head")
         return entries
+
+    async def _list_with_record(self, path: str, pre: str, entries: dict[str, Entry],
+                                max_pages: int | None, record: list[Record | None],
+                                eager: bool) -> None:
+        """The LIST pages; with dirattrs=1, the directory's first listing here also GETs
+        its attribute record meanwhile (into ``record``): a cold listing pays one round
+        trip for both."""
+        da = self.dirattrs
+        if da is None or not da.write or not eager or self.cfg.metadata == "list":
+            await self._list_pages(path, pre, entries, max_pages)
+            return
+
+        async def fetch() -> None:
+            record.append(await self._load_record(da, path))
+        failed: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            try:
+                await self._list_pages(path, pre, entries, max_pages)
+            except Exception as exc:  # noqa: BLE001  (raised as itself, not in a group)
+                failed = exc
+                nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
+
+    async def _load_record(self, da: DirAttrs, path: str) -> Record | None:
+        try:
+            return await da.load(path)
+        except StoreError as exc:  # an optimisation: the listing goes on without it
+            log.debug("attribute record of %r not read: %s", path or "/", exc)
+            return None
+
+    async def _apply_record(self, path: str, pre: str, entries: dict[str, Entry],
+                            record: list[Record | None]) -> None:
+        """Metadata of listed files from the directory's attribute record (dirattrs.py),
+        where it holds their version; remembered by ETag like a HEAD's answer."""
+        da, listed = self.dirattrs, self.records.get(path)
+        if da is None or self.cfg.metadata == "list" or listed is None:
+            return
+        if not record:  # not fetched along with the LIST: only if it may help
+            if self._applied.get(path) == listed or not any(
+                    not e.is_dir and e.meta is None for e in entries.values()):
+                return
+            record.append(await self._load_record(da, path))
+        rec = record[0]
+        if rec is None:
+            return
+        self._applied[path] = rec.etag
+        if len(self._applied) > 10_000:
+            self._applied.clear()
+        for name, e in entries.items():
+            if e.is_dir or e.meta is not None:
+                continue
+            meta = covered(rec, name, e.etag, e.size, e.mtime)
+            if meta is not None:
+                e.meta = meta
+                self.index.put_meta(ident_of(self.bucket, pre + name, e.etag), meta)
 
     async def _list_pages(self, path: str, pre: str, entries: dict[str, Entry],
                           max_pages: int | None = None) -> None:
         token = None
         pages = 0
+        self.records.pop(path, None)
         while True:
             if max_pages is not None and pages >= max_pages:
                 raise TooBig(path)
@@ -181,6 +264,11 @@ class StoreView:
                 name = o.key[len(pre):]
                 if name == "":
                     continue  # the directory's own marker
+                if name == RECORD:  # its attribute record: never a file
+                    self.records[path] = o.etag
+                    if len(self.records) > 100_000:
+                        self.records.clear()
+                    continue
                 if not valid_name(name):
                     self._skip(o.key)
                     continue
@@ -343,6 +431,8 @@ class StoreView:
 
     async def probe(self, path: str) -> Entry | None:
         """Ask the store about one path: HEAD the object and list one key under ``path/``."""
+        if path.rpartition("/")[2] == RECORD:
+            return None  # a directory's attribute record is no file
         key = self.key(path)
         result: dict[str, object] = {}
 
@@ -373,6 +463,13 @@ class StoreView:
             self.index.put_meta(ident_of(self.bucket, key, info.etag), e.meta or {})
             return e
         return None
+
+    def fresh_files(self, path: str) -> dict[str, str] | None:
+        """The files (name -> ETag) of a fresh listing of a directory, or None."""
+        listing = self.listings.get(path)
+        if listing is None or time.monotonic() - listing.at >= self.cfg.list_ttl:
+            return None
+        return {n: e.etag for n, e in listing.entries.items() if not e.is_dir}
 
     # local changes -----------------------------------------------------------------------
     def set_entry(self, path: str, e: Entry | None) -> None:

@@ -22,6 +22,7 @@ import trio
 import xxhash
 
 from . import compose, control
+from .attrs import is_record
 from .cache import BlockCache
 from .config import MountConfig
 from .errors import StoreError, UserError
@@ -40,7 +41,8 @@ async def list_objects(client: StoreClient, prefix: str, shard: tuple[int, int]
     token = None
     while True:
         page = await client.list(prefix, None, token)
-        out += [o for o in page.objects if not o.key.endswith("/") and in_shard(o.key, shard)]
+        out += [o for o in page.objects if not o.key.endswith("/") and not is_record(o.key)
+                and in_shard(o.key, shard)]
         token = page.next_token
         if not token:
             return out

@@ -47,7 +47,9 @@ class Cores:
         cache.mkdir(exist_ok=True)
         cfg = build_config(f"s3://{store.bucket}", {
             "cache_dir": str(cache), "profile": "devbox", "upload_delay": "0", "uid": "0",
-            "gid": "0", **opts})
+            # (no directory attribute records unless a test asks: tests compare what the
+            # store holds; tests/test_dirattrs.py turns them on)
+            "gid": "0", "dirattrs": "0", **opts})
         index = Index(cache / "index.lmdb")
         core = build_core(cfg, store, index)
         done = trio.Event()
@@ -374,4 +376,5 @@ class CoreTree:
         async def op() -> None:
             await self.core.wb.flush_all()
             await self.core.settle_deletes()
+            await self.core.flush_records()
         self._run(op)

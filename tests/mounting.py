@@ -126,10 +126,13 @@ def get(s3: Any, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
+def keys(s3: Any, bucket: str, prefix: str = "", records: bool = False) -> set[str]:
+    """The keys under ``prefix``; directory attribute records (``.caiosfs-attrs``, written
+    by devbox mounts: not files) only with ``records``."""
     out: set[str] = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out |= {o["Key"] for o in page.get("Contents", [])}
+        out |= {o["Key"] for o in page.get("Contents", [])
+                if records or o["Key"].rpartition("/")[2] != ".caiosfs-attrs"}
     return out
 
 

@@ -176,6 +176,57 @@ def test_git_status_after_cold_remount_reads_no_file_content(s3: Any, bucket: st
     assert got <= git_dir, (got, git_dir, content)
 
 
+def test_git_status_cold_on_devbox_reads_directory_records_not_heads(
+        s3: Any, bucket: str, mounter: Any) -> None:
+    """devbox (dirattrs=1): a repository committed on the mount, flushed, unmounted,
+    remounted with an empty cache: `git status` is clean, HEADs no object (only names git
+    asks for that are not there are probed) and reads no file of the working tree (each directory's attribute record, fetched along with its
+    listing, holds the exact modes and times; git reads only its own index, refs and the
+    commit); `rm -rf` of the tree then leaves no object under it."""
+    from mounting import keys
+    m = mounter(bucket, options="profile=devbox")
+    repo = m.path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    for i in range(40):
+        sub = repo / f"pkg{i % 4}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"mod{i}.py").write_text(f"x = {i}\n" * 50)
+    (repo / "tool.sh").write_text("#!/bin/sh\n")
+    os.chmod(repo / "tool.sh", 0o755)
+    os.symlink("pkg0/mod0.py", repo / "link")
+    time.sleep(1.1)  # (not racily clean: see the test above)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "one")
+    m2 = cold_remount(mounter, m, bucket, "profile=devbox,debug=1")
+    stored = keys(s3, bucket, "repo/", records=True)
+    assert {"repo/.caiosfs-attrs", "repo/pkg0/.caiosfs-attrs"} <= stored
+    before = m2.status()
+    out = git(m2.path / "repo", "status", "--porcelain")
+    after = m2.status()
+    assert out == "", out
+    # (debug=1 logs every request: which keys were read)
+    log = (m2.cache_dir / "caiosfs.log").read_text().splitlines()
+    heads = [ln for ln in log if "client: head " in ln]
+    gets = [ln.split("client: get ")[1].split(" ")[0] for ln in log if "client: get " in ln]
+    # No object is HEADed: what git asks for and is not there (.git/MERGE_HEAD, ...) is
+    # probed as ever (a name created elsewhere shows when asked for), no more.
+    assert after["s3_head_requests"] - before["s3_head_requests"] == len(heads)
+    found = [ln for ln in heads if not ln.endswith(": 404")]
+    assert not found, found
+    assert len(heads) <= 40, heads
+    assert after["s3_get_requests"] - before["s3_get_requests"] == len(gets)
+    assert all(k.startswith("repo/.git/") for k in gets), gets  # git's own files only
+    assert ".caiosfs-attrs" not in os.listdir(m2.path / "repo")
+    assert stat.S_IMODE(os.stat(m2.path / "repo" / "tool.sh").st_mode) == 0o755
+    r = subprocess.run(["rm", "-rf", str(m2.path / "repo")], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 0, (r.stderr, sorted(keys(s3, bucket, "repo/", records=True)))
+    m2.flush()
+    time.sleep(1.5)  # (a record written late would land by now)
+    assert keys(s3, bucket, "repo/", records=True) == set()
+
+
 def test_fifo_socket_and_device_nodes(s3: Any, bucket: str, mounter: Any) -> None:
     """mkfifo, mknod and a bound unix socket work while the mount lives, are stored as s3fs
     stores them (an empty object whose x-amz-meta-mode has the type) and come back with

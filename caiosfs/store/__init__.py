@@ -27,6 +27,7 @@ class ObjectInfo:
     etag: str
     mtime: float  # Last-Modified, seconds since the epoch
     metadata: dict[str, str] | None = None  # x-amz-meta-* (lower-case names), None = unknown
+    data: bytes | None = None  # the body, for get_small only
 
 
 @dataclass
@@ -70,6 +71,9 @@ class ObjectStore(Protocol):
              max_keys: int = 1000) -> ListPage: ...
     def get_range(self, key: str, start: int, length: int, etag: str | None,
                   sink: Sink) -> dict[str, str] | None: ...  # x-amz-meta-* if known
+    def get_small(self, key: str, limit: int) -> ObjectInfo | None: ...
+    # (the whole object, in ``ObjectInfo.data``; None if there is none or it is larger than
+    # ``limit``: an absent small object is an answer, not an error)
     def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str: ...
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str: ...

@@ -181,6 +181,12 @@ class StoreClient:
         return await self._read_of(key, "head", self.store.head, key,
                                    limiter=self.meta_limiter)
 
+    async def get_small(self, key: str, limit: int) -> ObjectInfo | None:
+        """A small object whole, or None (absent, or over ``limit``); counted as op
+        ``get_small``, apart from the content GETs."""
+        return await self._read_of(key, "get_small", self.store.get_small, key, limit,
+                                   limiter=self.meta_limiter)
+
     async def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
                    max_keys: int = 1000) -> ListPage:
         return await self._run("list", self.store.list, prefix, delimiter, token, max_keys,

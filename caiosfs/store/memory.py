@@ -129,6 +129,13 @@ class MemoryStore:
         if len(data) != length:
             raise StoreError("InvalidRange", key, 416)
 
+    def get_small(self, key: str, limit: int) -> ObjectInfo | None:
+        self._check("get_small", key)
+        o = self.objects.get(key)
+        if o is None or len(o.data) > limit:
+            return None
+        return ObjectInfo(key, len(o.data), o.etag, o.mtime, dict(o.metadata), o.data)
+
     def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str:
         self._check("put", key)

@@ -311,6 +311,49 @@ class S3Store:
             raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
         return meta_of(r.headers.items())
 
+    def get_small(self, key: str, limit: int) -> ObjectInfo | None:
+        """A small object whole (a directory's attribute record); None if there is none
+        (404 is the usual answer: not an error) or it is larger than ``limit``."""
+        try:
+            if self._lean is not None:
+                r = self._lean.request("GET", key, {}, stream=True)
+                size = int(r.headers.get("Content-Length", 0))
+                data = b""
+                try:
+                    data = r.read(limit + 1) if size <= limit else b""
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    raise StoreError("ConnectionError", type(exc).__name__,
+                                     retryable=True) from exc
+                finally:
+                    if size <= limit and len(data) == size:
+                        r.release_conn()  # read to the end: the connection is reusable
+                    else:
+                        r.close()
+                h = r.headers
+                info = ObjectInfo(key, size, _etag(h.get("ETag", "")),
+                                  _mtime(h.get("Last-Modified")), {}, data)
+            else:
+                o = self._call(self._c.get_object, Bucket=self.bucket, Key=key)
+                size = int(o["ContentLength"])
+                try:
+                    data = o["Body"].read(limit + 1) if size <= limit else b""
+                except Exception as exc:
+                    raise translate(exc) from exc
+                finally:
+                    o["Body"].close()
+                info = ObjectInfo(key, size, _etag(o["ETag"]), _mtime(o.get("LastModified")),
+                                  {}, data)
+        except StoreError as exc:
+            if exc.code in ("NoSuchKey", "NotFound") or exc.status == 404:
+                return None
+            raise
+        if info.size > limit:
+            return None
+        if len(data) != info.size:
+            raise StoreError("IncompleteBody", f"got {len(data)} of {info.size} bytes",
+                             retryable=True)
+        return info
+
     def put_file(self, key: str, path: Body, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str:
         # Content-MD5 makes the store check that it received the whole body: without it,

@@ -33,6 +33,16 @@ def test_mount_options_attribute_and_flags_merge() -> None:
                             "uid": "1000", "gid": "1000"}
 
 
+@pytest.mark.parametrize("attr, value, option", [
+    ("dirAhead", "0", "dirahead"), ("dirAttrs", "1", "dirattrs"),
+    ("lookupMisses", "listing", "lookup_misses"), ("unlink", "batch", "unlink"),
+])
+def test_camel_case_attributes_reach_their_option(attr: str, value: str, option: str) -> None:
+    """A volume attribute documented in camelCase becomes its -o option (an attribute the
+    table does not map is refused as unknown)."""
+    assert build_mount_spec({"bucket": "b", attr: value}).options[option] == value
+
+
 def test_allow_other_can_be_disabled() -> None:
     assert "allow_other" not in build_mount_spec({"bucket": "b", "allowOther": "false"}).options
 
