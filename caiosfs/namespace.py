@@ -113,7 +113,8 @@ class Namespace:
         if neg_fresh:
             return None
         by_listing = self.cfg.lookup_misses == "listing"
-        if by_listing and listing and listing.for_lookups and age < self.cfg.negative_ttl:
+        if (by_listing and listing and listing.for_lookups and name not in listing.entries
+                and age < self.cfg.negative_ttl):
             # A name a listing made for lookups lacks is a miss as fresh as a probe's made
             # when the listing was: answered as the negative cache would answer it (git's
             # loose-object and ref probes, one after another, cost a round trip each).

@@ -77,3 +77,17 @@ async def test_by_default_a_name_made_elsewhere_shows_at_once(make: Cores) -> No
     assert core.ns.listings["d"].for_lookups  # the misses listed the directory
     store.put_bytes("d/late", b"late")
     assert (await core.lookup(d, "late")).attrs.size == 4
+
+
+async def test_a_listed_name_is_not_a_miss_when_list_ttl_is_shorter(make: Cores) -> None:
+    """negative_ttl longer than list_ttl: a name the expired listing holds is asked again,
+    never answered as a miss (the directory vanished, test_write_ops caught it)."""
+    store = MemoryStore("bkt")
+    store.put_bytes("d/a", b"a")
+    core = await make(store, list_ttl="0.2", negative_ttl="5", lookup_misses="listing")
+    d = (await core.lookup(ROOT_INO, "d")).ino
+    for i in range(6):
+        await missing(core, d, f"m{i}")
+    await trio.sleep(0.3)
+    assert (await core.lookup(d, "a")).attrs.size == 1
+    await missing(core, d, "m0")
