@@ -151,8 +151,10 @@ _RUN_TAG = time.strftime("%H%M%S", time.gmtime())
 
 
 def _out_dir(ctx: Ctx, system: str, what: str) -> str:
-    """A fresh key prefix per (run, system, repetition, workload): nothing is overwritten."""
-    return f"out/{system}-r{ctx.rep}-{what}-{_RUN_TAG}"
+    """A fresh key prefix per (run, network, system, repetition, workload): nothing is
+    overwritten (rclone leaves a few objects of a removed tree behind for good)."""
+    net = "" if ctx.net == "loopback" else f"-{ctx.net}"
+    return f"out/{system}-r{ctx.rep}-{what}{net}-{_RUN_TAG}"
 
 
 def _b3_key(rel: str) -> str:

@@ -88,7 +88,7 @@ OPTIONS: list[Option] = [
     Option("profile", str, "default", "Preset of TTLs and behaviour: dataset (immutable data: "
            "infinite TTLs, metadata=list: after a listing, symlinks and modes show as the "
            "mount's defaults until looked up by name), devbox (small files, short TTLs, "
-           "metadata=head, unlink=batch, dirattrs=1), checkpoint "
+           "metadata=head, unlink=batch, lookup_misses=listing, dirattrs=1), checkpoint "
            "(large sequential writes, long TTLs). Explicit options override the preset.", "NAME"),
     Option("cache_dir", str, None, "Local block cache and write journal (put it on NVMe). "
            "Default: /var/cache/caiosfs as root, else ~/.cache/caiosfs.", "DIR"),
@@ -164,6 +164,12 @@ OPTIONS: list[Option] = [
            "when it returns) or 'batch' (the name goes at once; DELETEs are journaled and sent "
            "batched as DeleteObjects: rm -rf makes a request per directory instead of per "
            "file; rmdir, flush and unmount wait for them; the devbox profile's choice).", "wait|batch"),
+    Option("lookup_misses", str, "probe", "How a name is answered that a listing made for "
+           "lookups (after a few probes of one directory) does not have: 'probe' (default: "
+           "asked of the store, so a file another client just created shows at once, as "
+           "without the listing) or 'listing' (a miss for negative_ttl after the listing, as if "
+           "each such name had been probed then: git's runs of lookups of names that do not "
+           "exist cost no round trip each; the devbox profile's choice).", "probe|listing"),
     Option("fsync", str, "store", "What fsync waits for: 'store' (durable in the object store) "
            "or 'local' (durable on the local cache disk, uploaded soon after).", "store|local"),
     Option("upload_delay", parse_seconds, 1.0, "Seconds after the last close before a file is "
@@ -186,13 +192,14 @@ PROFILES: dict[str, dict[str, Any]] = {
     "dataset": {"entry_ttl": float("inf"), "list_ttl": float("inf"), "negative_ttl": 60.0,
                 "metadata": "list"},
     "devbox": {"entry_ttl": 5.0, "list_ttl": 5.0, "negative_ttl": 1.0, "upload_delay": 1.0,
-               "metadata": "head", "unlink": "batch", "dirattrs": True},
+               "metadata": "head", "unlink": "batch", "lookup_misses": "listing",
+               "dirattrs": True},
     "checkpoint": {"entry_ttl": 300.0, "list_ttl": 60.0, "negative_ttl": 1.0,
                    "upload_delay": 0.5},
 }
 
 CHOICES = {"profile": tuple(PROFILES), "metadata": ("tagged", "head", "list"),
-           "fsync": ("store", "local"), "unlink": ("wait", "batch"),
+           "fsync": ("store", "local"), "unlink": ("wait", "batch"), "lookup_misses": ("probe", "listing"),
            "warm": ("background", "blocking")}
 
 
@@ -273,6 +280,7 @@ class MountConfig:
     log_file: str | None
     rw: bool = False
     unlink: str = "wait"
+    lookup_misses: str = "probe"
     dirahead: bool = True
     dirattrs: bool = False
     extra: dict[str, Any] = field(default_factory=dict)

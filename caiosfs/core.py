@@ -113,9 +113,14 @@ class Core:
         nursery.start_soon(self._housekeeping)
         nursery.start_soon(self.deletes.run)
         await nursery.start(self.dirattrs.run)
+        journaled = {(j.key, j.base_etag) for j in self.index.all_journal().values()
+                     if j.base_etag and not j.deleted}
         for oid, op in self.index.all_ops().items():
             if isinstance(op, DeleteOp):
-                await self.deletes.resume(oid, op)
+                if self.deletes.superseded(op, journaled):
+                    self.index.del_op(oid)  # the journaled file replaces that version
+                else:
+                    await self.deletes.resume(oid, op)
             elif isinstance(op, MkdirOp) and op.key.startswith(self.ns.prefix):
                 # A directory whose marker the crash kept from the store.
                 path = op.key[len(self.ns.prefix):].rstrip("/")
@@ -424,19 +429,28 @@ class Core:
         self._check_rw()
         parent = self.ns.node(parent_ino)
         path = new_path(self.ns, parent.path, name)
-        await self.deletes.claim(path)
-        base = None
-        try:
-            existing = await self.ns.lookup(parent, name, want_meta=False)
-            if existing.is_dir:
-                raise FsError(errno.EISDIR)
-            base = existing.entry.etag or None
-        except FsError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        doomed = self.deletes.take(path)
+        if doomed is None:
+            await self.deletes.claim(path)
+        base = doomed[2] if doomed is not None else None
         attrs = Attrs(stat.S_IFREG | (mode & 0o7777 & ~who.umask), who.uid, who.gid,
                       time.time())
-        f = await self.wb.create(path, attrs, base_etag=base)
+        try:
+            try:
+                existing = await self.ns.lookup(parent, name, want_meta=False)
+                if existing.is_dir:
+                    raise FsError(errno.EISDIR)
+                base = existing.entry.etag or base
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            f = await self.wb.create(path, attrs, base_etag=base)
+        except BaseException:
+            if doomed is not None:
+                self.deletes.give_back(path, doomed)
+            raise
+        if doomed is not None:
+            self.deletes.taken(path, doomed)
         n = self.ns.node_for(path, Entry(False, 0, base or "", attrs.mtime, attrs.to_meta()))
         self.ns.negative.pop(path, None)
         self._add_to_listing(path, f)

@@ -152,6 +152,31 @@ class Deletes:
             self._hurry.set()
             await self._deleted.wait()
 
+    def take(self, path: str) -> tuple[int, str, str] | None:
+        """A name whose batched DELETE is queued and not sent yet is created again as a file:
+        the DELETE leaves the queue and its (ops id, key, ETag) is returned, so the new file
+        replaces that version (an upload If-Match it) instead of waiting a round trip for
+        the DELETE (git checkout unlinks and recreates every file it changes). The caller
+        journals the new file, then calls :meth:`taken`; if it fails, :meth:`give_back`.
+        A crash between the two leaves the ops entry and a journal entry over the same
+        version: the file supersedes the delete at the next start (:meth:`superseded`)."""
+        return self.doomed.pop(path, None)
+
+    def taken(self, path: str, d: tuple[int, str, str]) -> None:
+        oid, _, etag = d
+        self.index.del_op(oid)
+        if self.ns.hidden.get(path) == etag:
+            del self.ns.hidden[path]
+
+    def give_back(self, path: str, d: tuple[int, str, str]) -> None:
+        self.doomed[path] = d
+        self._kick.set()
+
+    @staticmethod
+    def superseded(op: DeleteOp, journaled: set[tuple[str, str]]) -> bool:
+        """Whether a journaled file replaces the version this delete was for (see take)."""
+        return (op.key, op.etag) in journaled
+
     async def claim(self, path: str) -> None:
         """A name is being reused: a deferred delete of the old object there happens now
         (handles still open on it may then fail to read what is not cached)."""

@@ -100,7 +100,8 @@ class Namespace:
         path = self.join(parent_path, name)
         now = time.monotonic()
         listing = self.listings.get(parent_path)
-        fresh = listing is not None and now - listing.at < self.cfg.list_ttl
+        age = now - listing.at if listing is not None else float("inf")
+        fresh = age < self.cfg.list_ttl
         neg = self.negative.get(path)
         neg_fresh = neg is not None and now - neg < self.cfg.negative_ttl
         # (A name we removed ourselves beats a listing made for lookups: SeaweedFS, for one,
@@ -111,19 +112,34 @@ class Namespace:
                                             want_meta)
         if neg_fresh:
             return None
+        by_listing = self.cfg.lookup_misses == "listing"
+        if (by_listing and listing and listing.for_lookups and name not in listing.entries
+                and age < self.cfg.negative_ttl):
+            # A name a listing made for lookups lacks is a miss as fresh as a probe's made
+            # when the listing was: answered as the negative cache would answer it (git's
+            # loose-object and ref probes, one after another, cost a round trip each).
+            return None
         try:
-            if not fresh and self.view.missed(parent_path, now) > self._list_after:
-                # Several names of this directory asked for in a row (git status, a `cp -r`
-                # over an existing tree): one listing answers them all, where each probe
-                # costs a HEAD and a LIST. (A store that does not answer it is not asked
-                # again for the probe: GaveUp below.)
+            after = LIST_AFTER_MISSES if fresh else self._list_after
+            if ((not fresh or (by_listing and listing and listing.for_lookups))
+                    and self.view.missed(parent_path, now) > after):
+                # Several names of this directory asked for in a row (git status, git log's
+                # loose-object probes, a `cp -r` over an existing tree): one listing answers
+                # them all, where each probe costs a HEAD and a LIST (with
+                # lookup_misses=listing a name it lacks is a miss for negative_ttl, else it
+                # is probed: a file another client just made shows at once). (A store that
+                # does not answer it is not asked again for the probe: GaveUp below.)
                 try:
-                    entries = await self.list_dir(parent_path, max_pages=1)
+                    entries = await self.list_dir(parent_path, force=fresh,
+                                                  max_pages=1)
                 except TooBig:
-                    entries = {}
-                if name in entries:
-                    return await self.view.from_listing(parent_path, entries[name], name,
-                                                    want_meta)
+                    pass
+                else:
+                    if name in entries:
+                        return await self.view.from_listing(parent_path, entries[name],
+                                                            name, want_meta)
+                    if by_listing:
+                        return None
             e = await self.view.probe(path)
         except GaveUp:
             # The store is unreachable: what we last knew is the best answer there is (a

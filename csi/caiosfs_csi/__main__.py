@@ -129,9 +129,12 @@ def serve(args: argparse.Namespace) -> int:
             nodemetrics.serve(args.metrics_address, service, mounter)
         except (OSError, ValueError) as e:
             log.error("metrics endpoint %s not started: %s", args.metrics_address, e)
-    stop = threading.Event()
+    # The handler only appends to a list: one that takes a lock (Event.set) can deadlock
+    # against the main thread holding that lock when the signal is handled, and the plugin
+    # then never stops (kubelet waits out the grace period and kills it).
+    stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     server.start()
     # Journals of volumes that died while no plugin ran: upload them now, in the background
     # (kubelet's calls for those targets get ABORTED meanwhile).
@@ -140,7 +143,8 @@ def serve(args: argparse.Namespace) -> int:
              args.endpoint, args.driver_name, args.node_id,
              f"daemons in caiosfs-mounter at {args.mounter_socket}" if args.mounter_socket
              else f"caiosfs: {mounter.caiosfs_bin}")
-    stop.wait()
+    while not stopping:
+        time.sleep(0.2)
     log.info("stopping; FUSE mounts are left running")
     server.stop(grace=10).wait()
     return 0
