@@ -120,15 +120,15 @@ class Namespace:
             # loose-object and ref probes, one after another, cost a round trip each).
             return None
         try:
+            after = LIST_AFTER_MISSES if fresh else self._list_after
             if ((not fresh or (by_listing and listing and listing.for_lookups))
-                    and self.view.missed(parent_path, now) > self._list_after):
+                    and self.view.missed(parent_path, now) > after):
                 # Several names of this directory asked for in a row (git status, git log's
                 # loose-object probes, a `cp -r` over an existing tree): one listing answers
                 # them all, where each probe costs a HEAD and a LIST (with
                 # lookup_misses=listing a name it lacks is a miss for negative_ttl, else it
                 # is probed: a file another client just made shows at once). (A store that
-                # does not answer it is not asked
-                # again for the probe: GaveUp below.)
+                # does not answer it is not asked again for the probe: GaveUp below.)
                 try:
                     entries = await self.list_dir(parent_path, force=fresh,
                                                   max_pages=1)
