@@ -614,18 +614,28 @@ async def test_writeback_uploads_small_and_multipart(tmp_path: Path) -> None:
     assert wb.index.all_journal() == {}
 
 
+async def _write_streaming(wb: WriteBack, path: str, body: bytes) -> DirtyFile:
+    """A new file written sequentially in 1 MiB writes, still open; returned once its
+    streaming multipart upload exists."""
+    f = await wb.create(path, Attrs(0o100644, 0, 0, 1.0))
+    wb.opened(f, True)
+    for off in range(0, len(body), MiB):
+        await wb.write(f, off, body[off:off + MiB])
+    with trio.fail_after(10):
+        while f.stream is None or not f.stream.upload_id:
+            await trio.sleep(0.01)
+    return f
+
+
 async def test_parts_of_a_file_being_written_stream_beyond_a_backlog(tmp_path: Path) -> None:
     store = MemoryStore("b")
     wb = _wb(tmp_path / "w", store)  # 5 MiB parts: the newest 16 (80 MiB) stay local
     body = data(120 * MiB, "backlog")
     async with trio.open_nursery() as n:
         await n.start(wb.run)
-        f = await wb.create("big", Attrs(0o100644, 0, 0, 1.0))
-        wb.opened(f, True)
-        for off in range(0, len(body), MiB):
-            await wb.write(f, off, body[off:off + MiB])
+        f = await _write_streaming(wb, "big", body)
         with trio.fail_after(10):
-            while f.stream is None or not f.stream.upload_id or f.stream.sending:
+            while f.stream.sending:
                 await trio.sleep(0.01)
         assert sorted(f.stream.etags) == list(range(1, 9))  # (120 - 80) / 5 parts
         wb.released(f, True)
@@ -644,13 +654,7 @@ async def test_complete_parts_of_a_streamed_file_go_at_close_not_after_the_delay
     body = data(52 * MiB + 7, "atclose")
     async with trio.open_nursery() as n:
         await n.start(wb.run)
-        f = await wb.create("big", Attrs(0o100644, 0, 0, 1.0))
-        wb.opened(f, True)
-        for off in range(0, len(body), MiB):
-            await wb.write(f, off, body[off:off + MiB])
-        with trio.fail_after(10):
-            while f.stream is None or not f.stream.upload_id:
-                await trio.sleep(0.01)
+        f = await _write_streaming(wb, "big", body)
         assert store.calls["upload_part"] == 0  # all within the backlog while written
         wb.released(f, True)
         with trio.fail_after(10):
@@ -670,13 +674,7 @@ async def test_a_part_rewritten_after_close_is_sent_again(tmp_path: Path) -> Non
     body = bytearray(data(30 * MiB, "rewrite"))
     async with trio.open_nursery() as n:
         await n.start(wb.run)
-        f = await wb.create("big", Attrs(0o100644, 0, 0, 1.0))
-        wb.opened(f, True)
-        for off in range(0, len(body), MiB):
-            await wb.write(f, off, bytes(body[off:off + MiB]))
-        with trio.fail_after(10):
-            while f.stream is None or not f.stream.upload_id:
-                await trio.sleep(0.01)
+        f = await _write_streaming(wb, "big", bytes(body))
         wb.released(f, True)  # parts 1..6 start
         wb.opened(f, True)
         body[7 * MiB:8 * MiB] = b"x" * MiB  # part 2 again, while or after it was sent
