@@ -686,6 +686,26 @@ async def test_a_part_rewritten_after_close_is_sent_again(tmp_path: Path) -> Non
     assert not store.uploads
 
 
+async def test_a_chmod_after_a_streamed_upload_began_reaches_the_store(tmp_path: Path) -> None:
+    """A multipart upload's metadata is fixed when it is created: a chmod of a file whose
+    parts were streaming starts a new one instead of completing the old (the model test
+    found the old mode in the store)."""
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store, upload_delay=3600)
+    body = data(30 * MiB, "chmod")
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await _write_streaming(wb, "big", body)
+        f.attrs.mode = 0o100600  # what Core._set_file_attrs does for fchmod
+        f.gen += 1
+        wb.released(f, True)
+        await wb.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/big"].data == body
+    assert store.objects["pre/big"].metadata["mode"] == str(0o100600)
+    assert not store.uploads
+
+
 async def test_writeback_keeps_both_versions_on_conflict(tmp_path: Path) -> None:
     store = MemoryStore("b")
     base = store.put_bytes("pre/c.txt", b"original")

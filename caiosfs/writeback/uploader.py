@@ -49,6 +49,12 @@ def part_size_for(size: int, base: int) -> int:
     return ps
 
 
+def _owner_mode(meta: dict[str, str]) -> tuple[str | None, ...]:
+    """What of an object's metadata a chmod/chown changes. (The times are those of the
+    upload's creation: later writes move them on every time.)"""
+    return tuple(meta.get(k) for k in ("mode", "uid", "gid", "rdev"))
+
+
 class _Changed(Exception):
     """The file changed too often during its upload; it is uploaded again."""
 
@@ -217,13 +223,14 @@ class Uploader:
             ev = f.progress  # a streaming upload is being created: use it
             await ev.wait()
         st = f.stream
-        if st is None or not st.upload_id or st.part_size != ps:
+        if (st is None or not st.upload_id or st.part_size != ps
+                or _owner_mode(st.meta) != _owner_mode(meta)):
             new_id = await self.store.create_multipart(f.key, meta)
             # Read f.stream only now: a streaming upload may have started meanwhile.
             old = f.stream
             if old is not None and old.upload_id:
                 await self.abort(f.key, old.upload_id)
-            st = f.stream = Stream(new_id, ps, f.key)
+            st = f.stream = Stream(new_id, ps, f.key, meta=meta)
             self.journal.write(f)
         etags = await self._send_parts(f, st, size)
         try:
@@ -328,7 +335,8 @@ class Uploader:
         assert st is not None
         try:
             try:
-                st.upload_id = await self.store.create_multipart(st.key, f.attrs.to_meta())
+                st.meta = f.attrs.to_meta()
+                st.upload_id = await self.store.create_multipart(st.key, st.meta)
             except StoreError as exc:
                 log.warning("could not start a streaming upload of %s: %s", f.path, exc)
                 if f.stream is st:
