@@ -614,24 +614,95 @@ async def test_writeback_uploads_small_and_multipart(tmp_path: Path) -> None:
     assert wb.index.all_journal() == {}
 
 
+async def _write_streaming(wb: WriteBack, path: str, body: bytes) -> DirtyFile:
+    """A new file written sequentially in 1 MiB writes, still open; returned once its
+    streaming multipart upload exists."""
+    f = await wb.create(path, Attrs(0o100644, 0, 0, 1.0))
+    wb.opened(f, True)
+    for off in range(0, len(body), MiB):
+        await wb.write(f, off, body[off:off + MiB])
+    with trio.fail_after(10):
+        while f.stream is None or not f.stream.upload_id:
+            await trio.sleep(0.01)
+    return f
+
+
 async def test_parts_of_a_file_being_written_stream_beyond_a_backlog(tmp_path: Path) -> None:
     store = MemoryStore("b")
     wb = _wb(tmp_path / "w", store)  # 5 MiB parts: the newest 16 (80 MiB) stay local
     body = data(120 * MiB, "backlog")
     async with trio.open_nursery() as n:
         await n.start(wb.run)
-        f = await wb.create("big", Attrs(0o100644, 0, 0, 1.0))
-        wb.opened(f, True)
-        for off in range(0, len(body), MiB):
-            await wb.write(f, off, body[off:off + MiB])
+        f = await _write_streaming(wb, "big", body)
         with trio.fail_after(10):
-            while f.stream is None or not f.stream.upload_id or f.stream.sending:
+            while f.stream.sending:
                 await trio.sleep(0.01)
         assert sorted(f.stream.etags) == list(range(1, 9))  # (120 - 80) / 5 parts
         wb.released(f, True)
         await wb.flush_all()
         n.cancel_scope.cancel()
     assert store.objects["pre/big"].data == body
+    assert not store.uploads
+
+
+async def test_complete_parts_of_a_streamed_file_go_at_close_not_after_the_delay(
+        tmp_path: Path) -> None:
+    """The parts a file being written kept local (its backlog) start at its last close; only
+    the last part and the completion wait for upload_delay."""
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store, upload_delay=3600)  # 5 MiB parts, backlog 16 parts
+    body = data(52 * MiB + 7, "atclose")
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await _write_streaming(wb, "big", body)
+        assert store.calls["upload_part"] == 0  # all within the backlog while written
+        wb.released(f, True)
+        with trio.fail_after(10):
+            while f.stream.sending or len(f.stream.etags) < 10:
+                await trio.sleep(0.01)
+        assert sorted(f.stream.etags) == list(range(1, 11))  # the 10 full parts; not the 11th
+        assert store.calls["upload_part"] == 10 and "pre/big" not in store.objects
+        await wb.flush_all()  # (skips the delay) the last part and the completion
+        n.cancel_scope.cancel()
+    assert store.objects["pre/big"].data == body
+    assert store.calls["upload_part"] == 11 and not store.uploads
+
+
+async def test_a_part_rewritten_after_close_is_sent_again(tmp_path: Path) -> None:
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store, upload_delay=3600)
+    body = bytearray(data(30 * MiB, "rewrite"))
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await _write_streaming(wb, "big", bytes(body))
+        wb.released(f, True)  # parts 1..6 start
+        wb.opened(f, True)
+        body[7 * MiB:8 * MiB] = b"x" * MiB  # part 2 again, while or after it was sent
+        await wb.write(f, 7 * MiB, b"x" * MiB)
+        wb.released(f, True)
+        await wb.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/big"].data == bytes(body)
+    assert not store.uploads
+
+
+async def test_a_chmod_after_a_streamed_upload_began_reaches_the_store(tmp_path: Path) -> None:
+    """A multipart upload's metadata is fixed when it is created: a chmod of a file whose
+    parts were streaming starts a new one instead of completing the old (the model test
+    found the old mode in the store)."""
+    store = MemoryStore("b")
+    wb = _wb(tmp_path / "w", store, upload_delay=3600)
+    body = data(30 * MiB, "chmod")
+    async with trio.open_nursery() as n:
+        await n.start(wb.run)
+        f = await _write_streaming(wb, "big", body)
+        f.attrs.mode = 0o100600  # what Core._set_file_attrs does for fchmod
+        f.gen += 1
+        wb.released(f, True)
+        await wb.flush_all()
+        n.cancel_scope.cancel()
+    assert store.objects["pre/big"].data == body
+    assert store.objects["pre/big"].metadata["mode"] == str(0o100600)
     assert not store.uploads
 
 

@@ -83,6 +83,9 @@ class Stream:
     etags: dict[int, tuple[str, int]] = field(default_factory=dict)  # part no -> (etag, len)
     sending: set[int] = field(default_factory=set)
     part_gen: dict[int, int] = field(default_factory=dict)  # bumps on each write to a part
+    # The object's metadata given at its creation (the completion cannot change it): a
+    # chmod/chown since then means a new multipart upload.
+    meta: dict[str, str] = field(default_factory=dict)
 
 
 class DirtyFile:

@@ -227,6 +227,7 @@ class WriteBack:
             return
         if f.writers == 0 and not f.clean:
             self.schedule(f, self.upload_delay)
+            self.uploader.stream_rest(f)
         elif f.clean and f.handles == 0:
             self._release_clean(f)
 
