@@ -301,8 +301,8 @@ class Uploader:
         if f.stream is None:
             if end < 2 * ps:
                 return
-            f.stream = Stream("", ps, f.key)
-            self.nursery.start_soon(self._start_stream, f)
+            st = f.stream = Stream("", ps, f.key)
+            self.nursery.start_soon(self._start_stream, f, st)
             return
         if f.stream.upload_id == "" or ps != f.stream.part_size:
             return
@@ -330,9 +330,10 @@ class Uploader:
                 st.sending.add(p)
                 self.nursery.start_soon(self._stream_part, f, st, p, st.part_size)
 
-    async def _start_stream(self, f: DirtyFile) -> None:
-        st = f.stream
-        assert st is not None
+    async def _start_stream(self, f: DirtyFile, st: Stream) -> None:
+        if f.stream is not st:  # dropped (truncated, restarted) before this task ran
+            f.moved_on()
+            return
         try:
             try:
                 st.meta = f.attrs.to_meta()
