@@ -66,6 +66,11 @@ class Record:
     mtime: float
 
 
+# Records larger than this are encoded and parsed in a worker thread, not on the trio loop.
+ON_LOOP_BYTES = 64 << 10
+ON_LOOP_NAMES = 256
+
+
 def encode(files: Files) -> bytes:
     body = {"v": VERSION, "files": {n: [e, s, m] for n, (e, s, m) in sorted(files.items())}}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
@@ -143,7 +148,11 @@ class DirAttrs:
         """GET a directory's record (None: there is none, or it is not one we understand);
         what it holds becomes the base of this mount's next write of it."""
         info = await self.client.get_small(self.key(dir_path), MAX_BYTES)
-        files = parse(info.data or b"") if info is not None else None
+        data = (info.data or b"") if info is not None else b""
+        # (A record of thousands of names is ~0.1-1.5 MB of JSON: parsed off the loop.)
+        files = None if info is None else (
+            parse(data) if len(data) <= ON_LOOP_BYTES
+            else await trio.to_thread.run_sync(parse, data))
         self.seen(dir_path, files or {})
         if info is None or files is None:
             return None
@@ -264,6 +273,7 @@ class DirAttrs:
                 await self.client.delete(key, patient=False)
             self.seen(d, {})
             return
-        body = encode(files)
+        body = (encode(files) if len(files) <= ON_LOOP_NAMES
+                else await trio.to_thread.run_sync(encode, files))
         await self.client.put_file(key, body, len(body), {}, patient=False)
         self.seen(d, files)
