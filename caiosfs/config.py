@@ -88,8 +88,8 @@ OPTIONS: list[Option] = [
     Option("profile", str, "default", "Preset of TTLs and behaviour: dataset (immutable data: "
            "infinite TTLs, metadata=list: after a listing, symlinks and modes show as the "
            "mount's defaults until looked up by name), devbox (small files, short TTLs, "
-           "metadata=head, unlink=batch, lookup_misses=listing, dirattrs=1), checkpoint "
-           "(large sequential writes, long TTLs). Explicit options override the preset.", "NAME"),
+           "metadata=head, unlink=batch, lookup_misses=listing, dirattrs=1, "
+           "list_ahead=10), checkpoint (large sequential writes, long TTLs). Explicit options override the preset.", "NAME"),
     Option("cache_dir", str, None, "Local block cache and write journal (put it on NVMe). "
            "Default: /var/cache/caiosfs as root, else ~/.cache/caiosfs.", "DIR"),
     Option("cache_size", parse_size, 20 * GiB, "Upper bound of clean cached data; least recently "
@@ -122,6 +122,16 @@ OPTIONS: list[Option] = [
            "is always hidden (and cannot be created), and records found in the store are "
            "used whatever this option says, except with metadata=list. Default 0; the "
            "devbox profile turns it on."),
+    Option("list_ahead", int, 0, "Pages of 1,000 keys a directory's first listing with an "
+           "empty cache may take of the whole tree below it (one ListObjectsV2 without a "
+           "delimiter, in the background): the directories below it that those pages cover "
+           "are then listed without a request of their own (and their attribute records, see "
+           "dirattrs, are fetched together), so a walk through a tree after a remount (git "
+           "status, find, an import of a package) waits for a few pages instead of a round "
+           "trip per directory. A directory the pages do not reach is listed as usual. "
+           "0 (the default) turns it off; the devbox profile lists 10 pages ahead. Costs "
+           "up to that many pages of requests for a directory with a large tree below it "
+           "that is only looked at, never walked.", "N"),
     Option("part_size", parse_size, 64 * MiB, "Multipart upload part size (grows for huge files "
            "to stay under 10,000 parts).", "SIZE"),
     Option("read_ahead_kb", int, 1024, "Kernel readahead of the mount, set through "
@@ -193,7 +203,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                 "metadata": "list"},
     "devbox": {"entry_ttl": 5.0, "list_ttl": 5.0, "negative_ttl": 1.0, "upload_delay": 1.0,
                "metadata": "head", "unlink": "batch", "lookup_misses": "listing",
-               "dirattrs": True},
+               "dirattrs": True, "list_ahead": 10},
     "checkpoint": {"entry_ttl": 300.0, "list_ttl": 60.0, "negative_ttl": 1.0,
                    "upload_delay": 0.5},
 }
@@ -283,6 +293,7 @@ class MountConfig:
     lookup_misses: str = "probe"
     dirahead: bool = True
     dirattrs: bool = False
+    list_ahead: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -350,6 +361,8 @@ def build_config(source: str, options: str | dict[str, str] = "") -> MountConfig
         raise UserError("part_size must be at least 5M (the S3 minimum)")
     if values["parallel"] < 1:
         raise UserError("parallel must be at least 1")
+    if values["list_ahead"] < 0:
+        raise UserError("list_ahead must be 0 (off) or a number of pages")
     # parallel=N alone (N above the default ceiling) means at least N GETs too.
     values["parallel_max"] = max(values["parallel_max"], values["parallel"])
     if values["memory_limit"] < 4 * values["max_request"]:

@@ -102,13 +102,14 @@ class Core:
         # Per-directory attribute records (dirattrs.py): read by listings, written here.
         self.dirattrs = DirAttrs(self.client, self.ns.prefix, self.cfg.dirattrs,
                                  self.ns.view.fresh_files)
-        self.ns.view.dirattrs = self.dirattrs
+        self.ns.view.use_records(self.dirattrs)
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self, nursery: trio.Nursery) -> int:
         """Start background work in the caller's nursery; replay the journal and finish
         what a crash interrupted. Returns how many files the replay will upload."""
         self.fetcher.nursery = nursery
+        self.ns.view.trees.nursery = nursery
         await nursery.start(self.wb.run)
         nursery.start_soon(self._housekeeping)
         nursery.start_soon(self.deletes.run)
@@ -150,7 +151,7 @@ class Core:
 
     def _uploaded(self, f: DirtyFile, etag: str) -> None:
         if not etag:  # went to a conflict sibling: forget our view of the path
-            self.ns.listings.pop(self.ns.parent_of(f.path), None)
+            self.ns.drop_listing(self.ns.parent_of(f.path))
             return
         e = Entry(False, f.attrs.size, etag, f.attrs.mtime, f.attrs.to_meta())
         self.index.put_meta(ident_of(self.cfg.source.bucket, f.key, etag), e.meta or {})
@@ -540,5 +541,11 @@ class Core:
         moved = self.ns.nodes.get(self.ns.by_path.get(self.ns.join(new_parent.path, new_name), 0))
         if moved is None or not moved.is_dir:
             self.dirattrs.note_removed(src)  # (a file left its directory's record)
+        if (moved is not None and not moved.is_dir and moved.entry.etag
+                and moved.entry.meta is not None and moved.path not in self.wb.files):
+            # An uploaded file moved by a server-side copy (git's packs, fsynced under a
+            # temp name): its new version's attributes go into its new directory's record.
+            self.dirattrs.note_uploaded(moved.path, moved.entry.etag, moved.entry.size,
+                                        moved.entry.meta)
         self.ns.touch_dir(old_parent)
         self.ns.touch_dir(new_parent)

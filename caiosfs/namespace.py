@@ -193,10 +193,15 @@ class Namespace:
             if n.is_dir == e.is_dir:
                 self.inodes.refresh(n, e)
 
+    def drop_listing(self, path: str) -> None:
+        """Forget what the store said about a directory (listed again when asked)."""
+        self.listings.pop(path, None)
+        self.view.trees.drop(path)
+
     def drop_path(self, path: str) -> None:
         self.set_entry(path, None)
         self.by_path.pop(path, None)
-        self.listings.pop(path, None)
+        self.drop_listing(path)
 
     def move(self, src: str, dst: str) -> None:
         """Re-point inodes of ``src`` (and everything below it) to ``dst``; its listings
@@ -204,4 +209,6 @@ class Namespace:
         self.inodes.move(src, dst)
         for p in [p for p in self.listings if p == src or p.startswith(src + "/")]:
             del self.listings[p]
+        self.view.trees.drop(src)
+        self.view.trees.drop(dst)
 

@@ -9,6 +9,8 @@ listing's first page), else read by parallel HEADs right after a listing
 listing is probed (a HEAD and a one-key LIST). Markers of directories made here and not in
 the store yet are added from the write-back. Inodes are kept by :mod:`.inodes`; lookups,
 the negative cache and when to list instead of probe are decided in :mod:`.namespace`.
+A cold listing may be taken from a listing of a whole subtree (:mod:`.treelist`,
+``list_ahead``) made at an ancestor's first listing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .index import Index, ident_of
 from .metrics import Metrics
 from .store import ObjectInfo
 from .store.client import StoreClient
+from .treelist import Taken, TreeLister
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,15 @@ class StoreView:
         self.records: dict[str, str] = {}
         # dir path -> ETag of the record last applied to a listing of it (not GET again)
         self._applied: dict[str, str] = {}
+        # Listings of whole subtrees at a directory's first listing (list_ahead, treelist.py)
+        self.trees = TreeLister(store, self.prefix, cfg.list_ahead, cfg.list_ttl,
+                                lambda p: {q: wb.markers[q] for q in wb.markers_below(p)})
+
+    def use_records(self, da: DirAttrs) -> None:
+        """Read directories' attribute records with their listings (the composition root)."""
+        self.dirattrs = da
+        if da.write and self.cfg.metadata != "list":
+            self.trees.load_record = da.load
 
     # paths and keys ----------------------------------------------------------------------
     def key(self, path: str) -> str:
@@ -153,9 +165,17 @@ class StoreView:
         landing = {p: self.wb.markers[p] for p in self.wb.markers_below(path)}
         self._listing_now.setdefault(path, []).append(changes)
         record: list[Record | None] = []
+        made = None
         try:
-            await self._list_with_record(path, pre, entries, max_pages, record,
-                                         eager=cached is None)
+            taken = None if cached is not None or force else await self.trees.take(path)
+            if taken is not None:
+                made = await self._from_tree(path, pre, taken, entries, changes, record,
+                                             max_pages)
+                for p, m in taken.landing.items():
+                    landing.setdefault(p, m)  # type: ignore[arg-type]
+            else:
+                await self._list_with_record(path, pre, entries, max_pages, record,
+                                             eager=cached is None)
         except TooBig:
             self._misses[path] = (time.monotonic(), -1)
             raise
@@ -187,8 +207,8 @@ class StoreView:
         # lookups' windows of HEADs: one stat in a large foreign directory must not HEAD it
         # all. A readdir of it HEADs the rest, above.)
         headed = max_pages is None or not self.cfg.dirattrs
-        self.listings[path] = Listing(entries, time.monotonic(), max_pages is not None,
-                                      headed=headed)
+        self.listings[path] = Listing(entries, made or time.monotonic(),
+                                      max_pages is not None, headed=headed)
         if self.cfg.metadata != "list" and headed:
             await self._head_all(pre, entries, every=self.cfg.metadata == "head")
         return entries
@@ -216,6 +236,37 @@ class StoreView:
                 nursery.cancel_scope.cancel()
         if failed is not None:
             raise failed
+
+    async def _from_tree(self, path: str, pre: str, taken: Taken, entries: dict[str, Entry],
+                         changes: dict[str, Entry | None], record: list[Record | None],
+                         max_pages: int | None) -> float:
+        """A directory's listing taken from a tree listing (treelist.py) as a LIST of it
+        would have given it when its page was requested; that moment."""
+        keys = taken.keys
+        self.records.pop(path, None)
+        if keys.record is not None:
+            self._note_record(path, keys.record)
+        for key in keys.skipped:
+            self._skip(key)
+        for name, (size, etag, mtime) in keys.files.items():
+            entries[name] = Entry(False, size, etag, mtime)
+        for name in keys.dirs:
+            if name in entries:
+                self._clash(pre + name + "/")
+            entries[name] = Entry(True, mtime=time.time())
+        if max_pages is not None and len(entries) > max_pages * 1000:
+            raise TooBig(path)
+        for name, e in taken.changes.items():  # ours since the page: older than `changes`
+            if name not in changes:
+                changes[name] = e  # type: ignore[assignment]
+        if taken.record is not None:
+            record.append(await taken.record())
+        return keys.at
+
+    def _note_record(self, path: str, etag: str) -> None:
+        self.records[path] = etag
+        if len(self.records) > 100_000:
+            self.records.clear()
 
     async def _load_record(self, da: DirAttrs, path: str) -> Record | None:
         try:
@@ -265,9 +316,7 @@ class StoreView:
                 if name == "":
                     continue  # the directory's own marker
                 if name == RECORD:  # its attribute record: never a file
-                    self.records[path] = o.etag
-                    if len(self.records) > 100_000:
-                        self.records.clear()
+                    self._note_record(path, o.etag)
                     continue
                 if not valid_name(name):
                     self._skip(o.key)
@@ -477,6 +526,7 @@ class StoreView:
         it in flight."""
         parent = self.listings.get(self.parent_of(path))
         name = path.rpartition("/")[2]
+        self.trees.note(path, e)
         for changes in self._listing_now.get(self.parent_of(path), ()):
             changes[name] = e
         if parent is not None:

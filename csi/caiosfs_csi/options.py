@@ -20,7 +20,7 @@ CAIOSFS_OPTIONS = frozenset(
     {
         "endpoint", "region", "path_style", "credentials_file", "aws_profile", "profile",
         "cache_dir", "cache_size", "dirty_limit", "memory_limit", "block_size", "max_request",
-        "readahead_max", "part_size", "read_ahead_kb", "parallel", "parallel_max", "dirahead", "dirattrs", "unlink", "lookup_misses", "ro", "rw", "uid", "gid",
+        "readahead_max", "part_size", "read_ahead_kb", "parallel", "parallel_max", "dirahead", "dirattrs", "list_ahead", "unlink", "lookup_misses", "ro", "rw", "uid", "gid",
         "file_mode", "dir_mode", "allow_other", "entry_ttl", "list_ttl", "negative_ttl",
         "metadata", "fsync", "upload_delay", "read_timeout", "metrics", "warm", "debug",
         "log_file",
@@ -79,6 +79,7 @@ _VALUE_RULES: dict[str, tuple[re.Pattern[str] | tuple[str, ...], str]] = {
     "lookup_misses": (("probe", "listing"), "one of probe, listing"),
     "dirahead": (("0", "1", "true", "false", "yes", "no", "on", "off"), "0 or 1"),
     "dirattrs": (("0", "1", "true", "false", "yes", "no", "on", "off"), "0 or 1"),
+    "list_ahead": (_UINT, "a number of pages"),
     "metadata": (METADATA_MODES, "one of " + ", ".join(METADATA_MODES)),
     "upload_delay": (_SECONDS, "seconds"),
     "read_timeout": (_SECONDS, "seconds"),
@@ -125,6 +126,7 @@ _ATTR_TO_OPTION = {
     "parallelmax": "parallel_max",
     "dirahead": "dirahead",
     "dirattrs": "dirattrs",
+    "listahead": "list_ahead",
     "unlink": "unlink",
     "lookupmisses": "lookup_misses",
     "metadata": "metadata",
@@ -142,7 +144,7 @@ _ATTR_TO_OPTION = {
 KNOWN_ATTRIBUTES = sorted(
     ["bucket", "prefix", "endpoint", "region", "pathStyle", "profile", "cacheSize", "readOnly",
      "warm", "fsync", "dirtyLimit", "memoryLimit", "blockSize", "maxRequest", "readaheadMax",
-     "partSize", "parallel", "parallelMax", "dirAhead", "dirAttrs", "unlink", "lookupMisses", "metadata", "uploadDelay", "readTimeout", "uid", "gid", "fileMode",
+     "partSize", "parallel", "parallelMax", "dirAhead", "dirAttrs", "listAhead", "unlink", "lookupMisses", "metadata", "uploadDelay", "readTimeout", "uid", "gid", "fileMode",
      "dirMode", "entryTTL", "listTTL", "negativeTTL", "readAheadKb", "allowOther", "debug",
      "mountOptions"]
 )

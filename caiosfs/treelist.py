@@ -1,0 +1,312 @@
+"""Listings of a whole subtree at once, for a walk through a tree after a cold mount.
+
+``git status`` after a cold remount lstat()s every file of a checkout in index order; every
+directory it enters costs a LIST (and, with dirattrs, its record's GET) before the next one
+can start: behind a remote store one round trip per directory, in a row. With
+``list_ahead=N`` (the devbox profile), the first cold listing of a directory ``D`` lists
+everything below ``D`` without a delimiter instead (ListObjectsV2 pages of 1,000 keys, at
+most ``N`` pages, in the background). The listing of ``D`` and of every directory below it
+whose keys the pages covered is then taken from them (the attribute records they name are
+GET as soon as a page names them, several at a time), as a LIST of that directory made when
+its page was requested would have answered.
+
+When a page covers a directory: the keys come in order, so once a key past all of
+``D/``'s keys has arrived (or the listing reached its end), every key of ``D`` is known. A
+directory the pages did not reach (the page budget ran out first) is listed as before.
+Changes this mount makes while a tree listing is kept (:meth:`TreeLister.note`) are applied
+on top of it, as :class:`~caiosfs.storeview.StoreView` does for a LIST in flight; a
+directory whose listing is dropped (a rename, an rmdir, a conflict) is never taken from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import trio
+
+from .attrs import RECORD
+from .dirattrs import Record
+from .errors import StoreError
+from .store.client import StoreClient
+
+log = logging.getLogger(__name__)
+
+MAX_TREES = 8  # tree listings kept (running or done) at once
+RECORD_GETS = 16  # records GET at once per tree
+MAX_RECORDS = 256  # records a tree GETs ahead of their directories' listings
+PAGE_KEYS = 1000
+
+
+def _valid(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and \
+        len(name.encode("utf-8", "surrogateescape")) <= 255 and "\0" not in name
+
+
+@dataclass
+class Keys:
+    """What a tree's pages said about one directory."""
+
+    at: float  # when the first page holding a key of it was requested (monotonic)
+    files: dict[str, tuple[int, str, float]] = field(default_factory=dict)  # size, ETag, mtime
+    dirs: set[str] = field(default_factory=set)
+    record: str | None = None  # ETag of its attribute record
+    skipped: list[str] = field(default_factory=list)  # keys that cannot be paths
+
+
+@dataclass
+class Taken:
+    """A directory's listing as a tree listing has it, for StoreView.list_dir."""
+
+    keys: Keys
+    changes: dict[str, object]  # name -> Entry | None: this mount's changes since
+    landing: dict[str, object]  # path -> its marker: pending when the pages began
+    record: Callable[[], Awaitable[Record | None]] | None  # its record, when it has one
+
+
+class Tree:
+    """One tree listing: the keys below ``path`` (``pre`` in the store)."""
+
+    def __init__(self, path: str, pre: str, pages: int, landing: dict[str, object]) -> None:
+        self.path, self.pre = path, pre
+        self.pages_left = pages
+        self.started = time.monotonic()
+        self.dirs: dict[str, Keys] = {path: Keys(self.started)}
+        self.last = ""  # the last key received
+        self.done = False  # every key below ``pre`` received
+        self.stopped = False  # no more pages will come (done, budget spent or failed)
+        self.progress = trio.Event()  # set (and replaced) after each page
+        self.changes: dict[str, object] = {}  # path -> Entry | None
+        # Markers of directories made here that were not in the store when the pages began
+        # (one landing meanwhile may be in neither the pages nor the write-back by the time
+        # its directory is taken): path -> marker.
+        self.landing = landing
+        self.gone: set[str] = set()  # paths whose listings were dropped: not taken
+        self.records: dict[str, tuple[trio.Event, list[Record | None]]] = {}
+        self.record_gets = trio.CapacityLimiter(RECORD_GETS)
+        self.waiters = 0  # lookups of directories below its top waiting for its pages
+
+    def holds(self, path: str) -> bool:
+        return self.path == "" or path == self.path or path.startswith(self.path + "/")
+
+    def key_of(self, path: str) -> str:
+        """The store prefix of the keys of directory ``path`` (below ``pre``)."""
+        return self.pre + path[len(self.path):].lstrip("/") + "/" if path != self.path \
+            else self.pre
+
+    def covers(self, path: str) -> bool:
+        """Whether every key of ``path`` has arrived."""
+        if self.done:
+            return True
+        k = self.key_of(path)
+        return bool(self.last) and self.last > k and not self.last.startswith(k)
+
+    def reaching(self, path: str) -> bool:
+        """Whether the pages are among the keys of ``path`` now."""
+        return self.last.startswith(self.key_of(path))
+
+    def fresh(self, path: str, ttl: float) -> bool:
+        k = self.dirs.get(path)
+        at = k.at if k is not None else self.started
+        return time.monotonic() - at < ttl
+
+    def dropped(self, path: str) -> bool:
+        return any(path == g or path.startswith(g + "/") for g in self.gone)
+
+    def add(self, key: str, size: int, etag: str, mtime: float, at: float) -> list[str]:
+        """One listed key; the directories it names a record of (to GET)."""
+        rel = key[len(self.pre):]
+        parts = rel.split("/")
+        d = self.path
+        self._dir(d, at)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if last:
+                if part == "":
+                    return []  # a directory's own marker
+                if part == RECORD:
+                    self.dirs[d].record = etag
+                    return [d]
+                if not _valid(part):
+                    self.dirs[d].skipped.append(key)
+                    return []
+                self.dirs[d].files[part] = (size, etag, mtime)
+                return []
+            if not _valid(part):
+                self.dirs[d].skipped.append(key)
+                return []
+            self.dirs[d].dirs.add(part)
+            d = f"{d}/{part}" if d else part
+            self._dir(d, at)
+        return []
+
+    def _dir(self, d: str, at: float) -> None:
+        if d not in self.dirs:
+            self.dirs[d] = Keys(at)
+
+
+class TreeLister:
+    """The tree listings of a mount (``pages`` per tree; 0: none)."""
+
+    def __init__(self, client: StoreClient, prefix: str, pages: int, ttl: float,
+                 pending_markers: Callable[[str], dict[str, object]]) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.pages = pages
+        self.ttl = ttl
+        self.pending_markers = pending_markers
+        # GETs a directory's attribute record (set when records are read with listings)
+        self.load_record: Callable[[str], Awaitable[Record | None]] | None = None
+        self.nursery: trio.Nursery | None = None  # set when the mount starts
+        self.trees: list[Tree] = []
+
+    def _pre(self, path: str) -> str:
+        return self.prefix + path + "/" if path else self.prefix
+
+    def _tree_for(self, path: str) -> Tree | None:
+        """The deepest tree listing that holds ``path`` and may still cover it."""
+        best = None
+        for t in self.trees:
+            usable = t.holds(path) and not t.dropped(path) and t.fresh(path, self.ttl)
+            if usable and (t.covers(path) or not t.stopped) and (
+                    best is None or len(t.path) > len(best.path)):
+                best = t
+        return best
+
+    async def take(self, path: str) -> Taken | None:
+        """``path``'s listing from a tree listing that covers it, or None: list it as
+        usual. A tree whose pages are among ``path``'s keys is waited for; one whose pages
+        are before them, for one page; with none, a tree listing of ``path`` is started and
+        its first page waited for (a small tree is whole in it; a large one is listed as
+        usual meanwhile, the pages going on in the background for what is below)."""
+        if self.pages <= 0 or self.nursery is None:
+            return None
+        self._expire()
+        t = self._tree_for(path)
+        if t is not None and not t.covers(path) and not t.reaching(path):
+            await self._wait(t, path)
+            if not t.covers(path) and not (t.reaching(path) and not t.stopped):
+                t = None
+        if t is None:
+            if len(self.trees) >= MAX_TREES:
+                return None
+            t = Tree(path, self._pre(path), self.pages, self.pending_markers(path))
+            self.trees.append(t)
+            self.nursery.start_soon(self._run, t)
+            await self._wait(t, path)
+            if not t.covers(path):
+                return None
+        while not t.covers(path):
+            if t.stopped:
+                return None
+            await self._wait(t, path)
+        if t.dropped(path) or not t.fresh(path, self.ttl):
+            return None
+        keys = t.dirs.get(path) or Keys(t.started)
+        changes = {p.rpartition("/")[2]: e for p, e in t.changes.items()
+                   if p.rpartition("/")[0] == path}
+        landing = {p: m for p, m in t.landing.items() if p.rpartition("/")[0] == path}
+        return Taken(keys, changes, landing, self._record_of(t, path)
+                     if keys.record and self.load_record is not None else None)
+
+    @staticmethod
+    async def _wait(t: Tree, path: str) -> None:
+        """Until the tree's next page (a waiter below its top keeps it going)."""
+        if t.stopped:
+            return
+        below = path != t.path
+        t.waiters += below
+        try:
+            await t.progress.wait()
+        finally:
+            t.waiters -= below
+
+    def _record_of(self, t: Tree, d: str) -> Callable[[], Awaitable[Record | None]]:
+        async def get() -> Record | None:
+            if d not in t.records:
+                self._start_record(t, d)
+            ev, out = t.records[d]
+            await ev.wait()
+            return out[0] if out else None
+        return get
+
+    def _start_record(self, t: Tree, d: str) -> None:
+        if self.load_record is None or self.nursery is None:
+            t.records[d] = (trio.Event(), [])
+            t.records[d][0].set()
+            return
+        ev, out = trio.Event(), cast(list[Record | None], [])
+        t.records[d] = (ev, out)
+        load = self.load_record
+
+        async def one() -> None:
+            try:
+                async with t.record_gets:
+                    out.append(await load(d))
+            except StoreError as exc:  # an optimisation: the listing goes on without it
+                log.debug("attribute record of %r not read: %s", d or "/", exc)
+            finally:
+                ev.set()
+        self.nursery.start_soon(one)
+
+    async def _run(self, t: Tree) -> None:
+        token = None
+        try:
+            while t.pages_left > 0:
+                t.pages_left -= 1
+                at = time.monotonic()
+                page = await self.client.list(t.pre, None, token, PAGE_KEYS)
+                known = len(t.dirs)
+                for o in page.objects:
+                    for d in t.add(o.key, o.size, o.etag, o.mtime, at):
+                        if len(t.records) < MAX_RECORDS and d not in t.records:
+                            self._start_record(t, d)
+                if page.objects:
+                    t.last = max(t.last, page.objects[-1].key)
+                token = page.next_token
+                if not token:
+                    t.done = True
+                    break
+                # Go on while it is a tree (a page of one large directory's files is what
+                # its own LIST would give) or someone below waits for the next page.
+                if len(t.dirs) - known < 2 and not t.waiters:
+                    break
+                self._wake(t)
+        except StoreError as exc:
+            log.debug("tree listing of %r stopped: %s", t.path or "/", exc)
+        except Exception:  # a bug here must not take the mount down: lists as before
+            log.exception("tree listing of %r failed", t.path or "/")
+        finally:
+            t.stopped = True
+            self._wake(t)
+
+    @staticmethod
+    def _wake(t: Tree) -> None:
+        t.progress.set()
+        t.progress = trio.Event()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        self.trees = [t for t in self.trees if not t.stopped or now - t.started < self.ttl
+                      or math.isinf(self.ttl)]
+        if len(self.trees) >= MAX_TREES:  # the oldest finished ones make room
+            done = sorted((t for t in self.trees if t.stopped), key=lambda t: t.started)
+            for t in done[:len(self.trees) - MAX_TREES + 1]:
+                self.trees.remove(t)
+
+    # this mount's changes ------------------------------------------------------------------
+    def note(self, path: str, entry: object) -> None:
+        """A change this mount made to ``path`` (an Entry, None: removed)."""
+        for t in self.trees:
+            if t.holds(path) and path != t.path:
+                t.changes[path] = entry
+
+    def drop(self, path: str) -> None:
+        """``path``'s listing (and those below it) dropped: never taken from a tree."""
+        for t in self.trees:
+            if t.holds(path) or path == "" or t.path.startswith(path + "/"):
+                t.gone.add(path)

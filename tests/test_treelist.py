@@ -1,0 +1,158 @@
+# ruff: noqa: F811  (test functions take the fixture `make` imported from test_core)
+"""Tree listings (list_ahead, caiosfs/treelist.py): a directory's first cold listing lists
+the whole tree below it, and the directories below are answered from those pages: a walk
+(git status after a remount) costs a few LISTs instead of one per directory, and shows
+exactly what a LIST of each directory would have shown, this mount's own changes included."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+import trio
+from coretree import Cores
+from test_core import (
+    make,  # noqa: F401  (the fixture: a started core on the memory store)
+    node_of,
+    settle,
+    write_file,
+)
+
+from caiosfs.config import build_config
+from caiosfs.core import Core
+from caiosfs.errors import FsError, UserError
+from caiosfs.inodes import ROOT_INO
+from caiosfs.store.memory import MemoryStore
+
+
+def seed(store: MemoryStore, top: str, dirs: int, files: int) -> dict[str, int]:
+    """``top``/dNN/fM and ``top``/dNN/sub/x, each file of its own size; path -> size."""
+    out = {}
+    for d in range(dirs):
+        for f in range(files):
+            path = f"{top}/d{d:02d}/f{f}"
+            out[path] = d * 100 + f + 1
+        out[f"{top}/d{d:02d}/sub/x"] = d + 7
+    for path, size in out.items():
+        store.put_bytes(path, b"y" * size)
+    return out
+
+
+def counting(store: MemoryStore) -> list[str | None]:
+    """The delimiter of every LIST the store answers from now on (but a probe's LIST of
+    one key: it asks whether a name is a directory)."""
+    seen: list[str | None] = []
+    inner = store.list
+
+    def list_(prefix: str, delimiter: str | None = "/", token: str | None = None,
+              max_keys: int = 1000) -> Any:
+        if max_keys > 1:
+            seen.append(delimiter)
+        return inner(prefix, delimiter, token, max_keys)
+    store.list = list_  # type: ignore[method-assign]
+    return seen
+
+
+async def names(core: Core, path: str) -> list[str]:
+    fh = core.opendir(await node_of(core, path) if path else ROOT_INO)
+    try:
+        return [n for n, _ in await core.readdir(fh, 0)]
+    finally:
+        core.releasedir(fh)
+
+
+async def walk(core: Core, top: str) -> dict[str, int]:
+    """What git status does after a remount: a lookup of every file, in sorted path order;
+    path -> the size the mount shows."""
+    out = {}
+    for d in sorted(await names(core, top)):
+        dpath = f"{top}/{d}"
+        for name in sorted(await names(core, dpath)):
+            n = await core.lookup(await node_of(core, dpath), name)
+            if n.is_dir:
+                for sub in await names(core, f"{dpath}/{name}"):
+                    out[f"{dpath}/{name}/{sub}"] = core.attrs_of(
+                        await core.lookup(n.ino, sub)).size
+            else:
+                out[f"{dpath}/{name}"] = core.attrs_of(n).size
+    return out
+
+
+@pytest.mark.parametrize("ahead", ["10", "0"])
+async def test_a_walk_costs_a_few_lists_not_one_per_directory(make: Cores, ahead: str) -> None:
+    store = MemoryStore("bkt")
+    want = seed(store, "repo", dirs=20, files=10)
+    core = await make(store, list_ahead=ahead, metadata="list", list_ttl="60")
+    lists = counting(store)
+    assert await walk(core, "repo") == want  # every file, of its size
+    if ahead == "0":
+        assert len(lists) >= 41  # repo, 20 directories and their 20 subdirectories
+    else:
+        # One page of the tree below repo (260 keys), and one of the root's (the walk's
+        # lookups of "repo" from the root, one after another, have it listed): no LIST of
+        # any directory of its own.
+        assert lists == [None, None], lists
+
+
+async def test_a_large_directory_beside_a_tree_stops_after_one_page(make: Cores) -> None:
+    store = MemoryStore("bkt")
+    for i in range(2500):
+        store.put_bytes(f"big/{i:05d}", b"b")
+    want = seed(store, "repo", dirs=3, files=2)
+    core = await make(store, list_ahead="10", metadata="list", list_ttl="60")
+    lists = counting(store)
+    assert sorted(await names(core, "")) == ["big", "repo"]
+    # The root's tree listing met 1,000 keys of one directory: no second page of it.
+    assert lists.count(None) == 1, lists
+    assert len(await names(core, "big")) == 2500
+    assert await walk(core, "repo") == want
+
+
+async def test_directories_past_the_page_budget_are_listed_as_before(make: Cores) -> None:
+    store = MemoryStore("bkt")
+    want = seed(store, "repo", dirs=30, files=40)  # 1,230 keys: two pages
+    core = await make(store, list_ahead="1", metadata="list", list_ttl="60")
+    lists = counting(store)
+    assert await walk(core, "repo") == want
+    assert lists.count(None) >= 1 and lists.count("/") >= 2  # the rest listed as before
+
+
+async def test_changes_made_here_after_the_pages_show_in_what_they_list(make: Cores) -> None:
+    store = MemoryStore("bkt")
+    seed(store, "repo", dirs=4, files=3)
+    core = await make(store, list_ahead="10", list_ttl="60", negative_ttl="0")
+    assert sorted(await names(core, "repo")) == ["d00", "d01", "d02", "d03"]  # pages came
+    # Changes before those directories are listed: what their listings show includes them.
+    d1 = await node_of(core, "repo/d01")  # (a lookup: repo's listing, not d01's)
+    await write_file(core, "new", b"new!", parent=d1)
+    await core.unlink(await node_of(core, "repo/d02"), "f1")
+    await core.rename(await node_of(core, "repo"), "d03", await node_of(core, "repo"), "e03")
+    await settle(core)
+    assert sorted(await names(core, "repo/d01")) == ["f0", "f1", "f2", "new", "sub"]
+    assert sorted(await names(core, "repo/d02")) == ["f0", "f2", "sub"]
+    assert sorted(await names(core, "repo/e03")) == ["f0", "f1", "f2", "sub"]
+    with pytest.raises(FsError) as e:
+        await node_of(core, "repo/d03")
+    assert e.value.errno == errno.ENOENT
+    assert sorted(k for k in store.objects if k.startswith("repo/e03/")) == [
+        "repo/e03/f0", "repo/e03/f1", "repo/e03/f2", "repo/e03/sub/x"]
+
+
+async def test_a_listing_from_the_pages_ages_like_a_list(make: Cores) -> None:
+    """Another client's file made after the pages shows once list_ttl has passed since
+    they were requested, as it would after a LIST made then."""
+    store = MemoryStore("bkt")
+    seed(store, "repo", dirs=2, files=1)
+    core = await make(store, list_ahead="10", list_ttl="0.3", negative_ttl="0")
+    await names(core, "repo")
+    store.put_bytes("repo/d01/late", b"late")
+    await trio.sleep(0.4)
+    assert "late" in await names(core, "repo/d01")
+
+
+def test_list_ahead_is_a_count_of_pages_on_in_the_devbox_profile() -> None:
+    with pytest.raises(UserError, match="list_ahead"):
+        build_config("s3://bkt", {"list_ahead": "-1"})
+    assert build_config("s3://bkt", {"profile": "devbox"}).list_ahead == 10
+    assert build_config("s3://bkt", {}).list_ahead == 0
