@@ -19,6 +19,9 @@ a directory without a fresh listing is never looked at, so no LIST is ever added
 - **Most of a small directory** (an import of a package reads its modules in import order,
   not listing order): once a third of a directory of at most DENSE_MAX files (and at least
   DENSE_MIN) were opened, the rest of its small files are fetched.
+- **A tiny directory** (at most TINY_MAX files, TINY_BYTES in all: git's `.git/` with HEAD,
+  config, index, packed-refs; a pack and its index): the first open fetches the others, a
+  round trip each that the reader would otherwise pay one after another.
 - What is fetched: files of at most SMALL_MAX bytes (a larger one is the readahead window's
   job), with an ETag (in the store), not dirty, not hidden (unlinked while open); queued
   files the reader reached, or whose directory it left (no open for STALE seconds), are
@@ -56,6 +59,8 @@ DEPTH = 16  # GETs of this module in flight at once
 DENSE_MAX = 256  # "most of a small directory": directories of at most this many files
 DENSE_MIN = 4  # ...once at least this many and
 DENSE_SHARE = 3  # ...1/DENSE_SHARE of its files were opened
+TINY_MAX = 8  # "a tiny directory": at most this many files
+TINY_BYTES = 1 << 20  # ...of at most this many bytes in all
 STALE = 2.0  # seconds without an open in a directory after which its queue is dropped
 WALK_CARRY = 2.0  # seconds a finished in-order directory makes the next one's first open count
 MAX_DIRS = 256  # directories whose state is kept (least recently opened dropped)
@@ -74,6 +79,7 @@ class _Dir:
     window: int = 0  # files fetched ahead of the reader (0: not in order)
     seen: set[int] | None = None  # files opened (small directories only)
     dense: bool = False  # the rest of it was queued (most of it read)
+    tiny: bool = False  # few and small files: the rest is queued at the first open
     asked: set[int] = field(default_factory=set)  # files queued already
 
 
@@ -123,7 +129,8 @@ class DirAhead:
                 self._walk_end = now
         if d.seen is not None:
             d.seen.add(i)
-            if not d.dense and len(d.seen) >= max(DENSE_MIN, len(d.names) // DENSE_SHARE):
+            if not d.dense and (d.tiny or len(d.seen) >= max(DENSE_MIN,
+                                                              len(d.names) // DENSE_SHARE)):
                 d.dense = True
                 self._rest(d)
         if self._queue:
@@ -134,6 +141,8 @@ class DirAhead:
         d = _Dir(path, listing, names, {k: i for i, k in enumerate(names)})
         if len(names) <= DENSE_MAX:
             d.seen = set()
+        d.tiny = len(names) <= TINY_MAX and sum(
+            self._size(d, j) for j in range(len(names))) <= TINY_BYTES
         self._dirs[path] = d
         self._dirs.move_to_end(path)
         while len(self._dirs) > MAX_DIRS:

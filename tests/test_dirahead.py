@@ -18,7 +18,7 @@ from conftest import data, xxh
 from coretree import Cores
 
 from caiosfs.core import Core
-from caiosfs.dirahead import FIRST_WINDOW
+from caiosfs.dirahead import FIRST_WINDOW, TINY_MAX
 from caiosfs.inodes import ROOT_INO
 from caiosfs.store.memory import MemoryStore
 
@@ -156,6 +156,25 @@ async def test_most_of_a_small_directory_read_out_of_order_fetches_the_rest(
     await quiet(core)
     assert store.calls["get"] == 30
     assert core.files.ahead is not None and core.files.ahead.issued >= 15
+
+
+async def test_a_tiny_directory_is_fetched_at_its_first_open(make: Cores) -> None:
+    """git's `.git/` (HEAD, config, index, packed-refs ...) or a pack and its index: the
+    first file opened brings the others along, one round of GETs instead of one each in a
+    row; a directory over TINY_MAX files does not (the first open fetches nothing ahead)."""
+    for n, ahead in ((TINY_MAX, TINY_MAX - 1), (TINY_MAX + 1, 0)):
+        store = CountingStore("bkt")
+        want = fill(store, n)
+        core = await make(store, name=f"c{n}")
+        dino, names = await listed(core)
+        first = names[len(names) // 2]  # (not the first file: no run in listing order)
+        assert await read(core, dino, first) == want[first]
+        await quiet(core)
+        assert core.files.ahead is not None and core.files.ahead.issued == ahead
+        assert store.calls["get"] == 1 + ahead
+        for name in names:  # what was fetched ahead is what the store holds
+            assert await read(core, dino, name) == want[name]
+        assert store.calls["get"] == n
 
 
 async def test_dirahead_off_and_dirty_files(make: Cores) -> None:
