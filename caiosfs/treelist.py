@@ -179,39 +179,31 @@ class TreeLister:
 
     async def take(self, path: str) -> Taken | None:
         """``path``'s listing from a tree listing that covers it, or None: list it as
-        usual. A tree whose pages are among ``path``'s keys is waited for; one whose pages
-        are before them, for one page; with none, a tree listing of ``path`` is started and
-        its first page waited for (a small tree is whole in it; a large one is listed as
-        usual meanwhile, the pages going on in the background for what is below)."""
+        usual. A tree whose pages are among ``path``'s keys right now is waited for, one
+        page at most (a large directory is listed as usual rather than waited for page by
+        page). When no tree will cover it, a tree listing of ``path`` starts in the
+        background, for the directories below it: ``path`` itself is listed as before,
+        meanwhile, so a directory's first listing never waits longer than it did."""
         if self.pages <= 0 or self.nursery is None:
             return None
         self._expire()
         t = self._tree_for(path)
-        if t is not None and not t.covers(path) and not t.reaching(path):
+        if t is not None and not t.covers(path) and t.reaching(path):
             await self._wait(t, path)
-            if not t.covers(path) and not (t.reaching(path) and not t.stopped):
-                t = None
-        if t is None:
-            if len(self.trees) >= MAX_TREES:
+        if t is not None and t.covers(path):
+            if t.dropped(path) or not t.fresh(path, self.ttl):
                 return None
+            keys = t.dirs.get(path) or Keys(t.started)
+            changes = {p.rpartition("/")[2]: e for p, e in t.changes.items()
+                       if p.rpartition("/")[0] == path}
+            landing = {p: m for p, m in t.landing.items() if p.rpartition("/")[0] == path}
+            return Taken(keys, changes, landing, self._record_of(t, path)
+                         if keys.record and self.load_record is not None else None)
+        if (t is None or not t.reaching(path)) and len(self.trees) < MAX_TREES:
             t = Tree(path, self._pre(path), self.pages, self.pending_markers(path))
             self.trees.append(t)
             self.nursery.start_soon(self._run, t)
-            await self._wait(t, path)
-            if not t.covers(path):
-                return None
-        while not t.covers(path):
-            if t.stopped:
-                return None
-            await self._wait(t, path)
-        if t.dropped(path) or not t.fresh(path, self.ttl):
-            return None
-        keys = t.dirs.get(path) or Keys(t.started)
-        changes = {p.rpartition("/")[2]: e for p, e in t.changes.items()
-                   if p.rpartition("/")[0] == path}
-        landing = {p: m for p, m in t.landing.items() if p.rpartition("/")[0] == path}
-        return Taken(keys, changes, landing, self._record_of(t, path)
-                     if keys.record and self.load_record is not None else None)
+        return None
 
     @staticmethod
     async def _wait(t: Tree, path: str) -> None:
