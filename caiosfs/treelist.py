@@ -37,8 +37,9 @@ from .store.client import StoreClient
 log = logging.getLogger(__name__)
 
 MAX_TREES = 8  # tree listings kept (running or done) at once
-RECORD_GETS = 16  # records GET at once per tree
+RECORD_GETS = 16  # records GET at once
 MAX_RECORDS = 256  # records a tree GETs ahead of their directories' listings
+RECORDS_KEPT = 4096  # records (or their GETs in flight) kept for the trees
 PAGE_KEYS = 1000
 
 
@@ -86,9 +87,7 @@ class Tree:
         # its directory is taken): path -> marker.
         self.landing = landing
         self.gone: set[str] = set()  # paths whose listings were dropped: not taken
-        self.records: dict[str, tuple[trio.Event, list[Record | None]]] = {}
-        self.record_gets = trio.CapacityLimiter(RECORD_GETS)
-        self.waiters = 0  # lookups of directories below its top waiting for its pages
+        self.records = 0  # records it had GET ahead
 
     def holds(self, path: str) -> bool:
         return self.path == "" or path == self.path or path.startswith(self.path + "/")
@@ -163,6 +162,10 @@ class TreeLister:
         self.load_record: Callable[[str], Awaitable[Record | None]] | None = None
         self.nursery: trio.Nursery | None = None  # set when the mount starts
         self.trees: list[Tree] = []
+        # (dir path, record ETag) -> its GET: done when the event is set, the record in the
+        # list (empty: none). Shared by the trees: nested trees name the same records.
+        self._records: dict[tuple[str, str], tuple[trio.Event, list[Record | None]]] = {}
+        self._record_gets = trio.CapacityLimiter(RECORD_GETS)
 
     def _pre(self, path: str) -> str:
         return self.prefix + path + "/" if path else self.prefix
@@ -179,8 +182,8 @@ class TreeLister:
 
     async def take(self, path: str) -> Taken | None:
         """``path``'s listing from a tree listing that covers it, or None: list it as
-        usual. A tree whose pages are among ``path``'s keys right now is waited for, one
-        page at most (a large directory is listed as usual rather than waited for page by
+        usual. A tree whose pages are among ``path``'s keys right now, or whose first page
+        has not come yet, is waited for, one page at most (a large directory is listed as usual rather than waited for page by
         page). When no tree will cover it, a tree listing of ``path`` starts in the
         background, for the directories below it: ``path`` itself is listed as before,
         meanwhile, so a directory's first listing never waits longer than it did."""
@@ -188,8 +191,10 @@ class TreeLister:
             return None
         self._expire()
         t = self._tree_for(path)
-        if t is not None and not t.covers(path) and t.reaching(path):
-            await self._wait(t, path)
+        if t is not None and not t.covers(path) and (t.reaching(path) or not t.last):
+            # (and a tree whose first page is on its way: a walk down a path outruns it,
+            # and a small tree is whole in it)
+            await self._wait(t)
         if t is not None and t.covers(path):
             if t.dropped(path) or not t.fresh(path, self.ttl):
                 return None
@@ -197,7 +202,7 @@ class TreeLister:
             changes = {p.rpartition("/")[2]: e for p, e in t.changes.items()
                        if p.rpartition("/")[0] == path}
             landing = {p: m for p, m in t.landing.items() if p.rpartition("/")[0] == path}
-            return Taken(keys, changes, landing, self._record_of(t, path)
+            return Taken(keys, changes, landing, self._record_of(path, keys.record)
                          if keys.record and self.load_record is not None else None)
         if (t is None or not t.reaching(path)) and len(self.trees) < MAX_TREES:
             t = Tree(path, self._pre(path), self.pages, self.pending_markers(path))
@@ -206,44 +211,42 @@ class TreeLister:
         return None
 
     @staticmethod
-    async def _wait(t: Tree, path: str) -> None:
-        """Until the tree's next page (a waiter below its top keeps it going)."""
-        if t.stopped:
-            return
-        below = path != t.path
-        t.waiters += below
-        try:
+    async def _wait(t: Tree) -> None:
+        """Until the tree's next page."""
+        if not t.stopped:
             await t.progress.wait()
-        finally:
-            t.waiters -= below
 
-    def _record_of(self, t: Tree, d: str) -> Callable[[], Awaitable[Record | None]]:
+    def _record_of(self, d: str, etag: str) -> Callable[[], Awaitable[Record | None]]:
         async def get() -> Record | None:
-            if d not in t.records:
-                self._start_record(t, d)
-            ev, out = t.records[d]
+            ev, out = self._record_get(d, etag)
             await ev.wait()
             return out[0] if out else None
         return get
 
-    def _start_record(self, t: Tree, d: str) -> None:
-        if self.load_record is None or self.nursery is None:
-            t.records[d] = (trio.Event(), [])
-            t.records[d][0].set()
-            return
+    def _record_get(self, d: str, etag: str) -> tuple[trio.Event, list[Record | None]]:
+        """The GET of directory ``d``'s record of that ETag: started if it was not."""
+        got = self._records.get((d, etag))
+        if got is not None:
+            return got
         ev, out = trio.Event(), cast(list[Record | None], [])
-        t.records[d] = (ev, out)
-        load = self.load_record
+        if len(self._records) >= RECORDS_KEPT:
+            self._records = {k: v for k, v in self._records.items() if not v[0].is_set()}
+        self._records[(d, etag)] = (ev, out)
+        load, nursery = self.load_record, self.nursery
+        if load is None or nursery is None:
+            ev.set()
+            return ev, out
 
         async def one() -> None:
             try:
-                async with t.record_gets:
+                async with self._record_gets:
                     out.append(await load(d))
             except StoreError as exc:  # an optimisation: the listing goes on without it
                 log.debug("attribute record of %r not read: %s", d or "/", exc)
             finally:
                 ev.set()
-        self.nursery.start_soon(one)
+        nursery.start_soon(one)
+        return ev, out
 
     async def _run(self, t: Tree) -> None:
         token = None
@@ -255,17 +258,20 @@ class TreeLister:
                 known = len(t.dirs)
                 for o in page.objects:
                     for d in t.add(o.key, o.size, o.etag, o.mtime, at):
-                        if len(t.records) < MAX_RECORDS and d not in t.records:
-                            self._start_record(t, d)
+                        # (its own directory's: GET by the listing it was started by)
+                        if (d != t.path and t.records < MAX_RECORDS
+                                and self.load_record is not None):
+                            t.records += 1
+                            self._record_get(d, o.etag)
                 if page.objects:
                     t.last = max(t.last, page.objects[-1].key)
                 token = page.next_token
                 if not token:
                     t.done = True
                     break
-                # Go on while it is a tree (a page of one large directory's files is what
-                # its own LIST would give) or someone below waits for the next page.
-                if len(t.dirs) - known < 2 and not t.waiters:
+                # Go on while it is a tree: a page of one large directory's files is what
+                # its own LIST gives (a listing waits for one page at most).
+                if len(t.dirs) - known < 2:
                     break
                 self._wake(t)
         except StoreError as exc:
