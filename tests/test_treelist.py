@@ -7,18 +7,21 @@ exactly what a LIST of each directory would have shown, this mount's own changes
 from __future__ import annotations
 
 import errno
+import time
 from typing import Any
 
 import pytest
 import trio
 from coretree import Cores
 from test_core import (
+    ME,
     make,  # noqa: F401  (the fixture: a started core on the memory store)
     node_of,
     settle,
     write_file,
 )
 
+from caiosfs.attrs import RECORD
 from caiosfs.config import build_config
 from caiosfs.core import Core
 from caiosfs.errors import FsError, UserError
@@ -161,3 +164,44 @@ def test_list_ahead_is_a_count_of_pages_on_in_the_devbox_profile() -> None:
         build_config("s3://bkt", {"list_ahead": "-1"})
     assert build_config("s3://bkt", {"profile": "devbox"}).list_ahead == 10
     assert build_config("s3://bkt", {}).list_ahead == 0
+
+
+async def test_records_of_a_deep_tree_are_read_once_each_and_no_file_is_headed(
+        make: Cores) -> None:
+    """dirattrs=1: a walk down a path (a repository four directories deep, as the
+    benchmark's) after a cold remount: every directory's attribute record is GET once,
+    however many of the trees started on the way name it, and no file is HEADed."""
+    store = MemoryStore("bkt")
+    c1 = await make(store, "c1", dirattrs="1")
+    parent = ROOT_INO
+    for name in ("out", "wan", "caiosfs", "git"):
+        parent = (await c1.mkdir(parent, name, 0o755, ME)).ino
+    for d in range(6):
+        sub = (await c1.mkdir(parent, f"d{d}", 0o755, ME)).ino
+        for f in range(5):
+            await write_file(c1, f"f{f}", b"z" * (d + f + 1), parent=sub)
+    await settle(c1)
+    await c1.flush_records()
+    records = {k for k in store.objects if k.endswith(RECORD)}
+    assert len(records) == 6  # one per directory that holds files
+    await make.crash(c1)
+    heads = store.calls["head"]
+    asked: list[str] = []
+    inner = store.get_small
+
+    def get_small(key: str, limit: int) -> Any:
+        asked.append(key)
+        return inner(key, limit)
+    store.get_small = get_small  # type: ignore[method-assign]
+    slow_list = store.list
+
+    def list_(*args: Any, **kw: Any) -> Any:  # a round trip: the walk outruns the pages
+        time.sleep(0.02)
+        return slow_list(*args, **kw)
+    store.list = list_  # type: ignore[method-assign]
+    c2 = await make(store, "c2", dirattrs="1")
+    got = await walk(c2, "out/wan/caiosfs/git")
+    assert got == {f"out/wan/caiosfs/git/d{d}/f{f}": d + f + 1
+                   for d in range(6) for f in range(5)}
+    assert store.calls["head"] == heads
+    assert sorted(k for k in asked if k in records) == sorted(records)  # each once
