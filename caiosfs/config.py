@@ -131,7 +131,9 @@ OPTIONS: list[Option] = [
            "trip per directory. A directory the pages do not reach is listed as usual. "
            "0 (the default) turns it off; the devbox profile lists 10 pages ahead. Costs "
            "up to that many pages of requests for a directory with a large tree below it "
-           "that is only looked at, never walked.", "N"),
+           "that is only looked at, never walked. Only for a store across a network (its "
+           "directory LISTs take 15 ms or more): nearer, a page costs the server what the "
+           "directories' own LISTs do.", "N"),
     Option("part_size", parse_size, 64 * MiB, "Multipart upload part size (grows for huge files "
            "to stay under 10,000 parts).", "SIZE"),
     Option("read_ahead_kb", int, 1024, "Kernel readahead of the mount, set through "

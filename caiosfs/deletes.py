@@ -86,8 +86,7 @@ class Deletes:
             return
         oid, path, key, etag = self.deferred.pop(ino)
         await self.delete_version(key, etag, oid)
-        if self.ns.hidden.get(path) == etag:
-            del self.ns.hidden[path]
+        self.ns.view.deleted(path, etag)
 
     def queue(self, path: str, key: str, etag: str) -> None:
         """The DELETE of ``key`` (version ``etag``) joins the next batch."""
@@ -139,8 +138,7 @@ class Deletes:
                 continue
             if key not in failed:
                 self.index.del_op(oid)
-            if self.ns.hidden.get(path) == etag:
-                del self.ns.hidden[path]
+            self.ns.view.deleted(path, etag)
 
     async def settle(self, prefix: str | None = None) -> None:
         """Wait until queued DELETEs (of keys under ``prefix``, or all) are sent."""

@@ -310,7 +310,9 @@ class StoreView:
             if max_pages is not None and pages >= max_pages:
                 raise TooBig(path)
             pages += 1
+            t0 = time.monotonic()
             page = await self.store.list(pre, "/", token)
+            self.trees.observe(time.monotonic() - t0)
             for o in page.objects:
                 name = o.key[len(pre):]
                 if name == "":
@@ -521,6 +523,14 @@ class StoreView:
         return {n: e.etag for n, e in listing.entries.items() if not e.is_dir}
 
     # local changes -----------------------------------------------------------------------
+    def deleted(self, path: str, etag: str) -> None:
+        """The DELETE of a version hidden since its unlink was sent: the name no longer
+        needs hiding, and a tree listing's page from before it must not show it (one made
+        after the unlink did not hear of it: :meth:`set_entry` came first)."""
+        if self.hidden.get(path) == etag:
+            del self.hidden[path]
+            self.trees.note(path, None)
+
     def set_entry(self, path: str, e: Entry | None) -> None:
         """Record a change we made in the cached listing of its parent, and in the LISTs of
         it in flight."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -40,6 +41,13 @@ MAX_TREES = 8  # tree listings kept (running or done) at once
 RECORD_GETS = 16  # records GET at once
 MAX_RECORDS = 256  # records a tree GETs ahead of their directories' listings
 RECORDS_KEPT = 4096  # records (or their GETs in flight) kept for the trees
+# A store whose quickest recent LIST of a directory took at least this long is across a
+# network: a round trip per directory is what a tree listing saves. Nearer (a store on
+# the same machine or rack), a page of 1,000 keys costs the server about what the
+# directories' own LISTs do (SeaweedFS on the development VMs: ~70 ms for a page, 3-10 ms
+# for a directory's LIST), and trees are not listed.
+REMOTE_LIST_S = 0.015
+LIST_SAMPLES = 8  # the LISTs that quickest is taken over
 PAGE_KEYS = 1000
 
 
@@ -162,6 +170,7 @@ class TreeLister:
         self.load_record: Callable[[str], Awaitable[Record | None]] | None = None
         self.nursery: trio.Nursery | None = None  # set when the mount starts
         self.trees: list[Tree] = []
+        self._lists: deque[float] = deque(maxlen=LIST_SAMPLES)  # recent LISTs' durations
         # (dir path, record ETag) -> its GET: done when the event is set, the record in the
         # list (empty: none). Shared by the trees: nested trees name the same records.
         self._records: dict[tuple[str, str], tuple[trio.Event, list[Record | None]]] = {}
@@ -204,11 +213,20 @@ class TreeLister:
             landing = {p: m for p, m in t.landing.items() if p.rpartition("/")[0] == path}
             return Taken(keys, changes, landing, self._record_of(path, keys.record)
                          if keys.record and self.load_record is not None else None)
-        if (t is None or not t.reaching(path)) and len(self.trees) < MAX_TREES:
+        if ((t is None or not t.reaching(path)) and len(self.trees) < MAX_TREES
+                and self.remote()):
             t = Tree(path, self._pre(path), self.pages, self.pending_markers(path))
             self.trees.append(t)
             self.nursery.start_soon(self._run, t)
         return None
+
+    def observe(self, seconds: float) -> None:
+        """How long a directory's LIST (one page, with a delimiter) took."""
+        self._lists.append(seconds)
+
+    def remote(self) -> bool:
+        """Whether the store is far enough for trees to pay (REMOTE_LIST_S)."""
+        return bool(self._lists) and min(self._lists) >= REMOTE_LIST_S
 
     @staticmethod
     async def _wait(t: Tree) -> None:
