@@ -26,6 +26,7 @@ import xxhash
 
 from .errors import UserError
 from .index import BlockEntry, Index, now
+from .iobuf import ALIGN, is_aligned
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -111,16 +112,7 @@ class ChunkWriter:
     def _write_chunk(self, chunk: int, data: bytes) -> None:
         c = self.cache
         blockno, idx = divmod(chunk, c.chunks_per_block)
-        path = c.block_file(self.ident, blockno)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            n = os.pwrite(fd, data, idx * c.chunk_size)
-        finally:
-            os.close(fd)
+        n = c.write_at(c.block_file(self.ident, blockno), data, idx * c.chunk_size)
         if n != len(data):  # a short write: the disk filled up
             raise OSError(errno.ENOSPC, f"short write to the cache ({n} of {len(data)})")
         csum = xxhash.xxh3_64_intdigest(data)
@@ -150,6 +142,7 @@ class BlockCache:
             self.min_free = 0
         self.block_size = block_size
         self.chunk_size = chunk_size
+        self.direct = hasattr(os, "O_DIRECT")  # (write_at: until the file system refuses)
         self.chunks_per_block = block_size // chunk_size
         assert self.chunks_per_block <= 64, "bitmap is 64 bits"
         # Chunks verified since they were read from disk: (ident, chunk) -> bytes.
@@ -186,6 +179,32 @@ class BlockCache:
                 self._hexes.clear()
             h = self._hexes[ident] = xxhash.xxh3_128_hexdigest(ident)
         return f"{self._blocks_str}/{h[:2]}/{h}.{blockno}"
+
+    def write_at(self, path: str, data: bytes, offset: int) -> int:
+        """Write fetched bytes into a block file (made if missing); the bytes written.
+        A whole aligned buffer (``iobuf.aligned``, as GET pieces arrive) goes with
+        O_DIRECT: no copy into the page cache, which cost more CPU than anything else on a
+        cold read (module docstring of :mod:`caiosfs.iobuf`); anything else, or on a file
+        system that refuses O_DIRECT (then never again), through the page cache."""
+        direct = self.direct and not len(data) % ALIGN and is_aligned(data)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_DIRECT if direct else 0)
+        try:
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                fd = os.open(path, flags, 0o600)
+            try:
+                return os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL:
+                raise
+        log.info("the cache's file system refuses O_DIRECT writes: writing through the "
+                 "page cache")
+        self.direct = False
+        return self.write_at(path, data, offset)
 
     def chunk_len(self, chunk: int, obj_size: int) -> int:
         return max(0, min(self.chunk_size, obj_size - chunk * self.chunk_size))

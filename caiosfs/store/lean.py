@@ -72,9 +72,9 @@ class LeanS3:
         s3 = getattr(config, "s3", None) or {}
         self.empty_payload = (UNSIGNED if s3.get("payload_signing_enabled") is False
                               else EMPTY_SHA256)
-        self.signer = SigV4(region, self._keys)
+        self.signer = SigV4(region, self.keys)
 
-    def _keys(self) -> Keys | None:
+    def keys(self) -> Keys | None:
         if self.credentials is None:
             return None
         f = self.credentials.get_frozen_credentials()  # (refreshed when it expires)
