@@ -30,7 +30,8 @@ def address(buf: bytearray) -> int:
 
 def aligned(n: int) -> bytearray:
     """A zeroed bytearray of ``n`` bytes whose first byte's address is a multiple of
-    ALIGN."""
+    ALIGN if ``n`` is at least ALIGN (a smaller one is moved when its tail is trimmed:
+    nothing that small is written with O_DIRECT)."""
     buf = bytearray(n + ALIGN)
     skip = -address(buf) % ALIGN
     del buf[:skip]  # (moves the start: no copy)
