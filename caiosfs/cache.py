@@ -16,6 +16,7 @@ import heapq
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -112,10 +113,10 @@ class ChunkWriter:
     def _write_chunk(self, chunk: int, data: bytes) -> None:
         c = self.cache
         blockno, idx = divmod(chunk, c.chunks_per_block)
+        csum = xxhash.xxh3_64_intdigest(data)  # (first: the bytes just came, still cached)
         n = c.write_at(c.block_file(self.ident, blockno), data, idx * c.chunk_size)
         if n != len(data):  # a short write: the disk filled up
             raise OSError(errno.ENOSPC, f"short write to the cache ({n} of {len(data)})")
-        csum = xxhash.xxh3_64_intdigest(data)
         self.done.append((chunk, csum))
         if self.on_chunk is not None:
             self.on_chunk(chunk, csum, data)
@@ -161,6 +162,7 @@ class BlockCache:
         self._far: list[tuple[int, tuple[bytes, int]]] = []  # (-order, key), lazily pruned
         self.fresh_bytes = 0
         self.release_charge: Callable[[int], None] = lambda n: None
+        self.recycle: Callable[[bytearray], None] | None = None  # (see _recycle)
         self._atimes: dict[tuple[bytes, int], float] = {}
         self._free_seen = (-1e9, 0, 0)  # last look at the disk: (when, free bytes, used)
         self.used = sum(e.nbytes for _, _, e in index.iter_blocks())
@@ -287,6 +289,16 @@ class BlockCache:
         while self._verified_bytes > self._verified_budget:
             _, old = self._verified.popitem(last=False)
             self._verified_bytes -= len(old)
+            self._recycle(old, 1)
+
+    def _recycle(self, data: bytes | bytearray, refs: int) -> None:
+        """Give the buffer of a chunk the cache let go of back to the GETs that fill
+        buffers (``recycle``: the store's ``iobuf.Pool``) if nothing but the caller's
+        ``refs`` references hold it: no reader, reply or slice can see it change then."""
+        # (+2: this frame's name and getrefcount's argument)
+        if (self.recycle is not None and isinstance(data, bytearray)
+                and sys.getrefcount(data) == refs + 2):
+            self.recycle(data)
 
     def hold(self, ident: bytes, chunk: int, data: bytes, charge: int, order: int = 0) -> None:
         """Keep a chunk just fetched (and written) for a reader that has not read it yet;
@@ -319,6 +331,7 @@ class BlockCache:
             del self._fresh[k]
             freed += got[1]
             self._release_fresh(got)
+            self._recycle(got[0], 1)
         return freed
 
     def drop_stale(self, age: float) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from .. import iobuf
 from ..errors import StoreError, certificate_error
 from . import ListPage, MultipartUpload, ObjectInfo
 from .http1 import Connection, Pool, Response
@@ -37,6 +38,7 @@ from .s3xml import (
 from .sigv4 import EMPTY_SHA256, UNSIGNED, Keys, SigV4, canonical_query, host_header
 
 PIECE = 1 << 20  # what one read of a response body asks for
+IDLE_BUFFERS = 32  # pieces of the mount's GETs waiting to be used again (iobuf.Pool)
 
 
 def _hash_range(fh: Any, offset: int, length: int, *hashes: Any) -> None:
@@ -105,6 +107,8 @@ class CopyS3:
         # any thread and goes back to the pool once its answer was read to its end;
         # without one (cp), each thread keeps its own.
         self.pool = Pool(self._connect, pool_size) if pool_size else None
+        # ... and the whole pieces of its GETs are buffers used again (iobuf.Pool).
+        self.buffers = iobuf.Pool(PIECE, IDLE_BUFFERS) if pool_size else None
 
     def _connect(self) -> Connection:
         if self.https and self._ssl is None:
@@ -190,6 +194,12 @@ class CopyS3:
         self.done(r)
         return r, raw
 
+    def _buffer(self, n: int) -> bytearray:
+        """Where a GET's next piece of ``n`` bytes is received."""
+        if n == PIECE and self.buffers is not None:
+            return self.buffers.take()
+        return iobuf.aligned(n)
+
     def get_range(self, key: str, start: int, length: int, etag: str | None,
                   sink: Callable[[int, bytes], None]) -> dict[str, str]:
         """Stream the range into ``sink``, each piece received straight into a buffer of
@@ -206,7 +216,7 @@ class CopyS3:
                 raise StoreError("IncompleteBody", f"{r.length} bytes announced, {length} "
                                  "asked for", r.status, retryable=True)
             got = pump_into(r.read_into, sink, start, length, PIECE, (TimeoutError,),
-                            (OSError,))
+                            (OSError,), self._buffer)
         finally:
             self.done(r)  # (not read to its end: the connection is closed, not reused)
         if got != length:

@@ -218,6 +218,11 @@ class S3Store:
                                 not endpoint.startswith("https://"), read_timeout, ca_bundle,
                                 pool_size=max_connections)
 
+    def recycle(self, buf: bytearray) -> None:
+        """A piece's buffer nobody holds any more: the GETs receive into it again."""
+        if self._http is not None and self._http.buffers is not None:
+            self._http.buffers.give(buf)
+
     def _call(self, fn: Any, **kw: Any) -> Any:
         try:
             return fn(**kw)
