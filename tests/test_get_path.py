@@ -90,24 +90,16 @@ def ok(body: bytes, start: int = 0, total: int | None = None) -> Reply:
     return reply
 
 
-def short(announced: int, sent: bytes) -> Reply:
-    """Content-Length ``announced``, then only ``sent`` and a close."""
+def short(announced: int, sent: bytes, reset: bool = False) -> Reply:
+    """Content-Length ``announced``, then only ``sent`` and a close (``reset``: a TCP
+    reset, SO_LINGER 0)."""
     def reply(c: socket.socket, head: bytes) -> bool:
         c.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n"
                   b"Content-Range: bytes 0-%d/%d\r\n\r\n" % (announced, announced - 1,
                                                             announced) + sent)
-        return False
-    return reply
-
-
-def reset_after(announced: int, sent: bytes) -> Reply:
-    """Part of the body, then a TCP reset (SO_LINGER 0)."""
-    def reply(c: socket.socket, head: bytes) -> bool:
-        c.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n"
-                  b"Content-Range: bytes 0-%d/%d\r\n\r\n" % (announced, announced - 1,
-                                                            announced) + sent)
-        time.sleep(0.05)
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if reset:
+            time.sleep(0.05)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         return False
     return reply
 
@@ -209,7 +201,7 @@ def test_reset_mid_body_is_a_retryable_connection_error(
         scripted: tuple[Scripted, S3Store]) -> None:
     srv, st = scripted
     body = body_of(4 * MiB)
-    srv.replies += [reset_after(4 * MiB, body[:MiB // 2]), ok(body[:MiB])]
+    srv.replies += [short(4 * MiB, body[:MiB // 2], reset=True), ok(body[:MiB])]
     with pytest.raises(StoreError) as e:
         st.get_range("k", 0, 4 * MiB, None, collect()[1])
     assert e.value.retryable and e.value.code in ("ConnectionError", "IncompleteBody")
