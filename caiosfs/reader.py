@@ -371,7 +371,7 @@ class Fetcher:
                     with self._delivered_lock:
                         self._commit_queued = False
                     raise
-            writer = self.cache.writer(ident, obj.size, on_chunk)
+            writer = self.cache.writer(ident, obj.size, on_chunk, start + length)
             try:
                 await self.store.get_range(obj.key, start, length, obj.etag, writer)
             finally:
