@@ -406,3 +406,16 @@ def test_chunks_the_cache_lets_go_of_are_received_into_again(tmp_path: Path) -> 
     cache.recycle(off)
     cache.recycle(aligned(10))
     assert len(pool._free) == n - 16 - 2
+
+
+def test_a_proxy_variable_sends_gets_through_boto3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither urllib3 nor our connections follow proxy variables: with one set, every
+    request goes through the boto3 client (which does)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    plain = S3Store("bk", "http://127.0.0.1:9", "us-east-1", True)
+    assert plain._http is not None and plain._http.pool is not None
+    assert plain._http.pool.size == 32  # (max_connections)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    proxied = S3Store("bk", "http://127.0.0.1:9", "us-east-1", True)
+    assert proxied._http is None and proxied._lean is None
