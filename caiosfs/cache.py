@@ -16,6 +16,7 @@ import heapq
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import xxhash
 
 from .errors import UserError
 from .index import BlockEntry, Index, now
+from .iobuf import ALIGN, is_aligned
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -79,13 +81,28 @@ class ChunkWriter:
     """
 
     def __init__(self, cache: BlockCache, ident: bytes, obj_size: int,
-                 on_chunk: Callable[[int, int, bytes], None] | None = None) -> None:
+                 on_chunk: Callable[[int, int, bytes], None] | None = None,
+                 end: int | None = None) -> None:
         self.cache, self.ident, self.obj_size = cache, ident, obj_size
         self.buf = bytearray()
         self.buf_start = -1
         self.done: list[tuple[int, int]] = []
         # Called (in the thread) after each chunk is written, with its checksum and bytes.
         self.on_chunk = on_chunk
+        # The block file being written stays open from chunk to chunk (an open and a close
+        # per chunk were ~3 % of a cold read's CPU), closed by the thread itself when the
+        # GET reaches ``end`` (the range's end), or when the writer goes.
+        self.end = obj_size if end is None else end
+        self._fd = -1
+        self._open: tuple[int, bool] | None = None  # (block number, O_DIRECT) of _fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._open = -1, None
+
+    def __del__(self) -> None:
+        self.close()
 
     def __call__(self, offset: int, data: bytes) -> None:
         cs = self.cache.chunk_size
@@ -111,22 +128,38 @@ class ChunkWriter:
     def _write_chunk(self, chunk: int, data: bytes) -> None:
         c = self.cache
         blockno, idx = divmod(chunk, c.chunks_per_block)
-        path = c.block_file(self.ident, blockno)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            n = os.pwrite(fd, data, idx * c.chunk_size)
-        finally:
-            os.close(fd)
+        csum = xxhash.xxh3_64_intdigest(data)  # (first: the bytes just came, still cached)
+        n = self._write(blockno, data, idx * c.chunk_size)
+        if chunk * c.chunk_size + len(data) >= self.end:
+            self.close()
         if n != len(data):  # a short write: the disk filled up
             raise OSError(errno.ENOSPC, f"short write to the cache ({n} of {len(data)})")
-        csum = xxhash.xxh3_64_intdigest(data)
         self.done.append((chunk, csum))
         if self.on_chunk is not None:
             self.on_chunk(chunk, csum, data)
+
+    def _write(self, blockno: int, data: bytes, offset: int) -> int:
+        """Write fetched bytes into a block file; the bytes written. A whole aligned
+        buffer (``iobuf.aligned``, as GET pieces arrive) goes with O_DIRECT: no copy into
+        the page cache, which cost more CPU than anything else on a cold read (module
+        docstring of :mod:`caiosfs.iobuf`); anything else, or on a file system that
+        refuses O_DIRECT (then never again), through the page cache."""
+        c = self.cache
+        direct = c.direct and not len(data) % ALIGN and is_aligned(data)
+        try:
+            return os.pwrite(self._file(blockno, direct), data, offset)
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL:
+                raise
+        c.refuse_direct()
+        return os.pwrite(self._file(blockno, False), data, offset)
+
+    def _file(self, blockno: int, direct: bool) -> int:
+        if self._open != (blockno, direct):
+            self.close()
+            self._fd = self.cache.open_block(self.ident, blockno, direct)
+            self._open = (blockno, direct)
+        return self._fd
 
 
 class BlockCache:
@@ -150,6 +183,7 @@ class BlockCache:
             self.min_free = 0
         self.block_size = block_size
         self.chunk_size = chunk_size
+        self.direct = hasattr(os, "O_DIRECT")  # (ChunkWriter._write: until refused)
         self.chunks_per_block = block_size // chunk_size
         assert self.chunks_per_block <= 64, "bitmap is 64 bits"
         # Chunks verified since they were read from disk: (ident, chunk) -> bytes.
@@ -168,6 +202,7 @@ class BlockCache:
         self._far: list[tuple[int, tuple[bytes, int]]] = []  # (-order, key), lazily pruned
         self.fresh_bytes = 0
         self.release_charge: Callable[[int], None] = lambda n: None
+        self.recycle: Callable[[bytearray], None] | None = None  # (see _recycle)
         self._atimes: dict[tuple[bytes, int], float] = {}
         self._free_seen = (-1e9, 0, 0)  # last look at the disk: (when, free bytes, used)
         self.used = sum(e.nbytes for _, _, e in index.iter_blocks())
@@ -186,6 +221,22 @@ class BlockCache:
                 self._hexes.clear()
             h = self._hexes[ident] = xxhash.xxh3_128_hexdigest(ident)
         return f"{self._blocks_str}/{h[:2]}/{h}.{blockno}"
+
+    def open_block(self, ident: bytes, blockno: int, direct: bool) -> int:
+        """A block file opened for writing (made, and its directory, if missing)."""
+        path = self.block_file(ident, blockno)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_DIRECT if direct else 0)
+        try:
+            return os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            return os.open(path, flags, 0o600)
+
+    def refuse_direct(self) -> None:
+        if self.direct:
+            log.info("the cache's file system refuses O_DIRECT writes: writing through "
+                     "the page cache")
+        self.direct = False
 
     def chunk_len(self, chunk: int, obj_size: int) -> int:
         return max(0, min(self.chunk_size, obj_size - chunk * self.chunk_size))
@@ -268,6 +319,16 @@ class BlockCache:
         while self._verified_bytes > self._verified_budget:
             _, old = self._verified.popitem(last=False)
             self._verified_bytes -= len(old)
+            self._recycle(old, 1)
+
+    def _recycle(self, data: bytes | bytearray, refs: int) -> None:
+        """Give the buffer of a chunk the cache let go of back to the GETs that fill
+        buffers (``recycle``: the store's ``iobuf.Pool``) if nothing but the caller's
+        ``refs`` references hold it: no reader, reply or slice can see it change then."""
+        # (+2: this frame's name and getrefcount's argument)
+        if (self.recycle is not None and isinstance(data, bytearray)
+                and sys.getrefcount(data) == refs + 2):
+            self.recycle(data)
 
     def hold(self, ident: bytes, chunk: int, data: bytes, charge: int, order: int = 0) -> None:
         """Keep a chunk just fetched (and written) for a reader that has not read it yet;
@@ -300,6 +361,7 @@ class BlockCache:
             del self._fresh[k]
             freed += got[1]
             self._release_fresh(got)
+            self._recycle(got[0], 1)
         return freed
 
     def drop_stale(self, age: float) -> None:
@@ -348,8 +410,10 @@ class BlockCache:
 
     # fills (thread writes, loop commits) -------------------------------------------------
     def writer(self, ident: bytes, obj_size: int,
-               on_chunk: Callable[[int, int, bytes], None] | None = None) -> ChunkWriter:
-        return ChunkWriter(self, ident, obj_size, on_chunk)
+               on_chunk: Callable[[int, int, bytes], None] | None = None,
+               end: int | None = None) -> ChunkWriter:
+        """What a GET of the object streams into (``end``: where the GET ends)."""
+        return ChunkWriter(self, ident, obj_size, on_chunk, end)
 
     def commit(self, ident: bytes, obj_size: int, chunks: list[tuple[int, int]]) -> None:
         """Record fetched chunks in the index (one transaction)."""

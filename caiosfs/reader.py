@@ -185,6 +185,7 @@ class Fetcher:
         # the budget, up to half of it; a request short of budget drops them first, those
         # asked for last first.
         cache.release_charge = budget.release
+        cache.recycle = store.recycle  # (chunk buffers back to the GETs, if they pool them)
         budget.reclaim = self._reclaim
         self.hold_limit = budget.limit // 2
         # What one GET in flight holds: the piece its socket is filling and the pieces
@@ -370,7 +371,7 @@ class Fetcher:
                     with self._delivered_lock:
                         self._commit_queued = False
                     raise
-            writer = self.cache.writer(ident, obj.size, on_chunk)
+            writer = self.cache.writer(ident, obj.size, on_chunk, start + length)
             try:
                 await self.store.get_range(obj.key, start, length, obj.etag, writer)
             finally:

@@ -83,6 +83,9 @@ class StoreClient:
         # Ranged GETs: from ``parallel`` up to ``parallel_max`` in flight, as measured.
         self.pipe = ReadPipe(self.read_limiter, parallel, parallel_max or parallel, metrics)
         self.stopping = False
+        # Where the cache gives back the buffers of chunks it let go of, for the store's
+        # GETs to receive into again (S3Store's pool; None: the store has none).
+        self.recycle: Callable[[bytearray], None] | None = getattr(store, "recycle", None)
         self._gave_up: dict[str, tuple[float, GaveUp]] = {}  # key -> (when, error)
 
     async def _run(self, op: str, fn: Callable[..., T], *args: Any,

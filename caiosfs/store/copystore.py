@@ -19,9 +19,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from .. import iobuf
 from ..errors import StoreError, certificate_error
 from . import ListPage, MultipartUpload, ObjectInfo
-from .http1 import Connection, Response
+from .http1 import Connection, Pool, Response
 from .s3xml import (
     check_range,
     error_of,
@@ -32,11 +33,12 @@ from .s3xml import (
     list_params,
     meta_of,
     parse_xml,
-    pump,
+    pump_into,
 )
 from .sigv4 import EMPTY_SHA256, UNSIGNED, Keys, SigV4, canonical_query, host_header
 
 PIECE = 1 << 20  # what one read of a response body asks for
+IDLE_BUFFERS = 32  # pieces of the mount's GETs waiting to be used again (iobuf.Pool)
 
 
 def _hash_range(fh: Any, offset: int, length: int, *hashes: Any) -> None:
@@ -85,7 +87,7 @@ class CopyS3:
 
     def __init__(self, endpoint: str, bucket: str, region: str, path_style: bool,
                  keys: Callable[[], Keys | None], payload_signing: bool,
-                 read_timeout: float, ca_bundle: str | None) -> None:
+                 read_timeout: float, ca_bundle: str | None, pool_size: int = 0) -> None:
         u = urlsplit(endpoint)
         self.https = u.scheme == "https"
         self.port = u.port or (443 if self.https else 80)
@@ -101,6 +103,12 @@ class CopyS3:
         self._ca_bundle = ca_bundle
         self._ssl: Any = None
         self._local = threading.local()
+        # With a pool (the mount's store), a connection serves one request at a time for
+        # any thread and goes back to the pool once its answer was read to its end;
+        # without one (cp), each thread keeps its own.
+        self.pool = Pool(self._connect, pool_size) if pool_size else None
+        # ... and the whole pieces of its GETs are buffers used again (iobuf.Pool).
+        self.buffers = iobuf.Pool(PIECE, IDLE_BUFFERS) if pool_size else None
 
     def _connect(self) -> Connection:
         if self.https and self._ssl is None:
@@ -116,6 +124,18 @@ class CopyS3:
         self._local.conn = None
         if conn is not None:
             conn.close()
+
+    def done(self, r: Response) -> None:
+        """The answer ``r`` was read as far as its caller wanted: its connection serves
+        the next request if the body is complete and the server keeps it open (back to
+        the pool, with one), else it is closed."""
+        if not r.isclosed() or r.will_close:
+            self.drop()
+        elif self.pool is not None:
+            conn = getattr(self._local, "conn", None)
+            self._local.conn = None
+            if conn is not None:
+                self.pool.give(conn)
 
     def request(self, method: str, key: str, params: dict[str, str] | None = None,
                 headers: dict[str, str] | None = None, body: Any = None,
@@ -133,9 +153,13 @@ class CopyS3:
             payload = UNSIGNED
         self.signer.sign(method, path, query, h, payload)
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self.pool is not None:
+            self.drop()  # (a pooled connection whose answer was left unread: not reusable)
+            conn = None
         try:
             if conn is None:
-                conn = self._local.conn = self._connect()
+                conn = self._local.conn = (self.pool.take() if self.pool is not None
+                                           else self._connect())
             conn.send(method, path + "?" + query if query else path, h, body)
             r = conn.response(method)
         except TimeoutError as exc:
@@ -150,9 +174,7 @@ class CopyS3:
                 raw = r.read()
             except OSError:
                 raw = b""
-                self.drop()
-            if r.will_close:
-                self.drop()
+            self.done(r)
             raise error_of(r.status, raw)
         return r
 
@@ -169,9 +191,45 @@ class CopyS3:
         except OSError as exc:
             self.drop()
             raise StoreError("ConnectionError", type(exc).__name__, retryable=True) from exc
-        if r.will_close:
-            self.drop()
+        self.done(r)
         return r, raw
+
+    def _buffer(self, n: int) -> bytearray:
+        """Where a GET's next piece of ``n`` bytes is received."""
+        if n == PIECE and self.buffers is not None:
+            return self.buffers.take()
+        return iobuf.aligned(n)
+
+    def get_range(self, key: str, start: int, length: int, etag: str | None,
+                  sink: Callable[[int, bytes], None]) -> dict[str, str]:
+        """Stream the range into ``sink``, each piece received straight into a buffer of
+        its own (:func:`.s3xml.pump_into`); returns the object's x-amz-meta-* (lower-case
+        names). A body that ends early is a retryable IncompleteBody."""
+        headers = {"range": f"bytes={start}-{start + length - 1}"}
+        if etag:
+            headers["if-match"] = etag
+        r = self.request("GET", key, None, headers)
+        got = 0
+        try:
+            check_range(r.status, r.getheader("Content-Range") or "", start)
+            if r.length is not None and r.length != length:
+                raise StoreError("IncompleteBody", f"{r.length} bytes announced, {length} "
+                                 "asked for", r.status, retryable=True)
+            got = pump_into(r.read_into, sink, start, length, PIECE, (TimeoutError,),
+                            (OSError,), self._buffer)
+        finally:
+            self.done(r)  # (not read to its end: the connection is closed, not reused)
+        if got != length:
+            raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
+        return meta_of(r.getheaders())
+
+
+def head_of(http: CopyS3, key: str) -> ObjectInfo:
+    """A HEAD of ``key`` as ObjectInfo (metadata: its x-amz-meta-*)."""
+    r, _ = http.call("HEAD", key)
+    return ObjectInfo(key, int(r.getheader("Content-Length") or 0),
+                      etag(r.getheader("ETag")), http_time(r.getheader("Last-Modified")),
+                      meta_of(r.getheaders()))
 
 
 class CopyStore:
@@ -240,31 +298,12 @@ class CopyStore:
         return list_page(raw)
 
     def head(self, key: str) -> ObjectInfo:
-        r, _ = self.http.call("HEAD", key)
-        return ObjectInfo(key, int(r.getheader("Content-Length") or 0),
-                          etag(r.getheader("ETag")), http_time(r.getheader("Last-Modified")),
-                          meta_of(r.getheaders()))
+        return head_of(self.http, key)
 
     def get_range(self, key: str, start: int, length: int, etag: str | None,
                   sink: Callable[[int, bytes], None]) -> dict[str, str]:
         """Stream the range into ``sink``; returns the object's x-amz-meta-* (lower-case)."""
-        headers = {"range": f"bytes={start}-{start + length - 1}"}
-        if etag:
-            headers["if-match"] = etag
-        r = self.http.request("GET", key, None, headers)
-        got = 0
-        try:
-            check_range(r.status, r.getheader("Content-Range") or "", start)
-            if r.length is not None and r.length != length:
-                raise StoreError("IncompleteBody", f"{r.length} bytes announced, {length} "
-                                 "asked for", r.status, retryable=True)
-            got = pump(r.read, sink, start, length, PIECE, (TimeoutError,), (OSError,))
-        finally:
-            if not (got == length and r.isclosed() and not r.will_close):
-                self.http.drop()  # (not read to its end: the connection cannot be reused)
-        if got != length:
-            raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
-        return meta_of(r.getheaders())
+        return self.http.get_range(key, start, length, etag, sink)
 
     def put_file(self, key: str, path: str | bytes | None, size: int,
                  metadata: dict[str, str]) -> str:

@@ -17,7 +17,10 @@ body. Errors are ``OSError`` (:class:`ProtocolError` for a malformed or cut answ
 
 from __future__ import annotations
 
+import select
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 MAX_HEAD = 64 << 10  # an answer's status line and headers, at most
@@ -52,6 +55,16 @@ class Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+    def dropped(self) -> bool:
+        """Whether an idle connection is unusable: the server closed it (or sent something
+        nobody asked for) while it waited in a pool."""
+        if self._buf:
+            return True
+        try:
+            return bool(select.select([self.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
 
     def send(self, method: str, target: str, headers: dict[str, str], body: Any) -> None:
         """The request line, the headers (a PUT or POST without a body gets a
@@ -138,6 +151,7 @@ class Response:
         self.will_close = "close" in conn_hdr or (version == "HTTP/1.0"
                                                   and "keep-alive" not in conn_hdr)
         self._chunked: bytes | None = None
+        self.cut = False
         self.length: int | None
         if method == "HEAD" or status in (204, 304):
             self.length = 0
@@ -188,6 +202,25 @@ class Response:
         self.length -= want
         return bytes(buf)
 
+    def read_into(self, view: memoryview) -> int:
+        """Fill ``view`` with the next bytes of the body (each received straight into it:
+        no copy after the socket's); fewer only at its end, or where the connection closed
+        before a Content-Length body was complete (``cut`` is then set)."""
+        if self._chunked is not None or self.length is None:
+            b = self.read(len(view))
+            view[:len(b)] = b
+            return len(b)
+        want = min(len(view), self.length)
+        got = 0
+        while got < want:
+            k = self._conn.read_into(view[got:want])
+            if not k:
+                self.cut = True  # (the connection closed: length stays, never reused)
+                break
+            got += k
+        self.length -= got
+        return got
+
     def _read_to_close(self, n: int) -> bytes:
         out = bytearray()
         while n < 0 or len(out) < n:
@@ -227,3 +260,39 @@ class Response:
                     raise ProtocolError("a chunked body was cut")
             out += c._buf[:size]
             del c._buf[:size + 2]
+
+
+class Pool:
+    """Idle keep-alive connections to one server, shared by threads: a request takes one
+    (or opens a new one), and gives it back only after its answer was read to its end; at
+    most ``size`` wait, more are closed. One that the server closed while it waited is
+    dropped when taken."""
+
+    def __init__(self, connect: Callable[[], Connection], size: int) -> None:
+        self._connect = connect
+        self.size = size
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> Connection:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect()
+            if not conn.dropped():
+                return conn
+            conn.close()
+
+    def give(self, conn: Connection) -> None:
+        with self._lock:
+            if len(self._idle) < self.size:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()

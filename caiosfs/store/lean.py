@@ -1,6 +1,8 @@
 """Signed S3 requests straight over urllib3, for the hot, simple calls.
 
-A GET of a range, a PUT of a small file, a HEAD and a DELETE are one request each, but going
+A PUT of a small file, a DELETE, a listing page and a small object's GET are one request
+each (the mount's ranged GETs and HEADs go over :mod:`.http1` connections instead, see
+:class:`~caiosfs.store.s3.S3Store`), but going
 through a boto3 client costs ~2.4 ms of CPU per request on our machines (parameter
 validation, serialisation, a dozen events, response parsing) — on two cores, shared with
 the FUSE loop, that is what made small-file workloads slow. Here botocore still does the
@@ -72,9 +74,9 @@ class LeanS3:
         s3 = getattr(config, "s3", None) or {}
         self.empty_payload = (UNSIGNED if s3.get("payload_signing_enabled") is False
                               else EMPTY_SHA256)
-        self.signer = SigV4(region, self._keys)
+        self.signer = SigV4(region, self.keys)
 
-    def _keys(self) -> Keys | None:
+    def keys(self) -> Keys | None:
         if self.credentials is None:
             return None
         f = self.credentials.get_frozen_credentials()  # (refreshed when it expires)

@@ -28,8 +28,9 @@ from ..errors import (
     is_retryable,
 )
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
+from .copystore import CopyS3, head_of
 from .lean import LeanS3, proxies_configured
-from .s3xml import check_range, list_page, list_params, meta_of, pump
+from .s3xml import list_page, list_params
 from .sigv4 import Keys, keys_from
 
 READ_PIECE = 1 << 20
@@ -203,12 +204,24 @@ class S3Store:
         self._c.meta.events.register_last("before-call.s3", _no_expect_for_small_bodies)
         # GET/PUT/HEAD/DELETE of one object skip the client machinery (see lean.py).
         self._lean: LeanS3 | None = None
+        # Ranged GETs (and HEADs) go over our own HTTP/1.1 connections (store/http1.py, a
+        # pool of max_connections kept alive): each piece is received straight into the
+        # buffer that becomes its cache chunk, which the cache writes with O_DIRECT.
+        self._http: CopyS3 | None = None
         # (A dotted bucket name cannot be a TLS host name: botocore switches such a bucket to
         # path-style requests on its own, so it keeps those.)
         if not proxies_configured(dict(os.environ)) and (path_style or "." not in bucket):
+            ca_bundle = os.environ.get("AWS_CA_BUNDLE")
             self._lean = LeanS3(endpoint, bucket, region, path_style, bsession.get_credentials(),
-                                cfg, max_connections, read_timeout,
-                                os.environ.get("AWS_CA_BUNDLE"))
+                                cfg, max_connections, read_timeout, ca_bundle)
+            self._http = CopyS3(endpoint, bucket, region, path_style, self._lean.keys,
+                                not endpoint.startswith("https://"), read_timeout, ca_bundle,
+                                pool_size=max_connections)
+
+    def recycle(self, buf: bytearray) -> None:
+        """A piece's buffer nobody holds any more: the GETs receive into it again."""
+        if self._http is not None and self._http.buffers is not None:
+            self._http.buffers.give(buf)
 
     def _call(self, fn: Any, **kw: Any) -> Any:
         try:
@@ -220,12 +233,8 @@ class S3Store:
         self._call(self._c.head_bucket, Bucket=self.bucket)
 
     def head(self, key: str) -> ObjectInfo:
-        if self._lean is not None:
-            h = self._lean.request("HEAD", key, {}).headers
-            return ObjectInfo(key, int(h.get("Content-Length", 0)), _etag(h.get("ETag", "")),
-                              _mtime(h.get("Last-Modified")),
-                              {k[11:].lower(): v for k, v in h.items()
-                               if k.lower().startswith("x-amz-meta-")})
+        if self._http is not None:
+            return head_of(self._http, key)
         r = self._call(self._c.head_object, Bucket=self.bucket, Key=key)
         return ObjectInfo(key, r["ContentLength"], _etag(r["ETag"]), _mtime(r.get("LastModified")),
                           {k.lower(): v for k, v in r.get("Metadata", {}).items()})
@@ -262,8 +271,8 @@ class S3Store:
                   sink: Sink) -> dict[str, str]:
         """Stream the range into ``sink``; returns the object's x-amz-meta-* (lower-case
         names), which the response carries anyway (``caiosfs cp`` applies mode and mtime)."""
-        if self._lean is not None:
-            return self._get_range_lean(key, start, length, etag, sink)
+        if self._http is not None:
+            return self._http.get_range(key, start, length, etag, sink)
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
                               "Range": f"bytes={start}-{start + length - 1}"}
         if etag:
@@ -288,28 +297,6 @@ class S3Store:
         if got != length:
             raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
         return {k.lower(): v for k, v in r.get("Metadata", {}).items()}
-
-    def _get_range_lean(self, key: str, start: int, length: int, etag: str | None,
-                        sink: Sink) -> dict[str, str]:
-        assert self._lean is not None
-        headers = {"Range": f"bytes={start}-{start + length - 1}"}
-        if etag:
-            headers["If-Match"] = etag
-        r = self._lean.request("GET", key, headers, stream=True)
-        got = 0
-        try:
-            check_range(r.status, r.headers.get("Content-Range", ""), start)
-            got = pump(r.read, sink, start, length, READ_PIECE,
-                       (urllib3.exceptions.TimeoutError,),
-                       (urllib3.exceptions.HTTPError, OSError))
-        finally:
-            if got == length and r.status == 206:
-                r.release_conn()  # read to the end: the connection is reusable
-            else:
-                r.close()
-        if got != length:
-            raise StoreError("IncompleteBody", f"got {got} of {length} bytes", retryable=True)
-        return meta_of(r.headers.items())
 
     def get_small(self, key: str, limit: int) -> ObjectInfo | None:
         """A small object whole (a directory's attribute record); None if there is none

@@ -12,9 +12,11 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import cast
 from urllib.parse import unquote_plus
 
 from ..errors import PreconditionFailed, StoreError, is_retryable
+from ..iobuf import aligned
 from . import ListPage, ObjectInfo
 
 NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -91,6 +93,37 @@ def pump(read: Callable[[int], bytes], sink: Callable[[int, bytes], None], start
             break
         sink(start + got, b)
         got += len(b)
+    return got
+
+
+def pump_into(read_into: Callable[[memoryview], int], sink: Callable[[int, bytes], None],
+              start: int, length: int, piece: int,
+              timeouts: tuple[type[BaseException], ...],
+              broken: tuple[type[BaseException], ...],
+              new_buffer: Callable[[int], bytearray] = aligned) -> int:
+    """:func:`pump` without a copy: each piece is received straight into a page-aligned
+    buffer of its own (``new_buffer(n)``, by default ``iobuf.aligned``: the cache writes
+    it with O_DIRECT), which is what the sink gets. ``read_into`` fills a view, fewer bytes
+    only at the body's end."""
+    got = 0
+    while got < length:
+        n = min(piece, length - got)
+        buf = new_buffer(n)
+        try:
+            with memoryview(buf) as view:
+                k = read_into(view)
+        except timeouts as exc:
+            raise StoreError("Timeout", type(exc).__name__, retryable=True) from exc
+        except broken as exc:
+            raise StoreError("ConnectionError", type(exc).__name__, retryable=True) from exc
+        if k:
+            # (typed as bytes: whoever gets a piece reads it as one - pwrite, xxh3,
+            # slices, joins, FUSE's reply - and nothing writes to it after this; a piece
+            # cut short is a copy, the buffer may be a pool's)
+            sink(start + got, cast(bytes, buf if k == n else buf[:k]))
+        got += k
+        if k < n:
+            break
     return got
 
 
