@@ -117,6 +117,10 @@ class DirtyFile:
         self.stream: Stream | None = None
         self.stream_off = False  # starting a streaming upload failed: upload at close
         self.last_write_end = 0
+        self.write_opened = 0.0  # monotonic time its first writer opened it
+        # Closed as part of a batch of its directory (see scheduler.DirBatches): its parts
+        # do not start at close.
+        self.batched = False
         self.dirty_since = time.time()
         # Set (and replaced) when an upload of this file ends: wait_durable waits on it.
         self.changed = trio.Event()

@@ -315,11 +315,15 @@ class Uploader:
     def stream_rest(self, f: DirtyFile) -> None:
         """The last writer closed f: its complete parts not sent yet go now, in parallel,
         instead of after upload_delay (which only the last part and the completion wait
-        for). A rewrite meanwhile drops the parts it touches: they are sent again."""
+        for), unless other files of its directory are being written (see
+        ``Scheduler.in_batch``). A rewrite meanwhile drops the parts it touches: they are
+        sent again."""
         st = f.stream
         if (st is None or not st.upload_id or self.nursery is None or f.holding or f.deleted
                 or f.writers or f.uploading or part_size_for(f.attrs.size, self.part_size) != st.part_size):
             return
+        if f.batched:
+            return  # written with other files of its directory: the upload waits (DirBatches)
         self._stream_parts(f, st, f.attrs.size // st.part_size)
 
     def _stream_parts(self, f: DirtyFile, st: Stream, last: int) -> None:
