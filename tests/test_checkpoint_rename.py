@@ -45,6 +45,18 @@ def test_a_file_written_alone_is_no_batch_one_of_several_is() -> None:
     assert not b.closed("d/next", time.monotonic())
 
 
+def test_the_next_file_of_a_directory_joins_the_one_closed_before() -> None:
+    b = DirBatches(upload_delay=0.0)
+    b.opened("d/shard0")
+    assert not b.closed("d/shard0", time.monotonic())  # alone so far ...
+    t = time.monotonic()
+    assert not b.joined("d/shard0", t)
+    b.opened("d/shard1")  # ... until the next shard is created
+    assert b.joined("d/shard0", t)
+    b.closed("d/shard1", t)
+    assert b.joined("d/shard0", t) and not b.joined("e/x", t)
+
+
 def test_a_writer_renamed_away_takes_its_count_along() -> None:
     b = DirBatches(upload_delay=0.0)
     b.opened("tmp/a")
@@ -108,6 +120,27 @@ def test_hf_rename_uploads_the_shards_once_under_the_final_name(
     cold = mounter(bucket, "run", "profile=checkpoint")
     for n, body in files.items():
         assert xxh((cold.path / "checkpoint-3" / n).read_bytes()) == xxh(body), n
+
+
+def test_hf_rename_of_shards_saved_one_after_the_other(
+        s3: Any, bucket: str, mounter: Any) -> None:
+    """A Trainer in one process saves its shards one after the other, then the optimizer
+    and small files, then renames the directory: each shard looked alone at its close, but
+    the next one came within ALONE_GRACE, so none started its parts under the old name."""
+    m = mounter(bucket, "run", "profile=checkpoint,part_size=5M,debug=1")
+    files = _hf_files(3, 12 * MiB)
+    tmp = m.path / "tmp-checkpoint-7"
+    os.mkdir(tmp)
+    for n, body in files.items():
+        write_file(tmp / n, body)
+    os.rename(tmp, m.path / "checkpoint-7")
+    m.flush()
+    want = {f"run/checkpoint-7/{n}": body for n, body in files.items()}
+    assert {k for k in keys(s3, bucket) if not k.endswith("/")} == set(want)
+    for k, body in want.items():
+        assert xxh(get(s3, bucket, k)) == xxh(body), k
+    sent_old = _requests(m, r"(upload_part|put|copy) \S*tmp-checkpoint-7/(model-|optimizer)")
+    assert not sent_old, f"bytes of large files went to the old name: {sent_old[:3]}"
 
 
 # a directory renamed with files local, mid-upload and uploaded ------------------------------

@@ -119,8 +119,11 @@ class DirtyFile:
         self.last_write_end = 0
         self.write_opened = 0.0  # monotonic time its first writer opened it
         # Closed as part of a batch of its directory (see scheduler.DirBatches): its parts
-        # do not start at close.
+        # do not start at close. A file alone at its last close (``alone``, at
+        # ``closed_at``) is held as one for a moment (Uploader.stream_rest_soon).
         self.batched = False
+        self.alone = False
+        self.closed_at = 0.0
         self.dirty_since = time.time()
         # Set (and replaced) when an upload of this file ends: wait_durable waits on it.
         self.changed = trio.Event()

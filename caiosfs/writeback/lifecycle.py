@@ -225,15 +225,18 @@ class WriteBack:
         f.handles -= 1
         if writable:
             f.writers -= 1
-            f.batched = (self.sched.batches.closed(f.path, f.write_opened)
-                         and f.size >= self.part_size)
+            batch = self.sched.batches.closed(f.path, f.write_opened)
+            f.closed_at = time.monotonic()
+            f.alone = not batch
+            # (A file alone waits a moment, see Uploader.stream_rest_soon.)
+            f.batched = f.size >= self.part_size
         if f.deleted and f.handles == 0:
             if not f.uploading:  # (else _retire, waiting for that upload, forgets it)
                 self._forget(f)
             return
         if f.writers == 0 and not f.clean:
             self.schedule(f, self.upload_delay)
-            self.uploader.stream_rest(f)
+            self.uploader.stream_rest_soon(f)
         elif f.clean and f.handles == 0:
             self._release_clean(f)
 

@@ -29,6 +29,7 @@ DIRS_KEPT = 1024  # directories whose last close is remembered before stale ones
 # 1.1 GiB checkpoint took over 5 s to write: shards that started uploading meanwhile were
 # finished under the old name and copied (rename 14 s instead of 1.4 s).
 BATCH_MAX_DEFER = 30.0
+ALONE_GRACE = 0.1  # seconds a file alone at its close waits before its parts start
 
 
 def parent_of(path: str) -> str:
@@ -37,15 +38,17 @@ def parent_of(path: str) -> str:
 
 class DirBatches:
     """Directories whose files are written as a batch. A Hugging Face Trainer writes model
-    shards, the optimizer state and small files into ``tmp-checkpoint-N/``, several at once,
-    then renames the directory: a large file of such a batch is not uploaded while the
-    directory is being written (another file open for writing, or one closed less than
-    ``upload_delay`` ago; at most BATCH_MAX_DEFER past its due time), and its parts do not
-    start at its close (``Uploader.stream_rest``).
-    A rename of the directory meanwhile moves it locally, so it is uploaded once, under its
-    final name, instead of uploaded under the old name and then copied server-side (behind
-    the WAN proxy, 9 x 128 MiB: ~2.9 s of UploadPartCopy after ~9 s of upload). A file
-    written alone (``dd``, ``cp`` of one file after another) is no batch."""
+    shards, the optimizer state and small files into ``tmp-checkpoint-N/`` (one after the
+    other, or several at once), then renames the directory: a large file of such a batch is
+    not uploaded while the directory is being written (another file open for writing, or
+    one closed less than ``upload_delay`` ago; at most BATCH_MAX_DEFER past its due time),
+    and its parts do not start at its close (``Uploader.stream_rest``). A rename of the
+    directory meanwhile moves it locally, so it is uploaded once, under its final name,
+    instead of uploaded under the old name and then copied server-side (behind the WAN
+    proxy, 9 x 128 MiB: ~2.9 s of UploadPartCopy after ~9 s of upload). A file that looks
+    alone at its close (``dd`` of one file, a rank's own file) starts its parts
+    ``ALONE_GRACE`` later, unless another file of its directory was created meanwhile (the
+    next shard of a Trainer saving them one after the other)."""
 
     def __init__(self, upload_delay: float) -> None:
         self.upload_delay = upload_delay
@@ -76,6 +79,12 @@ class DirBatches:
             for k in stale:
                 del self._closed[k]
         return batch
+
+    def joined(self, path: str, since: float) -> bool:
+        """Whether another file of ``path``'s directory is open for writing now, or was
+        closed after ``since`` (monotonic): the file closed at ``since`` was not alone."""
+        d = parent_of(path)
+        return self._writers.get(d, 0) > 0 or self._closed.get(d, -1e9) > since
 
     def moved(self, src: str, dst: str, writers: int) -> None:
         """A file with ``writers`` open for writing was renamed from ``src`` to ``dst``."""
