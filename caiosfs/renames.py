@@ -143,23 +143,33 @@ class Renames:
         # Local files move locally and upload at once under their new names; a file whose
         # upload is far along finishes it under the old name first and is copied with the
         # objects below (see WriteBack.worth_finishing), all of them at once.
-        finishing = [f for f in self.wb.under(src) if self.wb.worth_finishing(f)]
+        local = self.wb.under(src)
+        finishing = [f for f in local if self.wb.worth_finishing(f)]
+        # The others start no upload (nor part) until the rename is done: the move awaits
+        # the store between files, and a file of the old directory, quiet by then, would
+        # start under its old name (then be waited for and copied). And the copies go first:
+        # the moved files' parts would hold every upload slot meanwhile.
+        held = [f for f in local if f not in finishing]
+        for f in held:
+            f.holding += 1
         moved: dict[str, DirtyFile] = {}
-        for f in self.wb.under(src):
-            if f not in finishing:
+        try:
+            for f in held:
                 await self._move_local(f, src, dst, moved)
-        if finishing:
-            async with trio.open_nursery() as nursery:
-                for f in finishing:
-                    nursery.start_soon(self.wb.wait_durable, f)
-            for f in finishing:  # (still here: open, or written again meanwhile)
-                if (not f.deleted and self.wb.files.get(f.path) is f
-                        and f.path.startswith(src + "/")):
-                    await self._move_local(f, src, dst, moved)
-        # The copies first: the moved files' parts would hold every upload slot meanwhile.
-        await self.move_prefix(src_key, dst_key, oid, set(moved))
-        for f in moved.values():
-            self.wb.upload_now(f)
+            if finishing:
+                async with trio.open_nursery() as nursery:
+                    for f in finishing:
+                        nursery.start_soon(self.wb.wait_durable, f)
+                for f in finishing:  # (still here: open, or written again meanwhile)
+                    if (not f.deleted and self.wb.files.get(f.path) is f
+                            and f.path.startswith(src + "/")):
+                        await self._move_local(f, src, dst, moved)
+            await self.move_prefix(src_key, dst_key, oid, set(moved))
+        finally:
+            for f in held:
+                f.holding -= 1
+            for f in [*held, *moved.values()]:
+                self.wb.upload_now(f)
 
     async def _move_local(self, f: DirtyFile, src: str, dst: str,
                           moved: dict[str, DirtyFile]) -> None:

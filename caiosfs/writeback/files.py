@@ -108,7 +108,9 @@ class DirtyFile:
         self.uploaded_gen = 0
         self.writers = 0
         self.handles = 0
-        self.holding = 0  # > 0: a truncate waits for uploads to stop reading the data file
+        # > 0: no upload starts (a truncate waits for uploads to stop reading the data file;
+        # a directory rename moves it)
+        self.holding = 0
         # 1 MiB chunks changed since the local copy last equalled the store object at key/
         # base_etag of base_size bytes; None: unknown (new file, renamed, replayed). Parts
         # untouched by it are copied server-side (UploadPartCopy) instead of sent again.
