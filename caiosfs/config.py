@@ -185,7 +185,8 @@ OPTIONS: list[Option] = [
     Option("fsync", str, "store", "What fsync waits for: 'store' (durable in the object store) "
            "or 'local' (durable on the local cache disk, uploaded soon after).", "store|local"),
     Option("upload_delay", parse_seconds, 1.0, "Seconds after the last close before a file is "
-           "uploaded (coalesces rewrites).", "SECONDS"),
+           "uploaded (coalesces rewrites; a large file written with others of its directory "
+           "waits until the directory was quiet that long).", "SECONDS"),
     Option("read_timeout", parse_seconds, 60.0, "Total seconds a read keeps retrying the store "
            "before failing with EIO.", "SECONDS"),
     Option("metrics", str, None, "Serve Prometheus metrics at http://HOST:PORT/metrics "

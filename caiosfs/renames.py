@@ -25,7 +25,7 @@ from .namespace import Namespace
 from .records import RenameDirOp
 from .store.client import StoreClient
 from .storeview import Entry
-from .writeback import WriteBack
+from .writeback import DirtyFile, WriteBack
 
 log = logging.getLogger(__name__)
 MAX_KEY = 1024  # S3's limit on object keys, in UTF-8 bytes
@@ -114,6 +114,9 @@ class Renames:
     async def _rename_file(self, n: Node, src: str, dst: str, target: Node | None) -> bool:
         """Rename a file; True if it was a local (dirty) file that moved with it."""
         dst_etag = target.entry.etag if target is not None and target.entry.etag else None
+        f = self.wb.files.get(src)
+        if f is not None and self.wb.worth_finishing(f):
+            await self.wb.wait_durable(f)  # then copied server-side, below
         # wb.rename waits for an upload of src in flight and says what the store holds at src.
         moved, src_etag = await self.wb.rename(src, dst, dst_etag)
         if moved:
@@ -130,17 +133,49 @@ class Renames:
         return moved
 
     async def _rename_dir(self, src: str, dst: str) -> None:
-        await self.wb.settle_markers(src)  # the move copies what the store holds
-        await self.deletes.settle(self.ns.dir_key(src))  # ... and must not copy unlinked files
+        await self.deletes.settle(self.ns.dir_key(src))  # the move must not copy unlinked files
         oid = self.index.next_id()
         src_key, dst_key = self.ns.dir_key(src), self.ns.dir_key(dst)
         self.index.put_op(oid, RenameDirOp(src_key, dst_key))
-        moved: set[str] = set()
-        for f in self.wb.under(src):
-            new = dst + f.path[len(src):]
-            if (await self.wb.rename(f.path, new, None))[0]:
-                moved.add(self.ns.key(new))
-        await self.move_prefix(src_key, dst_key, oid, moved)
+        # Markers not sent yet move with the directory (the ops entry above covers those
+        # that land under the old name meanwhile).
+        await self.wb.move_markers(src, dst, self.ns.dir_key)
+        # Local files move locally and upload at once under their new names; a file whose
+        # upload is far along finishes it under the old name first and is copied with the
+        # objects below (see WriteBack.worth_finishing), all of them at once.
+        local = self.wb.under(src)
+        finishing = [f for f in local if self.wb.worth_finishing(f)]
+        # The others start no upload (nor part) until the rename is done: the move awaits
+        # the store between files, and a file of the old directory, quiet by then, would
+        # start under its old name (then be waited for and copied). And the copies go first:
+        # the moved files' parts would hold every upload slot meanwhile.
+        held = [f for f in local if f not in finishing]
+        for f in held:
+            f.holding += 1
+        moved: dict[str, DirtyFile] = {}
+        try:
+            for f in held:
+                await self._move_local(f, src, dst, moved)
+            if finishing:
+                async with trio.open_nursery() as nursery:
+                    for f in finishing:
+                        nursery.start_soon(self.wb.wait_durable, f)
+                for f in finishing:  # (still here: open, or written again meanwhile)
+                    if (not f.deleted and self.wb.files.get(f.path) is f
+                            and f.path.startswith(src + "/")):
+                        await self._move_local(f, src, dst, moved)
+            await self.move_prefix(src_key, dst_key, oid, set(moved))
+        finally:
+            for f in held:
+                f.holding -= 1
+            for f in [*held, *moved.values()]:
+                self.wb.upload_now(f)
+
+    async def _move_local(self, f: DirtyFile, src: str, dst: str,
+                          moved: dict[str, DirtyFile]) -> None:
+        new = dst + f.path[len(src):]
+        if (await self.wb.rename(f.path, new, None))[0]:
+            moved[self.ns.key(new)] = f
 
     async def resume(self, replay: Callable[[], Awaitable[int]]) -> int:
         """Finish the directory renames a crash interrupted, around ``replay`` (the journal

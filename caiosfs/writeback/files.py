@@ -108,7 +108,9 @@ class DirtyFile:
         self.uploaded_gen = 0
         self.writers = 0
         self.handles = 0
-        self.holding = 0  # > 0: a truncate waits for uploads to stop reading the data file
+        # > 0: no upload starts (a truncate waits for uploads to stop reading the data file;
+        # a directory rename moves it)
+        self.holding = 0
         # 1 MiB chunks changed since the local copy last equalled the store object at key/
         # base_etag of base_size bytes; None: unknown (new file, renamed, replayed). Parts
         # untouched by it are copied server-side (UploadPartCopy) instead of sent again.
@@ -117,6 +119,13 @@ class DirtyFile:
         self.stream: Stream | None = None
         self.stream_off = False  # starting a streaming upload failed: upload at close
         self.last_write_end = 0
+        self.write_opened = 0.0  # monotonic time its first writer opened it
+        # Closed as part of a batch of its directory (see scheduler.DirBatches): its parts
+        # do not start at close. A file alone at its last close (``alone``, at
+        # ``closed_at``) is held as one for a moment (Uploader.stream_rest_soon).
+        self.batched = False
+        self.alone = False
+        self.closed_at = 0.0
         self.dirty_since = time.time()
         # Set (and replaced) when an upload of this file ends: wait_durable waits on it.
         self.changed = trio.Event()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,7 +49,7 @@ class WriteBack:
         self.local = LocalData(cache_dir / "dirty", index, self._journal)
         self.dir = self.local.dir
         self.sched = Scheduler(self.files, metrics, part_size=part_size,
-                               dirty_limit=dirty_limit)
+                               dirty_limit=dirty_limit, upload_delay=upload_delay)
         self.uploader = Uploader(store, index, metrics, self.files, self.local, self._journal,
                                  self.sched, prefix, part_size=part_size,
                                  dirty_limit=dirty_limit, upload_delay=upload_delay,
@@ -215,19 +216,27 @@ class WriteBack:
         f.handles += 1
         if writable:
             f.writers += 1
+            if f.writers == 1:
+                f.write_opened = time.monotonic()
+            self.sched.batches.opened(f.path)
             self.sched.unschedule(f.fid)
 
     def released(self, f: DirtyFile, writable: bool) -> None:
         f.handles -= 1
         if writable:
             f.writers -= 1
+            batch = self.sched.batches.closed(f.path, f.write_opened)
+            f.closed_at = time.monotonic()
+            f.alone = not batch
+            # (A file alone waits a moment, see Uploader.stream_rest_soon.)
+            f.batched = f.size >= self.part_size
         if f.deleted and f.handles == 0:
             if not f.uploading:  # (else _retire, waiting for that upload, forgets it)
                 self._forget(f)
             return
         if f.writers == 0 and not f.clean:
             self.schedule(f, self.upload_delay)
-            self.uploader.stream_rest(f)
+            self.uploader.stream_rest_soon(f)
         elif f.clean and f.handles == 0:
             self._release_clean(f)
 
@@ -289,6 +298,30 @@ class WriteBack:
 
     async def settle_markers(self, path: str) -> None:
         await self.dirs.settle(path)
+
+    async def move_markers(self, src: str, dst: str, dir_key: Callable[[str], str]) -> None:
+        await self.dirs.move(src, dst, dir_key)
+
+    def upload_now(self, f: DirtyFile) -> None:
+        """A closed file moved by a directory rename (the commit of a batch) uploads now,
+        not ``upload_delay`` later."""
+        if f.writers == 0 and not f.deleted and self.files.get(f.path) is f:
+            self.sched.urgent(f)
+
+    @staticmethod
+    def worth_finishing(f: DirtyFile) -> bool:
+        """Whether a rename should let f's upload finish under the old name (then copy the
+        object server-side) rather than drop it and upload f again under the new one: its
+        upload task runs, or its streamed parts sent or in flight (a part in flight cannot be
+        called back) are at least a third of it (a server-side copy cost a third of an
+        upload's time behind the WAN proxy: 1.1 GiB in 2.9 s against ~9 s)."""
+        if f.uploading:
+            return True
+        st = f.stream
+        if st is None or not st.upload_id:
+            return False
+        spent = sum(n for _, n in st.etags.values()) + len(st.sending) * st.part_size
+        return spent * 3 >= f.size > 0
 
     async def set_marker_meta(self, path: str, meta: dict[str, str], mtime: float) -> bool:
         return await self.dirs.set_meta(path, meta, mtime)
@@ -373,7 +406,9 @@ class WriteBack:
         f.gen += 1
         self.files[dst] = f
         self.journal(f)
-        if f.writers == 0:
+        if f.writers:
+            self.sched.batches.moved(src, dst, f.writers)
+        else:
             self.schedule(f, self.upload_delay)
         if st is not None and st.upload_id:
             await self.uploader.abort(src_key, st.upload_id)

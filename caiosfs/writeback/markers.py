@@ -5,6 +5,7 @@ then, so a crash before the PUT is finished by the next mount."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -24,6 +25,7 @@ class Marker:
     """A directory made here whose marker object (``dir/``) is not in the store yet."""
 
     oid: int  # its ``ops`` entry: a crash before the PUT is finished by the next mount
+    path: str  # the directory (a rename of it, or above it, moves the marker before the PUT)
     key: str
     meta: dict[str, str]
     mtime: float
@@ -55,11 +57,11 @@ class DirMarkers:
         if oid is None:
             oid = self.index.next_id()
             self.journal.put_mkdir(oid, MkdirOp(key, meta, mtime))
-        m = self.pending[path] = Marker(oid, key, meta, mtime)
+        m = self.pending[path] = Marker(oid, path, key, meta, mtime)
         assert self.nursery is not None
-        self.nursery.start_soon(self._put, path, m, 0.0 if resumed else self.upload_delay)
+        self.nursery.start_soon(self._put, m, 0.0 if resumed else self.upload_delay)
 
-    async def _put(self, path: str, m: Marker, delay: float) -> None:
+    async def _put(self, m: Marker, delay: float) -> None:
         # The scheduler keeps the time (one wake-up per pause, not one per marker) and sets
         # m.hurry when its turn comes; m.now() and rmdir set it earlier.
         if delay > 0 and not m.urgent:
@@ -67,11 +69,14 @@ class DirMarkers:
         # Parents first, as a filesystem would: SeaweedFS can drop the marker of a directory
         # PUT at the same time as one below it (16 threads, 40 such pairs: one lost), and
         # `mkdir -p` makes markers that all become due together.
-        parent = path.rpartition("/")[0]
-        while (pm := self.pending.get(parent)) is not None and pm is not m:
+        for _ in range(1 << 16):  # (m.path is read again after every wait: a rename moves it)
+            pm = self.pending.get(m.path.rpartition("/")[0])
+            if pm is None or pm is m:
+                break
             if m.urgent:
                 pm.now()
             await pm.done.wait()
+        path = m.path
         if self.pending.get(path) is not m:
             return  # removed before it was sent (rmdir)
         m.started = True
@@ -100,6 +105,25 @@ class DirMarkers:
             m.now()
         for m in waiting:
             await m.done.wait()
+
+    async def move(self, src: str, dst: str, dir_key: Callable[[str], str]) -> None:
+        """A rename of directory ``src`` to ``dst``: the markers at or under ``src`` not sent
+        yet move with it (their ops entries rewritten in place, one commit each: a crash
+        finds the old key or the new one, and the rename's own entry moves what landed under
+        the old key); those being sent land first (the move copies what the store holds)."""
+        below = [(p, m) for p, m in self.pending.items()
+                 if p == src or p.startswith(src + "/")]
+        for p, m in below:
+            if m.started:
+                await m.done.wait()
+                continue
+            if self.pending.get(p) is not m or m.started:
+                continue  # (sent or removed while we waited for another one)
+            new = dst + p[len(src):]
+            m.path, m.key = new, dir_key(new)
+            self.journal.put_mkdir(m.oid, MkdirOp(m.key, m.meta, m.mtime))
+            del self.pending[p]
+            self.pending[new] = m
 
     def hurry_all(self) -> None:
         for m in self.pending.values():

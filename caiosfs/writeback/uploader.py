@@ -25,7 +25,7 @@ from ..store.client import StoreClient
 from .files import CHUNK, DirtyFile, FileTable, Phase, Stream
 from .journal import Journal
 from .local import LocalData
-from .scheduler import Scheduler
+from .scheduler import ALONE_GRACE, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -315,12 +315,35 @@ class Uploader:
     def stream_rest(self, f: DirtyFile) -> None:
         """The last writer closed f: its complete parts not sent yet go now, in parallel,
         instead of after upload_delay (which only the last part and the completion wait
-        for). A rewrite meanwhile drops the parts it touches: they are sent again."""
+        for), unless other files of its directory are being written (see
+        ``Scheduler.in_batch``). A rewrite meanwhile drops the parts it touches: they are
+        sent again."""
         st = f.stream
         if (st is None or not st.upload_id or self.nursery is None or f.holding or f.deleted
                 or f.writers or f.uploading or part_size_for(f.attrs.size, self.part_size) != st.part_size):
             return
+        if f.batched:
+            return  # written with other files of its directory: the upload waits (DirBatches)
         self._stream_parts(f, st, f.attrs.size // st.part_size)
+
+    def stream_rest_soon(self, f: DirtyFile) -> None:
+        """The last writer closed f: a large file alone in its directory starts its complete
+        parts ``ALONE_GRACE`` later (stream_rest), unless another file of the directory was
+        created or closed meanwhile (a batch, see DirBatches). Files of a batch wait for
+        their upload."""
+        if f.batched and f.alone and self.nursery is not None:
+            self.nursery.start_soon(self._after_grace, f, f.closed_at)
+        else:
+            self.stream_rest(f)
+
+    async def _after_grace(self, f: DirtyFile, closed_at: float) -> None:
+        await trio.sleep(ALONE_GRACE)
+        if f.closed_at != closed_at or f.writers or f.deleted:
+            return  # reopened (its next close decides) or gone
+        if self.sched.batches.joined(f.path, closed_at):
+            return  # the next file of a batch: f stays batched
+        f.batched = False
+        self.stream_rest(f)
 
     def _stream_parts(self, f: DirtyFile, st: Stream, last: int) -> None:
         """Start sending parts 1..``last`` of ``st`` that are neither sent nor being sent."""
