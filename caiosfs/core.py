@@ -539,6 +539,11 @@ class Core:
         await self.dirattrs.quiesce(src, tree=True)
         await self.renames.rename(old_parent, old_name, new_parent, new_name, flags)
         moved = self.ns.nodes.get(self.ns.by_path.get(self.ns.join(new_parent.path, new_name), 0))
+        if moved is not None and moved.is_dir:
+            # An upload that landed under the old name while the directory moved (the
+            # rename waits for one in flight) noted it in a record of the old directory:
+            # written, it would make the directory reappear there.
+            await self.dirattrs.quiesce(src, tree=True)
         if moved is None or not moved.is_dir:
             self.dirattrs.note_removed(src)  # (a file left its directory's record)
         if (moved is not None and not moved.is_dir and moved.entry.etag
