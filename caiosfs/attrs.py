@@ -14,6 +14,16 @@ NS = 1_000_000_000
 RECORD = ".caiosfs-attrs"
 
 
+MAX_NAME = 255  # bytes of one path component
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` can be one component of a path (an object key's part between
+    slashes that cannot be shown as a file or directory is skipped)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and \
+        len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME and "\0" not in name
+
+
 def is_record(key: str) -> bool:
     """Whether an object key (or a relative path) names a directory attribute record."""
     return key == RECORD or key.endswith("/" + RECORD)

@@ -12,14 +12,14 @@ import errno
 import logging
 import time
 
-from .attrs import RECORD
+from .attrs import MAX_NAME, RECORD, valid_name
 from .config import MountConfig
 from .errors import FsError
 from .index import Index
 from .inodes import Inodes, Node
 from .metrics import Metrics
 from .store.client import GaveUp, StoreClient
-from .storeview import MAX_NAME, Entry, StoreView, TooBig, valid_name
+from .storeview import Entry, StoreView, TooBig
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)

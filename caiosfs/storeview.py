@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .attrs import RECORD, from_meta
+from .attrs import RECORD, from_meta, valid_name
 from .config import MountConfig
 from .dirattrs import DirAttrs, Record, covered
 from .errors import StoreError
@@ -37,7 +37,6 @@ from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
-MAX_NAME = 255
 HEAD_PARALLEL = 32
 
 
@@ -53,11 +52,6 @@ def tagged(etag: str) -> bool:
 
 def _known(e: Entry) -> bool:
     return e.meta is not None
-
-
-def valid_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and \
-        len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME and "\0" not in name
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import cast
 
 import trio
 
-from .attrs import RECORD
+from .attrs import RECORD, valid_name
 from .dirattrs import Record
 from .errors import StoreError
 from .store.client import StoreClient
@@ -49,11 +49,6 @@ RECORDS_KEPT = 4096  # records (or their GETs in flight) kept for the trees
 REMOTE_LIST_S = 0.015
 LIST_SAMPLES = 8  # the LISTs that quickest is taken over
 PAGE_KEYS = 1000
-
-
-def _valid(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and \
-        len(name.encode("utf-8", "surrogateescape")) <= 255 and "\0" not in name
 
 
 @dataclass
@@ -124,32 +119,27 @@ class Tree:
     def dropped(self, path: str) -> bool:
         return any(path == g or path.startswith(g + "/") for g in self.gone)
 
-    def add(self, key: str, size: int, etag: str, mtime: float, at: float) -> list[str]:
-        """One listed key; the directories it names a record of (to GET)."""
-        rel = key[len(self.pre):]
-        parts = rel.split("/")
+    def add(self, key: str, size: int, etag: str, mtime: float, at: float) -> str | None:
+        """One listed key; the directory it is the attribute record of, if it is one."""
+        *dirs, name = key[len(self.pre):].split("/")
         d = self.path
         self._dir(d, at)
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if last:
-                if part == "":
-                    return []  # a directory's own marker
-                if part == RECORD:
-                    self.dirs[d].record = etag
-                    return [d]
-                if not _valid(part):
-                    self.dirs[d].skipped.append(key)
-                    return []
-                self.dirs[d].files[part] = (size, etag, mtime)
-                return []
-            if not _valid(part):
+        for part in dirs:
+            if not valid_name(part):
                 self.dirs[d].skipped.append(key)
-                return []
+                return None
             self.dirs[d].dirs.add(part)
             d = f"{d}/{part}" if d else part
             self._dir(d, at)
-        return []
+        if name == RECORD:
+            self.dirs[d].record = etag
+            return d
+        if not valid_name(name):
+            if name:  # ("": a directory's own marker)
+                self.dirs[d].skipped.append(key)
+            return None
+        self.dirs[d].files[name] = (size, etag, mtime)
+        return None
 
     def _dir(self, d: str, at: float) -> None:
         if d not in self.dirs:
@@ -275,12 +265,12 @@ class TreeLister:
                 page = await self.client.list(t.pre, None, token, PAGE_KEYS)
                 known = len(t.dirs)
                 for o in page.objects:
-                    for d in t.add(o.key, o.size, o.etag, o.mtime, at):
-                        # (its own directory's: GET by the listing it was started by)
-                        if (d != t.path and t.records < MAX_RECORDS
-                                and self.load_record is not None):
-                            t.records += 1
-                            self._record_get(d, o.etag)
+                    d = t.add(o.key, o.size, o.etag, o.mtime, at)
+                    # (its own directory's record: GET by the listing it was started by)
+                    if (d is not None and d != t.path and t.records < MAX_RECORDS
+                            and self.load_record is not None):
+                        t.records += 1
+                        self._record_get(d, o.etag)
                 if page.objects:
                     t.last = max(t.last, page.objects[-1].key)
                 token = page.next_token
