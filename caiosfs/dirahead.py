@@ -22,6 +22,10 @@ a directory without a fresh listing is never looked at, so no LIST is ever added
 - **A tiny directory** (at most TINY_MAX files, TINY_BYTES in all: git's `.git/` with HEAD,
   config, index, packed-refs; a pack and its index): the first open fetches the others, a
   round trip each that the reader would otherwise pay one after another.
+  And its tiny subdirectories, and theirs (`.git/refs/heads/`, `info/`, `objects/pack/`),
+  as far as fresh listings or a tree listing's pages (treelist.py) know them, at most
+  BELOW_BYTES and BELOW_DIRS directories in all: what git reads after HEAD, one round
+  later each, comes in the same round.
 - What is fetched: files of at most SMALL_MAX bytes (a larger one is the readahead window's
   job), with an ETag (in the store), not dirty, not hidden (unlinked while open); queued
   files the reader reached, or whose directory it left (no open for STALE seconds), are
@@ -61,6 +65,8 @@ DENSE_MIN = 4  # ...once at least this many and
 DENSE_SHARE = 3  # ...1/DENSE_SHARE of its files were opened
 TINY_MAX = 8  # "a tiny directory": at most this many files
 TINY_BYTES = 1 << 20  # ...of at most this many bytes in all
+BELOW_BYTES = 1 << 20  # a tiny directory's tiny subdirectories: this many bytes in all
+BELOW_DIRS = 32  # ...looked at, at most
 STALE = 2.0  # seconds without an open in a directory after which its queue is dropped
 WALK_CARRY = 2.0  # seconds a finished in-order directory makes the next one's first open count
 MAX_DIRS = 256  # directories whose state is kept (least recently opened dropped)
@@ -94,6 +100,7 @@ class DirAhead:
         self.cs = cfg.chunk_size
         self._dirs: OrderedDict[str, _Dir] = OrderedDict()
         self._queue: deque[tuple[_Dir, int]] = deque()
+        self._below: deque[tuple[float, ObjRef]] = deque()  # (when asked, file) of _below_tiny
         self.in_flight = 0
         self.issued = 0  # files fetched ahead so far (tests, status)
         self._walk_end = float("-inf")  # when an in-order run last reached a directory's end
@@ -133,7 +140,9 @@ class DirAhead:
                                                               len(d.names) // DENSE_SHARE)):
                 d.dense = True
                 self._rest(d)
-        if self._queue:
+                if d.tiny:
+                    self._below_tiny(d)
+        if self._queue or self._below:
             self._pump()
 
     def _new_dir(self, path: str, listing: Listing) -> _Dir:
@@ -157,13 +166,47 @@ class DirAhead:
     def _wanted(self, d: _Dir, j: int) -> ObjRef | None:
         """The store version of file j of ``d`` if it is worth fetching ahead."""
         e = d.listing.entries.get(d.names[j])
-        if e is None or e.is_dir or not e.etag or not 0 < e.size <= SMALL_MAX:
+        if e is None or e.is_dir:
             return None
-        path = self.view.join(d.path, d.names[j])
+        return self._wanted_at(self.view.join(d.path, d.names[j]), e.size, e.etag)
+
+    def _wanted_at(self, path: str, size: int, etag: str) -> ObjRef | None:
+        if not etag or not 0 < size <= SMALL_MAX:
+            return None
         f = self.wb.files.get(path)
-        if (f is not None and not f.deleted) or self.view.hidden.get(path) == e.etag:
+        if (f is not None and not f.deleted) or self.view.hidden.get(path) == etag:
             return None
-        return ObjRef(self.cfg.source.bucket, self.view.key(path), e.etag, e.size)
+        return ObjRef(self.cfg.source.bucket, self.view.key(path), etag, size)
+
+    def _known(self, path: str) -> tuple[dict[str, tuple[int, str]], set[str]] | None:
+        """A directory's files (name -> size, ETag) and subdirectories, from its fresh
+        listing or a tree listing's pages; None if neither has it (nothing is listed)."""
+        listing = self.view.listings.get(path)
+        if listing is not None and time.monotonic() - listing.at < self.cfg.list_ttl:
+            return ({k: (e.size, e.etag) for k, e in listing.entries.items() if not e.is_dir},
+                    {k for k, e in listing.entries.items() if e.is_dir})
+        return self.view.trees.peek(path)
+
+    def _below_tiny(self, d: _Dir) -> None:
+        """Queue the files of the tiny directories below tiny ``d`` (breadth first)."""
+        budget, looked, now = BELOW_BYTES, 0, time.monotonic()
+        todo = deque(self.view.join(d.path, k) for k in sorted(d.listing.entries)
+                     if d.listing.entries[k].is_dir)
+        while todo and looked < BELOW_DIRS:
+            path = todo.popleft()
+            looked += 1
+            known = self._known(path)
+            if known is None:
+                continue
+            files, dirs = known
+            total = sum(size for size, _etag in files.values())
+            if len(files) <= TINY_MAX and total <= budget:
+                budget -= total
+                for name in sorted(files):
+                    obj = self._wanted_at(self.view.join(path, name), *files[name])
+                    if obj is not None:
+                        self._below.append((now, obj))
+            todo.extend(self.view.join(path, k) for k in sorted(dirs))
 
     def _ahead(self, d: _Dir, i: int) -> None:
         """Queue the files of the window after file ``i`` not queued yet."""
@@ -211,10 +254,20 @@ class DirAhead:
             if obj is None or not self.fetcher.cache.missing(obj.ident, 0,
                                                              (obj.size - 1) // self.cs):
                 continue  # (not worth it, or cached already)
-            self.in_flight += 1
-            self.issued += 1
-            self.metrics.dirahead_files.inc()
-            nursery.start_soon(self._fetch, obj)
+            self._start(obj)
+        while self._below and not self._queue and self.in_flight < DEPTH:
+            at, obj = self._below.popleft()
+            if now - at <= STALE and self.fetcher.cache.missing(obj.ident, 0,
+                                                                (obj.size - 1) // self.cs):
+                self._start(obj)
+
+    def _start(self, obj: ObjRef) -> None:
+        nursery = self.fetcher.nursery
+        assert nursery is not None
+        self.in_flight += 1
+        self.issued += 1
+        self.metrics.dirahead_files.inc()
+        nursery.start_soon(self._fetch, obj)
 
     async def _fetch(self, obj: ObjRef) -> None:
         try:
@@ -223,5 +276,5 @@ class DirAhead:
             log.debug("fetch ahead of %s failed: %r", obj.key, exc)
         finally:
             self.in_flight -= 1
-            if self._queue:
+            if self._queue or self._below:
                 self._pump()

@@ -210,6 +210,21 @@ class TreeLister:
             self.nursery.start_soon(self._run, t)
         return None
 
+    def peek(self, path: str) -> tuple[dict[str, tuple[int, str]], set[str]] | None:
+        """What a fresh tree listing that covers ``path`` says of it now, without waiting
+        or listing: its files (name -> size, ETag) and subdirectories; names this mount
+        changed since the pages are left out. None when no tree has it (dirahead.py)."""
+        if self.pages <= 0:
+            return None
+        t = self._tree_for(path)
+        keys = t.dirs.get(path) if t is not None else None
+        if (t is None or keys is None or not t.covers(path) or t.dropped(path)
+                or not t.fresh(path, self.ttl)):
+            return None
+        changed = {p.rpartition("/")[2] for p in t.changes if p.rpartition("/")[0] == path}
+        return ({n: (s, e) for n, (s, e, _m) in keys.files.items() if n not in changed},
+                keys.dirs - changed)
+
     def observe(self, seconds: float) -> None:
         """How long a directory's LIST (one page, with a delimiter) took."""
         self._lists.append(seconds)

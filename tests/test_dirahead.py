@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import test_core
+import test_treelist
 import trio
 from conftest import data, xxh
 from coretree import Cores
+from test_core import node_of
 
 from caiosfs.core import Core
 from caiosfs.dirahead import FIRST_WINDOW, TINY_MAX
@@ -175,6 +178,53 @@ async def test_a_tiny_directory_is_fetched_at_its_first_open(make: Cores) -> Non
         for name in names:  # what was fetched ahead is what the store holds
             assert await read(core, dino, name) == want[name]
         assert store.calls["get"] == n
+
+
+GIT = {  # a clone's .git/ (path -> size); the hooks directory is not tiny
+    "HEAD": 21, "config": 255, "index": 80_000, "packed-refs": 179,
+    "refs/heads/main": 41, "refs/remotes/origin/HEAD": 30, "info/exclude": 240,
+    "objects/pack/p.idx": 76_000, "objects/pack/p.pack": 505_000,
+    **{f"hooks/h{i}.sample": 2_000 + i for i in range(TINY_MAX + 2)},
+}
+
+
+@pytest.mark.parametrize("trees", [True, False])
+async def test_a_tiny_directory_brings_its_tiny_subdirectories(make: Cores, trees: bool
+                                                               ) -> None:
+    """Behind a remote store a directory's first listing lists the tree below it
+    (treelist.py): git's first open of .git/HEAD then also fetches refs/heads/main,
+    info/exclude and the pack with its index, which git would read one round trip after
+    another; not the hooks (more than TINY_MAX files). Without a tree listing nothing below
+    is known, and nothing is listed to find out: .git's own files only."""
+    store = CountingStore("bkt")
+    want = {}
+    for path, size in GIT.items():
+        body = data(size, path)
+        store.put_bytes(f"repo/.git/{path}", body)
+        want[path] = xxh(body)
+    store.put_bytes("repo/src/a.py", b"print(1)\n")
+    test_treelist.counting(store, delay=test_treelist.REMOTE if trees else 0.0)
+    core = await make(store, profile="devbox", list_ttl="60")
+    assert await test_treelist.names(core, "") == ["repo"]  # (how far the store is)
+    assert sorted(await test_treelist.names(core, "repo")) == [".git", "src"]
+    gino = await node_of(core, "repo/.git")
+    for t in core.ns.view.trees.trees:  # (the tree listing of repo/, in the background)
+        while not t.stopped:
+            await trio.sleep(0.01)
+    assert bool(core.ns.view.trees.trees) == trees
+    # (git misses several names in .git/ before HEAD: the devbox profile lists it then)
+    assert sorted(await test_treelist.names(core, "repo/.git")) == [
+        "HEAD", "config", "hooks", "index", "info", "objects", "packed-refs", "refs"]
+    assert await read(core, gino, "HEAD") == want["HEAD"]
+    await quiet(core)
+    own = [p for p in GIT if "/" not in p]
+    below = ["refs/heads/main", "refs/remotes/origin/HEAD", "info/exclude",
+             "objects/pack/p.idx", "objects/pack/p.pack"]
+    assert store.calls["get"] == len(own) + (len(below) if trees else 0)
+    for path in below + ["hooks/h0.sample"]:  # what was fetched is what the store holds
+        d, _, name = path.rpartition("/")
+        assert await read(core, await node_of(core, f"repo/.git/{d}"), name) == want[path]
+    assert store.calls["get"] == len(own) + len(below) + 1
 
 
 async def test_dirahead_off_and_dirty_files(make: Cores) -> None:
