@@ -309,7 +309,10 @@ def test_aligned_buffers() -> None:
     for n in (1, 4095, ALIGN, MiB, MiB + 7):
         b = aligned(n)
         assert isinstance(b, bytearray) and len(b) == n and not any(b[:64])
-        assert is_aligned(b) == (n >= ALIGN) and (address(b) % ALIGN == 0) == (n >= ALIGN)
+        assert is_aligned(b) == (n >= ALIGN)
+        # (a buffer shorter than ALIGN is not aligned on purpose, but may land on a
+        # boundary by chance: only the long ones' addresses are promised)
+        assert n < ALIGN or address(b) % ALIGN == 0
         b[-1:] = b"x"  # (writable, and resizable again: no buffer export left)
         b += b"y"
     assert not is_aligned(b"x" * 8192) and not is_aligned(memoryview(bytearray(10)))
