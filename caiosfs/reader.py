@@ -28,6 +28,7 @@ from .cache import BlockCache
 from .errors import FsError, PreconditionFailed, StoreError
 from .index import ident_of
 from .metrics import Metrics
+from .randfetch import Assembly, write_chunks
 from .store.client import GaveUp, StoreClient
 
 log = logging.getLogger(__name__)
@@ -243,15 +244,7 @@ class Fetcher:
     async def ensure(self, obj: ObjRef, first: int, last: int, keep: bool = False) -> None:
         """Make chunks [first, last] local (fetching what is missing) and wait for them;
         ``keep``: a reader is about to read them (hold fetched chunks in memory for it)."""
-        if self._failed:
-            now = trio.current_time()
-            for k, (t, _) in list(self._failed.items()):
-                if now - t > FAILURE_MEMORY:
-                    del self._failed[k]
-            for c in range(first, last + 1):
-                hit = self._failed.get((obj.ident, c))
-                if hit is not None:
-                    raise hit[1]
+        self._raise_failed(obj, first, last)
         runs, waits = self._plan(obj, first, last)
         waits += self._launch(obj, runs, keep)
         ident = obj.ident
@@ -261,6 +254,82 @@ class Fetcher:
                 await f.progress.wait()
             if f.error is not None and self.cache.missing(ident, first, last):
                 raise f.error
+
+    def _raise_failed(self, obj: ObjRef, first: int, last: int) -> None:
+        """Fail at once for a chunk whose fetch just gave up (see ``_failed``)."""
+        if self._failed:
+            now = trio.current_time()
+            for k, (t, _) in list(self._failed.items()):
+                if now - t > FAILURE_MEMORY:
+                    del self._failed[k]
+            for c in range(first, last + 1):
+                hit = self._failed.get((obj.ident, c))
+                if hit is not None:
+                    raise hit[1]
+
+    async def split(self, obj: ObjRef, offset: int, size: int) -> bytes | None:
+        """A random read whose chunks are all missing and none in flight: its bytes by
+        parallel GETs, the rest of its chunks in the background, cached once all are in
+        (:mod:`caiosfs.randfetch`). None if some chunk is cached or in flight already
+        (``ensure`` then waits for those and fetches the rest)."""
+        cs = self.cache.chunk_size
+        first, last = offset // cs, (offset + size - 1) // cs
+        ident = obj.ident
+        self._raise_failed(obj, first, last)
+        if (len(self.cache.missing(ident, first, last)) != last - first + 1
+                or any((ident, c) in self._inflight for c in range(first, last + 1))):
+            return None
+        assert self.nursery is not None
+        asm = Assembly(offset, size, obj.size, cs)
+        charge = sum(len(c) for c in asm.chunks)
+        await self.budget.acquire(charge)
+        flight = _Flight(order=self._asked)
+        self._asked += last - first + 1
+        for c in range(first, last + 1):  # later readers of these chunks wait for them
+            self._inflight[(ident, c)] = flight
+        self.running += 1
+        self.nursery.start_soon(self._assemble, obj, asm, flight, charge)
+        await asm.own_done.wait()
+        if asm.error is not None:
+            raise asm.error
+        return asm.data()
+
+    async def _assemble(self, obj: ObjRef, asm: Assembly, flight: _Flight, charge: int
+                        ) -> None:
+        ident = obj.ident
+
+        async def get(start: int, length: int) -> None:
+            await self.store.get_range(obj.key, start, length, obj.etag, asm.sink)
+
+        def failed(exc: BaseException) -> BaseException:
+            if isinstance(exc, PreconditionFailed):
+                err = FsError(errno.ESTALE, f"{obj.key} changed in the store while reading")
+                err.__cause__ = exc
+                return err
+            if isinstance(exc, StoreError):
+                return exc
+            return FsError(errno.EIO, f"fetch failed: {exc!r}")
+        try:
+            await asm.run(get, failed)
+            if asm.complete:
+                done = await trio.to_thread.run_sync(write_chunks, self.cache, ident, asm)
+                self.cache.commit(ident, obj.size, done)
+                self.metrics.cache_miss_bytes.inc(charge)
+                if self.cache.over_limit():
+                    self.cache.evict(protect={ident})
+        except OSError as exc:  # the read has its bytes; its chunks are just not cached
+            log.error("cache write failed for %s: %s", obj.key, exc.strerror)
+        finally:
+            self.running -= 1
+            self.budget.release(charge)
+            for c in range(asm.base // self.cache.chunk_size,
+                           asm.base // self.cache.chunk_size + len(asm.chunks)):
+                if self._inflight.get((ident, c)) is flight:
+                    del self._inflight[(ident, c)]
+            flight.error = asm.error
+            flight.done.set()
+            flight.bump()
+            asm.own_done.set()  # (cancelled before the GETs ran: never leave the reader)
 
     async def direct(self, obj: ObjRef, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) straight from the store, bypassing the cache — for
@@ -459,6 +528,13 @@ class Reader:
             # (the unit of the cache) would cost 256 times the bytes asked for. The bytes
             # alone are fetched; the chunk is cached if it is read again.
             return await self.fetcher.direct(obj, offset, size)
+        if not seq and size > SMALL_RANDOM:
+            data = self.cache.read(obj.ident, offset, size, obj.size)
+            if data is None:
+                # Cold: the read's bytes first, by parallel GETs; its chunks cached after.
+                data = await self.fetcher.split(obj, offset, size)
+            if data is not None:
+                return data
         for _attempt in range(3):
             data = self.cache.read(obj.ident, offset, size, obj.size)
             if data is not None:
