@@ -19,6 +19,7 @@ keeps its checksums: the chunks are hashed as they are written, like any fetched
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from typing import cast
 import trio
 
 from .cache import BlockCache
-from .errors import StoreError
+from .errors import FsError, StoreError
 from .iobuf import aligned
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,13 @@ class Assembly:
                 nursery.start_soon(self._one, get, start, length, False, failed, fill_ok,
                                    nursery.cancel_scope)
         self.complete = self.error is None and fill_ok[0]
+        self.own_done.set()
+
+    def end(self) -> None:
+        """Whatever happened (cancelled before its GETs came in too), the reader wakes, and
+        only with its bytes or an error."""
+        if self._left and self.error is None:
+            self.error = FsError(errno.EIO, "random read abandoned")
         self.own_done.set()
 
     async def _one(self, get: Callable[[int, int], Awaitable[None]], start: int, length: int,

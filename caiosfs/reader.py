@@ -326,10 +326,9 @@ class Fetcher:
                            asm.base // self.cache.chunk_size + len(asm.chunks)):
                 if self._inflight.get((ident, c)) is flight:
                     del self._inflight[(ident, c)]
-            flight.error = asm.error
             flight.done.set()
             flight.bump()
-            asm.own_done.set()  # (cancelled before the GETs ran: never leave the reader)
+            asm.end()
 
     async def direct(self, obj: ObjRef, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) straight from the store, bypassing the cache — for
@@ -529,10 +528,7 @@ class Reader:
             # alone are fetched; the chunk is cached if it is read again.
             return await self.fetcher.direct(obj, offset, size)
         if not seq and size > SMALL_RANDOM:
-            data = self.cache.read(obj.ident, offset, size, obj.size)
-            if data is None:
-                # Cold: the read's bytes first, by parallel GETs; its chunks cached after.
-                data = await self.fetcher.split(obj, offset, size)
+            data = await self._random(obj, offset, size)
             if data is not None:
                 return data
         for _attempt in range(3):
@@ -570,6 +566,28 @@ class Reader:
                                 limiter=self.advise_limiter))
                 ra.advised_until = until
         return data
+
+    async def _random(self, obj: ObjRef, offset: int, size: int) -> bytes | None:
+        """A random read: from the cache, or its missing bytes by parallel GETs
+        (``Fetcher.split``) with the cached rest around them; None where that does not
+        apply (its missing chunks are not one run, or some are in flight)."""
+        cs = self.cache.chunk_size
+        end = offset + size
+        missing = self.cache.missing(obj.ident, offset // cs, (end - 1) // cs)
+        if not missing:
+            return self.cache.read(obj.ident, offset, size, obj.size)
+        if missing[-1] - missing[0] + 1 != len(missing):
+            return None
+        lo, hi = max(offset, missing[0] * cs), min(end, (missing[-1] + 1) * cs)
+        # (the cached parts first: nothing can evict them while the GETs run)
+        before = self.cache.read(obj.ident, offset, lo - offset, obj.size)
+        after = self.cache.read(obj.ident, hi, end - hi, obj.size)
+        if before is None or after is None:
+            return None
+        mid = await self.fetcher.split(obj, lo, hi - lo)
+        if mid is None:
+            return None
+        return before + mid + after if before or after else mid
 
     def _stream_cap(self, ra: Readahead) -> int:
         """The window cap of one stream: its share of the GETs the pipe keeps in flight

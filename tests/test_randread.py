@@ -119,6 +119,29 @@ async def test_random_1m_reads_wait_for_their_own_bytes_only_and_cache_the_chunk
     assert budget.used == 0 and not fetcher._inflight
 
 
+async def test_a_read_half_cached_fetches_only_its_missing_bytes_in_parallel(
+        tmp_path: Path) -> None:
+    reader, fetcher, budget, obj, body, spy = _setup(tmp_path)
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        ra = reader.new_readahead()
+        a = 30 * MiB + 40 * 4096  # caches chunks 30 and 31
+        assert await reader.read(obj, ra, a, MiB) == body[a:a + MiB]
+        await _idle(fetcher)
+        for off in (31 * MiB + 7 * 4096, 29 * MiB + 200 * 4096):  # chunk 31 / 30 cached
+            before = len(spy.gets)
+            ra = reader.new_readahead()  # (another handle: nothing sequential)
+            assert await reader.read(obj, ra, off, MiB) == body[off:off + MiB]
+            await _idle(fetcher)
+            got = spy.gets[before:]
+            assert sum(ln for _, ln in got) == MiB, got  # the missing chunk, once
+            own = [g for g in got if off <= g[0] < off + MiB]
+            assert max(ln for _, ln in own) <= PART, got
+        n.cancel_scope.cancel()
+    assert reader.cache.used == 4 * MiB
+    assert budget.used == 0 and not fetcher._inflight
+
+
 async def test_a_failed_filler_costs_the_cache_not_the_read(tmp_path: Path) -> None:
     reader, fetcher, budget, obj, body, spy = _setup(tmp_path)
     off = 9 * MiB + 4096
