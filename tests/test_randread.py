@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 import trio
 from conftest import data, xxh
+from faultproxy import FaultProxy
 
 from caiosfs.cache import BlockCache
 from caiosfs.errors import FsError, PreconditionFailed, StoreError
 from caiosfs.index import Index
 from caiosfs.metrics import Metrics
 from caiosfs.randfetch import PART, plan
-from caiosfs.reader import Fetcher, MemoryBudget, ObjRef, Reader
+from caiosfs.reader import SPLIT_LATENCY, Fetcher, MemoryBudget, ObjRef, Reader
 from caiosfs.store.client import StoreClient
 from caiosfs.store.memory import MemoryStore
 
@@ -56,6 +57,7 @@ class _Spy:
         self.store, self.gets, self.lock = store, [], threading.Lock()
         self.orig = store.get_range
         self.fail: Callable[[int, int], BaseException | None] = lambda s, n: None
+        self.latency = 0.02
         store.get_range = self  # type: ignore[method-assign]
 
     def __call__(self, key: str, start: int, length: int, etag: str | None,
@@ -65,6 +67,7 @@ class _Spy:
         err = self.fail(start, length)
         if err is not None:
             raise err
+        time.sleep(self.latency)  # (a remote store's first byte: the pipe measures it)
         self.orig(key, start, length, etag, sink)
 
 
@@ -79,6 +82,7 @@ def _setup(tmp: Path, size: int = 64 * MiB) -> tuple[Reader, Fetcher, MemoryBudg
     budget = MemoryBudget(64 * MiB, m)
     fetcher = Fetcher(StoreClient(store, m, parallel=8, read_timeout=2), cache, m, budget,
                       max_request=16 * MiB)
+    fetcher.store.pipe.latency = 0.02  # (as measured behind the WAN proxy)
     return (Reader(cache, fetcher, m, readahead_max=64 * MiB), fetcher, budget, obj, body,
             _Spy(store))
 
@@ -142,6 +146,26 @@ async def test_a_read_half_cached_fetches_only_its_missing_bytes_in_parallel(
     assert budget.used == 0 and not fetcher._inflight
 
 
+async def test_near_the_store_a_random_read_gets_its_chunks_in_one_request(
+        tmp_path: Path) -> None:
+    """On loopback the split's extra GETs cost CPU and save nothing: one GET of the chunks
+    (as measured, the pipe's latency decides)."""
+    reader, fetcher, budget, obj, body, spy = _setup(tmp_path)
+    spy.latency = 0.0
+    fetcher.store.pipe.latency = 0.0  # (not measured yet: the same)
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        off = 3 * MiB + 4096
+        assert await reader.read(obj, reader.new_readahead(), off, MiB) == body[off:off + MiB]
+        assert spy.gets == [(3 * MiB, 2 * MiB)]
+        assert fetcher.store.pipe.latency < SPLIT_LATENCY  # (measured: ~0)
+        off = 9 * MiB + 4096
+        assert await reader.read(obj, reader.new_readahead(), off, MiB) == body[off:off + MiB]
+        assert spy.gets[1:] == [(9 * MiB, 2 * MiB)]
+        n.cancel_scope.cancel()
+    assert budget.used == 0
+
+
 async def test_a_failed_filler_costs_the_cache_not_the_read(tmp_path: Path) -> None:
     reader, fetcher, budget, obj, body, spy = _setup(tmp_path)
     off = 9 * MiB + 4096
@@ -181,32 +205,51 @@ async def test_a_failed_get_of_its_own_bytes_fails_the_read(
     assert budget.used == 0 and not fetcher._inflight
 
 
-def test_random_mib_reads_through_a_mount(s3: Any, bucket: str, mounter: Any) -> None:
-    """Byte-exact random 1 MiB reads; each costs the GETs of its two chunks (its own bytes
-    in two, the rest in two), and a re-read of the region is a cache hit."""
+@pytest.fixture
+def slow_store(seaweed: Any) -> Any:
+    """SeaweedFS behind a proxy that holds every answer 20 ms (a remote store's first byte)."""
+    with FaultProxy(seaweed.endpoint, lifetime=300, seed=5) as p:
+        p.configure(rate=1.0, kinds=("stall",), stall=0.02)
+        yield p
+
+
+def test_random_mib_reads_through_a_mount(s3: Any, bucket: str, mounter: Any,
+                                          slow_store: FaultProxy) -> None:
+    """Byte-exact random 1 MiB reads behind 20 ms: after the first (one GET of its two
+    chunks: the pipe has measured nothing yet), each costs the GETs of its two chunks (its
+    own bytes in two, the rest in two), a re-read of the region is a cache hit, and with the
+    store gone such a read fails with EIO within read_timeout."""
     size = 96 * MiB
     body = data(size, "mnt-rand")
     s3.upload_fileobj(__import__("io").BytesIO(body), bucket, "r.bin")
-    m = mounter(bucket, "", "profile=dataset")
+    m = mounter(bucket, "", f"endpoint={slow_store.endpoint},profile=dataset,read_timeout=3")
     _wait_for_readahead(m.path)
     rng = random.Random(5)
-    offs = sorted({rng.randrange(1, size // 4096 - 512) * 4096 for _ in range(20)})
+    offs = sorted({rng.randrange(1, size // 4096 - 512) * 4096 for _ in range(24)})
     offs = [o for i, o in enumerate(offs) if o % MiB and (not i or o - offs[i - 1] > 3 * MiB)]
     rng.shuffle(offs)  # (in no order: nothing sequential about them)
     fd = os.open(m.path / "r.bin", os.O_RDONLY)
     try:
         st = m.status()
         gets0, in0 = st["s3_get_requests"], st["bytes_in"]
-        got = [os.pread(fd, MiB, off) for off in offs]
-        assert [xxh(g) for g in got] == [xxh(body[o:o + MiB]) for o in offs]
+        got = [os.pread(fd, MiB, off) for off in offs[1:]]
+        assert [xxh(g) for g in got] == [xxh(body[o:o + MiB]) for o in offs[1:]]
         st = m.status()
-        assert st["s3_get_requests"] - gets0 == 4 * len(offs)
-        assert st["bytes_in"] - in0 == 2 * MiB * len(offs)
+        assert st["s3_get_requests"] - gets0 == 1 + 4 * (len(offs) - 2)
+        assert st["bytes_in"] - in0 == 2 * MiB * (len(offs) - 1)
         # a re-read (the page cache dropped) is served from the cache
         subprocess_drop_caches()
-        for off in offs:
+        for off in offs[1:]:
             assert xxh(os.pread(fd, MiB, off)) == xxh(body[off:off + MiB])
         assert m.status()["s3_get_requests"] == st["s3_get_requests"]
+        slow_store.down("blackhole")
+        slow_store.stall = 120
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as info:
+            os.pread(fd, MiB, offs[0])
+        took = time.monotonic() - t0
+        slow_store.heal()
+        assert info.value.errno == errno.EIO and took <= 3 + 2, (info.value, took)
     finally:
         os.close(fd)
     assert m.status()["checksum_failures"] == 0
