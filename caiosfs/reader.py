@@ -4,6 +4,8 @@
   doubling up to a cap; random access keeps it at zero so only touched chunks are fetched.
   The cap is the stream's share of the read pipe (:mod:`caiosfs.store.pipe`: how many GETs
   the mount keeps in flight, by measurement) times the request size, within ``readahead_max``.
+- A random read larger than ``SMALL_RANDOM`` behind a remote store gets its own bytes by
+  parallel GETs and its chunks cached after (:mod:`caiosfs.randfetch`, ``Fetcher.split``).
 - :class:`Fetcher` (one per mount) turns missing chunks into ranged GETs of up to
   ``max_request`` bytes, deduplicates chunks already in flight, and charges what each request
   really holds in memory (a few pieces on their way to the cache file, and the chunks kept for
@@ -316,10 +318,11 @@ class Fetcher:
             return FsError(errno.EIO, f"fetch failed: {exc!r}")
         try:
             await asm.run(get, failed)
+            if asm.error is None:  # (what came: the read's bytes, the fillers' if all did)
+                self.metrics.cache_miss_bytes.inc(charge if asm.complete else asm.size)
             if asm.complete:
                 done = await trio.to_thread.run_sync(write_chunks, self.cache, ident, asm)
                 self.cache.commit(ident, obj.size, done)
-                self.metrics.cache_miss_bytes.inc(charge)
                 if self.cache.over_limit():
                     self.cache.evict(protect={ident})
         except OSError as exc:  # the read has its bytes; its chunks are just not cached
