@@ -24,8 +24,12 @@ first), one PUT per directory in flight, starting from the record read at its la
 (or a GET of it), with our changes applied and names a fresh listing no longer has pruned.
 A directory of more than MAX_NAMES names gets no record. ``caiosfs flush`` and unmount write
 what is pending (:meth:`DirAttrs.flush`). A failed write is logged once at warning and
-dropped. rmdir and a directory rename first settle the directory's record
-(:meth:`DirAttrs.quiesce`) so that no PUT lands in a directory that is gone.
+dropped. rmdir and a directory rename hold the directory's tree while they run
+(:meth:`DirAttrs.holding`): what was pending there is dropped, a write in flight is waited
+for, and what is noted there meanwhile (an upload the rename waited for lands under the old
+name) is dropped too, so that no record PUT lands in a directory that is gone (a record
+written after the move listed the old name empty made the directory come back, holding only
+its record, at the next mount).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -64,6 +69,11 @@ class Record:
     files: Files
     etag: str
     mtime: float
+
+
+def under(d: str, top: str) -> bool:
+    """Whether directory ``d`` is ``top`` or below it ("": the root, above everything)."""
+    return d == top or top == "" or d.startswith(top + "/")
 
 
 # Records larger than this are encoded and parsed in a worker thread, not on the trio loop.
@@ -130,6 +140,8 @@ class DirAttrs:
         self.pending: dict[str, dict[str, tuple[str, int, dict[str, str]] | None]] = {}
         self.due: dict[str, tuple[float, float]] = {}  # dir -> (first change, write at)
         self.writing: dict[str, trio.Event] = {}
+        # directories being moved or removed (with everything below): nothing is noted there
+        self.held: Counter[str] = Counter()
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(WRITERS)
         self._warned = False
@@ -179,25 +191,38 @@ class DirAttrs:
 
     def _note(self, path: str, entry: tuple[str, int, dict[str, str]] | None) -> None:
         d, name = self._split(path)
+        if any(under(d, h) for h in self.held):
+            return  # (its objects are being moved or deleted: see holding)
         self.pending.setdefault(d, {})[name] = entry
         now = trio.current_time()
         first = self.due.get(d, (now, 0.0))[0]
         self.due[d] = (first, min(now + DEBOUNCE, first + MAX_DEFER))
         self._wake.set()
 
-    async def quiesce(self, dir_path: str, tree: bool = False) -> None:
-        """Before a directory (``tree``: and everything below it) is removed or moved: its
-        pending changes are dropped, a write of its record in flight is waited for, and
-        the record is no longer taken for known (the caller deletes or moves it)."""
-        def mine(d: str) -> bool:
-            return d == dir_path or tree and (dir_path == "" or d.startswith(dir_path + "/"))
-        for d in [d for d in self.pending if mine(d)]:
+    @asynccontextmanager
+    async def holding(self, dir_path: str) -> AsyncIterator[None]:
+        """While a directory and everything below it is moved or removed: its pending
+        changes are dropped, a write of a record there in flight is waited for, what is
+        noted there meanwhile is dropped, and its records are no longer taken for known
+        (the caller deletes or moves them)."""
+        self.held[dir_path] += 1
+        try:
+            self._forget(dir_path)
+            for ev in [ev for d, ev in self.writing.items() if under(d, dir_path)]:
+                await ev.wait()
+            yield
+        finally:
+            self.held[dir_path] -= 1
+            if self.held[dir_path] <= 0:
+                del self.held[dir_path]
+            self._forget(dir_path)  # (a rename that failed half-way: listed again first)
+
+    def _forget(self, dir_path: str) -> None:
+        for d in [d for d in self.pending if under(d, dir_path)]:
             del self.pending[d]
             self.due.pop(d, None)
-        for d in [d for d in self.known if mine(d)]:
+        for d in [d for d in self.known if under(d, dir_path)]:
             del self.known[d]
-        for ev in [ev for d, ev in self.writing.items() if mine(d)]:
-            await ev.wait()
 
     # writing -------------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

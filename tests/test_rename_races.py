@@ -1,0 +1,122 @@
+# ruff: noqa: F811  (test functions take the fixture `make` imported from test_core)
+"""Races between the write-back's uploads and the operations that move or remove names, on
+the core without FUSE: nothing PUT under a directory's old name may land after a rename
+moved it (it would come back, empty, on the next mount), and an unlink that waited for an
+upload deletes the version that upload stored."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import trio
+from coretree import Cores
+from test_core import ME, make, node_of, settle, write_file  # noqa: F401  (make: fixture)
+
+from caiosfs.attrs import RECORD
+from caiosfs.core import Core
+from caiosfs.dirattrs import DEBOUNCE
+from caiosfs.inodes import ROOT_INO
+from caiosfs.store.memory import MemoryStore
+
+
+class Gated(MemoryStore):
+    """The upload of the key ``gated`` (a small file of another owner than the mount's:
+    one part, see Uploader._tagged_put) does not complete until ``gate`` is set."""
+
+    def __init__(self, bucket: str, gated: str) -> None:
+        super().__init__(bucket)
+        self.gated = gated
+        self.gate = threading.Event()
+
+    def complete_multipart(self, key: str, upload_id: str, etags: list[str],
+                           if_match: str | None = None, if_none_match: bool = False) -> str:
+        if key == self.gated:
+            self.gate.wait(10)  # (in a worker thread)
+        return super().complete_multipart(key, upload_id, etags, if_match, if_none_match)
+
+
+class SlowEnd(Gated):
+    """The last step of a rename of ``d`` (the DELETE of its folder key ``d/`` after every
+    object moved: the second DELETE of that key, the first one moved the marker) takes
+    1.5 x DEBOUNCE, so that the directory's attribute record, noted by the gated upload,
+    falls due after the move listed ``d/`` empty."""
+
+    folder_deletes = 0
+
+    def delete(self, key: str) -> None:
+        if key == "d/":
+            self.folder_deletes += 1
+            if self.folder_deletes == 2:
+                time.sleep(1.5 * DEBOUNCE)
+        super().delete(key)
+
+
+async def uploading(core: Core, path: str) -> None:
+    """Until the upload of the local file at ``path`` runs (it starts at once)."""
+    f = core.wb.files[path]
+    with trio.fail_after(5):
+        while not f.uploading:
+            await trio.sleep(0.005)
+
+
+async def test_an_upload_landing_during_a_directory_rename_leaves_no_record_behind(
+        make: Cores) -> None:
+    """Found by the model test through a mount (devbox: records on): an upload that the
+    rename waited for landed under the old name and noted the old directory's record; the
+    record was written after the move had listed the old name empty (and before the rename
+    dropped what was noted there), and the renamed directory came back (holding only its
+    record) after a remount."""
+    store = SlowEnd("bkt", "d/f")
+    core = await make(store, "c1", dirattrs="1")
+    d = await core.mkdir(ROOT_INO, "d", 0o755, ME)
+    await write_file(core, "a", b"stored before", d.ino)
+    await settle(core)
+    await core.flush_records()
+    assert f"d/{RECORD}" in store.objects
+    await write_file(core, "f", b"uploading during the rename", d.ino)  # (uploads at once)
+    await uploading(core, "d/f")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(core.rename, ROOT_INO, "d", ROOT_INO, "e")
+        await trio.sleep(0.1)  # (the rename waits for the upload; then it lands)
+        store.gate.set()
+    await settle(core)
+    await core.flush_records()
+    await trio.sleep(DEBOUNCE + 0.2)  # (anything still due under d would be written now)
+    assert sorted(k for k in store.objects if k.startswith("d/")) == []
+    assert {"e/a", "e/f"} <= set(store.objects)
+    await make.crash(core)
+    fresh = await make(store, "c2", dirattrs="1")
+    fh = fresh.opendir(ROOT_INO)
+    assert sorted(name for name, _ in await fresh.readdir(fh, 0)) == ["e"]
+    assert await node_of(fresh, "e/f")
+
+
+
+async def test_an_unlink_that_waited_for_an_upload_deletes_what_it_stored(
+        make: Cores) -> None:
+    """Found by the model test on the core: a stored file written again and unlinked while
+    its upload ran; the unlink waited for it, then queued the DELETE of (and hid) the version
+    before it, so the new version stayed listed: rmdir of its directory failed (ENOTEMPTY)
+    and a read of the name met NoSuchKey once the batched DELETE had gone."""
+    store = Gated("bkt", "b/y")
+    core = await make(store, "c1")  # (devbox: unlink=batch)
+    b = await core.mkdir(ROOT_INO, "b", 0o755, ME)
+    store.gate.set()
+    await write_file(core, "y", b"first", b.ino)
+    await settle(core)
+    store.gate.clear()
+    fh = await core.open(await node_of(core, "b/y"), os.O_WRONLY | os.O_TRUNC)
+    await core.files.write(fh, 0, b"second version")
+    await core.files.release(fh)
+    await uploading(core, "b/y")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(core.unlink, b.ino, "y")
+        await trio.sleep(0.1)  # (the unlink waits for the upload; then it lands)
+        store.gate.set()
+    await core.rmdir(ROOT_INO, "b")
+    await settle(core)
+    assert not [k for k in store.objects if k.startswith("b/")]
+    fh = core.opendir(ROOT_INO)
+    assert [name for name, _ in await core.readdir(fh, 0)] == []
