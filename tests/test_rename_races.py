@@ -120,3 +120,20 @@ async def test_an_unlink_that_waited_for_an_upload_deletes_what_it_stored(
     assert not [k for k in store.objects if k.startswith("b/")]
     fh = core.opendir(ROOT_INO)
     assert [name for name, _ in await core.readdir(fh, 0)] == []
+
+
+async def test_a_file_unlinked_while_open_does_not_move_with_its_directory(
+        make: Cores) -> None:
+    """A stored file unlinked while open for reading keeps its object until the last close
+    (its DELETE deferred, the name hidden); a rename of its directory meanwhile copied that
+    object with the others, and the file came back under the new name."""
+    store = MemoryStore("bkt")
+    store.put_bytes("d/gone", b"unlinked while open")
+    store.put_bytes("d/kept", b"kept")
+    core = await make(store, "c1")
+    fh = await core.open(await node_of(core, "d/gone"), os.O_RDONLY)
+    await core.unlink(await node_of(core, "d"), "gone")
+    await core.rename(ROOT_INO, "d", ROOT_INO, "e")
+    await core.files.release(fh)
+    await settle(core)
+    assert sorted(store.objects) == ["e/kept"]
