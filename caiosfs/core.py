@@ -378,8 +378,9 @@ class Core:
             raise
         if not n.is_dir:
             raise FsError(errno.ENOTDIR)
-        async with self.dirattrs.holding(n.path):  # no record PUT lands after it is gone
+        async with self.dirattrs.removing(n.path) as held:  # no record PUT lands after it
             await self._remove_dir(parent, n)
+            held.removed = True
 
     async def _remove_dir(self, parent: Node, n: Node) -> None:
         # Files unlinked below it leave the store before it does (else its prefix, listed
@@ -544,8 +545,9 @@ class Core:
         # A directory's records move with its objects: none may be written meanwhile, nor
         # after (an upload the rename waits for lands under the old name and notes it: a
         # record written after the move listed the old name empty brought it back).
-        async with self.dirattrs.holding(src):
+        async with self.dirattrs.moving(src) as held:
             await self.renames.rename(old_parent, old_name, new_parent, new_name, flags)
+            held.to = self.ns.join(new_parent.path, new_name)
         moved = self.ns.nodes.get(self.ns.by_path.get(self.ns.join(new_parent.path, new_name), 0))
         if moved is None or not moved.is_dir:
             self.dirattrs.note_removed(src)  # (a file left its directory's record)
