@@ -40,8 +40,8 @@ import json
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -216,45 +216,40 @@ class DirAttrs:
     def held(self, d: str) -> bool:
         return any(under(d, h.top) for h in self.holds)
 
-    @asynccontextmanager
-    async def moving(self, dir_path: str) -> AsyncIterator[Hold]:
+    def moving(self, dir_path: str) -> AbstractAsyncContextManager[Hold]:
         """While a directory (and everything below it) is renamed: what is pending there is
         written first (its records move with its objects), then nothing there is written;
         the caller sets ``to`` once it moved, and what was noted meanwhile is noted there."""
-        h = Hold(dir_path)
-        self.holds.append(h)
-        try:
-            await self._write_held(dir_path)
-            yield h
-        finally:
-            self._release(h)
-            if h.to is not None:
-                self._forget(dir_path)  # (nothing is left there; never written there again)
-                for path, entry in h.noted.items():
-                    self._note(h.to + path[len(dir_path):], entry)
+        return self._holding(dir_path, self._write_held)
 
-    @asynccontextmanager
-    async def removing(self, dir_path: str) -> AsyncIterator[Hold]:
+    def removing(self, dir_path: str) -> AbstractAsyncContextManager[Hold]:
         """While a directory is removed (rmdir): no record in it is written (a write in
         flight is waited for); the caller sets ``removed`` once it is gone, else what is
         pending there, and what was noted meanwhile, is written later as usual."""
+        return self._holding(dir_path, self._writes_done)
+
+    @asynccontextmanager
+    async def _holding(self, dir_path: str, first: Callable[[str], Awaitable[None]]
+                       ) -> AsyncIterator[Hold]:
         h = Hold(dir_path)
         self.holds.append(h)
         try:
-            await self._writes_done(dir_path)
+            await first(dir_path)
             yield h
         finally:
             self._release(h)
-            if h.removed:
-                self._forget(dir_path)
-            else:
-                for path, entry in h.noted.items():
-                    self._note(path, entry)
 
     def _release(self, h: Hold) -> None:
         self.holds.remove(h)
         for d in [d for d in self.known if under(d, h.top)]:
             del self.known[d]  # (moved or deleted by the caller: read again if needed)
+        if h.to is not None or h.removed:
+            self._forget(h.top)  # (nothing is left there; never written there again)
+        for path, entry in h.noted.items():
+            if h.to is not None:
+                self._note(h.to + path[len(h.top):], entry)
+            elif not h.removed:
+                self._note(path, entry)  # (not moved nor removed after all)
         self._wake.set()  # (what is due there may be written again)
 
     def _forget(self, dir_path: str) -> None:

@@ -163,6 +163,18 @@ class KeepsETags(Gated):
         return super().put_file(key, path, size, metadata, if_match, if_none_match)
 
 
+async def stored_file(make: Cores, store: Gated, dir_name: str) -> tuple[Core, int]:
+    """A core writing records, and the inode of ``<dir_name>/y`` (mode 0640) in the store."""
+    store.gate.set()
+    core = await make(store, "c1", dirattrs="1", uid=str(ME.uid), gid=str(ME.gid))
+    d = await core.mkdir(ROOT_INO, dir_name, 0o755, ME)
+    fh, n = await core.create(d.ino, "y", 0o640, ME)
+    await core.files.write(fh, 0, b"stored")
+    await core.files.release(fh)
+    await settle(core)
+    return core, n.ino
+
+
 async def test_a_failed_rmdir_keeps_what_its_record_was_to_be_told(make: Cores) -> None:
     """Found by the model test through a mount (main, CAIOSFS_MODEL_EXAMPLES=30, 5th run):
     a chmod of a stored file (a copy that keeps its ETag) while its directory's record was
@@ -170,18 +182,12 @@ async def test_a_failed_rmdir_keeps_what_its_record_was_to_be_told(make: Cores) 
     record kept the old mode under the same ETag, written after the copy: the next mount
     showed the old mode."""
     store = KeepsETags("bkt", f"b/{RECORD}")
-    store.gate.set()
-    core = await make(store, "c1", dirattrs="1", uid=str(ME.uid), gid=str(ME.gid))
-    b = await core.mkdir(ROOT_INO, "b", 0o755, ME)
-    fh, n = await core.create(b.ino, "y", 0o640, ME)
-    await core.files.write(fh, 0, b"stored")
-    await core.files.release(fh)
-    await settle(core)
+    core, y = await stored_file(make, store, "b")
     store.gate.clear()
     with trio.fail_after(5):
         while "b" not in core.dirattrs.writing:  # (due DEBOUNCE after the upload)
             await trio.sleep(0.01)
-    await core.setattr(n.ino, AttrChange(mode=0o600))
+    await core.setattr(y, AttrChange(mode=0o600))
     store.gate.set()
     with trio.fail_after(5):
         while "b" in core.dirattrs.writing:
@@ -217,15 +223,9 @@ async def test_a_directory_rename_moves_its_record_with_what_was_pending(
     dropped, the record moved with the old mode, and being copied with the file it looked
     as recent as the file's copy: the next mount showed the old mode."""
     store = RecordsCopiedLast("bkt", "")
-    store.gate.set()
-    core = await make(store, "c1", dirattrs="1", uid=str(ME.uid), gid=str(ME.gid))
-    d = await core.mkdir(ROOT_INO, "d", 0o755, ME)
-    fh, n = await core.create(d.ino, "y", 0o640, ME)
-    await core.files.write(fh, 0, b"stored")
-    await core.files.release(fh)
-    await settle(core)
+    core, y = await stored_file(make, store, "d")
     await core.flush_records()
-    await core.setattr(n.ino, AttrChange(mode=0o600))
+    await core.setattr(y, AttrChange(mode=0o600))
     assert "d" in core.dirattrs.pending  # (written DEBOUNCE later)
     await core.rename(ROOT_INO, "d", ROOT_INO, "e")
     await settle(core)
