@@ -115,7 +115,7 @@ def test_reads_fail_with_eio_within_read_timeout(s3: Any, bucket: str, mounter: 
     # a path walk whose lookups have expired asks the store for those too, and each waits
     # its own read_timeout (a lookup then answers from what was known). The names below are
     # looked up while the store is healthy, and entry_ttl keeps them for the whole test, so
-    # each read below makes one request that cannot succeed. (With the default 60 s, a loaded
+    # no lookup of the path waits before the read does. (With the default 60 s, a loaded
     # machine took longer than that to get to the last outages: the lookup of `e` waited out
     # read_timeout before the read did, 5.9-6 s; entry_ttl=1 shows it every time.)
     m = mounter(bucket, options=via(
