@@ -378,12 +378,16 @@ class Core:
             raise
         if not n.is_dir:
             raise FsError(errno.ENOTDIR)
+        async with self.dirattrs.removing(n.path) as held:  # no record PUT lands after it
+            await self._remove_dir(parent, n)
+            held.removed = True
+
+    async def _remove_dir(self, parent: Node, n: Node) -> None:
         # Files unlinked below it leave the store before it does (else its prefix, listed
         # by a parent's listing, would bring it back for a moment). The listing that says
         # whether it is empty runs meanwhile (rm -r: a round trip per directory less): the
         # files whose DELETEs are queued or in flight (hidden now) do not count, and a
         # subdirectory's files left the store before its own rmdir returned.
-        await self.dirattrs.quiesce(n.path)  # no record PUT lands after it is gone
         gone = {p: etag for p, etag in self.ns.hidden.items()
                 if self.ns.parent_of(p) == n.path}
         busy = bool(self.wb.under(n.path) or self.wb.markers_below(n.path))
@@ -513,7 +517,10 @@ class Core:
         if n.is_dir:
             raise FsError(errno.EISDIR)
         f = await self.wb.unlink(n.path)
-        store_etag = n.entry.etag or (f.base_etag if f else None)
+        # What the store holds at the name: a local file's upload may have landed while
+        # the unlink waited for it (the node still holds the version before it, and a
+        # DELETE or a hidden name for that version would leave the new one listed).
+        store_etag = (f.base_etag if f else None) or n.entry.etag
         if store_etag and f is None and self.files.is_open(n):
             # Open for reading from the store: delete at the last close, hide the name now.
             self.deletes.defer(n.ino, n.path, store_etag)
@@ -535,15 +542,13 @@ class Core:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         old_parent, new_parent = self.ns.node(old_parent_ino), self.ns.node(new_parent_ino)
         src = self.ns.join(old_parent.path, old_name)
-        # A directory's records move with its objects: none may be written meanwhile.
-        await self.dirattrs.quiesce(src, tree=True)
-        await self.renames.rename(old_parent, old_name, new_parent, new_name, flags)
+        # A directory's records move with its objects: none may be written meanwhile, nor
+        # after (an upload the rename waits for lands under the old name and notes it: a
+        # record written after the move listed the old name empty brought it back).
+        async with self.dirattrs.moving(src) as held:
+            await self.renames.rename(old_parent, old_name, new_parent, new_name, flags)
+            held.to = self.ns.join(new_parent.path, new_name)
         moved = self.ns.nodes.get(self.ns.by_path.get(self.ns.join(new_parent.path, new_name), 0))
-        if moved is not None and moved.is_dir:
-            # An upload that landed under the old name while the directory moved (the
-            # rename waits for one in flight) noted it in a record of the old directory:
-            # written, it would make the directory reappear there.
-            await self.dirattrs.quiesce(src, tree=True)
         if moved is None or not moved.is_dir:
             self.dirattrs.note_removed(src)  # (a file left its directory's record)
         if (moved is not None and not moved.is_dir and moved.entry.etag

@@ -175,6 +175,16 @@ class Deletes:
         """Whether a journaled file replaces the version this delete was for (see take)."""
         return (op.key, op.etag) in journaled
 
+    async def moving(self, dir_path: str) -> None:
+        """A directory is about to be renamed: the move copies every object below it, so
+        the DELETEs of files unlinked there go first - queued ones are sent, and deferred
+        ones happen now (a file unlinked while open came back under the new name; handles
+        still open on it may then fail to read what is not cached, as with :meth:`claim`)."""
+        for ino, d in list(self.deferred.items()):
+            if d[1].startswith(dir_path + "/") and ino in self.deferred:
+                await self.closed(ino)
+        await self.settle(self.ns.dir_key(dir_path))
+
     async def claim(self, path: str) -> None:
         """A name is being reused: a deferred delete of the old object there happens now
         (handles still open on it may then fail to read what is not cached)."""

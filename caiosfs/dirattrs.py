@@ -24,8 +24,14 @@ first), one PUT per directory in flight, starting from the record read at its la
 (or a GET of it), with our changes applied and names a fresh listing no longer has pruned.
 A directory of more than MAX_NAMES names gets no record. ``caiosfs flush`` and unmount write
 what is pending (:meth:`DirAttrs.flush`). A failed write is logged once at warning and
-dropped. rmdir and a directory rename first settle the directory's record
-(:meth:`DirAttrs.quiesce`) so that no PUT lands in a directory that is gone.
+dropped. rmdir and a directory rename hold the directory's tree while they run
+(:class:`Hold`): no record there is written meanwhile, and what is noted there (an upload the
+rename waited for lands under the old name) is kept aside, so that no record PUT lands in a
+directory that is gone (a record written after the move listed the old name empty made the
+directory come back, holding only its record, at the next mount). A rename first writes what
+is pending there (the records move with the objects, and must not move stale: the copies'
+fresh Last-Modified would make a stale entry look current) and notes what was kept aside
+under the new names; an rmdir that failed notes it again, one that succeeded drops it.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ import json
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
 
 import trio
 
@@ -55,6 +62,17 @@ WRITERS = 8  # record PUTs in flight at once
 
 # name -> (ETag, size, x-amz-meta-*)
 Files = dict[str, tuple[str, int, dict[str, str]]]
+Change = tuple[str, int, dict[str, str]] | None  # a name's new entry (None: removed)
+
+
+@dataclass(eq=False)
+class Hold:
+    """A directory tree being moved or removed: no record in it is written meanwhile."""
+
+    top: str
+    noted: dict[str, Change] = field(default_factory=dict)  # path -> change, kept aside
+    to: str | None = None  # moved there (set by the caller once the move is done)
+    removed: bool = False  # removed (set by the caller once it is gone)
 
 
 @dataclass
@@ -64,6 +82,11 @@ class Record:
     files: Files
     etag: str
     mtime: float
+
+
+def under(d: str, top: str) -> bool:
+    """Whether directory ``d`` is ``top`` or below it ("": the root, above everything)."""
+    return d == top or top == "" or d.startswith(top + "/")
 
 
 # Records larger than this are encoded and parsed in a worker thread, not on the trio loop.
@@ -127,9 +150,10 @@ class DirAttrs:
         # dir path -> files of its record in the store as last read or written ({}: none)
         self.known: OrderedDict[str, Files] = OrderedDict()
         # dir path -> name -> entry (None: removed) not written yet
-        self.pending: dict[str, dict[str, tuple[str, int, dict[str, str]] | None]] = {}
+        self.pending: dict[str, dict[str, Change]] = {}
         self.due: dict[str, tuple[float, float]] = {}  # dir -> (first change, write at)
         self.writing: dict[str, trio.Event] = {}
+        self.holds: list[Hold] = []  # trees being moved or removed
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(WRITERS)
         self._warned = False
@@ -177,27 +201,72 @@ class DirAttrs:
         if self.write:
             self._note(path, None)
 
-    def _note(self, path: str, entry: tuple[str, int, dict[str, str]] | None) -> None:
+    def _note(self, path: str, entry: Change) -> None:
         d, name = self._split(path)
+        for h in self.holds:
+            if under(d, h.top):
+                h.noted[path] = entry  # (its objects are being moved or deleted)
+                return
         self.pending.setdefault(d, {})[name] = entry
         now = trio.current_time()
         first = self.due.get(d, (now, 0.0))[0]
         self.due[d] = (first, min(now + DEBOUNCE, first + MAX_DEFER))
         self._wake.set()
 
-    async def quiesce(self, dir_path: str, tree: bool = False) -> None:
-        """Before a directory (``tree``: and everything below it) is removed or moved: its
-        pending changes are dropped, a write of its record in flight is waited for, and
-        the record is no longer taken for known (the caller deletes or moves it)."""
-        def mine(d: str) -> bool:
-            return d == dir_path or tree and (dir_path == "" or d.startswith(dir_path + "/"))
-        for d in [d for d in self.pending if mine(d)]:
+    def held(self, d: str) -> bool:
+        return any(under(d, h.top) for h in self.holds)
+
+    def moving(self, dir_path: str) -> AbstractAsyncContextManager[Hold]:
+        """While a directory (and everything below it) is renamed: what is pending there is
+        written first (its records move with its objects), then nothing there is written;
+        the caller sets ``to`` once it moved, and what was noted meanwhile is noted there."""
+        return self._holding(dir_path, self._write_held)
+
+    def removing(self, dir_path: str) -> AbstractAsyncContextManager[Hold]:
+        """While a directory is removed (rmdir): no record in it is written (a write in
+        flight is waited for); the caller sets ``removed`` once it is gone, else what is
+        pending there, and what was noted meanwhile, is written later as usual."""
+        return self._holding(dir_path, self._writes_done)
+
+    @asynccontextmanager
+    async def _holding(self, dir_path: str, first: Callable[[str], Awaitable[None]]
+                       ) -> AsyncIterator[Hold]:
+        h = Hold(dir_path)
+        self.holds.append(h)
+        try:
+            await first(dir_path)
+            yield h
+        finally:
+            self._release(h)
+
+    def _release(self, h: Hold) -> None:
+        self.holds.remove(h)
+        for d in [d for d in self.known if under(d, h.top)]:
+            del self.known[d]  # (moved or deleted by the caller: read again if needed)
+        if h.to is not None or h.removed:
+            self._forget(h.top)  # (nothing is left there; never written there again)
+        for path, entry in h.noted.items():
+            if h.to is not None:
+                self._note(h.to + path[len(h.top):], entry)
+            elif not h.removed:
+                self._note(path, entry)  # (not moved nor removed after all)
+        self._wake.set()  # (what is due there may be written again)
+
+    def _forget(self, dir_path: str) -> None:
+        for d in [d for d in self.pending if under(d, dir_path)]:
             del self.pending[d]
             self.due.pop(d, None)
-        for d in [d for d in self.known if mine(d)]:
-            del self.known[d]
-        for ev in [ev for d, ev in self.writing.items() if mine(d)]:
+
+    async def _writes_done(self, top: str) -> None:
+        for ev in [ev for d, ev in self.writing.items() if under(d, top)]:
             await ev.wait()
+
+    async def _write_held(self, top: str) -> None:
+        """Write what is pending under the held ``top`` now (after the writes in flight)."""
+        await self._writes_done(top)
+        async with trio.open_nursery() as nursery:
+            for d in [d for d in self.pending if under(d, top) and d not in self.writing]:
+                self._start(nursery, d)
 
     # writing -------------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -207,11 +276,11 @@ class DirAttrs:
             while True:
                 now = trio.current_time()
                 for d in [d for d, (_, at) in self.due.items()
-                          if at <= now and d not in self.writing]:
+                          if at <= now and d not in self.writing and not self.held(d)]:
                     self._start(nursery, d)
                 self._wake = trio.Event()
-                nxt = min((at for d, (_, at) in self.due.items() if d not in self.writing),
-                          default=math.inf)
+                nxt = min((at for d, (_, at) in self.due.items()
+                           if d not in self.writing and not self.held(d)), default=math.inf)
                 with trio.move_on_at(nxt):
                     await self._wake.wait()
 
@@ -226,10 +295,10 @@ class DirAttrs:
         for _ in range(3):  # (changes noted while it runs get another round, twice)
             for ev in list(self.writing.values()):
                 await ev.wait()
-            if not self.pending:
+            if not [d for d in self.pending if not self.held(d)]:
                 return
             async with trio.open_nursery() as nursery:
-                for d in [d for d in self.pending if d not in self.writing]:
+                for d in [d for d in self.pending if d not in self.writing and not self.held(d)]:
                     self._start(nursery, d)
 
     async def _write(self, d: str) -> None:

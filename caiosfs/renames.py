@@ -133,7 +133,7 @@ class Renames:
         return moved
 
     async def _rename_dir(self, src: str, dst: str) -> None:
-        await self.deletes.settle(self.ns.dir_key(src))  # the move must not copy unlinked files
+        await self.deletes.moving(src)  # the move must not copy unlinked files
         oid = self.index.next_id()
         src_key, dst_key = self.ns.dir_key(src), self.ns.dir_key(dst)
         self.index.put_op(oid, RenameDirOp(src_key, dst_key))

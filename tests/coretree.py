@@ -38,7 +38,7 @@ class Cores:
     def __init__(self, tmp: Path, nursery: trio.Nursery) -> None:
         self.tmp = tmp
         self.nursery = nursery
-        self.running: dict[int, tuple[trio.CancelScope, trio.Event, Index]] = {}
+        self.running: dict[int, tuple[trio.CancelScope, trio.Event, Index, Core]] = {}
 
     async def __call__(self, store: MemoryStore, name: str = "c1", **opts: str) -> Core:
         """A started core (``name``: a new one is an empty cache, an old one the cache a
@@ -64,22 +64,25 @@ class Cores:
             finally:
                 done.set()
         scope = await self.nursery.start(run)
-        self.running[id(core)] = (scope, done, index)
+        self.running[id(core)] = (scope, done, index, core)
         return core
 
     async def crash(self, core: Core) -> None:
         """Stop ``core`` where it stands: nothing is drained, its index is closed."""
-        scope, done, index = self.running.pop(id(core))
-        scope.cancel()
-        await done.wait()
-        index.close()
+        await self._stop(id(core))
 
     async def stop_all(self) -> None:
         for core_id in list(self.running):
-            scope, done, index = self.running.pop(core_id)
-            scope.cancel()
-            await done.wait()
-            index.close()
+            await self._stop(core_id)
+
+    async def _stop(self, core_id: int) -> None:
+        scope, done, index, core = self.running.pop(core_id)
+        scope.cancel()
+        await done.wait()
+        index.close()
+        # Its spare data files (32 open descriptors), as a dead daemon's: the model test
+        # starts two cores per example and ran out of descriptors after ~300 examples.
+        core.wb.close_spares()
 
 
 class Loop:

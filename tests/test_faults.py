@@ -111,7 +111,15 @@ def test_reads_fail_with_eio_within_read_timeout(s3: Any, bucket: str, mounter: 
     bodies = {o: data(3 * MiB + 5, "eio" + o) for o in OUTAGES}
     for o, body in bodies.items():
         s3.put_object(Bucket=bucket, Key=f"e/{o}", Body=body)
-    m = mounter(bucket, options=via(proxy, f"read_timeout={read_timeout},negative_ttl=0"))
+    # What the daemon bounds is each request to the store (with its retries), not a syscall:
+    # a path walk whose lookups have expired asks the store for those too, and each waits
+    # its own read_timeout (a lookup then answers from what was known). The names below are
+    # looked up while the store is healthy, and entry_ttl keeps them for the whole test, so
+    # no lookup of the path waits before the read does. (With the default 60 s, a loaded
+    # machine took longer than that to get to the last outages: the lookup of `e` waited out
+    # read_timeout before the read did, 5.9-6 s; entry_ttl=1 shows it every time.)
+    m = mounter(bucket, options=via(
+        proxy, f"read_timeout={read_timeout},negative_ttl=0,entry_ttl=3600"))
     assert sorted(os.listdir(m.path / "e")) == sorted(OUTAGES)  # looked up while healthy
     figures = {}
     for outage in OUTAGES:

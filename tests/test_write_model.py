@@ -228,10 +228,20 @@ class WriteModel(RuleBasedStateMachine):
         if p is not None:
             self.both(f"rmdir {p}", "rmdir", p)
 
+    def escapes(self, src: str, dst: str) -> bool:
+        """Whether renaming ``src`` to ``dst`` moves a symlink whose target then points out
+        of the tree (``a/b -> ../top`` renamed to ``x``): a core has no outside to follow it
+        to, so the confined variant does not do it."""
+        if not self.confined or not (self.ref_root / src).is_symlink():
+            return False
+        where = os.path.normpath(os.path.join(os.path.dirname(dst),
+                                              os.readlink(self.ref_root / src)))
+        return where == ".." or where.startswith("../")
+
     @rule(i=st.integers(0, 99), dst=paths, kind=st.sampled_from(["f", "f", "d", "l"]))
     def rename(self, i: int, dst: str, kind: str) -> None:
         src = self.pick(kind, i)
-        if src is not None:
+        if src is not None and not self.escapes(src, dst):
             self.both(f"rename {src} {dst}", "rename", src, dst)
 
     @rule(i=st.integers(0, 99), mode=st.sampled_from([0o600, 0o640, 0o755, 0o444]))
@@ -252,7 +262,8 @@ class WriteModel(RuleBasedStateMachine):
     def anything(self, op: str, p: str, q: str) -> None:
         """Any operation on any path, valid or not: the errno must match."""
         if op == "rename":
-            self.both(f"rename {p} {q}", "rename", p, q)
+            if not self.escapes(p, q):
+                self.both(f"rename {p} {q}", "rename", p, q)
         elif op == "truncate":
             self.both(f"{op} {p}", "truncate", p, 10)
         else:
@@ -402,6 +413,12 @@ def test_random_operations_match_a_local_directory(s3: Any, bucket: str, mounter
         suppress_health_check=list(HealthCheck)))
 
 
+# The mount's options, and directory attribute records on as on the mount (devbox), which
+# the core's test harness turns off by default: a record written under a directory renamed
+# away brought it back.
+CORE_OPTS = dict(o.split("=") for o in OPTS.split(",")) | {"dirattrs": "1"}
+
+
 class CoreModel(WriteModel):
     """On the filesystem core and the in-memory store, no FUSE."""
     loop: Any = None
@@ -409,8 +426,7 @@ class CoreModel(WriteModel):
 
     def open_side(self) -> CoreTree:
         self.store = MemoryStore(f"ex{self.n}")
-        core = self.loop.run(self.loop.cores, self.store, f"cache{self.n}",
-                             **dict(o.split("=") for o in OPTS.split(",")))
+        core = self.loop.run(self.loop.cores, self.store, f"cache{self.n}", **CORE_OPTS)
         return CoreTree(self.loop, core, umask=UMASK)
 
     def let_settle(self, how: str) -> None:
@@ -424,8 +440,7 @@ class CoreModel(WriteModel):
 
     def check_durable(self) -> None:
         self.side.drain()
-        fresh = self.loop.run(self.loop.cores, self.store, f"fresh{self.n}",
-                              **dict(o.split("=") for o in OPTS.split(",")))
+        fresh = self.loop.run(self.loop.cores, self.store, f"fresh{self.n}", **CORE_OPTS)
         self.compare(CoreTree(self.loop, fresh, umask=UMASK), "fresh core")
 
     def cleanup(self) -> None:
