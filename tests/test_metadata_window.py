@@ -16,10 +16,12 @@ from typing import TypeVar
 
 import pytest
 import trio
-from coretree import Cores
 from conftest import data
-from test_core import make  # noqa: F401  (the fixture: a started core on the memory store)
-from test_core import read_all
+from coretree import Cores
+from test_core import (
+    make,  # noqa: F401  (the fixture: a started core on the memory store)
+    read_all,
+)
 
 from caiosfs.core import Caller
 from caiosfs.errors import FsError
