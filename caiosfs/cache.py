@@ -455,24 +455,6 @@ class BlockCache:
         self.used += added
         self.metrics.cache_bytes.set(self.used)
 
-    def fill(self, ident: bytes, obj_size: int, data: bytes) -> bool:
-        """Keep a small object fetched whole for another reason (a GET that stood for its
-        HEAD, storeview.py): False if it could not be written (the cache is full or its
-        disk fails: its reader fetches it again)."""
-        if len(data) != obj_size or obj_size > self.chunk_size or not self.missing(
-                ident, 0, 0) or self.over_limit():
-            return False
-        w = self.writer(ident, obj_size)
-        try:
-            w(0, data)
-            self.commit(ident, obj_size, w.done)
-        except OSError as exc:
-            log.debug("a small object's content not kept: %r", exc)
-            return False
-        finally:
-            w.close()
-        return True
-
     # access times and eviction -----------------------------------------------------------
     def flush_atimes(self) -> None:
         """Write batched access times (reads do not write to LMDB one by one)."""

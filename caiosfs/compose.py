@@ -142,7 +142,6 @@ def build_core(cfg: MountConfig, store: ObjectStore, index: Index,
                    on_uploaded=lambda f, etag: None)  # (the core takes it over)
     ns = Namespace(cfg, rp.client, index, metrics, wb)
     wb.tagged = ns.needs_tag
-    ns.view.fill = rp.cache.fill  # a small object GET for its metadata keeps its content
     core = Core(cfg, index, metrics, rp.client, rp.cache, rp.fetcher, reader, wb, ns)
     if cfg.dirahead:
         core.files.ahead = DirAhead(cfg, ns.view, wb, rp.fetcher, metrics)

@@ -164,8 +164,7 @@ OPTIONS: list[Option] = [
            "SECONDS"),
     Option("metadata", str, "tagged", "Where stat results come from. 'tagged' (default): "
            "the listing (size, ETag, Last-Modified) plus x-amz-meta-* already known "
-           "(remembered by ETag), and one HEAD (a GET of an object of at most 64 KiB, whose "
-           "content is then cached), in parallel after a listing, of each object "
+           "(remembered by ETag), and one HEAD, in parallel after a listing, of each object "
            "whose ETag says it may carry attributes a listing would hide: what this mount "
            "writes with a non-default type, mode or owner (symlinks, executables) is uploaded "
            "so (a one-part multipart upload, ETag '...-N'), so it reads back the same after "

@@ -20,7 +20,6 @@ import errno
 import logging
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -39,13 +38,6 @@ from .writeback import WriteBack
 log = logging.getLogger(__name__)
 
 HEAD_PARALLEL = 32
-# A listed object this small whose metadata is wanted is fetched whole instead of HEADed
-# (the GET answers with the same x-amz-meta-*): its content lands in the block cache, so a
-# walk that stats, then reads small files (a restore, tar c, an import of a tree written by
-# another client) makes one request per file instead of two. Behind the WAN proxy 64 KiB
-# add ~1.3 ms to a 20 ms round trip; on loopback SeaweedFS answers such a GET for about
-# the CPU of a HEAD.
-GET_FOR_HEAD = 64 << 10
 
 
 class TooBig(Exception):
@@ -120,9 +112,6 @@ class StoreView:
         self.records: dict[str, str] = {}
         # dir path -> ETag of the record last applied to a listing of it (not GET again)
         self._applied: dict[str, str] = {}
-        # Keeps a small object's content that came with its metadata (GET_FOR_HEAD) in the
-        # block cache: (ident, size, body); set by the composition root (None: HEADs only).
-        self.fill: Callable[[bytes, int, bytes], object] | None = None
         # Listings of whole subtrees at a directory's first listing (list_ahead, treelist.py)
         self.trees = TreeLister(store, self.prefix, cfg.list_ahead, cfg.list_ttl,
                                 lambda p: {q: wb.markers[q] for q in wb.markers_below(p)})
@@ -395,14 +384,12 @@ class StoreView:
             try:
                 async with limiter:
                     try:
-                        info = await self._meta_of(key, e)
+                        info = await self.store.head(key)
                     except StoreError:
                         return  # deleted meanwhile, or unreadable: defaults apply
-                if info is not None and info.etag == e.etag:
+                if info.etag == e.etag:
                     e.meta = info.metadata or {}
                     self.index.put_meta(ident_of(self.bucket, key, e.etag), e.meta)
-                    if info.data is not None and self.fill is not None:
-                        self.fill(ident_of(self.bucket, key, e.etag), info.size, info.data)
             finally:
                 if self._heading.get(key) is mine[key]:
                     del self._heading[key]
@@ -410,13 +397,6 @@ class StoreView:
         async with trio.open_nursery() as n:
             for name, e in todo:
                 n.start_soon(one, name, e)
-
-    async def _meta_of(self, key: str, e: Entry) -> ObjectInfo | None:
-        """A listed object's HEAD, or its GET if it is small (GET_FOR_HEAD): the metadata
-        either way; None if it is gone (or grew past the limit since its listing)."""
-        if self.fill is not None and 0 < e.size <= GET_FOR_HEAD:
-            return await self.store.get_small(key, GET_FOR_HEAD)
-        return await self.store.head(key)
 
     def _window(self, dir_path: str, listing: Listing | None, name: str
                 ) -> list[tuple[str, Entry]]:

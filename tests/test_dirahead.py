@@ -26,9 +26,6 @@ from caiosfs.inodes import ROOT_INO
 from caiosfs.store.memory import MemoryStore
 
 N = 50
-# (Lookups read no object's metadata: a small object's GET for it would bring its content
-# too, storeview.GET_FOR_HEAD, and these tests count the GETs of reading ahead.)
-NO_META = "list"
 make = test_core.make  # the fixture: started cores on the in-memory store
 
 
@@ -95,7 +92,7 @@ async def quiet(core: Core) -> None:
 async def test_an_in_order_reader_finds_its_files_fetched_ahead(make: Cores) -> None:
     store = CountingStore("bkt", delay=0.02)
     want = fill(store)
-    core = await make(store, metadata=NO_META)
+    core = await make(store)
     dino, names = await listed(core)
     assert names == sorted(want)
     got = {}
@@ -117,7 +114,7 @@ async def test_an_in_order_reader_finds_its_files_fetched_ahead(make: Cores) -> 
 async def test_a_random_reader_pays_no_get_it_did_not_ask_for(make: Cores) -> None:
     store = CountingStore("bkt")
     want = fill(store)
-    core = await make(store, metadata=NO_META)
+    core = await make(store)
     dino, names = await listed(core)
     # Fewer than a third of the directory (a third of a small directory read is taken for
     # an import reading most of a package: the rest is then fetched).
@@ -133,7 +130,7 @@ async def test_a_data_loader_of_16_tasks_over_a_large_directory_fetches_nothing_
         make: Cores) -> None:
     store = CountingStore("bkt")
     want = fill(store, 400)
-    core = await make(store, metadata=NO_META)
+    core = await make(store)
     dino, names = await listed(core)
     pick = random.Random(3).sample(names, 200)
 
@@ -154,7 +151,7 @@ async def test_most_of_a_small_directory_read_out_of_order_fetches_the_rest(
     order m0, m1, m10, m100 ...): once a third were read, the rest is fetched."""
     store = CountingStore("bkt")
     want = fill(store, 30)
-    core = await make(store, metadata=NO_META)
+    core = await make(store)
     dino, names = await listed(core)
     order = sorted(names, key=lambda s: (int(s[1:]) % 7, s))  # no run of neighbours
     for name in order:
@@ -171,7 +168,7 @@ async def test_a_tiny_directory_is_fetched_at_its_first_open(make: Cores) -> Non
     for n, ahead in ((TINY_MAX, TINY_MAX - 1), (TINY_MAX + 1, 0)):
         store = CountingStore("bkt")
         want = fill(store, n)
-        core = await make(store, name=f"c{n}", metadata=NO_META)
+        core = await make(store, name=f"c{n}")
         dino, names = await listed(core)
         first = names[len(names) // 2]  # (not the first file: no run in listing order)
         assert await read(core, dino, first) == want[first]
@@ -207,7 +204,7 @@ async def test_a_tiny_directory_brings_its_tiny_subdirectories(make: Cores, tree
         want[path] = xxh(body)
     store.put_bytes("repo/src/a.py", b"print(1)\n")
     test_treelist.counting(store, delay=test_treelist.REMOTE if trees else 0.0)
-    core = await make(store, profile="devbox", list_ttl="60", metadata=NO_META)
+    core = await make(store, profile="devbox", list_ttl="60")
     assert await test_treelist.names(core, "") == ["repo"]  # (how far the store is)
     assert sorted(await test_treelist.names(core, "repo")) == [".git", "src"]
     gino = await node_of(core, "repo/.git")
@@ -233,7 +230,7 @@ async def test_a_tiny_directory_brings_its_tiny_subdirectories(make: Cores, tree
 async def test_dirahead_off_and_dirty_files(make: Cores) -> None:
     store = CountingStore("bkt")
     want = fill(store)
-    core = await make(store, dirahead="0", metadata=NO_META)
+    core = await make(store, dirahead="0")
     assert core.files.ahead is None
     dino, names = await listed(core)
     for name in names[:10]:
@@ -242,8 +239,7 @@ async def test_dirahead_off_and_dirty_files(make: Cores) -> None:
     assert store.calls["get"] == 10
 
     # On: a file made dirty (written here, not uploaded yet) is never fetched ahead.
-    core2 = await make(store, "c2", dirahead="1", upload_delay="60",
-                       metadata=NO_META)
+    core2 = await make(store, "c2", dirahead="1", upload_delay="60")
     dino, names = await listed(core2)
     fh = await core2.open((await core2.lookup(dino, names[5])).ino, os.O_WRONLY)
     await core2.files.write(fh, 0, b"changed")

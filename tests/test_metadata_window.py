@@ -11,32 +11,23 @@ import errno
 import stat
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
 import pytest
 import trio
-from conftest import data
 from coretree import Cores
-from test_core import (
-    make,  # noqa: F401  (the fixture: a started core on the memory store)
-    read_all,
-)
+from test_core import make  # noqa: F401  (the fixture: a started core on the memory store)
 
 from caiosfs.core import Caller
 from caiosfs.errors import FsError
 from caiosfs.inodes import ROOT_INO
 from caiosfs.store import ObjectInfo
 from caiosfs.store.memory import MemoryStore
-from caiosfs.storeview import GET_FOR_HEAD
 
 N = 60
-T = TypeVar("T")
 
 
 class SlowHeads(MemoryStore):
-    """A memory store whose requests for an object's metadata (a HEAD, or the GET of a small
-    object that stands for it) take a while and count how many were in flight at once."""
+    """A memory store whose HEADs take a while and count how many were in flight at once."""
 
     def __init__(self) -> None:
         super().__init__("bkt")
@@ -44,23 +35,17 @@ class SlowHeads(MemoryStore):
         self.now = self.most = 0
         self.headed: list[str] = []
 
-    def _slow(self, key: str, call: Callable[[], T]) -> T:
+    def head(self, key: str) -> ObjectInfo:
         with self._mu:
             self.now += 1
             self.most = max(self.most, self.now)
             self.headed.append(key)
         try:
             time.sleep(0.01)
-            return call()
+            return super().head(key)
         finally:
             with self._mu:
                 self.now -= 1
-
-    def head(self, key: str) -> ObjectInfo:
-        return self._slow(key, lambda: super(SlowHeads, self).head(key))
-
-    def get_small(self, key: str, limit: int) -> ObjectInfo | None:
-        return self._slow(key, lambda: super(SlowHeads, self).get_small(key, limit))
 
 
 def seed(store: MemoryStore) -> None:
@@ -126,34 +111,6 @@ async def test_a_changed_object_in_a_window_is_headed_again(make: Cores) -> None
             assert n.attrs.size == 3
             assert stat.S_IMODE(n.attrs.mode) == 0o600
             assert n.attrs.mtime_ns == 1_800_000_000 * 10**9
-
-
-async def test_a_small_object_is_fetched_whole_for_its_metadata(make: Cores) -> None:
-    """A small listed object's metadata comes with its content (one GET instead of a HEAD
-    and, when it is read, a GET): reading it then asks the store for nothing; a larger one
-    is HEADed and read as before."""
-    store = SlowHeads()
-    seed(store)  # (60 objects of 0-59 bytes)
-    big = data(GET_FOR_HEAD + 1, "big")
-    store.put_bytes("d/zbig", big, {"mode": str(0o100600)})
-    core = await make(store, metadata="head")
-    d = await core.lookup(ROOT_INO, "d")
-    heads, gets = store.calls["head"], store.calls["get_small"]
-    fh = core.opendir(d.ino)
-    assert len(await core.readdir(fh, 0)) == N + 1  # (metadata=head: read for every object)
-    core.releasedir(fh)
-    assert sorted(k for k in store.headed if k.startswith("d/")) == sorted(
-        f"d/f{i:03d}" for i in range(N)) + ["d/zbig"]  # each once
-    # HEADs: the empty f000 (nothing to fetch) and zbig; GETs: the 59 others
-    assert (store.calls["head"] - heads, store.calls["get_small"] - gets) == (2, N - 1)
-    # Replaced by another client after the listing: the mount shows the listed version
-    # until entry_ttl (SEMANTICS.md), and now has its bytes (without them: ESTALE).
-    store.put_bytes("d/f030", b"replaced")
-    for i in range(N):
-        assert await read_all(core, f"d/f{i:03d}") == b"x" * i
-    assert store.calls["get"] == 0
-    assert await read_all(core, "d/zbig") == big
-    assert store.calls["get"] == 1
 
 
 class ListBeforeDelete(MemoryStore):

@@ -187,11 +187,8 @@ class StoreClient:
     async def get_small(self, key: str, limit: int) -> ObjectInfo | None:
         """A small object whole, or None (absent, or over ``limit``); counted as op
         ``get_small``, apart from the content GETs."""
-        info = await self._read_of(key, "get_small", self.store.get_small, key, limit,
+        return await self._read_of(key, "get_small", self.store.get_small, key, limit,
                                    limiter=self.meta_limiter)
-        if info is not None and info.data:
-            self.metrics.s3_bytes_in.inc(len(info.data))
-        return info
 
     async def list(self, prefix: str, delimiter: str | None = "/", token: str | None = None,
                    max_keys: int = 1000) -> ListPage:

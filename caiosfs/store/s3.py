@@ -30,7 +30,7 @@ from ..errors import (
 from . import Body, ListPage, MultipartUpload, ObjectInfo, PartSource, Sink, file_md5
 from .copystore import CopyS3, head_of
 from .lean import LeanS3, proxies_configured
-from .s3xml import list_page, list_params, meta_of
+from .s3xml import list_page, list_params
 from .sigv4 import Keys, keys_from
 
 READ_PIECE = 1 << 20
@@ -299,9 +299,8 @@ class S3Store:
         return {k.lower(): v for k, v in r.get("Metadata", {}).items()}
 
     def get_small(self, key: str, limit: int) -> ObjectInfo | None:
-        """A small object whole, with its x-amz-meta-* (a directory's attribute record, a
-        small file's content and metadata in one request); None if there is none (404 is the
-        usual answer: not an error) or it is larger than ``limit``."""
+        """A small object whole (a directory's attribute record); None if there is none
+        (404 is the usual answer: not an error) or it is larger than ``limit``."""
         try:
             if self._lean is not None:
                 r = self._lean.request("GET", key, {}, stream=True)
@@ -319,7 +318,7 @@ class S3Store:
                         r.close()
                 h = r.headers
                 info = ObjectInfo(key, size, _etag(h.get("ETag", "")),
-                                  _mtime(h.get("Last-Modified")), meta_of(h.items()), data)
+                                  _mtime(h.get("Last-Modified")), {}, data)
             else:
                 o = self._call(self._c.get_object, Bucket=self.bucket, Key=key)
                 size = int(o["ContentLength"])
@@ -330,7 +329,7 @@ class S3Store:
                 finally:
                     o["Body"].close()
                 info = ObjectInfo(key, size, _etag(o["ETag"]), _mtime(o.get("LastModified")),
-                                  {k.lower(): v for k, v in o.get("Metadata", {}).items()}, data)
+                                  {}, data)
         except StoreError as exc:
             if exc.code in ("NoSuchKey", "NotFound") or exc.status == 404:
                 return None
