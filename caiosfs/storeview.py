@@ -362,13 +362,15 @@ class StoreView:
                                     if not e.is_dir and e.meta is None
                                     and (every or tagged(e.etag))])
 
-    async def _head_some(self, pre: str, todo: list[tuple[str, Entry]]) -> None:
+    async def _head_some(self, pre: str, todo: list[tuple[str, Entry]]) -> set[str]:
         """HEAD these listed objects, HEAD_PARALLEL at a time, for their metadata (an
         object's HEAD already in flight is waited for, not sent twice); an object whose
-        ETag is no longer the listed one keeps ``meta`` None."""
+        ETag is no longer the listed one keeps ``meta`` None. Returns the names whose HEAD
+        failed for another reason than the object's absence (the store did not answer)."""
         todo = [(n, e) for n, e in todo if e.meta is None]
+        failed: set[str] = set()
         if not todo:
-            return
+            return failed
         limiter = trio.CapacityLimiter(HEAD_PARALLEL)
         mine: dict[str, trio.Event] = {}
         for name, _ in todo:
@@ -385,7 +387,9 @@ class StoreView:
                 async with limiter:
                     try:
                         info = await self.store.head(key)
-                    except StoreError:
+                    except StoreError as exc:
+                        if exc.errno != errno.ENOENT:
+                            failed.add(name)
                         return  # deleted meanwhile, or unreadable: defaults apply
                 if info.etag == e.etag:
                     e.meta = info.metadata or {}
@@ -397,6 +401,7 @@ class StoreView:
         async with trio.open_nursery() as n:
             for name, e in todo:
                 n.start_soon(one, name, e)
+        return failed
 
     def _window(self, dir_path: str, listing: Listing | None, name: str
                 ) -> list[tuple[str, Entry]]:
@@ -456,7 +461,10 @@ class StoreView:
             await self._heading[key].wait()
         else:
             ahead = self._window(dir_path, self.listings.get(dir_path), name)
-            await self._head_some(self.dir_key(dir_path), [(name, e), *ahead])
+            if name in await self._head_some(self.dir_key(dir_path), [(name, e), *ahead]):
+                # The store did not answer its HEAD within read_timeout: a lookup waits
+                # for it once, then answers with what the listing says.
+                return e
         if _known(e):
             return e
         # (Its HEAD failed, or found another version than the listed one: asked again.)

@@ -18,12 +18,13 @@ from coretree import Cores
 from test_core import make  # noqa: F401  (the fixture: a started core on the memory store)
 
 from caiosfs.core import Caller
-from caiosfs.errors import FsError
+from caiosfs.errors import FsError, StoreError
 from caiosfs.inodes import ROOT_INO
 from caiosfs.store import ObjectInfo
 from caiosfs.store.memory import MemoryStore
 
 N = 60
+READ_TIMEOUT = 1.0
 
 
 class SlowHeads(MemoryStore):
@@ -111,6 +112,30 @@ async def test_a_changed_object_in_a_window_is_headed_again(make: Cores) -> None
             assert n.attrs.size == 3
             assert stat.S_IMODE(n.attrs.mode) == 0o600
             assert n.attrs.mtime_ns == 1_800_000_000 * 10**9
+
+
+async def test_a_lookup_asks_a_store_that_does_not_answer_once(make: Cores) -> None:
+    """A listed file's HEAD that fails (the store refuses or gives up after read_timeout)
+    is not sent a second time by the same lookup: it answers with what the listing says
+    (a read right after an outage's lookup waited read_timeout twice, once per HEAD)."""
+    store = SlowHeads()
+    seed(store)
+    core = await make(store, metadata="tagged", read_timeout=str(READ_TIMEOUT))
+    d = await core.lookup(ROOT_INO, "d")
+    fh = core.opendir(d.ino)
+    assert len(await core.readdir(fh, 0)) == N
+    core.releasedir(fh)
+    store.headed.clear()
+    store.inject("head", StoreError("AccessDenied", "refused", 403), times=100)
+    n = await core.lookup(d.ino, "f007")
+    assert n.attrs.size == 7  # the listing's answer
+    assert store.headed == ["d/f007"]
+    store.inject("head", StoreError("InternalError", "down", 500, retryable=True),
+                 times=10_000)
+    t0 = trio.current_time()
+    n = await core.lookup(d.ino, "f008")
+    assert n.attrs.size == 8
+    assert trio.current_time() - t0 < 2 * READ_TIMEOUT  # once, not twice
 
 
 class ListBeforeDelete(MemoryStore):
