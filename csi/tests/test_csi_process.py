@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,19 @@ class Proc:
     def connect(self) -> None:
         if self.channel is not None:
             self.channel.close()
+        # Wait until the plugin accepts connections before gRPC tries: a channel whose first
+        # attempts met the killed plugin's stale socket backs off (the restart test once
+        # waited out its 30 s while the new plugin had been serving for 0.2 s).
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(self.sock)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.05)
         self.channel = grpc.insecure_channel(f"unix://{self.sock}")
         grpc.channel_ready_future(self.channel).result(timeout=30)
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
