@@ -31,7 +31,7 @@ from .errors import StoreError
 from .index import Index, ident_of
 from .metrics import Metrics
 from .store import ObjectInfo
-from .store.client import StoreClient
+from .store.client import GaveUp, StoreClient
 from .treelist import Taken, TreeLister
 from .writeback import WriteBack
 
@@ -505,7 +505,10 @@ class StoreView:
                 n.start_soon(head)
                 n.start_soon(lst)
         except* StoreError as eg:
-            raise eg.exceptions[0] from None
+            exc = eg.exceptions[0]
+            if isinstance(exc, GaveUp):  # (a lookup, then a read of it: one wait, not two)
+                self.store.gave_up(key, exc)
+            raise exc from None
         if result.get("dir"):
             if "head" in result:
                 self._clash(key + "/")

@@ -8,6 +8,7 @@ while the DELETEs are in flight."""
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import threading
 import time
@@ -21,6 +22,7 @@ from caiosfs.core import Caller
 from caiosfs.errors import FsError, StoreError
 from caiosfs.inodes import ROOT_INO
 from caiosfs.store import ObjectInfo
+from caiosfs.store.client import GaveUp
 from caiosfs.store.memory import MemoryStore
 
 N = 60
@@ -136,6 +138,38 @@ async def test_a_lookup_asks_a_store_that_does_not_answer_once(make: Cores) -> N
     n = await core.lookup(d.ino, "f008")
     assert n.attrs.size == 8
     assert trio.current_time() - t0 < 2 * READ_TIMEOUT  # once, not twice
+
+
+class SlowHeadStore(MemoryStore):
+    slow = False
+
+    def head(self, key: str) -> ObjectInfo:
+        if self.slow:
+            time.sleep(2 * READ_TIMEOUT)  # (a store that does not answer)
+        return super().head(key)
+
+
+async def test_a_read_right_after_a_probe_gave_up_fails_at_once(make: Cores) -> None:
+    """A probe (HEAD + one-key LIST) whose LIST gives up cancels its HEAD: the read of the
+    name that follows must not wait read_timeout a second time (test_faults saw 5.9 s
+    against read_timeout 3 s when the directory's listing had expired on a loaded machine)."""
+    store = SlowHeadStore("bkt")
+    store.put_bytes("d/f", b"x" * 10)
+    core = await make(store, metadata="list", read_timeout=str(READ_TIMEOUT), list_ttl="0.1",
+                      entry_ttl="0.1")
+    d = await core.lookup(ROOT_INO, "d")
+    assert [n for n, _ in await core.readdir(core.opendir(d.ino), 0)] == ["f"]
+    await trio.sleep(0.2)  # the listing expired: the next lookup probes
+    down = StoreError("InternalError", "down", 500, retryable=True)
+    store.inject("list", down, times=10_000)
+    store.inject("get", down, times=10_000)
+    store.slow = True
+    n = await core.lookup(d.ino, "f")  # answered from the old listing, after read_timeout
+    t0 = trio.current_time()
+    fh = await core.open(n.ino, os.O_RDONLY)
+    with pytest.raises(GaveUp):  # (EIO, in fs.py's handler)
+        await core.files.read(fh, 0, 10)
+    assert trio.current_time() - t0 < READ_TIMEOUT / 2
 
 
 class ListBeforeDelete(MemoryStore):

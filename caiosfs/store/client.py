@@ -180,6 +180,12 @@ class StoreClient:
             self._gave_up[key] = (trio.current_time(), exc)
             raise
 
+    def gave_up(self, key: str, exc: GaveUp) -> None:
+        """A request about ``key`` that is not a read of it gave up (a probe's one-key LIST,
+        whose HEAD beside it was cancelled rather than failed): reads of ``key`` fail at
+        once too, for GAVE_UP_MEMORY."""
+        self._gave_up[key] = (trio.current_time(), exc)
+
     async def head(self, key: str) -> ObjectInfo:
         return await self._read_of(key, "head", self.store.head, key,
                                    limiter=self.meta_limiter)
