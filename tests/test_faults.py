@@ -112,7 +112,9 @@ def test_reads_fail_with_eio_within_read_timeout(s3: Any, bucket: str, mounter: 
     for o, body in bodies.items():
         s3.put_object(Bucket=bucket, Key=f"e/{o}", Body=body)
     m = mounter(bucket, options=via(proxy, f"read_timeout={read_timeout},negative_ttl=0"))
-    assert sorted(os.listdir(m.path / "e")) == sorted(OUTAGES)  # looked up while healthy
+    assert sorted(os.listdir(m.path / "e")) == sorted(OUTAGES)
+    for o in OUTAGES:  # looked up while healthy (a readdir alone looks nothing up)
+        assert os.stat(m.path / "e" / o).st_size == len(bodies[o])
     figures = {}
     for outage in OUTAGES:
         if outage in ("blackhole", "reset", "refuse"):
