@@ -120,7 +120,9 @@ def test_reads_fail_with_eio_within_read_timeout(s3: Any, bucket: str, mounter: 
     # read_timeout before the read did, 5.9-6 s; entry_ttl=1 shows it every time.)
     m = mounter(bucket, options=via(
         proxy, f"read_timeout={read_timeout},negative_ttl=0,entry_ttl=3600"))
-    assert sorted(os.listdir(m.path / "e")) == sorted(OUTAGES)  # looked up while healthy
+    assert sorted(os.listdir(m.path / "e")) == sorted(OUTAGES)
+    for o in OUTAGES:  # looked up while healthy (a readdir alone looks nothing up)
+        assert os.stat(m.path / "e" / o).st_size == len(bodies[o])
     figures = {}
     for outage in OUTAGES:
         if outage in ("blackhole", "reset", "refuse"):
