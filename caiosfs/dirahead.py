@@ -178,15 +178,6 @@ class DirAhead:
             return None
         return ObjRef(self.cfg.source.bucket, self.view.key(path), etag, size)
 
-    def _known(self, path: str) -> tuple[dict[str, tuple[int, str]], set[str]] | None:
-        """A directory's files (name -> size, ETag) and subdirectories, from its fresh
-        listing or a tree listing's pages; None if neither has it (nothing is listed)."""
-        listing = self.view.listings.get(path)
-        if listing is not None and time.monotonic() - listing.at < self.cfg.list_ttl:
-            return ({k: (e.size, e.etag) for k, e in listing.entries.items() if not e.is_dir},
-                    {k for k, e in listing.entries.items() if e.is_dir})
-        return self.view.trees.peek(path)
-
     def _below_tiny(self, d: _Dir) -> None:
         """Queue the files of the tiny directories below tiny ``d`` (breadth first)."""
         budget, looked, now = BELOW_BYTES, 0, time.monotonic()
@@ -195,7 +186,7 @@ class DirAhead:
         while todo and looked < BELOW_DIRS:
             path = todo.popleft()
             looked += 1
-            known = self._known(path)
+            known = self.view.known_dir(path)
             if known is None:
                 continue
             files, dirs = known

@@ -520,6 +520,15 @@ class StoreView:
             return e
         return None
 
+    def known_dir(self, path: str) -> tuple[dict[str, tuple[int, str]], set[str]] | None:
+        """A directory's files (name -> size, ETag) and subdirectories as a fresh listing or
+        a tree listing's pages have them, without a request; None if neither does."""
+        listing = self.listings.get(path)
+        if listing is not None and time.monotonic() - listing.at < self.cfg.list_ttl:
+            return ({k: (e.size, e.etag) for k, e in listing.entries.items() if not e.is_dir},
+                    {k for k, e in listing.entries.items() if e.is_dir})
+        return self.trees.peek(path)
+
     def fresh_files(self, path: str) -> dict[str, str] | None:
         """The files (name -> ETag) of a fresh listing of a directory, or None."""
         listing = self.listings.get(path)

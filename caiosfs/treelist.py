@@ -92,6 +92,12 @@ class Tree:
         self.gone: set[str] = set()  # paths whose listings were dropped: not taken
         self.records = 0  # records it had GET ahead
 
+    def changes_in(self, path: str) -> dict[str, object]:
+        """This mount's changes since the pages to the entries of directory ``path``:
+        name -> Entry | None."""
+        return {p.rpartition("/")[2]: e for p, e in self.changes.items()
+                if p.rpartition("/")[0] == path}
+
     def holds(self, path: str) -> bool:
         return self.path == "" or path == self.path or path.startswith(self.path + "/")
 
@@ -198,8 +204,7 @@ class TreeLister:
             if t.dropped(path) or not t.fresh(path, self.ttl):
                 return None
             keys = t.dirs.get(path) or Keys(t.started)
-            changes = {p.rpartition("/")[2]: e for p, e in t.changes.items()
-                       if p.rpartition("/")[0] == path}
+            changes = t.changes_in(path)
             landing = {p: m for p, m in t.landing.items() if p.rpartition("/")[0] == path}
             return Taken(keys, changes, landing, self._record_of(path, keys.record)
                          if keys.record and self.load_record is not None else None)
@@ -221,7 +226,7 @@ class TreeLister:
         if (t is None or keys is None or not t.covers(path) or t.dropped(path)
                 or not t.fresh(path, self.ttl)):
             return None
-        changed = {p.rpartition("/")[2] for p in t.changes if p.rpartition("/")[0] == path}
+        changed = set(t.changes_in(path))
         return ({n: (s, e) for n, (s, e, _m) in keys.files.items() if n not in changed},
                 keys.dirs - changed)
 
