@@ -359,6 +359,59 @@ async def test_readahead_runs_no_further_ahead_than_the_hold_keeps(
     assert m.value("caiosfs_cache_hit_chunks_total") == 0
 
 
+class _RateStore(MemoryStore):
+    """Each GET streams at a fixed rate, as one connection to a remote store does; counts
+    the GETs running at once."""
+
+    def __init__(self, seconds_per_mib: float) -> None:
+        super().__init__("b")
+        self.seconds_per_mib = seconds_per_mib
+        self.running = self.most = 0
+        self._lock = threading.Lock()
+
+    def get_range(self, key: str, start: int, length: int, etag: str | None,
+                  sink: Callable[[int, bytes], None]) -> None:
+        def paced(off: int, piece: bytes) -> None:
+            time.sleep(self.seconds_per_mib * len(piece) / MiB)
+            sink(off, piece)
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            super().get_range(key, start, length, etag, paced)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def test_a_stream_waiting_on_the_store_fills_the_pipe(tmp_path: Path) -> None:
+    """A reader faster than a rate-limited store: the stream keeps as many GETs in flight
+    as the pipe allows, not only as many as its share of the hold would take whole (half of
+    what is in flight has not arrived yet). One and a half times the hold kept a lone
+    stream at 12 of 16 GETs here (behind 20 ms and 50 MB/s per connection: 8.7 on average,
+    raw boto3 16)."""
+    store = _RateStore(seconds_per_mib=0.02)  # 50 MB/s per GET
+    body = data(256 * MiB, "rate")
+    obj = ObjRef("b", "k", store.put_bytes("k", body), len(body))
+    m = Metrics()
+    cache = _cache(tmp_path / "r")
+    budget = MemoryBudget(128 * MiB, m)  # 16 GETs (3 MiB each) and the hold fit
+    fetcher = Fetcher(StoreClient(store, m, parallel=16, read_timeout=5), cache, m, budget,
+                      max_request=8 * MiB)
+    reader = Reader(cache, fetcher, m, readahead_max=256 * MiB)
+    assert fetcher.hold_limit == 64 * MiB and reader.pipe.size == 16
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        ra = reader.new_readahead()
+        got = bytearray()
+        while len(got) < obj.size:
+            got += await reader.read(obj, ra, len(got), MiB)
+        n.cancel_scope.cancel()
+    assert xxh(got) == xxh(body)
+    assert store.most >= 15  # (the pipe's 16; 13 at most with the lead at 1.5 x the hold)
+    assert budget.used == 0
+
+
 async def test_memory_budget_bounds_in_flight_bytes(tmp_path: Path) -> None:
     """What reads really hold in memory - pieces the running GETs delivered (in worker
     threads) that the loop has not committed yet, plus the fetched chunks kept for their
