@@ -48,6 +48,7 @@ import trio
 
 from .attrs import RECORD
 from .errors import StoreError
+from .paths import under
 from .store.client import StoreClient
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,6 @@ class Record:
     files: Files
     etag: str
     mtime: float
-
-
-def under(d: str, top: str) -> bool:
-    """Whether directory ``d`` is ``top`` or below it ("": the root, above everything)."""
-    return d == top or top == "" or d.startswith(top + "/")
 
 
 # Records larger than this are encoded and parsed in a worker thread, not on the trio loop.

@@ -16,6 +16,7 @@ import xxhash
 from .attrs import Attrs, from_meta
 from .config import MountConfig
 from .errors import FsError
+from .paths import under
 from .storeview import Entry
 from .writeback import WriteBack
 
@@ -145,7 +146,7 @@ class Inodes:
     def move(self, src: str, dst: str) -> None:
         """Re-point inodes of ``src`` (and everything below it) to ``dst``."""
         self.by_path.pop(dst, None)
-        for p in [p for p in self.by_path if p == src or p.startswith(src + "/")]:
+        for p in [p for p in self.by_path if under(p, src)]:
             ino = self.by_path.pop(p)
             newp = dst + p[len(src):]
             self.by_path[newp] = ino

@@ -18,6 +18,7 @@ from .errors import FsError
 from .index import Index
 from .inodes import Inodes, Node
 from .metrics import Metrics
+from .paths import under
 from .store.client import GaveUp, StoreClient
 from .storeview import Entry, StoreView, TooBig
 from .writeback import WriteBack
@@ -207,7 +208,7 @@ class Namespace:
         """Re-point inodes of ``src`` (and everything below it) to ``dst``; its listings
         and those below it are gone."""
         self.inodes.move(src, dst)
-        for p in [p for p in self.listings if p == src or p.startswith(src + "/")]:
+        for p in [p for p in self.listings if under(p, src)]:
             del self.listings[p]
         self.view.trees.drop(src)
         self.view.trees.drop(dst)

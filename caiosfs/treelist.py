@@ -33,6 +33,7 @@ import trio
 from .attrs import RECORD, valid_name
 from .dirattrs import Record
 from .errors import StoreError
+from .paths import under
 from .store.client import StoreClient
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class Tree:
                 if p.rpartition("/")[0] == path}
 
     def holds(self, path: str) -> bool:
-        return self.path == "" or path == self.path or path.startswith(self.path + "/")
+        return under(path, self.path)
 
     def key_of(self, path: str) -> str:
         """The store prefix of the keys of directory ``path`` (below ``pre``)."""
@@ -123,7 +124,7 @@ class Tree:
         return time.monotonic() - at < ttl
 
     def dropped(self, path: str) -> bool:
-        return any(path == g or path.startswith(g + "/") for g in self.gone)
+        return any(under(path, g) for g in self.gone)
 
     def add(self, key: str, size: int, etag: str, mtime: float, at: float) -> str | None:
         """One listed key; the directory it is the attribute record of, if it is one."""
@@ -334,5 +335,5 @@ class TreeLister:
     def drop(self, path: str) -> None:
         """``path``'s listing (and those below it) dropped: never taken from a tree."""
         for t in self.trees:
-            if t.holds(path) or path == "" or t.path.startswith(path + "/"):
+            if t.holds(path) or under(t.path, path):
                 t.gone.add(path)

@@ -1322,3 +1322,11 @@ async def test_directory_metadata_reaches_the_store_but_not_a_fresh_mount(
     assert stat.S_ISDIR(d.st_mode)
     assert (stat.S_IMODE(d.st_mode), d.st_uid, d.st_gid) == (0o755, 0, 0), \
         "a fresh mount now reads directory metadata: update docs/SEMANTICS.md and this test"
+
+
+def test_under_a_directory() -> None:
+    from caiosfs.paths import under
+    assert under("a/b", "a/b") and under("a/b/c", "a/b") and under("x", "")
+    assert under("", "")
+    assert not under("a/bc", "a/b")  # a sibling sharing a prefix is not below it
+    assert not under("a", "a/b") and not under("", "a")

@@ -12,6 +12,7 @@ import trio
 
 from ..errors import StoreError
 from ..index import Index
+from ..paths import under
 from ..records import MkdirOp
 from ..store.client import StoreClient
 from .journal import Journal
@@ -99,8 +100,7 @@ class DirMarkers:
     async def settle(self, path: str) -> None:
         """Markers at or under ``path`` land now (a directory rename copies what the
         store holds)."""
-        waiting = [m for p, m in self.pending.items() if not path or p == path
-                   or p.startswith(path + "/")]
+        waiting = [m for p, m in self.pending.items() if under(p, path)]
         for m in waiting:
             m.now()
         for m in waiting:
@@ -111,8 +111,7 @@ class DirMarkers:
         yet move with it (their ops entries rewritten in place, one commit each: a crash
         finds the old key or the new one, and the rename's own entry moves what landed under
         the old key); those being sent land first (the move copies what the store holds)."""
-        below = [(p, m) for p, m in self.pending.items()
-                 if p == src or p.startswith(src + "/")]
+        below = [(p, m) for p, m in self.pending.items() if under(p, src)]
         for p, m in below:
             if m.started:
                 await m.done.wait()
