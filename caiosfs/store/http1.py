@@ -41,8 +41,10 @@ def _kernel_timeout(sock: socket.socket, timeout: float) -> None:
     of 16 threads contending with the loop for the GIL; 16 threads of such GETs took
     0.42-0.51 ms of CPU per GET instead of 0.53-0.59 (docs/ARCHITECTURE.md, "What a
     small file costs"). An expired one fails with EAGAIN, raised as ``TimeoutError``
-    (``_timeouts``) as Python's would be. Not for TLS: ``ssl`` retries a blocking
-    socket's EAGAIN forever, so a TLS socket keeps Python's timeout."""
+    (``_timeouts``) as Python's would be. Not for TLS: whether ``ssl`` turns a blocking
+    socket's EAGAIN into an error or retries it (reading CPython's ``_ssl.c``, it
+    retries: a stalled server would never time out) was not checked on a live
+    connection, so a TLS socket keeps Python's timeout."""
     sock.settimeout(None)
     sec = int(timeout)
     tv = struct.pack("ll", sec, int((timeout - sec) * 1e6))
