@@ -73,7 +73,6 @@ class Inodes:
         handles still open on the old one keep reading the old version.
         """
         ino = self.by_path.get(path)
-        attrs = self._attrs(e)
         if ino is not None and ino in self.nodes:
             n = self.nodes[ino]
             new_version = (from_store and not e.is_dir and bool(n.entry.etag) and bool(e.etag)
@@ -83,7 +82,7 @@ class Inodes:
                 return n
             self.by_path.pop(path, None)  # type or version changed: a new inode
         ino = self.free_ino(path)
-        n = Node(ino, path, e, attrs)
+        n = Node(ino, path, e, self._attrs(e))  # (refresh builds an existing node's)
         self.nodes[ino] = n
         self.by_path[path] = ino
         return n

@@ -62,6 +62,7 @@ class Metrics:
         self.fuse_latency = Histogram(p + "fuse_op_seconds", "FUSE operation latency", ["op"],
                                       buckets=_LAT, registry=r)
         self._op_children: dict[str, tuple[Any, Any]] = {}
+        self._store_children: dict[str, tuple[Any, Any]] = {}
         self.readahead_window = Histogram(p + "readahead_window_bytes",
                                           "Readahead window size when a fetch is issued",
                                           buckets=_WIN, registry=r)
@@ -87,6 +88,15 @@ class Metrics:
         if c is None:
             c = self._op_children[name] = (self.fuse_ops.labels(name),
                                            self.fuse_latency.labels(name))
+        return c
+
+    def store_op(self, op: str) -> tuple[Any, Any]:
+        """(requests that succeeded, latency) children of one store operation, looked up
+        once (see ``op``): every GET of a data loader's file counts through them."""
+        c = self._store_children.get(op)
+        if c is None:
+            c = self._store_children[op] = (self.s3_requests.labels(op, "ok"),
+                                            self.s3_latency.labels(op))
         return c
 
     def value(self, name: str, **labels: str) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -161,6 +162,34 @@ def test_timeout_is_timeout_error(server: tuple[int, list[bytes], list[bytes]]) 
         c.send("GET", "/b/k", {"host": "h"}, None)
         with pytest.raises(TimeoutError):
             c.response("GET")
+        c.close()
+    finally:
+        lsock.close()
+
+
+def test_a_body_that_stalls_is_a_timeout_error_within_the_timeout() -> None:
+    """Plain sockets are bounded by the kernel (SO_RCVTIMEO), not by Python's polling
+    timeout: a body that stops coming is still a TimeoutError, after about the timeout,
+    and so is a send that cannot make progress."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    try:
+        c = Connection.open("127.0.0.1", lsock.getsockname()[1], 5, 0.3)
+        peer, _ = lsock.accept()
+        with peer:
+            c.send("GET", "/b/k", {"host": "h"}, None)
+            peer.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" + b"x" * 10)
+            r = c.response("GET")
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                r.read_into(memoryview(bytearray(1000)))  # (10 bytes come, then nothing)
+            assert 0.2 < time.monotonic() - t0 < 3
+            # The peer reads nothing: the send buffers fill, then the send times out.
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                c.send("PUT", "/b/k", {"host": "h"}, b"y" * (64 << 20))
+            assert time.monotonic() - t0 < 10
         c.close()
     finally:
         lsock.close()

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -1330,3 +1331,54 @@ def test_under_a_directory() -> None:
     assert under("", "")
     assert not under("a/bc", "a/b")  # a sibling sharing a prefix is not below it
     assert not under("a", "a/b") and not under("", "a")
+
+
+class _ThreadNoting(MemoryStore):
+    """A store whose HEAD notes the name of the thread it runs in, and can be held."""
+
+    def __init__(self) -> None:
+        super().__init__("b")
+        self.names: list[str] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def head(self, key: str) -> Any:
+        self.names.append(threading.current_thread().name)
+        assert self.release.wait(10)
+        return super().head(key)
+
+
+async def test_store_calls_run_in_threads_that_keep_their_names() -> None:
+    """A store call's thread is not renamed for the call (trio.to_thread.run_sync renames
+    it and back through ctypes, two GIL round trips per call: docs/ARCHITECTURE.md, "What
+    a small file costs"); results and errors come back as from the call itself."""
+    store = _ThreadNoting()
+    store.put_bytes("k", b"abc")
+    client = StoreClient(store, Metrics(), parallel=4, read_timeout=5)
+    for _ in range(3):
+        assert (await client.head("k")).size == 3
+    assert store.names and all(n.startswith("Trio thread") for n in store.names), store.names
+    with pytest.raises(StoreError) as err:
+        await client.head("nope")
+    assert err.value.errno == errno.ENOENT
+
+
+async def test_a_store_call_past_its_deadline_leaves_its_thread_holding_the_limiter(
+        ) -> None:
+    """An abandoned call returns at the deadline; its thread keeps its limiter slot until
+    it really ends, so a hung store cannot pile up threads past the limit."""
+    store = _ThreadNoting()
+    store.put_bytes("k", b"abc")
+    client = StoreClient(store, Metrics(), parallel=8, read_timeout=0.3)
+    store.put_bytes("k2", b"abcd")
+    store.release.clear()
+    t0 = time.monotonic()
+    with pytest.raises(GaveUp):
+        await client.head("k")
+    assert time.monotonic() - t0 < 2
+    assert client.meta_limiter.borrowed_tokens == 1  # (the thread still runs)
+    store.release.set()
+    with trio.fail_after(5):
+        while client.meta_limiter.borrowed_tokens:
+            await trio.sleep(0.01)
+    assert (await client.head("k2")).size == 4  # ("k" fails at once for GAVE_UP_MEMORY)

@@ -18,7 +18,8 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -26,6 +27,9 @@ from ..errors import PreconditionFailed, StoreError
 from ..metrics import Metrics
 from . import Body, ListPage, MultipartUpload, ObjectInfo, ObjectStore, PartSource, Sink, file_md5
 from .pipe import ReadPipe
+
+if TYPE_CHECKING:
+    import outcome
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +50,49 @@ def _what(args: tuple[Any, ...]) -> str:
     if part is not None:
         out.append(f"part {part.number}" + (f" copy of {part.copy_key}" if part.copy_key else ""))
     return " ".join(str(a) for a in out)
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter) -> T:
+    """``fn(*args)`` in a worker thread under ``limiter``; a cancelled caller abandons the
+    thread (whose limiter token is given back when it really ends), as
+    ``trio.to_thread.run_sync(..., abandon_on_cancel=True)`` does.
+
+    Why not that function: for every call it renames the worker thread and renames it back
+    (two ``pthread_setname_np`` calls through ctypes, each releasing and retaking the GIL
+    while 16 GET threads and the loop contend for it), copies the context and formats a
+    name on the loop. A data loader's 100 KB file is one store call; see
+    docs/ARCHITECTURE.md ("What a small file costs") for the figures. The store's calls do
+    not use ``trio.from_thread`` or context variables, so none of that is needed here."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+    holder = object()  # (the limiter's borrower: the thread, not the task, which may leave)
+    abandoned = False
+
+    def back(result: outcome.Outcome[T]) -> None:  # on the loop, once the thread is done
+        limiter.release_on_behalf_of(holder)
+        if not abandoned:
+            trio.lowlevel.reschedule(task, result)
+
+    def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
+        try:
+            token.run_sync_soon(back, result)
+        except trio.RunFinishedError:
+            pass  # the loop is gone, and with it whoever waited
+
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        nonlocal abandoned
+        abandoned = True
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    await limiter.acquire_on_behalf_of(holder)
+    try:
+        # name=None: the worker keeps its name (no OS thread rename per call)
+        trio.lowlevel.start_thread_soon(partial(fn, *args), deliver)
+    except BaseException:
+        limiter.release_on_behalf_of(holder)
+        raise
+    return await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class GaveUp(StoreError):
@@ -103,16 +150,14 @@ class StoreClient:
             t0 = time.monotonic()
             try:
                 if not deadline:  # None: patient; 0: one attempt, bounded by the socket
-                    result = await trio.to_thread.run_sync(fn, *args, limiter=limiter,
-                                                           abandon_on_cancel=True)
+                    result = await in_thread(fn, *args, limiter=limiter)
                 else:
                     # The deadline bounds each attempt too: a store that accepts the
                     # connection and never answers would otherwise hold the caller for
                     # botocore's socket timeout. The abandoned thread ends on its own
                     # (socket timeout); whole chunks it still delivers are harmless.
                     with trio.move_on_after(max(0.0, start + deadline - t0)) as scope:
-                        result = await trio.to_thread.run_sync(fn, *args, limiter=limiter,
-                                                               abandon_on_cancel=True)
+                        result = await in_thread(fn, *args, limiter=limiter)
                     if scope.cancelled_caught:
                         self.metrics.s3_requests.labels(op, "Timeout").inc()
                         elapsed = time.monotonic() - start
@@ -148,8 +193,9 @@ class StoreClient:
                 self.metrics.s3_retries.labels(op).inc()
                 await trio.sleep(delay)
                 continue
-            self.metrics.s3_requests.labels(op, "ok").inc()
-            self.metrics.s3_latency.labels(op).observe(time.monotonic() - t0)
+            done, latency = self.metrics.store_op(op)
+            done.inc()
+            latency.observe(time.monotonic() - t0)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s %s: ok %.1f ms", op, _what(what), (time.monotonic() - t0) * 1e3)
             if nbytes_out:
