@@ -324,6 +324,16 @@ async def test_fetched_chunks_wait_in_memory_for_their_reader(tmp_path: Path) ->
         n.cancel_scope.cancel()
 
 
+def _streaming_reader(tmp: Path, store: MemoryStore, memory: int, parallel: int
+                      ) -> tuple[Reader, Fetcher, Metrics]:
+    """A reader of 8 MiB requests, ``parallel`` GETs in flight, a ``memory`` budget."""
+    m = Metrics()
+    cache = _cache(tmp / "r")
+    fetcher = Fetcher(StoreClient(store, m, parallel=parallel, read_timeout=5), cache, m,
+                      MemoryBudget(memory, m), max_request=8 * MiB)
+    return Reader(cache, fetcher, m, readahead_max=256 * MiB), fetcher, m
+
+
 async def test_readahead_runs_no_further_ahead_than_the_hold_keeps(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reader slower than the store: the stream asks for no more than its share of the
@@ -335,12 +345,7 @@ async def test_readahead_runs_no_further_ahead_than_the_hold_keeps(
     store = MemoryStore("b")
     body = data(96 * MiB, "slow")
     obj = ObjRef("b", "k", store.put_bytes("k", body), len(body))
-    m = Metrics()
-    cache = _cache(tmp_path / "r")
-    budget = MemoryBudget(64 * MiB, m)
-    fetcher = Fetcher(StoreClient(store, m, parallel=8, read_timeout=5), cache, m, budget,
-                      max_request=8 * MiB)
-    reader = Reader(cache, fetcher, m, readahead_max=256 * MiB)
+    reader, fetcher, m = _streaming_reader(tmp_path, store, memory=64 * MiB, parallel=8)
     assert fetcher.hold_limit == 32 * MiB  # half the budget
     lead = 0
     async with trio.open_nursery() as n:
@@ -394,12 +399,9 @@ async def test_a_stream_waiting_on_the_store_fills_the_pipe(tmp_path: Path) -> N
     store = _RateStore(seconds_per_mib=0.02)  # 50 MB/s per GET
     body = data(256 * MiB, "rate")
     obj = ObjRef("b", "k", store.put_bytes("k", body), len(body))
-    m = Metrics()
-    cache = _cache(tmp_path / "r")
-    budget = MemoryBudget(128 * MiB, m)  # 16 GETs (3 MiB each) and the hold fit
-    fetcher = Fetcher(StoreClient(store, m, parallel=16, read_timeout=5), cache, m, budget,
-                      max_request=8 * MiB)
-    reader = Reader(cache, fetcher, m, readahead_max=256 * MiB)
+    # (16 GETs of 3 MiB each and the hold fit in the budget)
+    reader, fetcher, _ = _streaming_reader(tmp_path, store, memory=128 * MiB, parallel=16)
+    budget = fetcher.budget
     assert fetcher.hold_limit == 64 * MiB and reader.pipe.size == 16
     async with trio.open_nursery() as n:
         fetcher.nursery = n

@@ -21,8 +21,7 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 MAX_HEAD = 64 << 10  # an answer's status line and headers, at most
@@ -41,7 +40,7 @@ def _kernel_timeout(sock: socket.socket, timeout: float) -> None:
     of 16 threads contending with the loop for the GIL; 16 threads of such GETs took
     0.42-0.51 ms of CPU per GET instead of 0.53-0.59 (docs/ARCHITECTURE.md, "What a
     small file costs"). An expired one fails with EAGAIN, raised as ``TimeoutError``
-    (``_timeouts``) as Python's would be. Not for TLS: whether ``ssl`` turns a blocking
+    (``_timed_out``) as Python's would be. Not for TLS: whether ``ssl`` turns a blocking
     socket's EAGAIN into an error or retries it (reading CPython's ``_ssl.c``, it
     retries: a stalled server would never time out) was not checked on a live
     connection, so a TLS socket keeps Python's timeout."""
@@ -52,14 +51,11 @@ def _kernel_timeout(sock: socket.socket, timeout: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
-@contextmanager
-def _timeouts() -> Iterator[None]:
+def _timed_out(exc: BlockingIOError) -> TimeoutError:
     """A kernel timeout (EAGAIN on a blocking socket) is the ``TimeoutError`` callers
-    expect of an expired socket timeout."""
-    try:
-        yield
-    except BlockingIOError as exc:
-        raise TimeoutError(exc.errno, "timed out") from exc
+    expect of an expired socket timeout. (Caught inline where it can happen: a context
+    manager per receive cost a generator on the GET threads' hottest call.)"""
+    return TimeoutError(exc.errno, "timed out")
 
 
 class Connection:
@@ -112,8 +108,10 @@ class Connection:
         if body is None and method in ("PUT", "POST") and "content-length" not in headers:
             lines.append("content-length: 0")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        with _timeouts():
+        try:
             self._send(head, body)
+        except BlockingIOError as exc:
+            raise _timed_out(exc) from exc
 
     def _send(self, head: bytes, body: Any) -> None:
         if body is None:
@@ -163,8 +161,10 @@ class Connection:
 
     def _fill(self, n: int) -> int:
         """Receive up to ``n`` more bytes into the buffer; 0 at the end of the stream."""
-        with _timeouts():
+        try:
             b = self.sock.recv(n)
+        except BlockingIOError as exc:
+            raise _timed_out(exc) from exc
         self._buf += b
         return len(b)
 
@@ -175,8 +175,10 @@ class Connection:
             view[:n] = self._buf[:n]
             del self._buf[:n]
             return n
-        with _timeouts():
+        try:
             return int(self.sock.recv_into(view))
+        except BlockingIOError as exc:
+            raise _timed_out(exc) from exc
 
 
 class Response:
