@@ -66,7 +66,7 @@ def _mount(a: argparse.Namespace) -> int:
 
 
 def _umount(a: argparse.Namespace) -> int:
-    from .mount import unmount
+    from .umount import unmount
     unmount(a.mountpoint, a.timeout, flush=not a.no_flush,
             progress=None if a.quiet else lambda m: print(f"caiosfs: {m}", file=sys.stderr))
     return 0
