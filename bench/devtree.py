@@ -166,13 +166,25 @@ def _walk_sizes(root: Path, rel: str) -> dict[str, int]:
     return out
 
 
+# How long the objects left after ``rm -rf`` may stay without one of them going before the
+# measurement fails. rclone keeps a few for good (a file uploaded after its delete, by its
+# write-back); waiting for them the whole minute cost every run of dev_git a minute.
+GONE_STALL = 10.0
+
+
 def _wait_gone(ctx: Any, rel: str, timeout: float) -> float:
+    """When nothing is left under ``rel`` in the store; fails after ``timeout``, or when the
+    objects left stop going for GONE_STALL seconds."""
     from bench.procs import BenchError
     deadline = time.monotonic() + timeout
+    fewest, since = None, time.monotonic()
     while left := ctx.store.list_sizes(rel + "/"):
-        if time.monotonic() > deadline:
-            raise BenchError(f"{rel}: {len(left)} objects still in the store {timeout:.0f} s "
-                             f"after rm -rf, e.g. {min(left)}")
+        now = time.monotonic()
+        if fewest is None or len(left) < fewest:
+            fewest, since = len(left), now
+        if now > deadline or now - since > GONE_STALL:
+            raise BenchError(f"{rel}: {len(left)} objects still in the store after rm -rf, "
+                             f"none gone in the last {now - since:.0f} s, e.g. {min(left)}")
         time.sleep(0.1)
     return time.monotonic()
 
