@@ -12,10 +12,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
 import xxhash
+
+if TYPE_CHECKING:
+    import trio
 
 Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]],
                    Awaitable[dict[str, Any]]]
@@ -109,6 +111,7 @@ def _alive(pid: int, started: int | None = None) -> bool:
 
 async def serve(path: Path, handle: Handler) -> None:
     """Serve requests until cancelled (runs in the filesystem's nursery)."""
+    import trio  # here: the clients (`caiosfs status`, `flush`, `umount`) never need it
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
