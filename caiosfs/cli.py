@@ -160,7 +160,7 @@ def _ls(a: argparse.Namespace) -> int:
 
 def _fsck(a: argparse.Namespace) -> int:
     from .cache import fsck, lock_cache_dir
-    from .compose import INDEX_ENV, open_index
+    from .index import INDEX_ENV, open_index
     d = Path(a.cache_dir)
     if not (d / INDEX_ENV).exists():
         raise UserError(f"{a.cache_dir} is not a caiosfs cache directory")

@@ -12,9 +12,7 @@ no part imports it.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cache import BlockCache
@@ -34,64 +32,6 @@ if TYPE_CHECKING:  # the FUSE side is imported by build_filesystem only
     from .fs import Filesystem
 
 log = logging.getLogger("caiosfs")
-
-# The two LMDB environments of a cache directory (their layout: index.py).
-INDEX_ENV = "index.lmdb"
-JOURNAL_ENV = "journal.lmdb"
-
-
-def open_index(cache_dir: Path, reserve_for: int | None = None) -> Index:
-    """Open the cache directory's index (and journal).
-
-    ``reserve_for``: the cache_size of a process that will write dirty data into this cache
-    (the mount). Its LMDB files are then made private and given room ahead, so that commits
-    still work once dirty data has filled the disk (see :func:`reserve_index_space`).
-    """
-    index = Index(cache_dir / INDEX_ENV)
-    if reserve_for is not None:
-        for env in (INDEX_ENV, JOURNAL_ENV):
-            private_index(cache_dir / env)
-        reserve_index_space(cache_dir / INDEX_ENV / "data.mdb", reserve_for)
-        reserve_index_space(cache_dir / JOURNAL_ENV / "data.mdb", 0)
-    return index
-
-
-def private_index(index_dir: Path) -> None:
-    """Caches made before the daemon set its umask may hold a 0755 index: fix it."""
-    if not index_dir.exists():
-        return
-    try:
-        os.chmod(index_dir, 0o700)
-        for p in index_dir.iterdir():
-            os.chmod(p, 0o600)
-    except OSError as exc:
-        log.warning("cannot make the cache index private: %s", exc.strerror)
-
-
-def reserve_index_space(data_file: Path, cache_size: int) -> None:
-    """Preallocate room for an LMDB environment, so it stays writable on a full disk.
-
-    LMDB copies pages on write: every commit — even one that deletes a journal entry or
-    records that a block was evicted — needs free pages, and grows the file when it has
-    none. When dirty data has filled the disk, a commit that grows the file fails, and the
-    one that fails may be in a background task. Space allocated here keeps the index's
-    commits inside the file (LMDB reuses freed pages, so a cache index rarely outgrows it).
-    """
-    want = max(8 << 20, min(64 << 20, cache_size // 1024))
-    try:
-        fd = os.open(data_file, os.O_RDWR)
-    except OSError as exc:
-        log.warning("cannot reserve space for the cache index: %s", exc.strerror)
-        return
-    try:
-        if os.fstat(fd).st_size < want:
-            os.posix_fallocate(fd, 0, want)
-    except OSError as exc:
-        log.warning("cannot reserve %d MiB for the cache index: %s", want >> 20,
-                    exc.strerror)
-    finally:
-        os.close(fd)
-
 
 def build_store(cfg: MountConfig) -> ObjectStore:
     """The S3 store of ``cfg`` (not contacted yet)."""

@@ -59,6 +59,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import shutil
 import struct
 import time
@@ -74,6 +75,10 @@ from .errors import UserError
 from .records import FORMAT, JournalEntry, Op, decode_op, encode_op
 
 log = logging.getLogger(__name__)
+
+# The two LMDB environments of a cache directory (their layout: above).
+INDEX_ENV = "index.lmdb"
+JOURNAL_ENV = "journal.lmdb"
 
 _HDR = struct.Struct(">dQQ")
 ID_BATCH = 1000
@@ -134,7 +139,7 @@ class Index:
     def __init__(self, path: Path, map_size: int = 64 << 30) -> None:
         path = Path(path)
         self.env = self._open_cache_env(path, map_size)
-        self.jenv = lmdb.open(str(path.parent / "journal.lmdb"), map_size=4 << 30, max_dbs=8,
+        self.jenv = lmdb.open(str(path.parent / JOURNAL_ENV), map_size=4 << 30, max_dbs=8,
                               subdir=True, sync=False, metasync=False, lock=True)
         self.blocks = self.env.open_db(b"blocks")
         self.meta = self.env.open_db(b"meta")
@@ -346,3 +351,58 @@ class Index:
 
 def now() -> float:
     return time.time()
+
+
+# ---- the cache directory's index files ------------------------------------------------
+
+def open_index(cache_dir: Path, reserve_for: int | None = None) -> Index:
+    """Open the cache directory's index (and journal).
+
+    ``reserve_for``: the cache_size of a process that will write dirty data into this cache
+    (the mount). Its LMDB files are then made private and given room ahead, so that commits
+    still work once dirty data has filled the disk (see :func:`reserve_index_space`).
+    """
+    index = Index(cache_dir / INDEX_ENV)
+    if reserve_for is not None:
+        for env in (INDEX_ENV, JOURNAL_ENV):
+            private_index(cache_dir / env)
+        reserve_index_space(cache_dir / INDEX_ENV / "data.mdb", reserve_for)
+        reserve_index_space(cache_dir / JOURNAL_ENV / "data.mdb", 0)
+    return index
+
+
+def private_index(index_dir: Path) -> None:
+    """Caches made before the daemon set its umask may hold a 0755 index: fix it."""
+    if not index_dir.exists():
+        return
+    try:
+        os.chmod(index_dir, 0o700)
+        for p in index_dir.iterdir():
+            os.chmod(p, 0o600)
+    except OSError as exc:
+        log.warning("cannot make the cache index private: %s", exc.strerror)
+
+
+def reserve_index_space(data_file: Path, cache_size: int) -> None:
+    """Preallocate room for an LMDB environment, so it stays writable on a full disk.
+
+    LMDB copies pages on write: every commit — even one that deletes a journal entry or
+    records that a block was evicted — needs free pages, and grows the file when it has
+    none. When dirty data has filled the disk, a commit that grows the file fails, and the
+    one that fails may be in a background task. Space allocated here keeps the index's
+    commits inside the file (LMDB reuses freed pages, so a cache index rarely outgrows it).
+    """
+    want = max(8 << 20, min(64 << 20, cache_size // 1024))
+    try:
+        fd = os.open(data_file, os.O_RDWR)
+    except OSError as exc:
+        log.warning("cannot reserve space for the cache index: %s", exc.strerror)
+        return
+    try:
+        if os.fstat(fd).st_size < want:
+            os.posix_fallocate(fd, 0, want)
+    except OSError as exc:
+        log.warning("cannot reserve %d MiB for the cache index: %s", want >> 20,
+                    exc.strerror)
+    finally:
+        os.close(fd)

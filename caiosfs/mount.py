@@ -28,6 +28,7 @@ from .config import MountConfig
 
 # (see PENDING in tests/test_layout.py)
 from .errors import UserError
+from .index import open_index
 from .metrics import Metrics
 from .warm import warm_in_mount
 
@@ -299,7 +300,7 @@ def run(cfg: MountConfig, mp: str, foreground: bool, report: Callable[[str], Non
     lockfd = lock_cache_dir(cfg.cache_dir)
     setup_logging(cfg, foreground)
     tune_malloc()
-    index = compose.open_index(cfg.cache_dir, reserve_for=cfg.cache_size)
+    index = open_index(cfg.cache_dir, reserve_for=cfg.cache_size)
     store = compose.open_store(cfg)
     fs = compose.build_filesystem(cfg, store, index, Metrics())
     options = set(pyfuse3.default_options)

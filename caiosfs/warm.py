@@ -26,6 +26,7 @@ from .attrs import is_record
 from .cache import BlockCache
 from .config import MountConfig
 from .errors import StoreError, UserError
+from .index import open_index
 from .metrics import Metrics
 from .progress import Progress, in_shard, parse_shard
 from .reader import Fetcher, ObjRef
@@ -243,7 +244,7 @@ class _Served:
 
 async def _warm_standalone(cfg: MountConfig, objects: list[ObjectInfo], quiet: bool,
                            lockfd: int) -> int:
-    index = compose.open_index(cfg.cache_dir)
+    index = open_index(cfg.cache_dir)
     sock = warm_socket(cfg.cache_dir)
     try:
         metrics = Metrics()

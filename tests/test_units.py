@@ -20,11 +20,11 @@ from conftest import data, xxh
 
 from caiosfs.attrs import Attrs, from_meta
 from caiosfs.cache import BlockCache, fsck, lock_cache_dir
-from caiosfs.compose import build_core, open_index
+from caiosfs.compose import build_core
 from caiosfs.config import build_config, parse_size, parse_source
 from caiosfs.errors import FsError, PreconditionFailed, StoreError, UserError, s3_errno
 from caiosfs.fs import Filesystem
-from caiosfs.index import Index
+from caiosfs.index import Index, open_index
 from caiosfs.metrics import Metrics
 from caiosfs.reader import Fetcher, MemoryBudget, ObjRef, Readahead, Reader
 from caiosfs.store.client import GAVE_UP_MEMORY, GaveUp, StoreClient
@@ -1237,7 +1237,9 @@ async def test_inline_files_survive_a_crash(tmp_path: Path) -> None:
     wb.index.del_journal(gone.fid)  # as if the crash came between the two removals
     f.data_path.write_bytes(b"half")  # as if it came while moving to a data file
     wb.index.close()
-    wb2 = _wb(tmp_path / "w", store)
+    # (A long upload_delay: with the default 0.05 s, a replay slower than that on a loaded
+    # machine let the upload finish before the check below; flush_all uploads it anyway.)
+    wb2 = _wb(tmp_path / "w", store, upload_delay=3600)
     async with trio.open_nursery() as n:
         await n.start(wb2.run)
         assert await wb2.replay() == 1
