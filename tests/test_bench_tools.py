@@ -352,3 +352,35 @@ def test_page_cache_drops_tell_this_process_from_others() -> None:
     assert after is not None
     assert after[1] - before[1] == int(dropped)
     assert after[0] - before[0] >= int(dropped)
+
+
+def test_rm_waits_while_objects_go_and_fails_once_they_stop(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """dev_git's `rm -rf` is timed until the store holds nothing under the tree; a peer that
+    keeps objects for good (rclone's write-back) fails after GONE_STALL, not after the
+    whole timeout."""
+    from types import SimpleNamespace
+
+    import bench.workloads  # noqa: F401 - the registry first: it imports devtree itself
+    from bench import devtree
+    from bench.procs import BenchError
+    monkeypatch.setattr(devtree, "GONE_STALL", 0.5)
+
+    class Store:
+        def __init__(self, counts: list[int]) -> None:
+            self.counts = counts
+
+        def list_sizes(self, prefix: str) -> dict[str, int]:
+            n = self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+            return {f"{prefix}k{i}": 1 for i in range(n)}
+
+    # going one by one, slower than GONE_STALL in all but not between two listings: waited for
+    draining = SimpleNamespace(store=Store([9, 8, 7, 6, 5, 4, 3, 2, 1, 0]))
+    t0 = time.monotonic()
+    assert devtree._wait_gone(draining, "t", 30) >= t0 + 0.8
+    # three left for good: fails in about GONE_STALL, naming what is left
+    stuck = SimpleNamespace(store=Store([5, 3]))
+    t0 = time.monotonic()
+    with pytest.raises(BenchError, match="3 objects still in the store"):
+        devtree._wait_gone(stuck, "t", 30)
+    assert 0.5 <= time.monotonic() - t0 < 5
