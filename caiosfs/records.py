@@ -38,7 +38,10 @@ class JournalEntry:
     inline: bool = False  # the content is the ``inline`` value of the same id
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        # vars(), not asdict(): every field is a plain value, and asdict's deep copy made
+        # this 4x slower (38 against 9 us; a file written through the mount commits its
+        # entry three or four times).
+        return json.dumps(vars(self)).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> JournalEntry:
