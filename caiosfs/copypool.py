@@ -14,9 +14,10 @@ Two kinds of work, two queues (:class:`Pool`):
 - ``small``: a whole small object (one GET or one PUT).
 
 Some threads take large work first, the others small work first; a thread whose queue is
-empty takes from the other one (unless told not to: uploads keep their 64 MiB parts at
-``max(4, parallel / 2)`` in flight, see :func:`caiosfs.listing.store_for`). The long
-transfers overlap with the many small ones, and neither kind waits for the other.
+empty takes from the other one (unless told not to). The long transfers overlap with the
+many small ones, and neither kind waits for the other. A gate may bound the large tasks in
+flight (uploads: :class:`caiosfs.uploadpipe.UploadPipe` decides how many multipart parts,
+by measurement); threads that take large tasks only wait for its slots.
 """
 
 from __future__ import annotations
