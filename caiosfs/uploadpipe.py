@@ -11,15 +11,19 @@ and climbs while the aggregate rate grows, like the mount's read pipe
 (:mod:`caiosfs.store.pipe`):
 
 - the sending threads add every piece of a part's body to one counter (:meth:`sent`);
-- every ``INTERVAL`` a controller thread calls :meth:`tick`: while every slot is busy and
-  parts wait, it raises the parts allowed in flight (doubling at first and while a raise
-  paid >= 40 %, then by 1.25) and judges the raise on the interval after the next one
-  (the one right after a raise holds the new connections' first bursts into their socket
-  buffers): a gain of at least ``GAIN`` keeps it, none steps back to where it was and
-  holds ``HOLD`` seconds before probing again. Stepping back starts no new part until
-  fewer than the limit are in flight: a part already sent is never interrupted;
+- every interval (0.5-2 s: long enough for 32 MiB to leave) a controller thread calls
+  :meth:`tick`: while every slot is busy and parts wait, it raises the parts allowed in
+  flight by ``STEP`` and judges the raise on the interval after the next one (the one right after a raise holds the new connections'
+  first bursts into their socket buffers): a gain of at least ``GAIN`` keeps it and tries
+  the next one, less steps back to where it was and holds ``HOLD`` seconds before probing
+  again. Stepping back starts no new part until fewer than the limit are in flight, but a
+  part already started is never interrupted: a raise that did not pay is paid for until
+  its parts end. Hence small steps, not the read pipe's doubling: doubling from 8 on
+  loopback put all 16 parts of 8 x 128 MiB in flight at once, and the server spent 13.9-
+  14.1 s of CPU on them instead of 12.7-13.2 s (wall 14.9-16.3 s against main's fixed
+  8: 14.2-15.8 s, 3 runs each, load 6-7);
 - the number never leaves [floor, ceiling]. A part in flight holds no body in memory (it is
-  sent from its file: ``sendfile`` over plain http, 1 MiB reads over TLS) but its
+  sent from its file: ``sendfile`` over plain http, one 1 MiB read at a time over TLS) but its
   connection's kernel send buffer (at most ``net.ipv4.tcp_wmem``'s maximum, 4 MiB here):
   the ceiling (``2 x parallel``, 32 by default) bounds that to ~160 MiB.
 
@@ -35,9 +39,14 @@ import threading
 
 log = logging.getLogger(__name__)
 
-INTERVAL = 1.0  # seconds between two ticks (a measuring interval)
+# A measuring interval: long enough for ``INTERVAL_BYTES`` to be sent at the last rate
+# measured (bytes are counted in 1 MiB pieces: 32 of them keep the count's grain near 3 %),
+# within [INTERVAL, MAX_INTERVAL] seconds.
+INTERVAL = 0.5
+MAX_INTERVAL = 2.0
+INTERVAL_BYTES = 32 << 20
 GAIN = 1.10  # a raise is kept only if the aggregate rate grew by at least 10 %
-BIG_GAIN = 1.40  # a raise that paid this much is followed by a doubling again
+STEP = 1.25  # a raise: this many times the parts in flight (one more at least)
 HOLD = 20.0  # seconds before probing again after a raise that did not pay
 
 
@@ -57,8 +66,8 @@ class UploadPipe:
         self._settle = False  # the interval now running follows a change: not judged
         self._base = 0.0  # aggregate rate before the raise being judged (0: none)
         self._before = self.floor  # where to go back to if that raise does not pay
-        self._double = True  # the next raise doubles
         self._hold_until = 0.0
+        self.interval = INTERVAL  # seconds until the controller's next tick
 
     # (the part threads)
     def try_take(self) -> bool:
@@ -93,6 +102,7 @@ class UploadPipe:
             rate = (self._bytes - self._b0) / (now - self._t0)
             self._t0, self._b0 = now, self._bytes
             full = self.in_flight >= self.limit
+        self.interval = min(MAX_INTERVAL, max(INTERVAL, INTERVAL_BYTES / max(rate, 1.0)))
         if self._settle:
             self._settle = False
             return False
@@ -102,14 +112,13 @@ class UploadPipe:
                 log.debug("upload pipe: %d parts -> %d (%.0f MB/s, %.0f before)",
                           self.limit, self._before, rate / 1e6, base / 1e6)
                 self.limit, self._settle = self._before, True
-                self._hold_until, self._double = now + HOLD, False
+                self._hold_until = now + HOLD
                 return False
-            self._double = rate >= base * BIG_GAIN
         if not (full and waiting) or now < self._hold_until or self.limit >= self.ceiling:
             return False
         self._base, self._before = rate, self.limit
-        step = self.limit * 2 if self._double else math.ceil(self.limit * 1.25)
-        self.limit, self._settle = min(self.ceiling, max(self.limit + 1, step)), True
+        step = max(self.limit + 1, math.ceil(self.limit * STEP))
+        self.limit, self._settle = min(self.ceiling, step), True
         log.debug("upload pipe: %d parts -> %d (%.0f MB/s)", self._before, self.limit,
                   rate / 1e6)
         return True

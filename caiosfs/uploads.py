@@ -22,7 +22,7 @@ from .listing import Item
 from .localfiles import md5_range
 from .store import ObjectInfo, PartSource
 from .store.copystore import CopyStore
-from .uploadpipe import INTERVAL, UploadPipe
+from .uploadpipe import UploadPipe
 
 if TYPE_CHECKING:
     from .transfer import Copier
@@ -65,7 +65,7 @@ class Uploads:
         stop = threading.Event()
 
         def control() -> None:
-            while not stop.wait(INTERVAL):
+            while not stop.wait(self.pipe.interval):
                 if self.pipe.tick(time.monotonic(), bool(pool.large)):
                     pool.wake()
         ctl = threading.Thread(target=control, daemon=True, name="cp-upload-pipe")

@@ -588,8 +588,8 @@ def test_small_files_get_their_mode_whatever_the_umask(s3: Any, bucket: str, tmp
 def test_upload_parts_in_flight_climb_behind_a_slow_connection_rate(
         s3: Any, bucket: str, tmp_path: Path, opts: str, seaweed: Any) -> None:
     """Behind 2 MB/s per connection (bench/wanproxy.py), more parts in flight carry more:
-    the upload raises them above its floor (max(4, parallel / 2) = 4 here), up to its
-    ceiling (2 x parallel = 8), and the objects are byte-identical."""
+    the upload raises them above its floor (max(4, parallel / 2) = 4 here), never beyond
+    its ceiling (2 x parallel = 8), and the objects are byte-identical."""
     repo = Path(__file__).resolve().parent.parent
     port_file = tmp_path / "wan.port"
     host_port = seaweed.endpoint.removeprefix("http://")
@@ -611,7 +611,7 @@ def test_upload_parts_in_flight_climb_behind_a_slow_connection_rate(
                         "-o", opts.replace(seaweed.endpoint, endpoint)
                         + ",parallel=4,part_size=5M")
         assert rc == 0, err
-        assert s["copied"] == 2 and s["parts_in_flight_max"] == 8, s
+        assert s["copied"] == 2 and 4 < s["parts_in_flight_max"] <= 8, s
         assert store_tree(s3, bucket, "up/") == {k: xxh(v) for k, v in files.items()}
     finally:
         proxy.terminate()

@@ -34,23 +34,24 @@ def drive(pipe: UploadPipe, per_conn: float,
 
 
 def test_climbs_while_each_connection_is_the_limit() -> None:
-    # 10 MB/s per connection, nothing shared in the way: every raise pays, up to the ceiling.
+    # 10 MB/s per connection, nothing shared in the way: every raise pays (by 1.25, one
+    # every two intervals), up to the ceiling.
     pipe = UploadPipe(8, 32)
-    seen = drive(pipe, 10 * MB, 10**12, 12)
-    assert seen[0] == 16 and max(seen) == 32 and seen[-1] == 32
+    seen = drive(pipe, 10 * MB, 10**12, 20)
+    assert seen[:7] == [10, 10, 13, 13, 17, 17, 22] and seen[-1] == 32
     assert pipe.peak == 32
 
 
 def test_steps_back_and_holds_when_the_store_is_the_limit() -> None:
-    # 150 MB/s in all (the server's CPU), 8 connections already carry it: the raise to 16
+    # 150 MB/s in all (the server's CPU), 8 connections already carry it: the raise to 10
     # does not pay, the pipe goes back to 8 and does not probe again for HOLD seconds.
     pipe = UploadPipe(8, 32)
     seen = drive(pipe, 50 * MB, 150 * MB, HOLD - 4)
-    assert 16 in seen[:3] and seen[-1] == 8
-    assert seen.count(16) == 2 and max(seen) == 16  # (one raise, judged, taken back)
-    # (the same clock, on: it probes again once HOLD has passed, by 1.25 this time)
+    assert seen[:3] == [10, 10, 8] and seen[-1] == 8 and max(seen) == 10
+    assert seen.count(10) == 2  # (one raise, judged, taken back)
+    # (the same clock, on: it probes again once HOLD has passed)
     again = drive(pipe, 50 * MB, 150 * MB, 8, start=HOLD - 4 + INTERVAL)
-    assert max(again) == 10 and again[-1] == 8
+    assert max(again) == 10 and again[-1] == 8 and again.count(10) == 2
 
 
 def test_no_raise_while_nothing_waits_or_below_the_limit() -> None:

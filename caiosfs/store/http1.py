@@ -8,7 +8,8 @@ SeaweedFS), and importing it does not import ``http.client`` and ``email`` (~40 
 copy's start-up). A bulk copy of small files spends most of its own CPU there.
 
 What it speaks: one request at a time on a keep-alive connection (plain or TLS), bodies
-given as bytes or as a file-like object with ``read(n)``; answers with a Content-Length,
+given as bytes, as a file-like object with ``read(n)``, or as a :class:`FileRange` of an
+open file (``sendfile`` on a plain socket); answers with a Content-Length,
 chunked, or delimited by the connection closing; HEAD and 1xx/204/304 answers without a
 body. Errors are ``OSError`` (:class:`ProtocolError` for a malformed or cut answer;
 ``TimeoutError`` when the socket's timeout expires), as the caller already expects of
