@@ -66,7 +66,7 @@ class Uploads:
 
         def control() -> None:
             while not stop.wait(self.pipe.interval):
-                if self.pipe.tick(time.monotonic(), bool(pool.large)):
+                if self.pipe.tick(time.monotonic(), len(pool.large)):
                     pool.wake()
         ctl = threading.Thread(target=control, daemon=True, name="cp-upload-pipe")
         if large:

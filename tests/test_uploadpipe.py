@@ -8,7 +8,7 @@ import threading
 import time
 
 from caiosfs.copypool import Pool
-from caiosfs.uploadpipe import HOLD, INTERVAL, UploadPipe
+from caiosfs.uploadpipe import HOLD, INTERVAL, LEFT, UploadPipe
 
 MB = 1_000_000
 
@@ -20,7 +20,7 @@ def drive(pipe: UploadPipe, per_conn: float,
     (while ``parts_left``), each interval sends min(n x per_conn, shared) bytes per second.
     The limit after every tick (the clock runs from ``start``)."""
     now, seen = start, []
-    pipe.tick(now, True)
+    pipe.tick(now, parts_left)
     while now < start + seconds:
         while parts_left and pipe.try_take():
             parts_left -= 1
@@ -28,7 +28,7 @@ def drive(pipe: UploadPipe, per_conn: float,
             pipe.give()
         pipe.sent(int(min(pipe.in_flight * per_conn, shared) * INTERVAL))
         now += INTERVAL
-        pipe.tick(now, parts_left > 0)
+        pipe.tick(now, parts_left)
         seen.append(pipe.limit)
     return seen
 
@@ -59,6 +59,15 @@ def test_no_raise_while_nothing_waits_or_below_the_limit() -> None:
     assert max(drive(pipe, 10 * MB, 10**12, 10, parts_left=6)) == 8  # pipe not full
     pipe = UploadPipe(4, 4)
     assert max(drive(pipe, 10 * MB, 10**12, 10)) == 4  # floor == ceiling
+
+
+def test_a_short_upload_keeps_its_floor() -> None:
+    # Each connection the limit, where every raise would pay: 16 parts with 8 in flight
+    # (8 x 128 MiB) leave too few waiting for a raise to be judged before they all run.
+    assert max(drive(UploadPipe(8, 32), 10 * MB, 10**12, 10, parts_left=16)) == 8
+    # 24 parts: 16 wait behind the first 8, one raise; then too few wait for another.
+    seen = drive(UploadPipe(8, 32), 10 * MB, 10**12, 10, parts_left=3 * 8)
+    assert max(seen) == 10 and LEFT == 2
 
 
 def test_pool_gate_bounds_parts_in_flight_and_wake_lets_more_run() -> None:
