@@ -14,10 +14,9 @@ Two kinds of work, two queues (:class:`Pool`):
 - ``small``: a whole small object (one GET or one PUT).
 
 Some threads take large work first, the others small work first; a thread whose queue is
-empty takes from the other one (unless told not to). The long transfers overlap with the
-many small ones, and neither kind waits for the other. A gate may bound the large tasks in
-flight (uploads: :class:`caiosfs.uploadpipe.UploadPipe` decides how many multipart parts,
-by measurement); threads that take large tasks only wait for its slots.
+empty takes from the other one (unless told not to: uploads keep their 64 MiB parts at
+``max(4, parallel / 2)`` in flight, see :func:`caiosfs.listing.store_for`). The long
+transfers overlap with the many small ones, and neither kind waits for the other.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from .listing import Item
-    from .uploadpipe import UploadPipe
 
 from .errors import StoreError
 
@@ -81,15 +79,9 @@ class Pool:
     :meth:`run` with every task at once, or :meth:`start`, :meth:`add` as tasks become known
     (a listing's pages), then :meth:`close` and :meth:`join`."""
 
-    def __init__(self, n_large: int, n_small: int, small_takes_large: bool = True,
-                 gate: UploadPipe | None = None, n_large_only: int = 0) -> None:
+    def __init__(self, n_large: int, n_small: int, small_takes_large: bool = True) -> None:
         self.n_large, self.n_small = max(1, n_large), max(1, n_small)
         self.small_takes_large = small_takes_large
-        # ``gate``: a large task starts only with a slot of it (given back when it ends);
-        # ``n_large_only`` more threads take large tasks only (the gate's climb: they wait
-        # for its slots instead of joining the small tasks).
-        self.gate = gate
-        self.n_large_only = n_large_only
         self.large: deque[Callable[[], None]] = deque()
         self.small: deque[Callable[[], None]] = deque()
         self.errors: list[BaseException] = []  # what a task let escape (a bug): re-raised
@@ -110,7 +102,6 @@ class Pool:
     def start(self, skip_idle: bool = False) -> None:
         """Start the threads (``skip_idle``: not those with nothing they could take)."""
         for first, second in ([(self.large, self.small)] * self.n_large
-                              + [(self.large, None)] * self.n_large_only
                               + [(self.small, self.large if self.small_takes_large
                                   else None)] * self.n_small):
             if skip_idle and not first and not second:
@@ -140,50 +131,23 @@ class Pool:
         if self.errors:
             raise self.errors[0]
 
-    def wake(self) -> None:
-        """The gate has room again (a raise): waiting threads look at the queues again."""
-        with self._cond:
-            self._cond.notify_all()
-
-    def _ready(self, q: deque[Callable[[], None]] | None) -> bool:
-        return bool(q) and (q is not self.large or self.gate is None or self.gate.free())
-
-    def _pop(self, q: deque[Callable[[], None]]) -> Callable[[], None] | None:
-        """The next task of ``q`` (with a slot of the gate for a large one), or None."""
-        gated = q is self.large and self.gate is not None
-        if gated and (not q or not self.gate.try_take()):  # type: ignore[union-attr]
-            return None
-        try:
-            task = q.popleft()
-        except IndexError:
-            if gated:
-                self.gate.give()  # type: ignore[union-attr]
-            return None
-        if not gated:
-            return task
-
-        def run() -> None:
-            try:
-                task()
-            finally:
-                self.gate.give()  # type: ignore[union-attr]
-                self.wake()
-        return run
-
     def _take(self, first: deque[Callable[[], None]],
               second: deque[Callable[[], None]] | None) -> Callable[[], None] | None:
-        """The next task, waiting while there is none yet (or no slot of the gate for
-        one); None once closed and the queues this thread takes from are empty."""
+        """The next task, waiting while there is none yet; None once closed and empty."""
         while True:
-            task = self._pop(first)
-            if task is None and second is not None:
-                task = self._pop(second)
-            if task is not None:
-                return task
-            with self._cond:  # (add() and wake() notify under this lock: none is lost)
-                if self._ready(first) or self._ready(second):
+            try:
+                return first.popleft()
+            except IndexError:
+                pass
+            if second is not None:
+                try:
+                    return second.popleft()
+                except IndexError:
+                    pass
+            with self._cond:  # (add() extends under this lock: no wake-up is lost)
+                if first or (second is not None and second):
                     continue
-                if self._closed and not first and not second:
+                if self._closed:
                     return None
                 self._cond.wait()
 

@@ -145,7 +145,6 @@ def _cp(a: argparse.Namespace, cfg: MountConfig, store: Any, src: Source | Path,
     cp = Copier(cfg, store, local, a.verify, progress)
     cp.res = res
     cp.xattrs = xattrs
-    parts_peak = 0  # (an upload: most multipart parts in flight at once)
     try:
         if isinstance(src, Source):
             pages = _source_pages(a, cfg, store, src, res)
@@ -176,15 +175,12 @@ def _cp(a: argparse.Namespace, cfg: MountConfig, store: Any, src: Source | Path,
     else:
         assert isinstance(dst, Source)
         progress.total, progress.nobjects = sum(it.size for it in todo), len(todo)
-        ups = Uploads(cp)
-        ups.upload_all(dst, todo)
-        parts_peak = ups.pipe.peak
+        Uploads(cp).upload_all(dst, todo)
     progress.finish() if not progress.quiet else None
     el = time.monotonic() - t0
     summary = {"copied": res.copied, "skipped": res.skipped, "failed": len(res.failures),
                "bytes": res.bytes, "seconds": round(el, 3), "invalid_keys": res.invalid,
                "aborted_uploads": res.aborted, "retries": cp.retries,
-               "parts_in_flight_max": parts_peak,
                "failures": [{"path": p, "error": e} for p, e in res.failures]}
     if a.json:
         print(json.dumps(summary))

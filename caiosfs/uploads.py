@@ -7,8 +7,6 @@ import hashlib
 import math
 import os
 import stat
-import threading
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -21,8 +19,6 @@ from .etag import etag_matches
 from .listing import Item
 from .localfiles import md5_range
 from .store import ObjectInfo, PartSource
-from .store.copystore import CopyStore
-from .uploadpipe import UploadPipe
 
 if TYPE_CHECKING:
     from .transfer import Copier
@@ -33,7 +29,6 @@ class Uploads:
 
     def __init__(self, copier: Copier) -> None:
         self.c = copier
-        self.pipe = UploadPipe(1, 1)  # (upload_all makes the real one)
 
     def plan(self, items: list[Item], have: dict[str, ObjectInfo]) -> list[Item]:
         todo = []
@@ -56,25 +51,10 @@ class Uploads:
             job = Job(it, math.ceil(it.size / part))
             large += [partial(self._part, dst, job, i, off, part)
                       for i, off in enumerate(range(0, it.size, part))]
-        # Whole files: ``parallel`` threads. Parts: from max(4, parallel / 2) in flight up
-        # to 2 x parallel, as the aggregate rate shows (caiosfs/uploadpipe.py: why).
-        floor = max(4, self.c.cfg.parallel // 2)
-        self.pipe = UploadPipe(floor, 2 * self.c.cfg.parallel)
-        pool = Pool(floor, self.c.cfg.parallel, small_takes_large=False, gate=self.pipe,
-                    n_large_only=self.pipe.ceiling - floor if large else 0)
-        stop = threading.Event()
-
-        def control() -> None:
-            while not stop.wait(self.pipe.interval):
-                if self.pipe.tick(time.monotonic(), len(pool.large)):
-                    pool.wake()
-        ctl = threading.Thread(target=control, daemon=True, name="cp-upload-pipe")
-        if large:
-            ctl.start()
-        try:
-            pool.run(large, small)
-        finally:
-            stop.set()
+        # Parts of 64 MiB: max(4, parallel / 2) in flight (16 at once made SeaweedFS drop
+        # connections here: 9 parts re-sent, half the rate of 8); whole files: parallel.
+        Pool(max(4, self.c.cfg.parallel // 2), self.c.cfg.parallel,
+             small_takes_large=False).run(large, small)
 
     def _put(self, dst: Source, it: Item) -> None:
         path = str(self.c.local / it.rel)
@@ -115,12 +95,8 @@ class Uploads:
                                                self.c.store.create_multipart, key, job.meta)
             if job.error is None:
                 src = PartSource(i + 1, path=path, offset=off, length=min(part, it.size - off))
-                if isinstance(self.c.store, CopyStore):  # (the pipe counts what leaves)
-                    etag = self.c.call("upload_part", self.c.store.upload_part, key,
-                                      job.upload_id, src, self.pipe.sent)
-                else:
-                    etag = self.c.call("upload_part", self.c.store.upload_part, key,
-                                      job.upload_id, src)
+                etag = self.c.call("upload_part", self.c.store.upload_part, key, job.upload_id,
+                                  src)
                 if self.c.verify and etag.strip('"') != md5_range(path, off, src.length):
                     raise ValueError(f"verify: part {i + 1} ETag mismatch")
                 with job.lock:

@@ -583,36 +583,3 @@ def test_small_files_get_their_mode_whatever_the_umask(s3: Any, bucket: str, tmp
         assert (dest / "b").stat().st_mtime == 1600000001
         assert os.getxattr(dest / "a", "user.caiosfs.etag").decode().strip('"') == \
             s3.head_object(Bucket=bucket, Key="um/a")["ETag"].strip('"')
-
-
-def test_upload_parts_in_flight_climb_behind_a_slow_connection_rate(
-        s3: Any, bucket: str, tmp_path: Path, opts: str, seaweed: Any) -> None:
-    """Behind 2 MB/s per connection (bench/wanproxy.py), more parts in flight carry more:
-    the upload raises them above its floor (max(4, parallel / 2) = 4 here), never beyond
-    its ceiling (2 x parallel = 8), and the objects are byte-identical."""
-    repo = Path(__file__).resolve().parent.parent
-    port_file = tmp_path / "wan.port"
-    host_port = seaweed.endpoint.removeprefix("http://")
-    proxy = subprocess.Popen([sys.executable, "-m", "bench.wanproxy", "--target", host_port,
-                              "--spec", "5ms,2MB/s", "--port-file", str(port_file)],
-                             cwd=repo, stdout=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            if port_file.exists() and port_file.read_text().strip():
-                break
-            time.sleep(0.05)
-        endpoint = f"http://127.0.0.1:{port_file.read_text().strip()}"
-        src = tmp_path / "src"
-        src.mkdir()
-        files = {f"shard{i}.bin": data(30 * MiB + i, f"climb{i}") for i in range(2)}
-        for rel, body in files.items():
-            (src / rel).write_bytes(body)
-        rc, s, err = cp(str(src), f"s3://{bucket}/up",
-                        "-o", opts.replace(seaweed.endpoint, endpoint)
-                        + ",parallel=4,part_size=5M")
-        assert rc == 0, err
-        assert s["copied"] == 2 and 4 < s["parts_in_flight_max"] <= 8, s
-        assert store_tree(s3, bucket, "up/") == {k: xxh(v) for k, v in files.items()}
-    finally:
-        proxy.terminate()
-        proxy.wait(timeout=10)

@@ -193,32 +193,3 @@ def test_a_body_that_stalls_is_a_timeout_error_within_the_timeout() -> None:
         c.close()
     finally:
         lsock.close()
-
-
-def test_file_range_body_sent_from_the_file(server: tuple[int, list[bytes], list[bytes]],
-                                            tmp_path: object) -> None:
-    """A part's body straight from its file (sendfile): the announced range, byte for byte,
-    every piece counted; a file shorter than announced is an OSError, not a hang."""
-    import os
-    from pathlib import Path
-
-    from caiosfs.store.http1 import FileRange
-    port, answers, requests = server
-    answers += [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]
-    data = os.urandom(3 << 20) + b"tail"
-    p = Path(str(tmp_path)) / "part"
-    p.write_bytes(data)
-    sent: list[int] = []
-    c = _conn(port)
-    with open(p, "rb") as fh:
-        n = len(data) - 1000 - 7
-        c.send("PUT", "/b/part", {"host": "h", "content-length": str(n)},
-               FileRange(fh.fileno(), 1000, n, sent.append))
-        assert c.response("PUT").read() == b""
-        assert requests[0].endswith(b"\r\n\r\n" + data[1000:1000 + n])
-        assert sum(sent) == n and len(sent) == 3  # (1 MiB pieces)
-        a, b = socket.socketpair()  # (nobody answers: the send fails first)
-        with a, b, pytest.raises(OSError, match="shrank"):
-            Connection(a).send("PUT", "/b/part", {"host": "h", "content-length": "9"},
-                               FileRange(fh.fileno(), len(data) - 4, 9))
-    c.close()

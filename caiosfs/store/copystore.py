@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit
 from .. import iobuf
 from ..errors import StoreError, certificate_error
 from . import ListPage, MultipartUpload, ObjectInfo
-from .http1 import Connection, FileRange, Pool, Response
+from .http1 import Connection, Pool, Response
 from .s3xml import (
     check_range,
     error_of,
@@ -53,6 +53,20 @@ def _hash_range(fh: Any, offset: int, length: int, *hashes: Any) -> None:
         for h in hashes:
             h.update(b)
         left -= len(b)
+
+
+class _Limited:
+    """The first ``n`` bytes of a file, as a request's body is read (a file that grew
+    since it was measured sends no more than announced)."""
+
+    def __init__(self, fh: Any, n: int) -> None:
+        self.fh, self.left = fh, n
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        b = self.fh.read(n) if n else b""
+        self.left -= len(b)
+        return b
 
 
 def ca_file() -> str:
@@ -245,24 +259,23 @@ class CopyStore:
             raise StoreError("MalformedResponse", "no UploadId in the answer", retryable=True)
         return upload_id
 
-    def upload_part(self, key: str, upload_id: str, part: Any,
-                    sent: Callable[[int], None] | None = None) -> str:
+    def upload_part(self, key: str, upload_id: str, part: Any) -> str:
         """A part from a local file's range: read once to hash it (plain http signs the
-        payload, as botocore does), then sent from the file (:class:`.http1.FileRange`:
-        ``sendfile`` over plain http), ``sent`` told of every piece. Other kinds of parts
-        go through boto3."""
+        payload, as botocore does), then sent in 1 MiB blocks. Other kinds of parts go
+        through boto3."""
         if part.path is None or part.copy_key is not None or part.data is not None:
             return str(self.full().upload_part(key, upload_id, part))
         params = {"partNumber": str(part.number), "uploadId": upload_id}
         headers = {"content-length": str(part.length)}
-        with open(part.path, "rb", buffering=0) as fh:
+        with open(part.path, "rb") as fh:
             payload = None
             if self.http.payload_signing:
                 h = hashlib.sha256()
                 _hash_range(fh, part.offset, part.length, h)
                 payload = h.hexdigest()
-            body = FileRange(fh.fileno(), part.offset, part.length, sent)
-            r, _ = self.http.call("PUT", key, params, headers, body, payload)
+            fh.seek(part.offset)
+            r, _ = self.http.call("PUT", key, params, headers, _Limited(fh, part.length),
+                                  payload)
         return etag(r.getheader("ETag"))
 
     def complete_multipart(self, key: str, upload_id: str, etags: builtins.list[str]) -> str:
@@ -323,7 +336,8 @@ class CopyStore:
         with open(path, "rb") as fh:  # (one pass for both hashes)
             _hash_range(fh, 0, size, md5, *((h256,) if sha else ()))
             headers["content-md5"] = base64.b64encode(md5.digest()).decode()
-            r, _ = self.http.call("PUT", key, None, headers, FileRange(fh.fileno(), 0, size),
+            fh.seek(0)
+            r, _ = self.http.call("PUT", key, None, headers, _Limited(fh, size),
                                   h256.hexdigest() if sha else None)
         return etag(r.getheader("ETag"))
 

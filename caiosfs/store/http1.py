@@ -8,8 +8,7 @@ SeaweedFS), and importing it does not import ``http.client`` and ``email`` (~40 
 copy's start-up). A bulk copy of small files spends most of its own CPU there.
 
 What it speaks: one request at a time on a keep-alive connection (plain or TLS), bodies
-given as bytes, as a file-like object with ``read(n)``, or as a :class:`FileRange` of an
-open file (``sendfile`` on a plain socket); answers with a Content-Length,
+given as bytes or as a file-like object with ``read(n)``; answers with a Content-Length,
 chunked, or delimited by the connection closing; HEAD and 1xx/204/304 answers without a
 body. Errors are ``OSError`` (:class:`ProtocolError` for a malformed or cut answer;
 ``TimeoutError`` when the socket's timeout expires), as the caller already expects of
@@ -18,7 +17,6 @@ body. Errors are ``OSError`` (:class:`ProtocolError` for a malformed or cut answ
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import struct
@@ -28,16 +26,6 @@ from typing import Any
 
 MAX_HEAD = 64 << 10  # an answer's status line and headers, at most
 SEND_PIECE = 1 << 20  # what one read of a file-like body asks for
-
-
-class FileRange:
-    """A request body of ``length`` bytes of the open file ``fd`` from ``offset``: sent by
-    ``sendfile`` on a plain socket (the bytes never enter Python), in ``SEND_PIECE`` reads
-    over TLS. ``on_sent`` (if given) is told of each piece that left."""
-
-    def __init__(self, fd: int, offset: int, length: int,
-                 on_sent: Callable[[int], None] | None = None) -> None:
-        self.fd, self.offset, self.length, self.on_sent = fd, offset, length, on_sent
 
 
 class ProtocolError(OSError):
@@ -134,9 +122,6 @@ class Connection:
             else:
                 self.sock.sendall(head)
                 self.sock.sendall(body)
-        elif isinstance(body, FileRange):
-            self.sock.sendall(head)
-            self._send_file(body)
         else:
             self.sock.sendall(head)
             while True:
@@ -144,25 +129,6 @@ class Connection:
                 if not b:
                     break
                 self.sock.sendall(b)
-
-    def _send_file(self, body: FileRange) -> None:
-        off, end = body.offset, body.offset + body.length
-        plain = isinstance(self.sock, socket.socket) and not hasattr(self.sock, "cipher")
-        while off < end:
-            n = min(SEND_PIECE, end - off)
-            if plain:  # (blocks until sent; the kernel's send timeout bounds it)
-                n = os.sendfile(self.sock.fileno(), body.fd, off, n)
-            else:
-                b = os.pread(body.fd, n, off)
-                n = len(b)
-                if n:
-                    self.sock.sendall(b)
-            if not n:
-                raise OSError(f"local file shrank while uploading ({off - body.offset} of "
-                              f"{body.length} bytes sent)")
-            off += n
-            if body.on_sent is not None:
-                body.on_sent(n)
 
     def response(self, method: str) -> Response:
         """Read the answer's status line and headers (1xx answers skipped)."""
