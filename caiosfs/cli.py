@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -122,19 +121,12 @@ def _h(n: float) -> str:
 
 def _flush(a: argparse.Namespace) -> int:
     from . import control
-    deadline = None if a.timeout is None else time.monotonic() + a.timeout
-    shown = 0.0
+
+    def show(p: dict[str, Any]) -> None:
+        print(f"caiosfs: uploading {p['files']} file(s), {_h(p['bytes'])} left",
+              file=sys.stderr)
     try:
-        for msg in control.request(a.mountpoint, {"cmd": "flush"}, timeout=a.timeout):
-            # The socket timeout is per read and progress arrives every second: the
-            # deadline for the whole flush is checked here.
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError
-            if "progress" in msg and not a.quiet and time.monotonic() - shown >= 1:
-                shown = time.monotonic()  # a line a second, however often uploads finish
-                p = msg["progress"]
-                print(f"caiosfs: uploading {p['files']} file(s), {_h(p['bytes'])} left",
-                      file=sys.stderr)
+        control.flush(a.mountpoint, a.timeout, None if a.quiet else show)
     except TimeoutError:
         raise CaiosfsError(f"{a.mountpoint}: not everything was durable within "
                            f"{a.timeout:.0f}s") from None

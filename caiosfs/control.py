@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,3 +178,19 @@ def request_socket(path: Path, req: dict[str, Any], timeout: float | None = None
                     yield {"result": msg["result"]}
                     return
                 yield msg
+
+
+def flush(mountpoint: str | Path, timeout: float | None,
+          progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Have a mount upload every dirty byte (``caiosfs flush``, ``umount``). ``progress``
+    gets the mount's progress at most once a second, however often uploads finish;
+    TimeoutError once ``timeout`` has passed for the whole flush (the socket's timeout is
+    per read, and progress arrives every second)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown = 0.0
+    for msg in request(mountpoint, {"cmd": "flush"}, timeout=timeout):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError
+        if "progress" in msg and progress is not None and time.monotonic() - shown >= 1:
+            shown = time.monotonic()
+            progress(msg["progress"])

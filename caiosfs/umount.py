@@ -11,6 +11,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import control
 from .errors import UserError
@@ -34,17 +35,11 @@ def unmount(mountpoint: str, timeout: float, flush: bool = True,
     if not os.path.ismount(mp):
         raise UserError(f"{mountpoint} is not mounted")
     if flush and info is not None:
-        deadline = time.monotonic() + timeout
-        shown = 0.0
+        def show(p: dict[str, Any]) -> None:
+            if progress is not None:
+                progress(f"uploading: {p['files']} file(s), {p['bytes'] / 2**20:.1f} MiB left")
         try:
-            for msg in control.request(mp, {"cmd": "flush"}, timeout=timeout):
-                if "progress" in msg and progress and time.monotonic() - shown >= 1:
-                    shown = time.monotonic()  # a line a second, as `caiosfs flush` prints
-                    p = msg["progress"]
-                    progress(f"uploading: {p['files']} file(s), {p['bytes'] / 2**20:.1f} MiB "
-                             "left")
-                if time.monotonic() > deadline:
-                    raise TimeoutError
+            control.flush(mp, timeout, show)
         except (TimeoutError, OSError):
             raise UserError(f"{mountpoint}: dirty data not uploaded within {timeout:.0f}s; "
                             "not unmounted (data is safe in the cache journal)") from None

@@ -9,7 +9,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1394,3 +1394,29 @@ async def test_a_store_call_past_its_deadline_leaves_its_thread_holding_the_limi
         while client.meta_limiter.borrowed_tokens:
             await trio.sleep(0.01)
     assert (await client.head("k2")).size == 4  # ("k" fails at once for GAVE_UP_MEMORY)
+
+
+def test_flush_shows_progress_once_a_second_and_times_out_as_a_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`caiosfs flush` and `umount` share control.flush: progress at most once a second,
+    however often it arrives, and the timeout counts for the whole flush, not per read."""
+    from caiosfs import control
+
+    def endless(mp: object, req: dict, timeout: float | None = None) -> Iterator[dict]:
+        assert req == {"cmd": "flush"}
+        while True:  # a progress message every 10 ms, for ever
+            time.sleep(0.01)
+            yield {"progress": {"files": 1, "bytes": 10}}
+    monkeypatch.setattr(control, "request", endless)
+    shown: list[dict] = []
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        control.flush("/mnt", 1.5, shown.append)
+    assert 1.5 <= time.monotonic() - t0 < 3
+    assert 1 <= len(shown) <= 2  # ~150 messages arrived
+
+    def done(mp: object, req: dict, timeout: float | None = None) -> Iterator[dict]:
+        yield {"progress": {"files": 0, "bytes": 0}}
+        yield {"result": {}}
+    monkeypatch.setattr(control, "request", done)
+    control.flush("/mnt", None, None)  # no timeout, no progress wanted: returns
