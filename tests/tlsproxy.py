@@ -6,22 +6,26 @@ Python dependency): an EC P-256 CA (basicConstraints CA:TRUE, keyCertSign) and a
 ``IP:127.0.0.1`` (serverAuth, with subject/authority key identifiers, which OpenSSL 3's
 strict verification wants). Valid for one day.
 
-``TlsProxy(upstream, cert, key)`` accepts TLS on 127.0.0.1 (port chosen by the kernel) and
-pipes bytes both ways to the plain http ``upstream`` ("http://127.0.0.1:PORT"): one thread
-per connection and direction, so keep-alive connections simply carry on. Every socket
-operation has a timeout; ``stop()`` closes the listener and every connection and joins the
-threads, and the proxy also stops by itself after ``lifetime`` seconds.
+``TlsProxy(upstream, cert)`` accepts TLS on 127.0.0.1 (port chosen by the kernel) and pipes
+bytes both ways to the plain http ``upstream`` ("http://127.0.0.1:PORT"), so keep-alive
+connections simply carry on. It is one thread running an asyncio loop, whose TLS works on
+memory buffers from that one thread: an earlier version pumped each connection with two
+threads, one in ``recv`` and one in ``sendall`` on the same ``ssl.SSLSocket``, and about one run
+in four a response reached the mount short (OpenSSL's connection objects are not safe to use
+from two threads at once). Every read has a timeout; ``stop()`` closes the listener and every
+connection and joins the thread, and the proxy also stops by itself after ``lifetime`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import ssl
 import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -89,17 +93,20 @@ class TlsProxy:
         self.ctx.load_cert_chain(str(cert.cert), str(cert.key))
         self.lifetime = lifetime
         self.stats: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._socks: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
-        self._stopped = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.5)
         self.port = self._listener.getsockname()[1]
         self.endpoint = f"https://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._run, name="tls-proxy", daemon=True)
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
 
     def start(self) -> Self:
-        self._spawn(self._accept_loop, "tls-accept")
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None or self._loop is None:
+            raise RuntimeError(f"TLS proxy did not start: {self._error!r}")
         return self
 
     def __enter__(self) -> Self:
@@ -108,105 +115,80 @@ class TlsProxy:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, fn: Callable[..., None], name: str, *args: object) -> None:
-        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
-        with self._lock:
-            self._threads.append(t)
-        t.start()
+    def stop(self) -> None:
+        loop, ev = self._loop, self._stop
+        if loop is not None and ev is not None:
+            with contextlib.suppress(RuntimeError):  # (the loop has already ended)
+                loop.call_soon_threadsafe(ev.set)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        with contextlib.suppress(OSError):
+            self._listener.close()
 
-    def _track(self, s: socket.socket) -> bool:
-        with self._lock:
-            if self._stopped.is_set():
-                return False
-            self._socks.add(s)
-            return True
-
-    def _accept_loop(self) -> None:
-        deadline = time.monotonic() + self.lifetime
-        while not self._stopped.is_set():
-            if time.monotonic() > deadline:
-                self._stopped.set()  # (stop by itself: nothing left running after a test)
-                self._close_all()
-                break
-            try:
-                raw, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not self._track(raw):
-                raw.close()
-                break
-            self.stats["accepted"] += 1
-            self._spawn(self._serve, "tls-conn", raw)
-
-    def _serve(self, raw: socket.socket) -> None:
-        raw.settimeout(IO_TIMEOUT)
+    def _run(self) -> None:
         try:
-            tls = self.ctx.wrap_socket(raw, server_side=True)  # handshake here, in this thread
-        except (ssl.SSLError, OSError):
+            asyncio.run(self._main())
+        except BaseException as e:  # noqa: BLE001 (reported by start(); ends the thread quietly)
+            self._error = e
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        conns: set[asyncio.Task[None]] = set()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            conns.add(task)
+            try:
+                await self._serve(reader, writer)
+            finally:
+                conns.discard(task)
+
+        server = await asyncio.start_server(serve, sock=self._listener)
+        self._ready.set()
+        with contextlib.suppress(TimeoutError):  # (stop by itself: nothing left after a test)
+            await asyncio.wait_for(self._stop.wait(), self.lifetime)
+        server.close()
+        for t in list(conns):
+            t.cancel()
+        await asyncio.gather(*conns, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+                     ) -> None:
+        try:  # (the handshake here, not in start_server, so that a refused one is counted)
+            await client_w.start_tls(self.ctx, ssl_handshake_timeout=IO_TIMEOUT)
+        except (OSError, TimeoutError, ssl.SSLError):
             self.stats["handshake_failed"] += 1
-            raw.close()
+            client_w.close()
             return
         self.stats["handshakes"] += 1
         try:
-            up = socket.create_connection(self.upstream, timeout=10)
-        except OSError:
-            tls.close()
+            up_r, up_w = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 10)
+        except (OSError, TimeoutError):
+            client_w.close()
             return
-        up.settimeout(IO_TIMEOUT)
-        if not (self._track(tls) and self._track(up)):
-            tls.close()
-            up.close()
-            return
-        t = threading.Thread(target=self._pump, args=(tls, up), name="tls-up", daemon=True)
-        t.start()
-        self._pump(up, tls)
-        t.join(IO_TIMEOUT)
-        with self._lock:
-            self._socks.discard(tls)
-            self._socks.discard(up)
-        tls.close()
-        up.close()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        """Bytes from src to dst until src ends; then end dst's side too."""
+        pipes = [asyncio.ensure_future(self._pipe(client_r, up_w)),
+                 asyncio.ensure_future(self._pipe(up_r, client_w))]
         try:
-            while True:
-                b = src.recv(PIECE)
-                if not b:
-                    break
-                dst.sendall(b)
-        except (OSError, ValueError):
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass
+            # Either side ending ends the connection, as a plain TCP proxy would for HTTP.
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for p in pipes:
+                p.cancel()
+            await asyncio.gather(*pipes, return_exceptions=True)
+            for w in (client_w, up_w):
+                w.close()
+            for w in (client_w, up_w):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(w.wait_closed(), 5)
 
-    def _close_all(self) -> None:
-        with self._lock:
-            socks, self._socks = list(self._socks), set()
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def stop(self) -> None:
-        self._stopped.set()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
-        self._close_all()
-        with self._lock:
-            threads = list(self._threads)
-        for t in threads:
-            if t is not threading.current_thread():
-                t.join(timeout=10)
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        """Bytes from src to dst until src ends or fails."""
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            while b := await asyncio.wait_for(src.read(PIECE), IO_TIMEOUT):
+                dst.write(b)
+                await asyncio.wait_for(dst.drain(), IO_TIMEOUT)
