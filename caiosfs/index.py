@@ -335,14 +335,24 @@ class Index:
         return out
 
     # meta --------------------------------------------------------------------------------
-    def get_meta(self, ident: bytes) -> dict[str, str] | None:
+    def get_metas(self, idents: list[bytes]) -> list[dict[str, str] | None]:
+        """The metadata remembered for each object version (None: not known), in one read
+        transaction (a listing's files)."""
         with self.env.begin(db=self.meta) as txn:
-            raw = txn.get(ident)
-        return json.loads(bytes(raw)) if raw else None
+            raws = [txn.get(i) for i in idents]
+        return [json.loads(bytes(r)) if r else None for r in raws]
 
     def put_meta(self, ident: bytes, meta: dict[str, str]) -> None:
         with self.env.begin(db=self.meta, write=True) as txn:
             txn.put(ident, json.dumps(meta).encode())
+
+    def put_metas(self, items: list[tuple[bytes, dict[str, str]]]) -> None:
+        """``put_meta`` of each, in one write transaction (a listing's files)."""
+        if not items:
+            return
+        with self.env.begin(db=self.meta, write=True) as txn:
+            for ident, meta in items:
+                txn.put(ident, json.dumps(meta).encode())
 
     def sync(self) -> None:
         """Force the cache index to disk (the journal is always synchronous)."""

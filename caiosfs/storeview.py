@@ -287,13 +287,15 @@ class StoreView:
         self._applied[path] = rec.etag
         if len(self._applied) > 10_000:
             self._applied.clear()
+        known = []
         for name, e in entries.items():
             if e.is_dir or e.meta is not None:
                 continue
             meta = covered(rec, name, e.etag, e.size, e.mtime)
             if meta is not None:
                 e.meta = meta
-                self.index.put_meta(ident_of(self.bucket, pre + name, e.etag), meta)
+                known.append((ident_of(self.bucket, pre + name, e.etag), meta))
+        self.index.put_metas(known)  # (one transaction: a listing's files are hundreds)
 
     async def _list_pages(self, path: str, pre: str, entries: dict[str, Entry],
                           max_pages: int | None = None) -> None:
@@ -341,9 +343,12 @@ class StoreView:
                         "directory", key.rstrip("/"))
 
     def _load_meta(self, entries: dict[str, Entry], pre: str) -> None:
-        for name, e in entries.items():
-            if not e.is_dir and e.meta is None:
-                e.meta = self.index.get_meta(ident_of(self.bucket, pre + name, e.etag))
+        todo = [(name, e) for name, e in entries.items() if not e.is_dir and e.meta is None]
+        if not todo:
+            return
+        metas = self.index.get_metas([ident_of(self.bucket, pre + n, e.etag) for n, e in todo])
+        for (_, e), meta in zip(todo, metas, strict=True):
+            e.meta = meta
 
     def needs_tag(self, meta: dict[str, str]) -> bool:
         """Whether an object with this metadata would look different if a listing's

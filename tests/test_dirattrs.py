@@ -87,6 +87,26 @@ async def test_a_cold_listing_takes_attributes_from_the_record_without_heads(
     assert store.calls["get_small"] - before.get("get_small", 0) == 2  # a record per dir
 
 
+async def test_what_a_record_gave_is_remembered_in_the_cache_across_a_remount(
+        make: Cores) -> None:
+    """A listing remembers the attributes its record gave (one index transaction for the
+    directory's files) and a later listing on the same cache finds them there: with the
+    records gone from the store, a remount still shows everything exactly, with no HEAD."""
+    store = MemoryStore("bkt")
+    c1 = await make(store, "c1", dirattrs="1")
+    written = await write_tree(c1)
+    await make.crash(c1)
+    c2 = await make(store, "c2", dirattrs="1")
+    assert await shown(c2) == written
+    await make.crash(c2)
+    for key in (RECORD, f"d/{RECORD}"):
+        del store.objects[key]
+    before = dict(store.calls)
+    c2 = await make(store, "c2", dirattrs="1")  # the same cache directory
+    assert await shown(c2) == written
+    assert store.calls["head"] == before.get("head", 0)
+
+
 async def test_what_the_record_does_not_hold_is_headed_and_shown_right(make: Cores) -> None:
     store = MemoryStore("bkt")
     c1 = await make(store, "c1", dirattrs="1")
