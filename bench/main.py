@@ -378,6 +378,9 @@ def run(args: argparse.Namespace) -> int:
                 worker_env=worker_env,
                 net=net,
                 proxy_pid=wan_proc.pid if net == "wan" and wan_proc is not None else None,
+                server_pid=(store.server.proc.pid
+                            if store.server is not None and store.server.proc is not None
+                            else None),
                 verify_all=args.quick,
                 b3_conc=conc,
                 b3_up_conc=16,
@@ -531,11 +534,12 @@ def measure(
     )
     rss = f", rss {out.rss_mib:.0f} MiB" if out.rss_mib is not None else ""
     cpu = ""
-    if out.cpu and out.cpu.get("bytes"):
-        gib = out.cpu["bytes"] / (1 << 30)
-        cpu = ", cpu/GiB " + " ".join(
-            f"{k[:-2]} {v / gib:.2f}s" for k, v in out.cpu.items() if k.endswith("_s")
-        )
+    for label, part in report.cpu_parts(out.cpu or {}).items():
+        if part.get("bytes"):
+            gib = part["bytes"] / (1 << 30)
+            cpu += f", cpu/GiB{' ' + label if label else ''} " + " ".join(
+                f"{k[:-2]} {v / gib:.2f}s" for k, v in part.items() if k.endswith("_s")
+            )
     log(f"r{ctx.rep} {key:14s} {name:8s} {figures}{rss}{cpu}")
     for n in out.notes:
         log(f"    note: {n}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ class Completed:
     stdout: str
     stderr: str
     seconds: float
+    cpu_s: float = 0.0  # user + system of the child and what it waited for (rusage)
 
 
 def _tail(text: str, n: int = 600) -> str:
@@ -57,6 +59,9 @@ def run_bounded(
     daemon / abort the FUSE connection), which runs before the kill and the wait.
     """
     t0 = time.monotonic()
+    # (RUSAGE_CHILDREN grows by what each child this process reaps has used: the bench
+    # runs one command at a time, so the difference is this child's own)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -85,7 +90,9 @@ def run_bounded(
             f"timed out after {timeout:.0f} s: {' '.join(argv[:4])}... {_tail(err or '')}"
         ) from None
     seconds = time.monotonic() - t0
-    res = Completed(proc.returncode, out or "", err or "", seconds)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    res = Completed(proc.returncode, out or "", err or "", seconds, round(cpu, 3))
     if check and proc.returncode != 0:
         raise BenchError(
             f"{Path(argv[0]).name} exited {proc.returncode}: {_tail(res.stderr or res.stdout)}"

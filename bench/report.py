@@ -30,17 +30,22 @@ class Cell:
     counters: list[dict[str, Any]] = field(default_factory=list)
     cpu: list[dict[str, float]] = field(default_factory=list)
 
-    def cpu_per_gib(self) -> dict[str, float]:
-        """{"daemon_s": median CPU seconds per GiB moved, ...} over the repetitions."""
+    def cpu_per_gib(self, label: str = "") -> dict[str, float]:
+        """{"daemon_s": median CPU seconds per GiB moved, ...} over the repetitions: of the
+        whole measurement, or (``label``) of one part of it (see :func:`cpu_parts`)."""
         out: dict[str, list[float]] = {}
         for c in self.cpu:
-            gib = c.get("bytes", 0) / GiB
+            part = cpu_parts(c).get(label, {})
+            gib = part.get("bytes", 0) / GiB
             if gib <= 0:
                 continue
-            for k, v in c.items():
+            for k, v in part.items():
                 if k.endswith("_s"):
                     out.setdefault(k, []).append(v / gib)
         return {k: statistics.median(v) for k, v in out.items()}
+
+    def cpu_labels(self) -> list[str]:
+        return sorted({label for c in self.cpu for label in cpu_parts(c)})
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +62,17 @@ class Cell:
             "cpu": self.cpu,
             "cpu_s_per_gib": self.cpu_per_gib(),
         }
+
+
+def cpu_parts(cpu: dict[str, float]) -> dict[str, dict[str, float]]:
+    """A measurement's CPU figures by part: ``{"": {...}}`` for one measured as a whole,
+    ``{"tree": {...}, "big": {...}}`` for one whose parts were measured apart (keys
+    ``"tree:bytes"``, ``"tree:client_s"``...: ``caiosfs cp`` of three data sets)."""
+    out: dict[str, dict[str, float]] = {}
+    for k, v in cpu.items():
+        label, _, name = k.rpartition(":")
+        out.setdefault(label, {})[name] = v
+    return out
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -209,22 +225,11 @@ def _cpu_table(res: Results) -> list[str]:
     """CPU seconds per GiB moved, per system; caiosfs's loop thread and its ceiling."""
     rows = []
     for key, _w, _net in res.rows:
-        per = {s: c.cpu_per_gib() for s, c in res.cells[key].items() if c.cpu}
-        if not any(per.values()):
-            continue
-        cells = []
-        for s in res.systems:
-            v = per.get(s, {})
-            x = v.get("client_s" if s == "boto3" else "daemon_s")
-            cells.append("" if x is None else f"{x:.2f}")
-        loop = per.get("caiosfs", {}).get("loop_s")
-        cells.append("" if loop is None else f"{loop:.2f}")
-        cells.append("" if not loop else f"{1 / loop:.2f}")
-        d, r = per.get("caiosfs", {}).get("daemon_s"), per.get("rclone", {}).get("daemon_s")
-        cells.append(f"{d / r:.2f}×" if d is not None and r else "")
-        proxies = [v["proxy_s"] for v in per.values() if "proxy_s" in v]
-        cells.append(f"{statistics.median(proxies):.2f}" if proxies else "")
-        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+        labels = sorted({x for c in res.cells[key].values() for x in c.cpu_labels()})
+        for label in labels:
+            per = {s: c.cpu_per_gib(label) for s, c in res.cells[key].items() if c.cpu}
+            if any(per.values()):
+                rows.append(_cpu_row(res, f"{key} ({label})" if label else key, per))
     if not rows:
         return []
     return [
@@ -232,17 +237,41 @@ def _cpu_table(res: Results) -> list[str]:
         "",
         "For a mount: its daemon's process tree, every thread, user + system, from",
         "`/proc/PID/stat` before and after the timed part (for writes: until durable). For raw",
-        "boto3: the client process itself (it has no daemon). caiosfs loop: its main thread (the",
-        "trio event loop, `/proc/PID/task/PID/stat`); loop ceiling = GiB/s one loop core could",
-        "carry at that cost. Proxy: the WAN proxy's CPU per GiB (median over the systems).",
+        "boto3, and for a copy command (`caiosfs cp`, `rclone copy`): the client process itself.",
+        "caiosfs loop: its main thread (the trio event loop, `/proc/PID/task/PID/stat`); loop",
+        "ceiling = GiB/s one loop core could carry at that cost. Store: the S3 server's CPU per",
+        "GiB (SeaweedFS, on the same cores when the run started it), proxy: the WAN proxy's,",
+        "each the median over the systems. Where the store's and the client's CPU add up to",
+        "the machine's cores, the store's share is what a faster client cannot take back.",
         "",
         "| workload | "
         + " | ".join(res.systems)
-        + " | caiosfs loop | loop ceiling (GiB/s) | caiosfs/rclone CPU | proxy |",
-        "|---|" + "---|" * (len(res.systems) + 4),
+        + " | caiosfs loop | loop ceiling (GiB/s) | caiosfs/rclone CPU | store | proxy |",
+        "|---|" + "---|" * (len(res.systems) + 5),
         *rows,
         "",
     ]
+
+
+def _own_cpu(v: dict[str, float]) -> float | None:
+    """A system's own CPU per GiB: its daemon's, or the client's where there is no daemon."""
+    return v.get("daemon_s", v.get("client_s"))
+
+
+def _cpu_row(res: Results, name: str, per: dict[str, dict[str, float]]) -> str:
+    cells = []
+    for s in res.systems:
+        x = _own_cpu(per.get(s, {}))
+        cells.append("" if x is None else f"{x:.2f}")
+    loop = per.get("caiosfs", {}).get("loop_s")
+    cells.append("" if loop is None else f"{loop:.2f}")
+    cells.append("" if not loop else f"{1 / loop:.2f}")
+    d, r = _own_cpu(per.get("caiosfs", {})), _own_cpu(per.get("rclone", {}))
+    cells.append(f"{d / r:.2f}×" if d is not None and r else "")
+    for k in ("server_s", "proxy_s"):
+        xs = [v[k] for v in per.values() if k in v]
+        cells.append(f"{statistics.median(xs):.2f}" if xs else "")
+    return f"| {name} | " + " | ".join(cells) + " |"
 
 
 # Issue 15's targets, judged on this run. (workload row, metric, a, b, op, bound): the

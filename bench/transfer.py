@@ -33,7 +33,7 @@ from bench.procs import BenchError
 from bench.scale import MiB
 from bench.store import BUCKET, PREFIX
 from bench.systems import FsSystem, base_env
-from bench.workloads import MB, Ctx, Outcome, Sample, Workload, _out_dir, _work
+from bench.workloads import MB, CpuMeter, Ctx, Outcome, Sample, Workload, _out_dir, _work
 
 RCLONE_FLAGS = ("--transfers", "16")
 
@@ -140,58 +140,71 @@ def _copy_cmd(s: FsSystem, src: str, dst: str) -> tuple[list[str], dict[str, str
              rside(src), rside(dst)], _rclone_env(s))
 
 
+def _cpu_of(cpu: dict[str, float], name: str, part: dict[str, float]) -> None:
+    """One data set's CPU figures, under its name (bench.report.cpu_parts)."""
+    cpu.update({f"{name}:{k}": v for k, v in part.items()})
+
+
 def cp_down_fs(ctx: Ctx, s: FsSystem) -> Outcome:
-    samples = []
+    samples, cpu = [], {}
     for name, (prefix, sizes, hashes, unit) in _sets(ctx).items():
         dest = s.root / f"cp-down-{name}"
         shutil.rmtree(dest, ignore_errors=True)
         procs.drop_caches()
         argv, env = _copy_cmd(s, f"s3:{prefix}", str(dest))
         try:
-            secs = procs.run_bounded(argv, ctx.scale.op_timeout, env=env).seconds
+            meter = CpuMeter(ctx, None)
+            res = procs.run_bounded(argv, ctx.scale.op_timeout, env=env)
+            _cpu_of(cpu, name, meter.stop(sum(sizes.values()), res.cpu_s))
             _check_local(dest, hashes, f"{s.name} {name}")
         finally:
             shutil.rmtree(dest, ignore_errors=True)
-        samples.append(_sample(name, unit, sizes, secs))
-    return Outcome(samples)
+        samples.append(_sample(name, unit, sizes, res.seconds))
+    return Outcome(samples, cpu=cpu)
 
 
 def cp_down_b3(ctx: Ctx) -> Outcome:
-    samples = []
+    samples, cpu = [], {}
     for name, (prefix, sizes, _, unit) in _sets(ctx).items():
         dest = ctx.workdir / f"b3-cp-down-{name}"
         procs.drop_caches()
         try:
+            meter = CpuMeter(ctx, None)
             r = _work(ctx, "b3_download", {
                 "bucket": BUCKET, "keys": {f"{PREFIX}/{prefix}/{k}": v for k, v in sizes.items()},
                 "dest": str(dest), "chunk": ctx.b3_chunk, "conc": 16})
+            # (the worker's untimed read-back of its files costs the store nothing)
+            _cpu_of(cpu, name, meter.stop(sum(sizes.values()), r.get("cpu_s")))
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         samples.append(_sample(name, unit, sizes, r["seconds"]))
-    return Outcome(samples)
+    return Outcome(samples, cpu=cpu)
 
 
 def cp_up_fs(ctx: Ctx, s: FsSystem) -> Outcome:
-    samples = []
+    samples, cpu = [], {}
     src = _local_sources(ctx)
     for name, (_, sizes, hashes, unit) in _sets(ctx).items():
         d = _out_dir(ctx, s.name, f"cp-{name}")
         # (no drop_caches: the sources stay in the page cache, as boto3's are in memory)
         argv, env = _copy_cmd(s, str(src[name]), f"s3:{d}")
         try:
-            secs = procs.run_bounded(argv, ctx.scale.op_timeout, env=env).seconds
+            meter = CpuMeter(ctx, None)
+            res = procs.run_bounded(argv, ctx.scale.op_timeout, env=env)
+            _cpu_of(cpu, name, meter.stop(sum(sizes.values()), res.cpu_s))
             _check_store(ctx, d, sizes, hashes)
         finally:
             ctx.store.delete_prefix(d + "/")
-        samples.append(_sample(name, unit, sizes, secs))
-    return Outcome(samples)
+        samples.append(_sample(name, unit, sizes, res.seconds))
+    return Outcome(samples, cpu=cpu)
 
 
 def cp_up_b3(ctx: Ctx) -> Outcome:
-    samples = []
+    samples, cpu = [], {}
     src = _local_sources(ctx)
     for name, (_, sizes, _, unit) in _sets(ctx).items():
         d = _out_dir(ctx, "boto3", f"cp-{name}")
+        meter = CpuMeter(ctx, None)
         try:
             if name == "tree":
                 r = _work(ctx, "b3_put_tree", {"bucket": BUCKET, "prefix": f"{PREFIX}/{d}",
@@ -209,10 +222,11 @@ def cp_up_b3(ctx: Ctx) -> Outcome:
                     "bucket": BUCKET, "key": f"{PREFIX}/{d}/{rel}", "size": size,
                     "seed": "seq", "part": ctx.b3_part, "conc": ctx.b3_conc})
                 secs = r["t_close"] - r["t_start"]
+            _cpu_of(cpu, name, meter.stop(sum(sizes.values()), r.get("cpu_s")))
         finally:
             ctx.store.delete_prefix(d + "/")
         samples.append(_sample(name, unit, sizes, secs))
-    return Outcome(samples)
+    return Outcome(samples, cpu=cpu)
 
 
 def cp_shards_fs(ctx: Ctx, s: FsSystem) -> Outcome:

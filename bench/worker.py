@@ -278,6 +278,7 @@ def op_b3_download(
     All objects' ranges go into one pool, so small objects do not serialize the transfer."""
     c = _client(conc + 8)
     Path(dest).mkdir(parents=True, exist_ok=True)
+    cpu0 = _cpu()
     t0 = time.monotonic()
     fds = {}
     jobs = []
@@ -306,6 +307,7 @@ def op_b3_download(
         for fd in fds.values():
             os.fsync(fd)  # a warm cache is on disk, not in the page cache
         seconds = time.monotonic() - t0
+        cpu = _cpu() - cpu0
         digests = {}
         for key, fd in fds.items():  # untimed: what landed on disk, for the caller to check
             h = xxhash.xxh3_64()
@@ -315,7 +317,7 @@ def op_b3_download(
     finally:
         for fd in fds.values():
             os.close(fd)
-    return {"bytes": n, "seconds": seconds, "digests": digests}
+    return {"bytes": n, "seconds": seconds, "digests": digests, "cpu_s": cpu}
 
 
 def op_b3_randget(
@@ -413,6 +415,7 @@ def op_b3_put_tree(bucket: str, prefix: str, root: str, threads: int) -> dict[st
     """One PUT per file of a local tree, ``threads`` at a time."""
     c = _client(threads + 8)
     files = [p for p in sorted(Path(root).rglob("*")) if p.is_file()]
+    cpu0 = _cpu()
     t0 = time.monotonic()
 
     def one(p: Path) -> None:
@@ -422,7 +425,7 @@ def op_b3_put_tree(bucket: str, prefix: str, root: str, threads: int) -> dict[st
         for _ in ex.map(one, files):
             pass
     t1 = time.monotonic()
-    return {"t_start": t0, "t_close": t1, "files": len(files)}
+    return {"t_start": t0, "t_close": t1, "files": len(files), "cpu_s": _cpu() - cpu0}
 
 
 def op_b3_get_tree(bucket: str, prefix: str, threads: int) -> dict[str, Any]:

@@ -61,6 +61,7 @@ class Ctx:
     worker_env: dict[str, str]  # for boto3 workers: endpoint (maybe the WAN proxy), keys
     net: str = "loopback"  # "loopback" or "wan" (every system behind bench/wanproxy.py)
     proxy_pid: int | None = None  # the WAN proxy, for its CPU figures
+    server_pid: int | None = None  # the S3 server the run started, for its CPU figures
     rep: int = 0
     verify_all: bool = False  # check every written byte (quick runs) or a sample (full runs)
     b3_conc: int = 8  # ranged GETs in flight for raw boto3 reads
@@ -118,16 +119,20 @@ def _finish(
 
 class CpuMeter:
     """CPU seconds spent between ``start`` and ``stop`` by the mount's daemon (its process
-    tree, every thread; and its event-loop thread apart) and by the WAN proxy."""
+    tree, every thread; and its event-loop thread apart), by the WAN proxy and by the S3
+    server."""
 
     def __init__(self, ctx: Ctx, m: Mount | None) -> None:
         self.ctx = ctx
         self.m = m
         self.d0, self.l0 = m.cpu() if m is not None else (0.0, None)
         self.p0 = procs.tree_cpu(ctx.proxy_pid) if ctx.proxy_pid else 0.0
+        self.s0 = procs.tree_cpu(ctx.server_pid) if ctx.server_pid else 0.0
 
     def stop(self, nbytes: int, client_s: float | None = None) -> dict[str, float]:
         out: dict[str, float] = {"bytes": nbytes}
+        if self.ctx.server_pid:
+            out["server_s"] = round(procs.tree_cpu(self.ctx.server_pid) - self.s0, 3)
         if self.m is not None and self.m.pids:
             d, loop = self.m.cpu()
             out["daemon_s"] = round(d - self.d0, 3)

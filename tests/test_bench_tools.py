@@ -384,3 +384,38 @@ def test_rm_waits_while_objects_go_and_fails_once_they_stop(monkeypatch: pytest.
     with pytest.raises(BenchError, match="3 objects still in the store"):
         devtree._wait_gone(stuck, "t", 30)
     assert 0.5 <= time.monotonic() - t0 < 5
+
+
+def test_copy_rows_show_each_data_set_s_cpu_and_the_store_s() -> None:
+    """`caiosfs cp` measures three data sets in one outcome: the CPU table has a row per
+    set, the client's CPU where a system has no daemon, and the store's column."""
+    from bench import report
+    from bench.workloads import WORKLOADS, Outcome, Sample
+
+    wl = {w.name: w for w in WORKLOADS}
+    res = report.Results([("cp_down", wl["cp_down"], "loopback")], ["caiosfs", "rclone", "boto3"])
+    gib = float(1 << 30)
+    for system, client in (("caiosfs", 0.5), ("rclone", 2.0), ("boto3", 0.4)):
+        cpu = {"tree:bytes": gib / 64, "tree:client_s": client / 8, "tree:server_s": 0.25,
+               "big:bytes": gib, "big:client_s": client, "big:server_s": 3.0}
+        res.add("cp_down", system, Outcome([Sample("big", "MB/s", 100.0, 10.0)], cpu=cpu))
+    assert report.cpu_parts({"bytes": 1.0, "a:bytes": 2.0}) == {"": {"bytes": 1.0},
+                                                                "a": {"bytes": 2.0}}
+    md = report.markdown(res, {"date": "d", "machine": "m", "command": "c", "git": "g",
+                               "scale": {"reps": 1}, "nets": ["loopback"], "wan": ""})
+    rows = {line.split(" | ")[0]: line for line in md.splitlines()
+            if line.startswith("| cp_down (")}
+    # (columns: caiosfs, rclone, boto3, loop, ceiling, caiosfs/rclone, store, proxy)
+    assert rows["| cp_down (big)"] == "| cp_down (big) | 0.50 | 2.00 | 0.40 |  |  | 0.25× | 3.00 |  |"
+    assert rows["| cp_down (tree)"].startswith("| cp_down (tree) | 4.00 | 16.00 | 3.20 |")
+    assert "| 16.00 |" in rows["| cp_down (tree)"]  # the store: 0.25 s for 1/64 GiB
+
+
+def test_run_bounded_counts_the_child_s_cpu() -> None:
+    from bench import procs
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    res = procs.run_bounded([sys.executable, "-c", busy], 30)
+    assert 0.25 <= res.cpu_s < 5, res.cpu_s
+    idle = procs.run_bounded([sys.executable, "-c", "import time; time.sleep(0.3)"], 30)
+    assert idle.cpu_s < 0.25, idle.cpu_s
