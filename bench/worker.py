@@ -431,6 +431,7 @@ def op_b3_put_tree(bucket: str, prefix: str, root: str, threads: int) -> dict[st
 def op_b3_get_tree(bucket: str, prefix: str, threads: int) -> dict[str, Any]:
     """List a prefix and GET every object, ``threads`` at a time (a raw restore)."""
     c = _client(threads + 8)
+    cpu0 = _cpu()
     t0 = time.monotonic()
     keys = [k for k, _ in _list(c, bucket, prefix)]
 
@@ -444,6 +445,7 @@ def op_b3_get_tree(bucket: str, prefix: str, threads: int) -> dict[str, Any]:
         "files": len(keys),
         "bytes": sum(n for _, n, _ in got),
         "seconds": time.monotonic() - t0,
+        "cpu_s": _cpu() - cpu0,
         "digests": {rel: d for rel, _, d in got},
     }
 

@@ -507,13 +507,17 @@ def _check_tree(ctx: Ctx, r: dict[str, Any]) -> None:
 
 def tree_restore_fs(ctx: Ctx, s: FsSystem) -> Outcome:
     with s.mounted(cold=True, profile="devbox") as m:
+        meter = CpuMeter(ctx, m)
         r = _work(ctx, "readtree", {"root": str(m.path(ctx.ds.tree_dir))}, m)
+        cpu = meter.stop(ctx.ds.tree_bytes)
     _check_tree(ctx, r)
-    return _finish([Sample("read", "files/s", _per_s(r["files"], r["seconds"]), r["seconds"])], m)
+    return _finish([Sample("read", "files/s", _per_s(r["files"], r["seconds"]), r["seconds"])], m,
+                   cpu=cpu)
 
 
 def tree_restore_b3(ctx: Ctx) -> Outcome:
     procs.drop_caches()
+    meter = CpuMeter(ctx, None)
     r = _work(
         ctx,
         "b3_get_tree",
@@ -523,8 +527,10 @@ def tree_restore_b3(ctx: Ctx) -> Outcome:
             "threads": 16,
         },
     )
+    cpu = _b3_cpu(ctx, meter, r, ctx.ds.tree_bytes)
     _check_tree(ctx, r)
-    return Outcome([Sample("read", "files/s", _per_s(r["files"], r["seconds"]), r["seconds"])])
+    return Outcome([Sample("read", "files/s", _per_s(r["files"], r["seconds"]), r["seconds"])],
+                   cpu=cpu)
 
 
 # ---- ls -l of 10,000 objects ------------------------------------------------------------------
