@@ -240,14 +240,16 @@ def _cpu_table(res: Results) -> list[str]:
         "boto3, and for a copy command (`caiosfs cp`, `rclone copy`): the client process itself.",
         "caiosfs loop: its main thread (the trio event loop, `/proc/PID/task/PID/stat`); loop",
         "ceiling = GiB/s one loop core could carry at that cost. Store: the S3 server's CPU per",
-        "GiB (SeaweedFS, on the same cores when the run started it), proxy: the WAN proxy's,",
-        "each the median over the systems. Where the store's and the client's CPU add up to",
-        "the machine's cores, the store's share is what a faster client cannot take back.",
+        "GiB (SeaweedFS, on the same cores when the run started it) while caiosfs, and while",
+        "rclone, did the work; proxy: the WAN proxy's, the median over the systems. Where the",
+        "store's and the client's CPU add up to the machine's cores, the store's share is what",
+        "a faster client cannot take back.",
         "",
         "| workload | "
         + " | ".join(res.systems)
-        + " | caiosfs loop | loop ceiling (GiB/s) | caiosfs/rclone CPU | store | proxy |",
-        "|---|" + "---|" * (len(res.systems) + 5),
+        + " | caiosfs loop | loop ceiling (GiB/s) | caiosfs/rclone CPU | store (caiosfs) |"
+        + " store (rclone) | proxy |",
+        "|---|" + "---|" * (len(res.systems) + 6),
         *rows,
         "",
     ]
@@ -268,9 +270,11 @@ def _cpu_row(res: Results, name: str, per: dict[str, dict[str, float]]) -> str:
     cells.append("" if not loop else f"{1 / loop:.2f}")
     d, r = _own_cpu(per.get("caiosfs", {})), _own_cpu(per.get("rclone", {}))
     cells.append(f"{d / r:.2f}×" if d is not None and r else "")
-    for k in ("server_s", "proxy_s"):
-        xs = [v[k] for v in per.values() if k in v]
-        cells.append(f"{statistics.median(xs):.2f}" if xs else "")
+    for system in ("caiosfs", "rclone"):  # (what a system's requests cost the store differs)
+        x = per.get(system, {}).get("server_s")
+        cells.append("" if x is None else f"{x:.2f}")
+    xs = [v["proxy_s"] for v in per.values() if "proxy_s" in v]
+    cells.append(f"{statistics.median(xs):.2f}" if xs else "")
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
