@@ -104,8 +104,9 @@ def _status(a: argparse.Namespace) -> int:
               f"{s['oldest_dirty_seconds']}s; uploads queued {s['uploads_queued']}, in flight "
               f"{s['uploads_in_flight']}, done {s['uploads_completed']}, failed "
               f"{s['uploads_failed']}")
-        print(f"  store     {s['s3_requests']} requests, {s['s3_errors']} errors, "
-              f"{_h(s['bytes_in'])} in, {_h(s['bytes_out'])} out; conflicts {s['conflicts']}")
+        print(f"  store     {s['s3_requests']} requests ({s['s3_not_found']} not found), "
+              f"{s['s3_errors']} errors, {_h(s['bytes_in'])} in, {_h(s['bytes_out'])} out; "
+              f"conflicts {s['conflicts']}")
         print(f"  errors    {s['fuse_errors']} FUSE errors, {s['checksum_failures']} checksum "
               f"failures, {s['skipped_keys']} keys skipped")
     return 0

@@ -6,12 +6,16 @@ Each mount has its own ``CollectorRegistry`` (tests run many filesystems in one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WIN = tuple(float(1 << n) for n in range(20, 29))  # 1 MiB .. 256 MiB
+# Store answers that an object is not there: what a lookup of a name that does not exist
+# gets (git probes hundreds), counted apart from errors in ``snapshot``.
+NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
 
 
 class Metrics:
@@ -108,6 +112,11 @@ class Metrics:
                     total += s.value
         return total
 
+    def _requests(self, status: Callable[[str | None], bool]) -> float:
+        """Store requests whose status label ``status`` accepts."""
+        return sum(s.value for m in self.registry.collect() for s in m.samples
+                   if s.name == "caiosfs_s3_requests_total" and status(s.labels.get("status")))
+
     def snapshot(self) -> dict[str, Any]:
         v = self.value
         hits, misses = v("caiosfs_cache_hit_bytes_total"), v("caiosfs_cache_miss_bytes_total")
@@ -129,9 +138,9 @@ class Metrics:
             "s3_requests": int(v("caiosfs_s3_requests_total")),
             "s3_get_requests": int(v("caiosfs_s3_requests_total", op="get")),
             "s3_head_requests": int(v("caiosfs_s3_requests_total", op="head")),
-            "s3_errors": int(sum(s.value for m in self.registry.collect() for s in m.samples
-                                 if s.name == "caiosfs_s3_requests_total"
-                                 and s.labels.get("status") not in ("ok", None))),
+            "s3_not_found": int(self._requests(lambda st: st in NOT_FOUND)),
+            "s3_errors": int(self._requests(lambda st: st not in ("ok", None)
+                                            and st not in NOT_FOUND)),
             "fuse_errors": int(v("caiosfs_fuse_errors_total")),
             "bytes_in": int(v("caiosfs_s3_bytes_in_total")),
             "bytes_out": int(v("caiosfs_s3_bytes_out_total")),

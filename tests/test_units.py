@@ -614,6 +614,24 @@ async def test_reads_retry_then_give_up_in_bounded_time() -> None:
     assert ei.value.errno == errno.EACCES
 
 
+
+async def test_status_counts_absent_objects_apart_from_errors() -> None:
+    """A HEAD of a name that is not there (every lookup of a new name: git probes hundreds)
+    is an answer, not a store error: `caiosfs status` counts it as "not found"."""
+    store = MemoryStore("b")
+    store.put_bytes("k", b"x")
+    client = StoreClient(store, Metrics(), read_timeout=5)
+    for _ in range(3):
+        with pytest.raises(StoreError):
+            await client.head("missing")
+    store.inject("head", StoreError("AccessDenied", status=403), times=1)
+    with pytest.raises(StoreError):
+        await client.head("k")
+    assert (await client.head("k")).size == 1
+    snap = client.metrics.snapshot()
+    assert (snap["s3_requests"], snap["s3_not_found"], snap["s3_errors"]) == (5, 3, 1)
+
+
 # write-back ----------------------------------------------------------------------------
 def _wb(tmp: Path, store: MemoryStore, inline_max: int = INLINE_MAX, **kw: object
         ) -> WriteBack:
