@@ -119,6 +119,49 @@ def test_cache_roundtrip_corruption_and_eviction(tmp_path: Path) -> None:
     c2.index.close()
 
 
+
+def test_small_reads_of_a_verified_chunk_check_only_their_pieces(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a small read has verified a chunk whole, later small reads of it (after it left
+    the verified chunks kept in memory) read and check only the 64 KiB pieces they touch;
+    a piece that no longer matches drops the chunk, and no wrong byte is returned."""
+    from caiosfs.cache import SUB_BLOCK
+
+    c = BlockCache(tmp_path, Index(tmp_path / "index.lmdb"), Metrics(), 1 << 30, 4 * MiB,
+                   verified_budget=0)  # (nothing stays verified in memory)
+    body = data(3 * MiB + 12345, "s")
+    ident = b"b\0k\0etag1"
+    _fill(c, ident, body, 0, len(body))
+    reads: list[int] = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: (reads.append(n), real(fd, n, off))[1])
+    assert c.read(ident, MiB + 100, 4096, len(body)) == body[MiB + 100:MiB + 4196]
+    assert reads == [MiB]  # the first: the whole chunk, checked against its checksum
+    for off in (MiB + 200_000, MiB + SUB_BLOCK - 10, 3 * MiB + 12000):  # (the short last chunk)
+        reads.clear()
+        if off > 3 * MiB:  # (its first small read verifies it whole)
+            assert c.read(ident, off, 300, len(body)) == body[off:off + 300]
+            reads.clear()
+        assert c.read(ident, off, 300, len(body)) == body[off:off + 300]
+        assert reads == [2 * SUB_BLOCK if off == MiB + SUB_BLOCK - 10 else
+                         min(SUB_BLOCK, len(body) - off // SUB_BLOCK * SUB_BLOCK)], (off, reads)
+    # A large read still checks whole chunks.
+    reads.clear()
+    assert c.read(ident, 0, 2 * MiB, len(body)) == body[:2 * MiB]
+    assert reads == [MiB, MiB]
+    # Corruption in the piece a small read touches: the chunk is dropped, nothing wrong
+    # comes back; in a piece it does not touch, the small read needs none of it.
+    with open(c.block_path(ident, 0), "r+b") as fh:
+        fh.seek(MiB + 300_000)
+        fh.write(b"\xff\xfe")
+    assert c.read(ident, MiB + 100, 4096, len(body)) == body[MiB + 100:MiB + 4196]
+    assert c.read(ident, MiB + 300_000 - 50, 100, len(body)) is None
+    assert c.metrics.value("caiosfs_cache_checksum_failures_total") == 1
+    assert c.missing(ident, 0, 3) == [1]
+    assert c.read(ident, MiB + 100, 4096, len(body)) is None  # (gone: fetched again)
+    c.index.close()
+
+
 def test_free_space_is_looked_at_again_when_it_may_have_run_short(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """over_limit() after every GET does not statfs every time while the disk has room to
