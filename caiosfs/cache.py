@@ -343,7 +343,10 @@ class BlockCache:
             return
         blockno, idx = divmod(chunk, self.chunks_per_block)
         entry = self.index.get_block(ident, blockno)
-        if entry is None or not entry.present >> idx & 1:
+        # (the bytes are checked against the index's checksum here, whatever path brought
+        # them: the pieces' digests are worth exactly what that checksum is)
+        if (entry is None or not entry.present >> idx & 1
+                or xxhash.xxh3_64_intdigest(data) != entry.sums[idx]):
             return
         view = memoryview(data)
         self._subsums[k] = (entry.sums[idx], array("Q", (

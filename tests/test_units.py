@@ -159,6 +159,11 @@ def test_small_reads_of_a_verified_chunk_check_only_their_pieces(
     assert c.metrics.value("caiosfs_cache_checksum_failures_total") == 1
     assert c.missing(ident, 0, 3) == [1]
     assert c.read(ident, MiB + 100, 4096, len(body)) is None  # (gone: fetched again)
+    # Digests are taken only from bytes that match the index's checksum of the chunk.
+    c._note_subsums(ident, 2, b"x" * MiB)
+    assert (ident, 2) not in c._subsums
+    c._note_subsums(ident, 2, body[2 * MiB:3 * MiB])
+    assert (ident, 2) in c._subsums
     c.index.close()
 
 
