@@ -35,14 +35,14 @@ log = logging.getLogger(__name__)
 MIN_FREE_MAX = 2 << 30
 FREE_RECHECK = 0.25  # seconds a look at the disk's free space is trusted (over_limit)...
 FREE_MARGIN = 256 << 20  # ... while it found at least this much above the floor
-# Small reads of a chunk that was verified once: each is checked against the digests of the
-# SUB_BLOCK pieces that chunk had when its whole checksum matched, so a 4 KiB read from
-# disk costs a 64 KiB read and hash instead of the whole 1 MiB chunk's (fio --rw=randread
-# --bs=4k over 1 GiB: every read missed the 16 MiB of verified chunks kept in memory and
-# re-read and re-hashed its whole chunk). Remembered for SUB_SUMS_MAX chunks (~200 bytes
-# each), only where a read of at most SUB_READ_MAX bytes asked.
+# Random reads of a small part of a chunk that was verified once: each is checked against
+# the digests of the SUB_BLOCK pieces that chunk had when its whole checksum matched, so a
+# 4 KiB read from disk costs a 64 KiB read and hash instead of the whole 1 MiB chunk's (fio
+# --rw=randread --bs=4k over 1 GiB: every read missed the 16 MiB of verified chunks kept in
+# memory and re-read and re-hashed its whole chunk). Remembered for SUB_SUMS_MAX chunks
+# (~200 bytes each), only where a random read of at most half a chunk asked: a sequential
+# reader reads whole chunks and pays nothing for this.
 SUB_BLOCK = 64 << 10
-SUB_READ_MAX = 256 << 10
 SUB_SUMS_MAX = 16384
 
 
@@ -268,34 +268,36 @@ class BlockCache:
                 out.append(chunk)
         return out
 
-    def read(self, ident: bytes, offset: int, size: int, obj_size: int) -> bytes | None:
-        """Bytes [offset, offset+size) if every chunk is cached and verifies, else None."""
+    def read(self, ident: bytes, offset: int, size: int, obj_size: int,
+             random: bool = False) -> bytes | None:
+        """Bytes [offset, offset+size) if every chunk is cached and verifies, else None.
+        ``random``: the reader is not streaming (see SUB_BLOCK)."""
         end = min(offset + size, obj_size)
         if end <= offset:
             return b""
         cs = self.chunk_size
         parts = []
-        small = end - offset <= SUB_READ_MAX
         for chunk in range(offset // cs, (end - 1) // cs + 1):
-            piece = self._small(ident, chunk, offset, end, obj_size) if small else None
-            if piece is not None:
-                parts.append(piece)
+            lo = max(offset - chunk * cs, 0)
+            hi = min(end - chunk * cs, self.chunk_len(chunk, obj_size))
+            pieces = random and 2 * (hi - lo) <= self.chunk_len(chunk, obj_size)
+            part = self._pieces(ident, chunk, lo, hi, obj_size) if pieces else None
+            if part is not None:
+                parts.append(part)
                 continue
             data = self._chunk(ident, chunk, obj_size)
             if data is None:
                 return None
-            if small:
-                self._note_subsums(ident, chunk, data)
-            lo = max(offset - chunk * cs, 0)
-            hi = min(end - chunk * cs, len(data))
+            if pieces:
+                self._note_pieces(ident, chunk, data)
             parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
         self.metrics.cache_hit_bytes.inc(end - offset)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _small(self, ident: bytes, chunk: int, offset: int, end: int, obj_size: int
-               ) -> bytes | None:
-        """[offset, end)'s part in a chunk read from disk and checked against the digests
-        of its SUB_BLOCK pieces; None where those are not known (or the chunk is in memory:
+    def _pieces(self, ident: bytes, chunk: int, lo: int, hi: int, obj_size: int
+                ) -> bytes | None:
+        """Bytes [lo, hi) of a chunk read from disk and checked against the digests of its
+        SUB_BLOCK pieces; None where those are not known (or the chunk is in memory:
         ``_chunk`` serves it), or the chunk is gone. A piece that does not match drops the
         chunk, as a failed checksum does (None: the caller refetches)."""
         k = (ident, chunk)
@@ -308,20 +310,11 @@ class BlockCache:
             self._subsums.pop(k, None)
             return None
         self._subsums.move_to_end(k)
-        cs, sub = self.chunk_size, SUB_BLOCK
-        lo, hi = max(offset - chunk * cs, 0), min(end - chunk * cs, cs)
+        sub = SUB_BLOCK
         first, last = lo // sub, (hi - 1) // sub
         start = first * sub
         want = min((last + 1) * sub, self.chunk_len(chunk, obj_size)) - start
-        try:
-            fd = os.open(self.block_file(ident, blockno), os.O_RDONLY)
-            try:
-                data = os.pread(fd, want, idx * cs + start)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning("cache block unreadable (%s), refetching", exc.strerror)
-            data = b""
+        data = self._pread(ident, blockno, want, idx * self.chunk_size + start)
         sums = rec[1]
         ok = len(data) == want and all(
             xxhash.xxh3_64_intdigest(data[i * sub - start:(i + 1) * sub - start]) == sums[i]
@@ -335,8 +328,8 @@ class BlockCache:
         self._atimes[(ident, blockno)] = now()
         return data[lo - start:hi - start]
 
-    def _note_subsums(self, ident: bytes, chunk: int, data: bytes) -> None:
-        """Remember the SUB_BLOCK digests of a chunk's verified bytes (see ``_small``)."""
+    def _note_pieces(self, ident: bytes, chunk: int, data: bytes) -> None:
+        """Remember the SUB_BLOCK digests of a chunk's verified bytes (see ``_pieces``)."""
         k = (ident, chunk)
         if k in self._subsums:
             self._subsums.move_to_end(k)
@@ -371,15 +364,7 @@ class BlockCache:
         if entry is None or not entry.present >> idx & 1:
             return None
         want = self.chunk_len(chunk, obj_size)
-        try:
-            fd = os.open(self.block_file(ident, blockno), os.O_RDONLY)
-            try:
-                data = os.pread(fd, want, idx * self.chunk_size)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning("cache block unreadable (%s), refetching", exc.strerror)
-            data = b""
+        data = self._pread(ident, blockno, want, idx * self.chunk_size)
         if len(data) != want or xxhash.xxh3_64_intdigest(data) != entry.sums[idx]:
             self.metrics.cache_checksum_failures.inc()
             log.warning("cache chunk failed its checksum, dropping it and refetching")
@@ -389,6 +374,18 @@ class BlockCache:
         self._atimes[(ident, blockno)] = now()
         self.remember(ident, chunk, data)
         return data
+
+    def _pread(self, ident: bytes, blockno: int, n: int, offset: int) -> bytes:
+        """Bytes of a block file; empty if it cannot be read (the caller's checksum fails)."""
+        try:
+            fd = os.open(self.block_file(ident, blockno), os.O_RDONLY)
+            try:
+                return os.pread(fd, n, offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cache block unreadable (%s), refetching", exc.strerror)
+            return b""
 
     def remember(self, ident: bytes, chunk: int, data: bytes) -> None:
         """Keep a chunk known to match its checksum in memory (the bytes just read and

@@ -343,11 +343,11 @@ class Index:
         return [json.loads(bytes(r)) if r else None for r in raws]
 
     def put_meta(self, ident: bytes, meta: dict[str, str]) -> None:
-        with self.env.begin(db=self.meta, write=True) as txn:
-            txn.put(ident, json.dumps(meta).encode())
+        self.put_metas([(ident, meta)])
 
     def put_metas(self, items: list[tuple[bytes, dict[str, str]]]) -> None:
-        """``put_meta`` of each, in one write transaction (a listing's files)."""
+        """Remember each object version's metadata, in one write transaction (a listing's
+        files)."""
         if not items:
             return
         with self.env.begin(db=self.meta, write=True) as txn:

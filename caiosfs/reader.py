@@ -528,7 +528,7 @@ class Reader:
         ra.maximum = self._stream_cap(ra)
         seq = ra.observe(offset, size)
         if not seq and size <= SMALL_RANDOM and self._first_touch(obj, offset, end):
-            data = self.cache.read(obj.ident, offset, size, obj.size)
+            data = self.cache.read(obj.ident, offset, size, obj.size, random=True)
             if data is not None:
                 return data
             # A small random read of a chunk not read before: fetching all of its 1 MiB
@@ -540,7 +540,7 @@ class Reader:
             if data is not None:
                 return data
         for _attempt in range(3):
-            data = self.cache.read(obj.ident, offset, size, obj.size)
+            data = self.cache.read(obj.ident, offset, size, obj.size, random=not seq)
             if data is not None:
                 break
             last = (end - 1) // cs
@@ -583,7 +583,7 @@ class Reader:
         end = offset + size
         missing = self.cache.missing(obj.ident, offset // cs, (end - 1) // cs)
         if not missing:
-            return self.cache.read(obj.ident, offset, size, obj.size)
+            return self.cache.read(obj.ident, offset, size, obj.size, random=True)
         if missing[-1] - missing[0] + 1 != len(missing) or self.pipe.latency < SPLIT_LATENCY:
             return None
         lo, hi = max(offset, missing[0] * cs), min(end, (missing[-1] + 1) * cs)

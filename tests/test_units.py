@@ -122,9 +122,10 @@ def test_cache_roundtrip_corruption_and_eviction(tmp_path: Path) -> None:
 
 def test_small_reads_of_a_verified_chunk_check_only_their_pieces(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once a small read has verified a chunk whole, later small reads of it (after it left
-    the verified chunks kept in memory) read and check only the 64 KiB pieces they touch;
-    a piece that no longer matches drops the chunk, and no wrong byte is returned."""
+    """Once a small random read has verified a chunk whole, later small random reads of it
+    (after it left the verified chunks kept in memory) read and check only the 64 KiB
+    pieces they touch; a piece that no longer matches drops the chunk, and no wrong byte is
+    returned. A streaming reader's reads check whole chunks, as before."""
     from caiosfs.cache import SUB_BLOCK
 
     c = BlockCache(tmp_path, Index(tmp_path / "index.lmdb"), Metrics(), 1 << 30, 4 * MiB,
@@ -135,34 +136,37 @@ def test_small_reads_of_a_verified_chunk_check_only_their_pieces(
     reads: list[int] = []
     real = os.pread
     monkeypatch.setattr(os, "pread", lambda fd, n, off: (reads.append(n), real(fd, n, off))[1])
-    assert c.read(ident, MiB + 100, 4096, len(body)) == body[MiB + 100:MiB + 4196]
+    assert c.read(ident, MiB + 100, 4096, len(body), random=True) == body[MiB + 100:MiB + 4196]
     assert reads == [MiB]  # the first: the whole chunk, checked against its checksum
     for off in (MiB + 200_000, MiB + SUB_BLOCK - 10, 3 * MiB + 12000):  # (the short last chunk)
         reads.clear()
         if off > 3 * MiB:  # (its first small read verifies it whole)
-            assert c.read(ident, off, 300, len(body)) == body[off:off + 300]
+            assert c.read(ident, off, 300, len(body), random=True) == body[off:off + 300]
             reads.clear()
-        assert c.read(ident, off, 300, len(body)) == body[off:off + 300]
+        assert c.read(ident, off, 300, len(body), random=True) == body[off:off + 300]
         assert reads == [2 * SUB_BLOCK if off == MiB + SUB_BLOCK - 10 else
                          min(SUB_BLOCK, len(body) - off // SUB_BLOCK * SUB_BLOCK)], (off, reads)
-    # A large read still checks whole chunks.
+    # A large read, or a streaming reader's small one, still checks whole chunks.
     reads.clear()
-    assert c.read(ident, 0, 2 * MiB, len(body)) == body[:2 * MiB]
+    assert c.read(ident, 0, 2 * MiB, len(body), random=True) == body[:2 * MiB]
     assert reads == [MiB, MiB]
+    reads.clear()
+    assert c.read(ident, MiB + 100, 4096, len(body)) == body[MiB + 100:MiB + 4196]
+    assert reads == [MiB]
     # Corruption in the piece a small read touches: the chunk is dropped, nothing wrong
     # comes back; in a piece it does not touch, the small read needs none of it.
     with open(c.block_path(ident, 0), "r+b") as fh:
         fh.seek(MiB + 300_000)
         fh.write(b"\xff\xfe")
-    assert c.read(ident, MiB + 100, 4096, len(body)) == body[MiB + 100:MiB + 4196]
-    assert c.read(ident, MiB + 300_000 - 50, 100, len(body)) is None
+    assert c.read(ident, MiB + 100, 4096, len(body), random=True) == body[MiB + 100:MiB + 4196]
+    assert c.read(ident, MiB + 300_000 - 50, 100, len(body), random=True) is None
     assert c.metrics.value("caiosfs_cache_checksum_failures_total") == 1
     assert c.missing(ident, 0, 3) == [1]
-    assert c.read(ident, MiB + 100, 4096, len(body)) is None  # (gone: fetched again)
+    assert c.read(ident, MiB + 100, 4096, len(body), random=True) is None  # (gone: fetched again)
     # Digests are taken only from bytes that match the index's checksum of the chunk.
-    c._note_subsums(ident, 2, b"x" * MiB)
+    c._note_pieces(ident, 2, b"x" * MiB)
     assert (ident, 2) not in c._subsums
-    c._note_subsums(ident, 2, body[2 * MiB:3 * MiB])
+    c._note_pieces(ident, 2, body[2 * MiB:3 * MiB])
     assert (ident, 2) in c._subsums
     c.index.close()
 
