@@ -4,8 +4,10 @@ An object version (bucket, key, ETag) is split into blocks of ``block_size``; ea
 one sparse file. Inside a block, data is fetched and checksummed per *chunk* (1 MiB), so a
 random 4 KiB read fetches one chunk, and verifying a read costs one chunk's hash.
 
-Threading: :class:`ChunkWriter` runs in a worker thread (it writes what a GET streams in);
-everything else runs on the trio loop (short preads and short LMDB transactions).
+Threading: :class:`ChunkWriter` runs in a worker thread (it writes what a GET streams in), and
+so does ``BlockCache.load`` (it reads cached chunks ahead of a streaming reader; what it
+needs of the index is looked up on the loop first, by ``loadable``); everything else runs on
+the trio loop (short preads and short LMDB transactions).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
@@ -82,6 +85,17 @@ def lock_cache_dir(cache_dir: Path) -> int:
         os.close(fd)
         raise UserError(f"cache_dir {cache_dir} is not writable: {exc.strerror}") from None
     return fd
+
+
+@dataclass(frozen=True)
+class Load:
+    """A cached chunk to read ahead of its reader (``BlockCache.loadable``/``load``)."""
+
+    chunk: int
+    length: int
+    csum: int  # its xxh3, from the index
+    path: str  # its block file
+    offset: int  # in the block file
 
 
 class ChunkWriter:
@@ -194,6 +208,7 @@ class BlockCache:
         self.block_size = block_size
         self.chunk_size = chunk_size
         self.direct = hasattr(os, "O_DIRECT")  # (ChunkWriter._write: until refused)
+        self.direct_read = self.direct  # (load: until refused)
         self.chunks_per_block = block_size // chunk_size
         assert self.chunks_per_block <= 64, "bitmap is 64 bits"
         # Chunks verified since they were read from disk: (ident, chunk) -> bytes.
@@ -472,22 +487,94 @@ class BlockCache:
         self.used = max(0, self.used - nbytes)
         self.metrics.cache_bytes.set(self.used)
 
-    def advise(self, ident: bytes, start: int, end: int) -> None:
-        """Ask the kernel to read cached blocks of [start, end) into the page cache."""
-        bs = self.block_size
-        for blockno in range(start // bs, (max(end, start + 1) - 1) // bs + 1):
-            try:
-                fd = os.open(self.block_file(ident, blockno), os.O_RDONLY)
-            except OSError:
-                continue  # not cached (yet): the fetcher handles it
-            try:
-                lo = max(start - blockno * bs, 0)
-                os.posix_fadvise(fd, lo, min(end - blockno * bs, bs) - lo,
-                                 os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+    # loads ahead of a streaming reader (caiosfs.diskahead) -------------------------------
+    def loadable(self, ident: bytes, first: int, last: int, obj_size: int
+                 ) -> tuple[list[Load], int]:
+        """What ``load`` should read of chunks [first, last] for a streaming reader: the
+        chunks on disk and not in memory, up to the first that is not cached (missing or
+        being fetched: the fetcher brings it); and the chunk after the last one looked at
+        (``last + 1`` if all were)."""
+        out: list[Load] = []
+        cpb, cs = self.chunks_per_block, self.chunk_size
+        entry, cur = None, -1
+        for chunk in range(first, last + 1):
+            k = (ident, chunk)
+            if k in self._fresh or k in self._verified:
+                continue
+            blockno, idx = divmod(chunk, cpb)
+            if blockno != cur:
+                entry, cur = self.index.get_block(ident, blockno), blockno
+            if entry is None or not entry.present >> idx & 1:
+                return out, chunk
+            out.append(Load(chunk, self.chunk_len(chunk, obj_size), entry.sums[idx],
+                            self.block_file(ident, blockno), idx * cs))
+        return out, last + 1
+
+    def load(self, todo: list[Load], take: Callable[[], bytearray]
+             ) -> list[tuple[Load, bytes | bytearray | None]]:
+        """In a worker thread: the chunks ``loadable`` listed, read from their block files
+        and checked against their checksums; None for one that could not be read or does
+        not match (its reader then reads it itself, and drops and refetches it: ``_chunk``).
+        Whole aligned chunks are read with O_DIRECT into buffers from ``take`` (recycled
+        GET buffers): straight from the disk into the buffer the FUSE reply is copied
+        from, with no copy in the page cache, where the same bytes would sit beside the
+        kernel's own pages of the mounted file; the chunks of one block go in one
+        ``preadv``."""
+        out: list[tuple[Load, bytes | bytearray | None]] = []
+        i = 0
+        while i < len(todo):  # (bounded: each turn takes at least one chunk)
+            j = i + 1
+            while (j < len(todo) and todo[j].path == todo[i].path
+                   and todo[j].offset == todo[j - 1].offset + self.chunk_size):
+                j += 1
+            for ld, data in zip(todo[i:j], self._load_run(todo[i:j], take), strict=True):
+                ok = (data is not None and len(data) == ld.length
+                      and xxhash.xxh3_64_intdigest(data) == ld.csum)
+                out.append((ld, data if ok else None))
+            i = j
+        return out
+
+    def _load_run(self, run: list[Load], take: Callable[[], bytearray]
+                  ) -> list[bytes | bytearray | None]:
+        """Consecutive chunks of one block file, read (see ``load``)."""
+        cs = self.chunk_size
+        whole = all(ld.length == cs for ld in run) and not cs % ALIGN
+        if self.direct_read and whole:
+            bufs = [take() for _ in run]
+            if all(len(b) == cs and is_aligned(b) for b in bufs):
+                try:
+                    fd = os.open(run[0].path, os.O_RDONLY | os.O_DIRECT)
+                    try:
+                        n = os.preadv(fd, bufs, run[0].offset)
+                    finally:
+                        os.close(fd)
+                    got: list[bytes | bytearray | None] = []
+                    for k, b in enumerate(bufs):  # (a short read: the chunks it did not fill)
+                        if n >= (k + 1) * cs:
+                            got.append(b)
+                        else:
+                            got.append(None)
+                    return got
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        return [None] * len(run)
+                    log.info("the cache's file system refuses O_DIRECT reads: reading "
+                             "through the page cache")
+                    self.direct_read = False
+        out: list[bytes | bytearray | None] = []
+        try:
+            fd = os.open(run[0].path, os.O_RDONLY)
+        except OSError:
+            return [None] * len(run)
+        try:
+            for ld in run:
+                try:
+                    out.append(os.pread(fd, ld.length, ld.offset))
+                except OSError:
+                    out.append(None)
+        finally:
+            os.close(fd)
+        return out
 
     # fills (thread writes, loop commits) -------------------------------------------------
     def writer(self, ident: bytes, obj_size: int,

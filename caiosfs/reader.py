@@ -22,11 +22,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import trio
 
 from .cache import BlockCache
+from .diskahead import AHEAD as DISK_AHEAD
+from .diskahead import DiskAhead
 from .errors import FsError, PreconditionFailed, StoreError
 from .index import ident_of
 from .metrics import Metrics
@@ -51,6 +52,7 @@ HOLD_STALE = 10.0  # seconds a held chunk waits for its reader before it may be 
 STREAM_SHARE = 1.25  # a stream asks for this much more than its share of the pipe
 ACTIVE_STREAM = 1.0  # seconds since its last read that a stream still counts as active
 STALL_RECENT = 1.0  # seconds a stream's last wait for data marks it as limited by the store
+FETCHING_RECENT = 1.0  # seconds since its last GET that a stream's cached chunks are not loaded
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,9 @@ class Readahead:
     window: int = 0
     next_offset: int = 0
     fetched_until: int = 0  # end of what this handle already asked the fetcher for
-    advised_until: int = 0  # end of the cached range the kernel was asked to read ahead
+    loaded_until: int = 0  # end of the cached range asked to be read ahead (diskahead)
     stalled: float = -1e9  # when (trio clock) a read of this handle last waited for a GET
+    fetching: float = -1e9  # when (trio clock) this handle last started or waited for one
     # Small jumps still count as sequential (the kernel reorders and splits requests).
     slack: int = 1 << 20
 
@@ -131,7 +134,7 @@ class Readahead:
         else:
             self.window = 0
             self.fetched_until = 0
-            self.advised_until = 0
+            self.loaded_until = 0
         self.next_offset = offset + size
         return sequential
 
@@ -178,7 +181,7 @@ class Fetcher:
         self.max_chunks = max(1, max_request // cache.chunk_size)
         self._inflight: dict[tuple[bytes, int], _Flight] = {}
         self.running = 0  # GETs launched and not yet ended (tests wait for them)
-        self._asked = 0  # chunks asked for so far: orders the hold
+        self.asked = 0  # chunks asked for so far: orders the hold
         # Chunks whose fetch just failed: (ident, chunk) -> (monotonic time, error). When an
         # async readahead fails, the kernel at once retries the page with a synchronous read;
         # without this memory that read would wait out a whole second read_timeout.
@@ -239,8 +242,8 @@ class Fetcher:
         assert self.nursery is not None
         flights = []
         for a, b in runs:
-            f = _Flight(order=self._asked)
-            self._asked += b - a + 1
+            f = _Flight(order=self.asked)
+            self.asked += b - a + 1
             for c in range(a, b + 1):
                 self._inflight[(obj.ident, c)] = f
             self.running += 1
@@ -290,8 +293,8 @@ class Fetcher:
         asm = Assembly(offset, size, obj.size, cs)
         charge = sum(len(c) for c in asm.chunks)
         await self.budget.acquire(charge)
-        flight = _Flight(order=self._asked)
-        self._asked += last - first + 1
+        flight = _Flight(order=self.asked)
+        self.asked += last - first + 1
         for c in range(first, last + 1):  # later readers of these chunks wait for them
             self._inflight[(ident, c)] = flight
         self.running += 1
@@ -356,9 +359,11 @@ class Fetcher:
         self.metrics.cache_miss_bytes.inc(size)
         return bytes(buf)
 
-    def prefetch(self, obj: ObjRef, first: int, last: int, keep: bool = False) -> None:
+    def prefetch(self, obj: ObjRef, first: int, last: int, keep: bool = False) -> bool:
+        """Start fetching the missing chunks of [first, last]; whether any was."""
         runs, _ = self._plan(obj, first, last)
         self._launch(obj, runs, keep)
+        return bool(runs)
 
     def _commit_delivered(self) -> None:
         """On the loop: record every chunk the GETs delivered since the last call in the
@@ -511,7 +516,7 @@ class Reader:
         # Streaming handles (id of their Readahead -> last read), to share the pipe fairly.
         self._streams: dict[int, float] = {}
         self._share = (0.0, self.initial_window)  # (when computed, window cap per stream)
-        self.advise_limiter = trio.CapacityLimiter(2)
+        self.disk = DiskAhead(fetcher, metrics)
         # Chunks a random read touched once (ident, chunk): the first small random read of a
         # chunk fetches just its bytes; a second one fetches and caches the whole chunk.
         self._touched: OrderedDict[tuple[bytes, int], None] = OrderedDict()
@@ -539,6 +544,9 @@ class Reader:
             data = await self._random(obj, offset, size)
             if data is not None:
                 return data
+        loading = self.disk.loading(obj.ident, offset // cs, (end - 1) // cs)
+        if loading is not None:  # (a worker reads it from disk already: no second read)
+            await loading.wait()
         for _attempt in range(3):
             data = self.cache.read(obj.ident, offset, size, obj.size, random=not seq)
             if data is not None:
@@ -549,6 +557,7 @@ class Reader:
                 ra.stalled = trio.current_time()
                 if end < obj.size:  # (not a whole small file) the window from here first:
                     self._readahead(obj, ra, offset)  # this read's chunk opens a request
+            ra.fetching = trio.current_time()
             try:
                 await self.fetcher.ensure(obj, offset // cs, last, keep=True)
             except CacheWriteError:
@@ -561,18 +570,24 @@ class Reader:
             return await self.fetcher.direct(obj, offset, size)
         if seq and ra.window:
             self._readahead(obj, ra, end)
-            until = min(obj.size, end + ra.window)
-            if ra.advised_until < end + ra.window // 2 and until > max(end, ra.advised_until):
-                # Cached blocks ahead of us: let the kernel read them from the local disk
-                # in the background, so cache hits do not wait on one disk read at a time.
-                # (fadvise can block on the disk queue: run it off the loop. Not for a
-                # whole small file read at once: a thread hop per file for nothing.)
-                if self.fetcher.nursery is not None:
-                    self.fetcher.nursery.start_soon(
-                        partial(trio.to_thread.run_sync, self.cache.advise, obj.ident,
-                                max(end, ra.advised_until), until,
-                                limiter=self.advise_limiter))
-                ra.advised_until = until
+            ahead = min(ra.window, DISK_AHEAD)
+            if trio.current_time() - ra.fetching < FETCHING_RECENT:
+                # Its data still comes from the store: the hold and the read budget are its
+                # GETs' (a load there took the budget a fetched chunk needed to be held,
+                # which then went to disk and had to be read back too).
+                ahead = 0
+            until = min(obj.size, end + ahead)
+            if ahead and until - max(end, ra.loaded_until) >= min(ahead // 2,
+                                                                  self.cache.block_size):
+                # Cached chunks ahead of us: read from the local disk by a worker thread
+                # into memory before we come for them (caiosfs.diskahead). As far as the
+                # first chunk that is not cached (still being fetched: a later read looks
+                # again). Not for a whole small file read at once: a thread hop per file
+                # for nothing.
+                first = max(end, ra.loaded_until) // cs
+                upto = self.disk.start(obj.ident, obj.size, first, (until - 1) // cs,
+                                       self.fetcher.asked)
+                ra.loaded_until = max(ra.loaded_until, min(until, upto * cs))
         return data
 
     async def _random(self, obj: ObjRef, offset: int, size: int) -> bytes | None:
@@ -659,5 +674,6 @@ class Reader:
             target = start + (target - start) // step * step
         if start >= target:
             return
-        self.fetcher.prefetch(obj, start // cs, (target - 1) // cs, keep=True)
+        if self.fetcher.prefetch(obj, start // cs, (target - 1) // cs, keep=True):
+            ra.fetching = trio.current_time()
         ra.fetched_until = target

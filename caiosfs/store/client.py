@@ -133,6 +133,9 @@ class StoreClient:
         # Where the cache gives back the buffers of chunks it let go of, for the store's
         # GETs to receive into again (S3Store's pool; None: the store has none).
         self.recycle: Callable[[bytearray], None] | None = getattr(store, "recycle", None)
+        # ... and where others take such a buffer (None: the store has no pool).
+        self.take_buffer: Callable[[], bytearray] | None = getattr(store, "take_buffer",
+                                                                   None)
         self._gave_up: dict[str, tuple[float, GaveUp]] = {}  # key -> (when, error)
 
     async def _run(self, op: str, fn: Callable[..., T], *args: Any,

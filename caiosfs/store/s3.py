@@ -20,6 +20,7 @@ import urllib3
 from botocore.config import Config
 from botocore.credentials import CredentialProvider, Credentials, ReadOnlyCredentials
 
+from .. import iobuf
 from ..errors import (
     PreconditionFailed,
     StoreError,
@@ -222,6 +223,13 @@ class S3Store:
         """A piece's buffer nobody holds any more: the GETs receive into it again."""
         if self._http is not None and self._http.buffers is not None:
             self._http.buffers.give(buf)
+
+    def take_buffer(self) -> bytearray:
+        """A piece's buffer from the pool the GETs receive into (cache loads read into
+        them too: caiosfs.diskahead); a new one if the pool is empty or there is none."""
+        if self._http is not None and self._http.buffers is not None:
+            return self._http.buffers.take()
+        return iobuf.aligned(READ_PIECE)
 
     def _call(self, fn: Any, **kw: Any) -> Any:
         try:

@@ -1,0 +1,132 @@
+"""Cached chunks read ahead of a streaming reader by worker threads (caiosfs.diskahead): the
+reader finds them in memory, the loop reads nothing from disk, a corrupted chunk is never
+handed out, and the memory they take is the read budget's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import data, xxh
+
+from caiosfs.cache import BlockCache
+from caiosfs.index import Index
+from caiosfs.metrics import Metrics
+from caiosfs.reader import Fetcher, MemoryBudget, ObjRef, Reader
+from caiosfs.store.client import StoreClient
+from caiosfs.store.memory import MemoryStore
+
+MiB = 1 << 20
+
+
+def _setup(tmp: Path, body: bytes, memory: int = 256 * MiB
+           ) -> tuple[MemoryStore, BlockCache, Reader, Fetcher, ObjRef]:
+    """An object whose every chunk is in the cache (written as a GET writes them, so no
+    chunk is in memory), and a reader over that cache."""
+    store = MemoryStore("b")
+    etag = store.put_bytes("k", body)
+    obj = ObjRef("b", "k", etag, len(body))
+    tmp.mkdir()
+    m = Metrics()
+    cache = BlockCache(tmp, Index(tmp / "index.lmdb"), m, 1 << 30, 4 * MiB)
+    w = cache.writer(obj.ident, len(body))
+    for off in range(0, len(body), MiB):
+        w(off, body[off:off + MiB])
+    w.close()
+    cache.commit(obj.ident, len(body), w.done)
+    fetcher = Fetcher(StoreClient(store, m, parallel=4, read_timeout=5), cache, m,
+                      MemoryBudget(memory, m), max_request=8 * MiB)
+    store.calls.clear()
+    return store, cache, Reader(cache, fetcher, m, readahead_max=64 * MiB), fetcher, obj
+
+
+async def _stream(reader: Reader, fetcher: Fetcher, obj: ObjRef, size: int = 128 * 1024,
+                  check: Any = None) -> bytes:
+    out = bytearray()
+    async with trio.open_nursery() as n:
+        fetcher.nursery = n
+        ra = reader.new_readahead()
+        while len(out) < obj.size:
+            out += await reader.read(obj, ra, len(out), size)
+            if check is not None:
+                check()
+        while reader.disk.running:  # (bounded: each load ends by itself)
+            await trio.sleep(0.01)
+        n.cancel_scope.cancel()
+    return bytes(out)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "page_cache"])
+async def test_a_streaming_reader_finds_cached_chunks_read_ahead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    body = data(40 * MiB + 77, "ahead")  # (the last chunk is short: read through the page cache)
+    store, cache, reader, fetcher, obj = _setup(tmp_path / "c", body)
+    cache.direct_read = direct
+    on_loop: list[int] = []  # chunk reads the loop did itself
+    pread = cache._pread
+    monkeypatch.setattr(cache, "_pread", lambda *a: on_loop.append(a[3]) or pread(*a))
+    loads: list[int] = []
+    load = cache.load
+    monkeypatch.setattr(cache, "load", lambda todo, take: loads.extend(
+        ld.chunk for ld in todo) or load(todo, take))
+    preadv = os.preadv
+    direct_calls: list[int] = []
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: direct_calls.append(len(bufs))
+                        or preadv(fd, bufs, off))
+
+    out = await _stream(reader, fetcher, obj)
+
+    assert xxh(out) == xxh(body)
+    assert store.calls.get("get", 0) == 0  # all of it from the cache
+    # The first read's chunk is read by the loop (nothing is ahead of it yet); every other
+    # chunk was read by a worker before its reader came for it, each exactly once.
+    assert len(on_loop) <= 1, on_loop
+    assert sorted(loads) == list(range(1, 41))
+    assert bool(direct_calls) == direct  # (whole chunks, a preadv per block file)
+    assert cache.direct_read == direct
+    assert fetcher.budget.used == 0 and cache.fresh_bytes == 0
+    assert cache.metrics.cache_checksum_failures._value.get() == 0
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Corrupt one byte of a file, on disk."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, offset)[0] ^ 0xFF]), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_a_chunk_that_fails_its_checksum_is_refetched_not_handed_out(
+        tmp_path: Path) -> None:
+    body = data(24 * MiB, "bad")
+    store, cache, reader, fetcher, obj = _setup(tmp_path / "c", body)
+    _flip(cache.block_path(obj.ident, 1), MiB + 12345)  # chunk 5 (4 MiB blocks)
+
+    out = await _stream(reader, fetcher, obj)
+
+    assert xxh(out) == xxh(body)
+    assert cache.metrics.cache_checksum_failures._value.get() == 1
+    assert store.calls.get("get", 0) >= 1  # the bad chunk came again from the store
+    assert cache.missing(obj.ident, 0, 23) == []  # and was cached anew
+
+
+async def test_loads_stay_within_the_hold_and_the_read_budget(tmp_path: Path) -> None:
+    body = data(48 * MiB, "budget")
+    _, cache, reader, fetcher, obj = _setup(tmp_path / "c", body, memory=16 * MiB)
+    seen: list[int] = []
+
+    def check() -> None:
+        seen.append(cache.fresh_bytes)
+        assert cache.fresh_bytes <= fetcher.hold_limit
+        assert fetcher.budget.used <= fetcher.budget.limit
+
+    out = await _stream(reader, fetcher, obj, size=MiB, check=check)
+
+    assert xxh(out) == xxh(body)
+    assert max(seen) > 0  # (something was read ahead)
+    assert fetcher.budget.used == 0
