@@ -4,6 +4,7 @@ handed out, and the memory they take is the read budget's."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,21 @@ async def _stream(reader: Reader, fetcher: Fetcher, obj: ObjRef, size: int = 128
     return bytes(out)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "page_cache"])
+@pytest.mark.parametrize("mode", ["o_direct", "page_cache", "o_direct_refused"])
 async def test_a_streaming_reader_finds_cached_chunks_read_ahead(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     body = data(40 * MiB + 77, "ahead")  # (the last chunk is short: read through the page cache)
     store, cache, reader, fetcher, obj = _setup(tmp_path / "c", body)
-    cache.direct_read = direct
+    cache.direct_read = mode != "page_cache"
+    direct = mode == "o_direct"
+    if mode == "o_direct_refused":  # (a file system without O_DIRECT: the page cache, at once)
+        real_open = os.open
+
+        def no_direct(path: Any, flags: int, *a: Any) -> int:
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *a)
+        monkeypatch.setattr(os, "open", no_direct)
     on_loop: list[int] = []  # chunk reads the loop did itself
     pread = cache._pread
     monkeypatch.setattr(cache, "_pread", lambda *a: on_loop.append(a[3]) or pread(*a))
