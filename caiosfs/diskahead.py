@@ -14,10 +14,11 @@ fetched chunks; a reader that reaches a chunk being loaded waits for the load in
 reading it a second time. Not while the stream's data still comes from the store (a GET of
 its started or waited for within ``reader.FETCHING_RECENT``): the hold and the budget are its
 GETs' then, and a load that took the budget a fetched chunk needed sent that chunk to disk
-to be read back too (a 40 MiB stream with a 32 MiB budget read 6-7 chunks back, against
-none); the chunks a cold stream did send to disk are read back by the loop, as before. A chunk that fails its checksum is not held: its reader reads it
-itself and drops and refetches it (:meth:`caiosfs.cache.BlockCache.read`), the one place
-that does.
+to be read back too (a 40 MiB stream with a 32 MiB budget read 3-7 chunks back, against
+none); the chunks a cold stream did send to disk are read back by the loop, as before.
+
+A chunk that fails its checksum is not held: its reader reads it itself and drops and
+refetches it (:meth:`caiosfs.cache.BlockCache.read`), the one place that does.
 """
 
 from __future__ import annotations
