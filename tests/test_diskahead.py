@@ -140,3 +140,24 @@ async def test_loads_stay_within_the_hold_and_the_read_budget(tmp_path: Path) ->
     assert xxh(out) == xxh(body)
     assert max(seen) > 0  # (something was read ahead)
     assert fetcher.budget.used == 0
+
+
+async def test_blocks_evicted_under_a_reader_are_fetched_again(tmp_path: Path) -> None:
+    """The whole cache evicted between reads, loads in flight or not: every byte still
+    matches the source (what a load could not read is fetched from the store)."""
+    body = data(32 * MiB, "evict")
+    store, cache, reader, fetcher, obj = _setup(tmp_path / "c", body)
+    reads = 0
+
+    def evict_sometimes() -> None:
+        nonlocal reads
+        reads += 1
+        if reads % 37 == 0:
+            cache.evict(0)
+
+    out = await _stream(reader, fetcher, obj, check=evict_sometimes)
+
+    assert xxh(out) == xxh(body)
+    assert store.calls.get("get", 0) > 0  # (the evictions did take chunks away)
+    assert cache.metrics.cache_checksum_failures._value.get() == 0
+    assert fetcher.budget.used == 0
