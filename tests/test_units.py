@@ -572,12 +572,26 @@ async def test_chunks_delivered_while_the_loop_is_busy_commit_together(
         calls.append(sum(len(ch) for _, _, ch in batches))
         orig(batches)
     reader.cache.commit_many = commit_many  # type: ignore[method-assign]
+    # (the GETs wait until the loop is about to be busy: under a loaded CI run a fixed
+    # 50 ms let some deliver, and be committed one by one, before it was)
+    go = threading.Event()
+    arrived: list[int] = []
+    get_range = store.get_range
+
+    def held_get_range(*a: Any) -> None:
+        arrived.append(1)
+        go.wait(10)
+        get_range(*a)
+    store.get_range = held_get_range  # type: ignore[method-assign]
     async with trio.open_nursery() as n:
         fetcher.nursery = n
         for obj, _ in objs:
             fetcher.prefetch(obj, 0, (obj.size - 1) // MiB)
-        await trio.sleep(0.05)  # the GETs start...
-        time.sleep(0.3)  # noqa: ASYNC251 - ... and deliver while the loop is busy
+        with trio.fail_after(10):  # the GETs start and wait (all four)...
+            while len(arrived) < len(objs):
+                await trio.sleep(0.01)
+        go.set()
+        time.sleep(0.5)  # noqa: ASYNC251 - ... and deliver while the loop is busy
         for obj, _ in objs:
             await fetcher.ensure(obj, 0, (obj.size - 1) // MiB)
         n.cancel_scope.cancel()
