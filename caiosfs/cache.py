@@ -98,6 +98,18 @@ class Load:
     offset: int  # in the block file
 
 
+def load_runs(todo: list[Load], chunk_size: int) -> list[list[Load]]:
+    """``todo`` (in chunk order) cut into runs of consecutive chunks of one block file:
+    what one ``preadv`` reads."""
+    out: list[list[Load]] = []
+    for ld in todo:
+        if out and ld.path == out[-1][-1].path and ld.offset == out[-1][-1].offset + chunk_size:
+            out[-1].append(ld)
+        else:
+            out.append([ld])
+    return out
+
+
 class ChunkWriter:
     """Receives a GET's pieces (in a worker thread) and writes whole chunks to block files.
 
@@ -521,17 +533,11 @@ class BlockCache:
         kernel's own pages of the mounted file; the chunks of one block go in one
         ``preadv``."""
         out: list[tuple[Load, bytes | bytearray | None]] = []
-        i = 0
-        while i < len(todo):  # (bounded: each turn takes at least one chunk)
-            j = i + 1
-            while (j < len(todo) and todo[j].path == todo[i].path
-                   and todo[j].offset == todo[j - 1].offset + self.chunk_size):
-                j += 1
-            for ld, data in zip(todo[i:j], self._load_run(todo[i:j], take), strict=True):
+        for run in load_runs(todo, self.chunk_size):
+            for ld, data in zip(run, self._load_run(run, take), strict=True):
                 ok = (data is not None and len(data) == ld.length
                       and xxhash.xxh3_64_intdigest(data) == ld.csum)
                 out.append((ld, data if ok else None))
-            i = j
         return out
 
     def _load_run(self, run: list[Load], take: Callable[[], bytearray]

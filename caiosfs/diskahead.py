@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, cast
 
 import trio
 
-from .cache import Load
+from .cache import Load, load_runs
 from .iobuf import aligned
 from .metrics import Metrics
 
@@ -93,14 +93,9 @@ class DiskAhead:
             return upto
         if not self.fetcher.budget.try_acquire(n):
             return todo[0].chunk
-        # One load per block file (a preadv each), in order: a reader waits for the
-        # load of its own chunk, not for all of them.
-        i = 0
-        while i < len(todo):  # (bounded: each turn takes at least one chunk)
-            j = i + 1
-            while j < len(todo) and todo[j].path == todo[i].path:
-                j += 1
-            run = todo[i:j]
+        # One load per run of a block file's chunks (a preadv each), in order: a reader
+        # waits for the load of its own chunk, not for all of them.
+        for run in load_runs(todo, self.cache.chunk_size):
             ev = trio.Event()
             for ld in run:
                 self._loading[(ident, ld.chunk)] = ev
@@ -108,7 +103,6 @@ class DiskAhead:
             charge = sum(ld.length for ld in run)
             self.pending += charge
             nursery.start_soon(self._run, ident, run, charge, ev, order)
-            i = j
         return upto
 
     async def _run(self, ident: bytes, todo: list[Load], charge: int, ev: trio.Event,
